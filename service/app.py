@@ -1,0 +1,217 @@
+"""The use cases behind the API: validate, then call the store, the job runner and the predictor.
+
+Everything here speaks domain types; service/codec.py translates to and from protobuf.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+import unicodedata
+import uuid
+from collections.abc import Sequence
+
+from adapters.errors import FailedPrecondition, InvalidInput, NotFound, ResourceExhausted
+from adapters.heads import TrainingOptions
+from adapters.runtime import fuse
+from service.config import Settings
+from service.jobs import JobRunner
+from service.predictor import Predictor, Scored
+from service.registry import BackboneRegistry, Entry
+from service.store import ExampleIn, JobRecord, Store, TaskRecord
+
+TASK_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+Item = str | bytes  # text or an encoded image
+
+
+@dataclasses.dataclass
+class TaskView:
+    record: TaskRecord
+    counts: dict[str, int]
+    evaluation: dict
+
+    @property
+    def labels(self) -> list[str]:
+        return sorted(set(self.record.declared_labels) | set(self.counts))
+
+
+@dataclasses.dataclass
+class Export:
+    data: bytes
+    metadata: dict
+
+
+class HeadServeApp:
+    def __init__(
+        self, settings: Settings, store: Store, registry: BackboneRegistry, runner: JobRunner, predictor: Predictor
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.registry = registry
+        self.runner = runner
+        self.predictor = predictor
+
+    # --- validation ---------------------------------------------------------------------------------
+
+    def _check_label(self, label: str) -> None:
+        limit = self.settings.max_label_length
+        if not label.strip():
+            raise InvalidInput("label is empty; every example needs a non-blank label")
+        if len(label) > limit:
+            raise InvalidInput(f"label {label[:40]!r}... has {len(label)} characters; the limit is {limit}")
+        if any(unicodedata.category(c) == "Cc" for c in label):
+            raise InvalidInput(f"label {label!r} contains control characters")
+
+    def _examples(self, entry: Entry, examples: Sequence[tuple[Item, str]], declared: Sequence[str]) -> list[ExampleIn]:
+        for item, label in examples:
+            self._check_label(label)
+            if declared and label not in declared:
+                raise InvalidInput(f"label {label!r} is not one of the task's labels ({', '.join(declared)})")
+        items = [item for item, _ in examples]
+        entry.backbone.preprocess.check(items)
+        return [
+            ExampleIn("text", item.encode(), label) if isinstance(item, str) else ExampleIn("image", item, label)
+            for item, label in examples
+        ]
+
+    def _check_capacity(self, task_id: str, new: Sequence[ExampleIn], declared: Sequence[str] = ()) -> None:
+        counts = self.store.label_counts(task_id) if task_id else {}
+        total = sum(counts.values()) + len(new)
+        if total > self.settings.max_examples_per_task:
+            raise ResourceExhausted(
+                f"task would hold {total} examples; the limit is {self.settings.max_examples_per_task}"
+            )
+        labels = set(counts) | {ex.label for ex in new} | set(declared)
+        if len(labels) > self.settings.max_labels_per_task:
+            raise ResourceExhausted(f"task would have {len(labels)} labels; the limit is {self.settings.max_labels_per_task}")
+
+    # --- use cases --------------------------------------------------------------------------------
+
+    def list_backbones(self) -> list[Entry]:
+        return list(self.registry.entries.values())
+
+    def create_task(
+        self,
+        task_id: str,
+        backbone: str,
+        examples: Sequence[tuple[Item, str]],
+        declared_labels: Sequence[str],
+        options: TrainingOptions,
+    ) -> TaskView:
+        task_id = task_id or f"task-{uuid.uuid4().hex[:12]}"
+        if not TASK_ID.fullmatch(task_id):
+            raise InvalidInput(
+                f"task_id {task_id[:40]!r} is not valid: use 1-128 letters, digits, '.', '_' or '-', "
+                "starting with a letter or digit"
+            )
+        entry = self.registry.get(backbone)
+        for label in declared_labels:
+            self._check_label(label)
+        if len(set(declared_labels)) != len(declared_labels):
+            raise InvalidInput("labels are declared more than once")
+        if declared_labels and len(declared_labels) < 2:
+            raise InvalidInput("a task needs at least 2 labels; declare 2 or more")
+        new = self._examples(entry, examples, declared_labels)
+        if new:
+            labels = {ex.label for ex in new} | set(declared_labels)
+            if len(labels) < 2:
+                raise InvalidInput(f"a task needs at least 2 labels; the examples use only {sorted(labels)}")
+            missing = sorted(set(declared_labels) - {ex.label for ex in new})
+            if missing:
+                raise InvalidInput(f"label {missing[0]!r} has no examples; each label needs at least 1")
+        self._check_capacity("", new, declared_labels)
+        record = TaskRecord(task_id, backbone, list(declared_labels), dataclasses.asdict(options))
+        self.store.create_task(record, new)
+        if new:
+            self.runner.submit(task_id, options)
+        return self.get_task(task_id)
+
+    def add_examples(self, task_id: str, examples: Sequence[tuple[Item, str]]) -> tuple[int, int, dict[str, int]]:
+        task = self.store.get_task(task_id)
+        entry = self.registry.get(task.backbone)
+        new = self._examples(entry, examples, task.declared_labels)
+        self._check_capacity(task_id, new)
+        added, duplicates = self.store.add_examples(task_id, new)
+        return added, duplicates, self.store.label_counts(task_id)
+
+    def train(self, task_id: str, options: TrainingOptions | None) -> JobRecord:
+        task = self.store.get_task(task_id)
+        self.registry.get(task.backbone)
+        counts = self.store.label_counts(task_id)
+        if len(counts) < 2:
+            raise InvalidInput(
+                f"task {task_id!r} has examples for {len(counts)} label(s); add examples for at least 2 labels"
+            )
+        missing = sorted(set(task.declared_labels) - set(counts))
+        if missing:
+            raise InvalidInput(f"label {missing[0]!r} has no examples; each label needs at least 1")
+        return self.runner.submit(task_id, options or TrainingOptions(**task.config))
+
+    def get_task(self, task_id: str) -> TaskView:
+        record = self.store.get_task(task_id)
+        evaluation = self.store.head_evaluation(task_id, record.live_version) if record.live_version else {}
+        return TaskView(record, self.store.label_counts(task_id), evaluation)
+
+    def list_tasks(self, page_size: int, page_token: str, backbone: str = "") -> tuple[list[TaskView], str]:
+        if page_size < 0 or page_size > 1000:
+            raise InvalidInput("page_size must be between 0 (default 100) and 1000")
+        size = page_size or 100
+        records = self.store.list_tasks(page_token, size + 1, backbone)
+        more = len(records) > size
+        records = records[:size]
+        views = [TaskView(r, self.store.label_counts(r.task_id), {}) for r in records]
+        return views, (records[-1].task_id if more else "")
+
+    def delete_task(self, task_id: str) -> None:
+        self.store.delete_task(task_id)
+        self.predictor.forget(task_id)
+
+    def job(self, job_id: str, task_id: str) -> JobRecord:
+        if not job_id:
+            if not task_id:
+                raise InvalidInput("give a job_id or a task_id")
+            job_id = self.store.get_task(task_id).job_id
+            if not job_id:
+                raise NotFound(f"task {task_id!r} has no training job yet")
+        return self.runner.get(job_id)
+
+    def predict(self, task_id: str, items: Sequence[Item]) -> Scored:
+        if not items:
+            raise InvalidInput("no inputs; send at least one")
+        limit = self.settings.max_inputs_per_request
+        if len(items) > limit:
+            raise ResourceExhausted(f"{len(items)} inputs in one request; the limit is {limit}")
+        if not task_id:
+            raise InvalidInput("task_id is empty")
+        return self.predictor.predict(task_id, items)
+
+    def export(self, task_id: str, fused: bool, version: int) -> Export:
+        task = self.store.get_task(task_id)
+        version = version or task.live_version
+        if not version:
+            raise FailedPrecondition(f"task {task_id!r} has no trained version to export yet")
+        head = self.store.get_head(task_id, version)
+        entry = self.registry.get(task.backbone)
+        backbone = entry.backbone
+        metadata = {
+            "task_id": task_id,
+            "version": version,
+            "backbone": backbone.name,
+            "backbone_digest": backbone.digest,
+            "labels": head.labels,
+            "format": "fused" if fused else "head",
+            "inputs": list(backbone.preprocess.input_names) if fused else ["features"],
+            "input_shape": None if fused else ["batch", backbone.feature_dim],
+            "output": "probabilities",
+            "preprocessing": backbone.preprocess.describe(),
+            "evaluation": head.evaluation,
+        }
+        data = head.onnx
+        if fused:
+            data = fuse(entry.trunk.model(), head.onnx, {"task_id": task_id, "version": str(version)})
+        metadata["sha256"] = hashlib.sha256(data).hexdigest()
+        metadata["size"] = len(data)
+        json.dumps(metadata)  # fail here, not mid-stream, if something is not serialisable
+        return Export(data, metadata)

@@ -1,0 +1,548 @@
+"""The `headserve` command line: `serve` runs a server; every other command is a client of one.
+
+Server errors print as one line, `error: <STATUS_CODE>: <details>`, with exit status 1; bad flags or
+input files exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import io
+import json
+import os
+import pathlib
+import sys
+from collections.abc import Callable, Sequence
+
+import grpc
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from service.client import (
+    EXPORT_FORMATS,
+    MAX_BATCH_BYTES,
+    STRATEGIES,
+    ExportError,
+    HeadServeClient,
+    InputLike,
+    training_config,
+)
+from service.gen import headserve_pb2 as pb
+
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"})
+JSONL_SUFFIXES = frozenset({".jsonl", ".ndjson"})
+PREDICT_BATCH = 64
+
+
+class UsageError(Exception):
+    """Bad flags or input files; reported as `error: <message>` with exit status 2."""
+
+
+# Input files ------------------------------------------------------------------------------------------
+
+
+def read_text_examples(path: pathlib.Path) -> list[tuple[str, str]]:
+    """Reads (text, label) pairs from JSONL (`{"text": ..., "label": ...}` per line, for .jsonl/.ndjson
+    files) or else CSV with a header naming `text` and `label` columns, in either order."""
+    return [(record["text"], record["label"]) for record in _read_records(path, ("text", "label"))]
+
+
+def read_text_inputs(path: pathlib.Path) -> list[str]:
+    """Reads texts to classify: the `text` column of a .csv, the "text" field of JSONL, else one per line."""
+    if path.suffix.lower() == ".csv" or path.suffix.lower() in JSONL_SUFFIXES:
+        return [record["text"] for record in _read_records(path, ("text",))]
+    return [line.strip() for line in _read(path).splitlines() if line.strip()]
+
+
+def read_image_examples(directory: pathlib.Path) -> list[tuple[pathlib.Path, str]]:
+    """Lists (image path, label) pairs from DIR/LABEL/**/*.{jpg,png,...}; hidden files are skipped."""
+    if not directory.is_dir():
+        raise UsageError(f"{directory} is not a directory")
+    examples: list[tuple[pathlib.Path, str]] = []
+    for label_dir in sorted(p for p in directory.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        examples += [
+            (file, label_dir.name)
+            for file in sorted(label_dir.rglob("*"))
+            if file.is_file()
+            and file.suffix.lower() in IMAGE_SUFFIXES
+            and not any(part.startswith(".") for part in file.relative_to(label_dir).parts)
+        ]
+    if not examples:
+        raise UsageError(f"{directory} has no images in label sub-folders (expected DIR/LABEL/IMAGE.png)")
+    return examples
+
+
+def _read(path: pathlib.Path) -> str:
+    if not path.is_file():
+        raise UsageError(f"{path} is not a file")
+    return path.read_text(encoding="utf-8-sig")
+
+
+def _read_records(path: pathlib.Path, fields: tuple[str, ...]) -> list[dict[str, str]]:
+    """Reads JSONL or CSV records, each with a non-empty string for every field in `fields`."""
+    content = _read(path)
+    if path.suffix.lower() in JSONL_SUFFIXES:
+        rows: list[tuple[int, object]] = []
+        for number, line in enumerate(content.splitlines(), start=1):
+            if line.strip():
+                try:
+                    rows.append((number, json.loads(line)))
+                except json.JSONDecodeError as exc:
+                    raise UsageError(f"{path}:{number}: not JSON: {exc.msg}") from None
+    else:
+        reader = csv.DictReader(io.StringIO(content))
+        header = [name.strip().lower() for name in reader.fieldnames or ()]
+        missing = [field for field in fields if field not in header]
+        if missing:
+            raise UsageError(
+                f"{path}: the CSV header must name the columns {', '.join(fields)}; found {', '.join(header)}"
+            )
+        reader.fieldnames = header
+        rows = [(reader.line_num, row) for row in reader]
+    records = []
+    for number, row in rows:
+        values = {field: row.get(field) if isinstance(row, dict) else None for field in fields}
+        bad = [field for field, value in values.items() if not isinstance(value, str) or not value.strip()]
+        if bad:
+            raise UsageError(f"{path}:{number}: needs a non-empty {' and '.join(bad)}")
+        records.append({field: value.strip() for field, value in values.items()})
+    if not records:
+        raise UsageError(f"{path} has no records")
+    return records
+
+
+def _read_examples(args: argparse.Namespace) -> Sequence[tuple[str | pathlib.Path, str]]:
+    return read_image_examples(args.images) if args.images else read_text_examples(args.text)
+
+
+def _fits_one_message(examples: Sequence[tuple[str | pathlib.Path, str]], batch_size: int) -> bool:
+    """Whether the examples are few and small enough to send in CreateTask itself."""
+    if len(examples) > batch_size:
+        return False
+    size = sum(
+        value.stat().st_size if isinstance(value, pathlib.Path) else len(value.encode())
+        for value, _ in examples
+    )
+    return size <= MAX_BATCH_BYTES
+
+
+# Output -----------------------------------------------------------------------------------------------
+
+
+def _percent(value: float) -> str:
+    return f"{value:.1%}"
+
+
+def _timestamp(ms: int) -> str:
+    return datetime.datetime.fromtimestamp(ms / 1000).isoformat(sep=" ", timespec="seconds") if ms else ""
+
+
+def _counts(per_label: dict[str, int]) -> str:
+    return ", ".join(f"{label} {count}" for label, count in sorted(per_label.items()))
+
+
+def _print_evaluation(out: Console, evaluation: pb.Evaluation) -> None:
+    validation = (
+        f"{_percent(evaluation.validation_accuracy)} ({evaluation.validation_method})"
+        if evaluation.validation_method not in ("", "none")
+        else "none"
+    )
+    grid = Table.grid(padding=(0, 2))
+    grid.add_row("strategy", evaluation.strategy)
+    grid.add_row("train accuracy", _percent(evaluation.train_accuracy))
+    grid.add_row("validation accuracy", validation)
+    grid.add_row("examples", str(evaluation.num_examples))
+    grid.add_row("train time", f"{evaluation.train_seconds:.2f} s")
+    out.print(grid)
+    table = Table("label", "examples")
+    for label, count in sorted(evaluation.examples_per_label.items()):
+        table.add_row(label, str(count))
+    out.print(table)
+    for warning in evaluation.warnings:
+        out.print(f"warning: {warning}", style="yellow")
+
+
+def _job_detail(job: pb.Job) -> str:
+    parts = []
+    if job.epochs:
+        parts.append(f"epoch {job.epoch}/{job.epochs}")
+    if job.epoch:
+        parts.append(f"loss {job.loss:.4f}")
+    if job.validation_accuracy:
+        parts.append(f"val acc {_percent(job.validation_accuracy)}")
+    return "  ".join(parts) or job.message
+
+
+def _follow(client: HeadServeClient, err: Console, job_id: str = "", task_id: str = "") -> pb.Job | None:
+    """Shows a job's progress on stderr until the stream ends; returns the last state seen."""
+    progress = Progress(
+        TextColumn("{task.description:<10}", markup=False),
+        BarColumn(),
+        TaskProgressColumn(),
+        TextColumn("{task.fields[detail]}", markup=False),
+        TimeElapsedColumn(),
+        console=err,
+    )
+    job = None
+    with progress:
+        bar = progress.add_task("queued", total=1.0, detail="")
+        for job in client.watch(job_id, task_id):
+            phase = job.phase or pb.Job.State.Name(job.state).lower()
+            progress.update(bar, completed=job.progress, description=phase, detail=_job_detail(job))
+    return job
+
+
+def _report(job: pb.Job | None, out: Console, err: Console) -> int:
+    if job is not None and job.state == pb.Job.SUCCEEDED:
+        out.print(f"job {job.job_id} succeeded: task {job.task_id} now serves version {job.version}")
+        _print_evaluation(out, job.evaluation)
+        return 0
+    if job is not None and job.state == pb.Job.FAILED:
+        err.print(f"error: job {job.job_id} failed: {job.error}")
+    else:
+        err.print("error: the server ended the job stream before the job finished")
+    return 1
+
+
+def _wait_or_hint(client: HeadServeClient, job_id: str, no_wait: bool, out: Console, err: Console) -> int:
+    if no_wait:
+        out.print(f"training job {job_id} started; follow it with: headserve watch --job {job_id}")
+        return 0
+    return _report(_follow(client, err, job_id=job_id), out, err)
+
+
+# Commands ---------------------------------------------------------------------------------------------
+
+
+def _connect(args: argparse.Namespace) -> HeadServeClient:
+    return HeadServeClient(args.address or os.environ.get("HEADSERVE_ADDRESS") or DEFAULT_ADDRESS)
+
+
+def _serve(args: argparse.Namespace, out: Console, err: Console) -> int:
+    from service.config import Settings
+
+    try:
+        settings = Settings.load(
+            args.config,
+            address=args.listen or args.address,
+            data_dir=args.data_dir,
+            log_level=args.log_level,
+        )
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"bad settings: {exc}") from None
+    from service.server import run  # imports torch, which client commands never need
+
+    run(settings)
+    return 0
+
+
+def _backbones(args: argparse.Namespace, out: Console, err: Console) -> int:
+    with _connect(args) as client:
+        backbones = client.list_backbones()
+    table = Table("name", "modality", "dim", "available", "weights source / reason")
+    for backbone in backbones:
+        table.add_row(
+            backbone.name,
+            pb.Modality.Name(backbone.modality).lower(),
+            str(backbone.feature_dim),
+            "yes" if backbone.available else "no",
+            backbone.weights_source if backbone.available else backbone.unavailable_reason,
+        )
+    out.print(table)
+    return 0
+
+
+def _create(args: argparse.Namespace, out: Console, err: Console) -> int:
+    examples = _read_examples(args)
+    config = training_config(args.strategy) if args.strategy else None
+    labels = args.label or ()
+    with _connect(args) as client:
+        if _fits_one_message(examples, args.batch_size):
+            task = client.create_task(
+                args.backbone, examples, task_id=args.task_id, labels=labels, config=config
+            )
+            job_id = task.job_id
+        else:
+            task = client.create_task(args.backbone, task_id=args.task_id, labels=labels, config=config)
+            client.add_examples(task.task_id, examples, args.batch_size)
+            job_id = client.train(task.task_id).job_id
+        out.print(f"created task {task.task_id} on {task.backbone} with {len(examples)} examples")
+        return _wait_or_hint(client, job_id, args.no_wait, out, err)
+
+
+def _add(args: argparse.Namespace, out: Console, err: Console) -> int:
+    examples = _read_examples(args)
+    with _connect(args) as client:
+        added = client.add_examples(args.task_id, examples, args.batch_size)
+    out.print(f"added {added.added} examples to task {added.task_id} ({added.duplicates} duplicates ignored)")
+    out.print(f"the task has {added.num_examples} examples: {_counts(dict(added.examples_per_label))}")
+    out.print(f"train on them with: headserve train {added.task_id}")
+    return 0
+
+
+def _train(args: argparse.Namespace, out: Console, err: Console) -> int:
+    config = training_config(args.strategy) if args.strategy else None
+    with _connect(args) as client:
+        job = client.train(args.task_id, config)
+        return _wait_or_hint(client, job.job_id, args.no_wait, out, err)
+
+
+def _watch(args: argparse.Namespace, out: Console, err: Console) -> int:
+    if bool(args.task_id) == bool(args.job):
+        raise UsageError("watch needs either TASK_ID or --job JOB_ID")
+    with _connect(args) as client:
+        return _report(_follow(client, err, job_id=args.job or "", task_id=args.task_id or ""), out, err)
+
+
+def _predict(args: argparse.Namespace, out: Console, err: Console) -> int:
+    inputs: list[InputLike]
+    if args.file:
+        inputs = list(read_text_inputs(args.file))
+    elif args.texts:
+        inputs = list(args.texts)
+    else:
+        missing = [str(path) for path in args.images if not path.is_file()]
+        if missing:
+            raise UsageError(f"no such image file: {', '.join(missing)}")
+        inputs = list(args.images)
+    with _connect(args) as client:
+        responses = [
+            client.predict(args.task_id, inputs[start : start + PREDICT_BATCH], args.top_k)
+            for start in range(0, len(inputs), PREDICT_BATCH)
+        ]
+    predictions = list(zip(map(str, inputs), (p for r in responses for p in r.predictions), strict=True))
+    version = responses[-1].version
+    if args.json:
+        document = {
+            "task_id": args.task_id,
+            "version": version,
+            "predictions": [
+                {
+                    "input": shown,
+                    "label": p.label,
+                    "score": p.score,
+                    "top": [{"label": s.label, "score": s.score} for s in p.top],
+                }
+                for shown, p in predictions
+            ],
+        }
+        print(json.dumps(document, indent=2))
+        return 0
+    table = Table("input", "label", "score", "top", caption=f"task {args.task_id}, version {version}")
+    for shown, p in predictions:
+        top = ", ".join(f"{s.label} {s.score:.3f}" for s in p.top)
+        table.add_row(shown, p.label, f"{p.score:.3f}", top)
+    out.print(table)
+    return 0
+
+
+def _export(args: argparse.Namespace, out: Console, err: Console) -> int:
+    with _connect(args) as client:
+        metadata = client.export(args.task_id, args.output, args.format, args.version)
+    size = args.output.stat().st_size
+    out.print(
+        f"wrote {args.output} ({size} bytes, {args.format} ONNX, version {metadata.get('version', '?')})"
+    )
+    if metadata.get("labels"):
+        out.print(f"labels: {', '.join(map(str, metadata['labels']))}")
+    return 0
+
+
+def _tasks(args: argparse.Namespace, out: Console, err: Console) -> int:
+    with _connect(args) as client:
+        tasks = client.list_tasks(args.backbone or "")
+    if not tasks:
+        out.print("no tasks")
+        return 0
+    table = Table("task", "backbone", "state", "version", "examples", "labels", "val acc", "updated")
+    for task in tasks:
+        table.add_row(
+            task.task_id,
+            task.backbone,
+            pb.Task.State.Name(task.state),
+            str(task.version),
+            str(task.num_examples),
+            ", ".join(task.labels),
+            _percent(task.evaluation.validation_accuracy) if task.version else "",
+            _timestamp(task.updated_at_ms),
+        )
+    out.print(table)
+    return 0
+
+
+def _get(args: argparse.Namespace, out: Console, err: Console) -> int:
+    with _connect(args) as client:
+        task = client.get_task(args.task_id)
+    grid = Table.grid(padding=(0, 2))
+    grid.add_row("task", task.task_id)
+    grid.add_row("backbone", task.backbone)
+    grid.add_row("state", pb.Task.State.Name(task.state))
+    grid.add_row("version", str(task.version))
+    grid.add_row("labels", ", ".join(task.labels))
+    grid.add_row("examples", f"{task.num_examples} ({_counts(dict(task.examples_per_label))})")
+    grid.add_row("latest job", task.job_id)
+    grid.add_row("strategy", pb.Strategy.Name(task.config.strategy))
+    grid.add_row("created", _timestamp(task.created_at_ms))
+    grid.add_row("updated", _timestamp(task.updated_at_ms))
+    if task.error:
+        grid.add_row("error", task.error)
+    out.print(grid)
+    if task.version:
+        out.print(f"evaluation of version {task.version}:")
+        _print_evaluation(out, task.evaluation)
+    return 0
+
+
+def _delete(args: argparse.Namespace, out: Console, err: Console) -> int:
+    with _connect(args) as client:
+        client.delete_task(args.task_id)
+    out.print(f"deleted task {args.task_id}")
+    return 0
+
+
+# Parser -----------------------------------------------------------------------------------------------
+
+Command = Callable[[argparse.Namespace, Console, Console], int]
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _add_example_source(command: argparse.ArgumentParser) -> None:
+    source = command.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--images", type=pathlib.Path, metavar="DIR", help="one sub-folder of images per label"
+    )
+    source.add_argument(
+        "--text",
+        type=pathlib.Path,
+        metavar="FILE",
+        help='CSV with a text,label header (either order) or JSONL of {"text": ..., "label": ...}',
+    )
+    command.add_argument(
+        "--batch-size", type=_positive_int, default=64, help="examples per streamed message (default: 64)"
+    )
+
+
+def _add_training(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--strategy", choices=list(STRATEGIES), help="head strategy (default: the task's)")
+    command.add_argument("--no-wait", action="store_true", help="start the job and return")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="headserve", description="Custom classifiers from a few labelled examples, over gRPC."
+    )
+    parser.add_argument(
+        "--address",
+        metavar="HOST:PORT",
+        help=f"server for client commands (default: $HEADSERVE_ADDRESS or {DEFAULT_ADDRESS})",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(name: str, run: Command, help: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help, description=help)
+        sub.set_defaults(run=run)
+        return sub
+
+    serve = command("serve", _serve, "run the server until SIGINT/SIGTERM")
+    serve.add_argument(
+        "--address",
+        dest="listen",
+        metavar="HOST:PORT",
+        help=f"address to listen on (default: {DEFAULT_ADDRESS})",
+    )
+    serve.add_argument(
+        "--data-dir", type=pathlib.Path, metavar="DIR", help="store directory (default: ./var)"
+    )
+    serve.add_argument("--config", type=pathlib.Path, metavar="FILE", help="TOML settings file")
+    serve.add_argument("--log-level", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+    command("backbones", _backbones, "list the server's backbones")
+
+    create = command("create", _create, "register a task with examples and train it")
+    create.add_argument("task_id", metavar="TASK_ID")
+    create.add_argument("--backbone", required=True, help="e.g. minilm-l6 (text) or resnet18 (images)")
+    create.add_argument(
+        "--label", action="append", metavar="LABEL", help="declare a label (repeat); default: the examples'"
+    )
+    _add_example_source(create)
+    _add_training(create)
+
+    add = command("add", _add, "add examples to a task (train it afterwards)")
+    add.add_argument("task_id", metavar="TASK_ID")
+    _add_example_source(add)
+
+    train = command("train", _train, "train a task on its examples")
+    train.add_argument("task_id", metavar="TASK_ID")
+    _add_training(train)
+
+    watch = command("watch", _watch, "follow a training job")
+    watch.add_argument("task_id", metavar="TASK_ID", nargs="?", help="the task's latest job")
+    watch.add_argument("--job", metavar="JOB_ID", help="a job by id")
+
+    predict = command("predict", _predict, "classify texts or images")
+    predict.add_argument("task_id", metavar="TASK_ID")
+    inputs = predict.add_mutually_exclusive_group(required=True)
+    inputs.add_argument("--text", dest="texts", action="extend", nargs="+", metavar="TEXT")
+    inputs.add_argument(
+        "--image", dest="images", action="extend", nargs="+", type=pathlib.Path, metavar="PATH"
+    )
+    inputs.add_argument(
+        "--file", type=pathlib.Path, help="texts: one per line, or the text column of a .csv/.jsonl file"
+    )
+    predict.add_argument("--top-k", type=int, default=0, metavar="K", help="labels to list (default: all)")
+    predict.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    export = command("export", _export, "download a task's ONNX model")
+    export.add_argument("task_id", metavar="TASK_ID")
+    export.add_argument("-o", "--output", type=pathlib.Path, required=True, metavar="PATH")
+    export.add_argument(
+        "--format",
+        choices=list(EXPORT_FORMATS),
+        default="head",
+        help="head alone or trunk+head (default: head)",
+    )
+    export.add_argument("--version", type=int, default=0, metavar="N", help="head version (default: live)")
+
+    tasks = command("tasks", _tasks, "list tasks")
+    tasks.add_argument("--backbone", help="only tasks on this backbone")
+
+    get = command("get", _get, "show a task and its evaluation")
+    get.add_argument("task_id", metavar="TASK_ID")
+
+    delete = command("delete", _delete, "delete a task and its examples and heads")
+    delete.add_argument("task_id", metavar="TASK_ID")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs one command; returns the exit status (0 ok, 1 server or job error, 2 usage error)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help, or a usage error argparse has already printed
+        return int(exc.code or 0)
+    out = Console(markup=False, highlight=False)
+    err = Console(stderr=True, markup=False, highlight=False)
+    try:
+        return args.run(args, out, err)
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except grpc.RpcError as exc:
+        print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    except (ExportError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,140 @@
+"""Protobuf <-> domain conversion at the edge. The only module besides the servicer and server that
+touches generated types."""
+
+from __future__ import annotations
+
+import json
+
+from adapters.errors import InvalidInput
+from adapters.heads import TrainingOptions
+from service.app import Item, TaskView
+from service.gen import headserve_pb2 as pb
+from service.predictor import Scored
+from service.registry import Entry
+from service.store import JobRecord
+
+STRATEGY_NAMES = {pb.STRATEGY_UNSPECIFIED: "auto", pb.AUTO: "auto", pb.LINEAR: "linear", pb.MLP: "mlp",
+                  pb.PROTOTYPE: "prototype"}
+STRATEGY_ENUMS = {"auto": pb.AUTO, "linear": pb.LINEAR, "mlp": pb.MLP, "prototype": pb.PROTOTYPE}
+
+
+def item(inp: pb.Input, index: int) -> Item:
+    kind = inp.WhichOneof("kind")
+    if kind == "text":
+        return inp.text
+    if kind == "image":
+        return inp.image
+    raise InvalidInput(f"input {index} is empty; set Input.text or Input.image")
+
+
+def items(inputs) -> list[Item]:
+    return [item(inp, i) for i, inp in enumerate(inputs)]
+
+
+def examples(exs) -> list[tuple[Item, str]]:
+    return [(item(ex.input, i), ex.label) for i, ex in enumerate(exs)]
+
+
+def options(config: pb.TrainingConfig) -> TrainingOptions:
+    if config.strategy not in STRATEGY_NAMES:
+        raise InvalidInput(f"unknown strategy {config.strategy}")
+    return TrainingOptions(
+        strategy=STRATEGY_NAMES[config.strategy],
+        epochs=config.epochs,
+        learning_rate=config.learning_rate,
+        l2=config.l2,
+        seed=config.seed,
+        validation_fraction=config.validation_fraction,
+        hidden_units=config.hidden_units or 128,
+    )
+
+
+def config_pb(cfg: dict) -> pb.TrainingConfig:
+    o = TrainingOptions(**cfg)
+    return pb.TrainingConfig(
+        strategy=STRATEGY_ENUMS[o.strategy], epochs=o.epochs, learning_rate=o.learning_rate, l2=o.l2,
+        seed=o.seed, validation_fraction=o.validation_fraction, hidden_units=o.hidden_units,
+    )
+
+
+def evaluation_pb(ev: dict) -> pb.Evaluation:
+    if not ev:
+        return pb.Evaluation()
+    core = {"strategy", "train_accuracy", "validation_accuracy", "validation_method", "examples_per_label",
+            "num_examples", "warnings", "train_seconds"}
+    return pb.Evaluation(
+        strategy=ev["strategy"],
+        train_accuracy=ev["train_accuracy"],
+        validation_accuracy=ev["validation_accuracy"],
+        validation_method=ev["validation_method"],
+        examples_per_label=ev["examples_per_label"],
+        num_examples=ev["num_examples"],
+        warnings=ev["warnings"],
+        train_seconds=ev["train_seconds"],
+        details_json=json.dumps({k: v for k, v in ev.items() if k not in core}, sort_keys=True),
+    )
+
+
+def task_pb(view: TaskView) -> pb.Task:
+    r = view.record
+    return pb.Task(
+        task_id=r.task_id,
+        backbone=r.backbone,
+        labels=view.labels,
+        state=pb.Task.State.Value(r.state),
+        version=r.live_version,
+        evaluation=evaluation_pb(view.evaluation),
+        error=r.error,
+        job_id=r.job_id,
+        num_examples=sum(view.counts.values()),
+        examples_per_label=view.counts,
+        created_at_ms=r.created_at_ms,
+        updated_at_ms=r.updated_at_ms,
+        config=config_pb(r.config),
+    )
+
+
+def job_pb(job: JobRecord) -> pb.Job:
+    s = job.status
+    return pb.Job(
+        job_id=job.job_id,
+        task_id=job.task_id,
+        state=pb.Job.State.Value(job.state),
+        phase=s.get("phase", ""),
+        progress=s.get("progress", 0.0),
+        epoch=s.get("epoch", 0),
+        epochs=s.get("epochs", 0),
+        loss=s.get("loss", 0.0),
+        validation_accuracy=s.get("validation_accuracy", 0.0),
+        error=job.error,
+        version=job.version,
+        message=s.get("message", ""),
+        evaluation=evaluation_pb(s.get("evaluation", {})),
+    )
+
+
+def backbone_pb(entry: Entry) -> pb.Backbone:
+    spec, b = entry.spec, entry.backbone
+    return pb.Backbone(
+        name=spec.name,
+        modality=pb.TEXT if spec.modality == "text" else pb.IMAGE,
+        feature_dim=b.feature_dim if b else 0,
+        weights_source=b.weights_source if b else "",
+        available=entry.available,
+        unavailable_reason=entry.unavailable_reason,
+        preprocessing_json=json.dumps(b.preprocess.describe(), sort_keys=True) if b else "",
+        architecture=spec.arch,
+        device=str(b.device) if b else "",
+        taps=list(spec.taps),
+    )
+
+
+def predict_pb(scored: Scored, top_k: int, task_id: str, request_id: str) -> pb.PredictResponse:
+    if top_k < 0:
+        raise InvalidInput("top_k must be 0 (all labels) or positive")
+    predictions = []
+    for row in range(len(scored.probabilities)):
+        top = scored.top(row, top_k)
+        predictions.append(pb.Prediction(
+            label=top[0][0], score=top[0][1], top=[pb.LabelScore(label=l, score=s) for l, s in top]))
+    return pb.PredictResponse(predictions=predictions, version=scored.version, request_id=request_id, task_id=task_id)

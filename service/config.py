@@ -1,0 +1,115 @@
+"""The one settings object, read once at start-up from flags, env (HEADSERVE_*) and a TOML file."""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+DEFAULT_BACKBONES = (
+    "minilm-l6",
+    "resnet18",
+    "resnet50",
+    "mobilenet_v2",
+    "mobilenet_v3_large",
+    "efficientnet_b0",
+    "vit_b_16",
+)
+
+
+class CustomBackbone(BaseModel):
+    """A backbone declared in the TOML file: a torchvision architecture with local weights."""
+
+    arch: str = Field(description="torchvision architecture name, e.g. 'mobilenet_v2'")
+    weights: pathlib.Path = Field(description=".safetensors or .pth state dict (loaded without pickle execution)")
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    image_size: int = Field(224, ge=16, le=1024)
+    resize: int = Field(256, ge=16, le=2048)
+    interpolation: Literal["bilinear", "bicubic", "nearest"] = "bilinear"
+
+
+class Settings(BaseSettings):
+    """Every knob of the server. Flags beat env, env beats the TOML file, the file beats defaults."""
+
+    model_config = SettingsConfigDict(env_prefix="HEADSERVE_", extra="forbid", validate_default=True)
+
+    address: str = Field("127.0.0.1:50051", description="HOST:PORT to listen on; port 0 picks a free one")
+    data_dir: pathlib.Path = Field(pathlib.Path("./var"), description="SQLite store and trunk ONNX cache")
+    builtin_backbones: list[str] = Field(
+        list(DEFAULT_BACKBONES), description="built-in backbones to load at start-up"
+    )
+    backbones: dict[str, CustomBackbone] = Field(
+        default_factory=dict, description="extra backbones with local weights: [backbones.NAME] tables"
+    )
+    random_weights: list[str] = Field(
+        default_factory=list,
+        description="backbones allowed to run on random weights when none are installed (tests only)",
+    )
+    weights_dir: pathlib.Path | None = Field(
+        None, description="TORCH_HOME for torchvision weights; default: torch.hub's default"
+    )
+    allow_download: bool = Field(False, description="let torchvision download missing weights at start-up")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where trunks and training run")
+
+    max_message_bytes: int = Field(64 << 20, ge=1 << 16, description="largest gRPC message accepted")
+    max_inputs_per_request: int = Field(256, ge=1, description="inputs in one Predict request")
+    max_examples_per_task: int = Field(100_000, ge=2)
+    max_labels_per_task: int = Field(1000, ge=2)
+    max_label_length: int = Field(100, ge=1, le=10_000, description="characters")
+    max_text_length: int = Field(20_000, ge=1, description="characters in one text input")
+    max_image_pixels: int = Field(40_000_000, ge=1, description="decoded width*height of one image")
+
+    grpc_workers: int = Field(32, ge=1, description="threads serving RPCs")
+    training_workers: int = Field(1, ge=1, le=64, description="training jobs run at once")
+    intra_op_threads: int = Field(0, ge=0, description="onnxruntime/torch threads; 0 = all cores")
+    export_chunk_bytes: int = Field(1 << 20, ge=1024, le=4 << 20)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("address")
+    @classmethod
+    def _check_address(cls, v: str) -> str:
+        host, sep, port = v.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError(f"address must be HOST:PORT, got {v!r}")
+        return v
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        toml_file = settings_cls.model_config.get("toml_file")
+        if toml_file:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
+        return tuple(sources)
+
+    @classmethod
+    def load(cls, config_file: pathlib.Path | str | None = None, **overrides: Any) -> Settings:
+        """Reads settings; `overrides` (e.g. from CLI flags) win over env and the TOML file.
+
+        Keys of `overrides` whose value is None are ignored, so flags left unset do not mask env or file.
+        """
+        given = {k: v for k, v in overrides.items() if v is not None}
+        if config_file is None:
+            return cls(**given)
+        path = pathlib.Path(config_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} does not exist")
+
+        class _FromFile(cls):  # type: ignore[valid-type, misc]
+            model_config = SettingsConfigDict(**{**cls.model_config, "toml_file": path})
+
+        return cls.model_validate(_FromFile(**given).model_dump())

@@ -1,0 +1,180 @@
+"""Training jobs: queued durably, run in the background, progress published to watchers.
+
+A job computes (or reuses cached) trunk features for the task's examples, trains a head, exports
+and checks its ONNX, then stores it as the next version and makes it live in one transaction.
+Jobs still queued or running when the server stopped are run again at start-up.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from adapters.errors import HeadserveError, InvalidInput, NotFound
+from adapters.heads import TrainingOptions, export_checked, train_head
+from adapters.runtime import HeadRuntime
+from service.registry import BackboneRegistry
+from service.store import HeadRecord, JobRecord, Store
+
+log = logging.getLogger(__name__)
+
+FEATURE_CHUNK = 32
+
+
+class JobRunner:
+    def __init__(
+        self,
+        store: Store,
+        registry: BackboneRegistry,
+        on_success: Callable[[str, HeadRuntime], None],
+        workers: int = 1,
+    ) -> None:
+        self.store = store
+        self.registry = registry
+        self.on_success = on_success
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="train")
+        self._live: dict[str, JobRecord] = {}  # unfinished jobs, with fine-grained status
+        self._changed = threading.Condition()
+
+    def submit(self, task_id: str, options: TrainingOptions) -> JobRecord:
+        job = JobRecord(
+            job_id=f"job-{uuid.uuid4().hex[:12]}", task_id=task_id, state="QUEUED",
+            config=dataclasses.asdict(options), status={"phase": "queued", "progress": 0.0, "message": "waiting"},
+        )
+        self.store.start_job(job)
+        self._enqueue(job)
+        return job
+
+    def resume(self) -> int:
+        """Re-queues the jobs a previous run of the server left unfinished."""
+        pending = self.store.unfinished_jobs()
+        for job in pending:
+            log.info("resuming job %s of task %s", job.job_id, job.task_id)
+            self._enqueue(job)
+        return len(pending)
+
+    def _enqueue(self, job: JobRecord) -> None:
+        with self._changed:
+            self._live[job.job_id] = job
+            self._changed.notify_all()
+        self._pool.submit(self._run, job)
+
+    def get(self, job_id: str) -> JobRecord:
+        with self._changed:
+            live = self._live.get(job_id)
+            if live is not None:
+                return dataclasses.replace(live, status=dict(live.status))
+        return self.store.get_job(job_id)
+
+    def watch(self, job_id: str, keep_going: Callable[[], bool], interval: float = 1.0) -> Iterator[JobRecord]:
+        """Yields the job's state now and at each change, until it ends or `keep_going()` is false."""
+        last = None
+        while True:
+            job = self.get(job_id)
+            key = (job.state, tuple(sorted((k, str(v)) for k, v in job.status.items())))
+            if key != last:
+                last = key
+                yield job
+            if job.finished or not keep_going():
+                return
+            with self._changed:
+                self._changed.wait(interval)
+
+    def _publish(self, job: JobRecord, persist: bool = False, **status) -> None:
+        with self._changed:
+            job.status.update(status)
+            self._changed.notify_all()
+        if persist:
+            self.store.update_job(job.job_id, job.state, job.status)
+
+    def _run(self, job: JobRecord) -> None:
+        start = time.perf_counter()
+        job.state = "RUNNING"
+        try:
+            head, backbone = self._train(job)
+            status = {**job.status, "phase": "done", "progress": 1.0, "message": "ready",
+                      "seconds": time.perf_counter() - start, "evaluation": head.evaluation}
+            runtime = HeadRuntime(head.onnx, head.labels, 0, backbone, str(self.registry.device))
+            version = self.store.finish_job(job.job_id, status, head=head)
+            runtime.version = version
+            self.on_success(job.task_id, runtime)
+            job.state, job.version, job.status = "SUCCEEDED", version, status
+            log.info("job %s: task %s version %d live in %.2fs", job.job_id, job.task_id, version, status["seconds"])
+        except Exception as exc:
+            if isinstance(exc, HeadserveError):
+                error = exc.message
+            else:
+                log.exception("job %s failed", job.job_id)
+                error = f"internal error during training ({type(exc).__name__}); see the server log for job {job.job_id}"
+            status = {**job.status, "phase": "failed", "message": error}
+            try:
+                self.store.finish_job(job.job_id, status, error=error)
+            except NotFound:
+                pass  # the task was deleted while training
+            job.state, job.error, job.status = "FAILED", error, status
+        finally:
+            with self._changed:
+                self._live.pop(job.job_id, None)
+                self._changed.notify_all()
+
+    def _train(self, job: JobRecord) -> tuple[HeadRecord, str]:
+        task = self.store.get_task(job.task_id)
+        entry = self.registry.get(task.backbone)
+        refs = self.store.example_refs(task.task_id)
+        counts: dict[str, int] = {}
+        for _, label in refs:
+            counts[label] = counts.get(label, 0) + 1
+        missing = [label for label in task.declared_labels if label not in counts]
+        if missing:
+            raise InvalidInput(
+                f"label {missing[0]!r} has no examples; each label needs at least 1 (add examples, then train)"
+            )
+        if len(counts) < 2:
+            raise InvalidInput(f"a task needs examples for at least 2 labels; it has {len(counts)}")
+
+        self._publish(job, persist=True, phase="features", progress=0.0, message=f"embedding {len(refs)} examples")
+        x = self._features(job, entry, [sha for sha, _ in refs])
+        labels = [label for _, label in refs]
+
+        options = TrainingOptions(**job.config)
+        self._publish(job, persist=True, phase="training", progress=0.5, message=f"training ({options.strategy})")
+
+        def progress(update: dict) -> None:
+            if "epoch" in update and update.get("epochs"):
+                update = {**update, "progress": 0.5 + 0.4 * update["epoch"] / update["epochs"]}
+            self._publish(job, **update)
+
+        trained = train_head(x, labels, options, progress)
+        self._publish(job, persist=True, phase="exporting", progress=0.9, message="exporting ONNX",
+                      validation_accuracy=trained.evaluation["validation_accuracy"])
+        onnx_bytes = export_checked(trained, x, {
+            "backbone": entry.spec.name, "backbone_digest": entry.backbone.digest, "task_id": task.task_id,
+            "tap": entry.spec.taps[0],
+        })
+        return HeadRecord(task.task_id, 0, onnx_bytes, trained.labels, trained.evaluation), task.backbone
+
+    def _features(self, job: JobRecord, entry, shas: list[str]) -> np.ndarray:
+        """Trunk features of the examples (torch trunk), from the cache where possible."""
+        cached = self.store.cached_features(entry.trunk_key, list(dict.fromkeys(shas)))
+        todo = [sha for sha in dict.fromkeys(shas) if sha not in cached]
+        for start in range(0, len(todo), FEATURE_CHUNK):
+            chunk = todo[start : start + FEATURE_CHUNK]
+            raw = self.store.blobs(chunk)
+            items = [raw[sha][1].decode() if raw[sha][0] == "text" else raw[sha][1] for sha in chunk]
+            vectors = entry.backbone.torch_features(entry.backbone.preprocess(items))
+            fresh = dict(zip(chunk, vectors))
+            self.store.put_features(entry.trunk_key, fresh)
+            cached.update(fresh)
+            done = start + len(chunk)
+            self._publish(job, progress=0.5 * done / len(todo), message=f"embedded {done}/{len(todo)} new examples")
+        return np.stack([cached[sha] for sha in shas]).astype(np.float32)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)

@@ -1,0 +1,100 @@
+"""The backbones this server knows: loaded once at start-up, or listed as unavailable with the reason."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import pathlib
+
+from adapters.backbones import (
+    Backbone,
+    BackboneSpec,
+    BackboneUnavailable,
+    LoadOptions,
+    builtin_spec,
+    custom_spec,
+    load_backbone,
+)
+from adapters.errors import FailedPrecondition, NotFound
+from adapters.preprocessing import ImageTransform, InputLimits
+from adapters.runtime import TrunkRuntime
+from service.config import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Entry:
+    spec: BackboneSpec
+    backbone: Backbone | None = None
+    trunk: TrunkRuntime | None = None
+    unavailable_reason: str = ""
+
+    @property
+    def available(self) -> bool:
+        return self.trunk is not None
+
+    @property
+    def trunk_key(self) -> str:
+        """Identifies the trunk's features in the store: name, weights digest and tap."""
+        assert self.backbone is not None
+        return f"{self.spec.name}:{self.backbone.digest}:{self.spec.taps[0]}"
+
+
+def resolve_device(setting: str) -> str:
+    import torch
+
+    if setting == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device = 'cuda' but torch sees no CUDA device")
+    if setting == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return setting
+
+
+class BackboneRegistry:
+    def __init__(self, entries: dict[str, Entry], device: str) -> None:
+        self.entries = entries
+        self.device = device
+
+    @classmethod
+    def load(cls, settings: Settings) -> BackboneRegistry:
+        device = resolve_device(settings.device)
+        specs: dict[str, BackboneSpec] = {}
+        for name in settings.builtin_backbones:
+            try:
+                specs[name] = builtin_spec(name)
+            except KeyError:
+                raise ValueError(f"unknown built-in backbone {name!r} in builtin_backbones") from None
+        for name, custom in settings.backbones.items():
+            transform = ImageTransform(custom.image_size, custom.resize, custom.mean, custom.std, custom.interpolation)
+            specs[name] = custom_spec(name, custom.arch, custom.weights, transform)
+
+        limits = InputLimits(settings.max_text_length, settings.max_image_pixels)
+        cache = pathlib.Path(settings.data_dir) / "trunks"
+        entries: dict[str, Entry] = {}
+        for name, spec in specs.items():
+            opts = LoadOptions(
+                torch_home=settings.weights_dir,
+                allow_download=settings.allow_download,
+                random_weights=name in settings.random_weights,
+                device=device,
+                limits=limits,
+            )
+            entry = Entry(spec)
+            try:
+                entry.backbone = load_backbone(spec, opts)
+                entry.trunk = TrunkRuntime(entry.backbone, cache, settings.intra_op_threads)
+            except BackboneUnavailable as exc:
+                entry.unavailable_reason = exc.message
+                log.warning("backbone %s unavailable: %s", name, exc.message)
+            entries[name] = entry
+        return cls(entries, device)
+
+    def get(self, name: str) -> Entry:
+        entry = self.entries.get(name)
+        if entry is None:
+            known = ", ".join(sorted(self.entries)) or "none"
+            raise NotFound(f"backbone {name!r} is not known to this server; known: {known}")
+        if not entry.available:
+            raise FailedPrecondition(entry.unavailable_reason)
+        return entry

@@ -1,0 +1,105 @@
+"""headserve.v1.HeadServe: each method translates, delegates to HeadServeApp, translates back."""
+
+from __future__ import annotations
+
+import json
+
+import grpc
+
+from adapters.errors import InvalidInput
+from service import codec
+from service.app import HeadServeApp
+from service.errors import rpc
+from service.gen import headserve_pb2 as pb
+from service.gen import headserve_pb2_grpc as pb_grpc
+
+
+class HeadServeServicer(pb_grpc.HeadServeServicer):
+    def __init__(self, app: HeadServeApp) -> None:
+        self.app = app
+
+    @rpc
+    def ListBackbones(self, request, context):
+        return pb.ListBackbonesResponse(backbones=[codec.backbone_pb(e) for e in self.app.list_backbones()])
+
+    @rpc
+    def CreateTask(self, request, context):
+        options = codec.options(request.config)
+        view = self.app.create_task(
+            request.task_id, request.backbone, codec.examples(request.examples), list(request.labels), options
+        )
+        return codec.task_pb(view)
+
+    @rpc
+    def AddExamples(self, request_iterator, context):
+        task_id, batch = "", []
+        for request in request_iterator:
+            if request.task_id and task_id and request.task_id != task_id:
+                raise InvalidInput(
+                    f"one AddExamples stream serves one task; got {request.task_id!r} after {task_id!r}"
+                )
+            task_id = task_id or request.task_id
+            if not task_id:
+                raise InvalidInput("the first AddExamples message must name the task_id")
+            batch.extend(codec.examples(request.examples))
+        if not task_id:
+            raise InvalidInput("the AddExamples stream was empty; name a task_id and send examples")
+        # All or nothing: the whole stream is validated and stored in one transaction.
+        added, duplicates, counts = self.app.add_examples(task_id, batch)
+        return pb.AddExamplesResponse(
+            task_id=task_id, added=added, duplicates=duplicates, num_examples=sum(counts.values()),
+            examples_per_label=counts,
+        )
+
+    @rpc
+    def TrainTask(self, request, context):
+        options = codec.options(request.config) if request.HasField("config") else None
+        return codec.job_pb(self.app.train(request.task_id, options))
+
+    @rpc
+    def WatchJob(self, request, context):
+        job = self.app.job(request.job_id, request.task_id)
+        for snapshot in self.app.runner.watch(job.job_id, context.is_active):
+            yield codec.job_pb(snapshot)
+
+    @rpc
+    def GetTask(self, request, context):
+        return codec.task_pb(self.app.get_task(request.task_id))
+
+    @rpc
+    def ListTasks(self, request, context):
+        views, token = self.app.list_tasks(request.page_size, request.page_token, request.backbone)
+        return pb.ListTasksResponse(tasks=[codec.task_pb(v) for v in views], next_page_token=token)
+
+    @rpc
+    def DeleteTask(self, request, context):
+        self.app.delete_task(request.task_id)
+        return pb.DeleteTaskResponse()
+
+    @rpc
+    def Predict(self, request, context):
+        scored = self.app.predict(request.task_id, codec.items(request.inputs))
+        return codec.predict_pb(scored, request.top_k, request.task_id, request.request_id)
+
+    @rpc
+    def PredictStream(self, request_iterator, context):
+        for request in request_iterator:
+            scored = self.app.predict(request.task_id, codec.items(request.inputs))
+            yield codec.predict_pb(scored, request.top_k, request.task_id, request.request_id)
+
+    @rpc
+    def ExportTask(self, request, context):
+        if request.format not in (pb.EXPORT_FORMAT_UNSPECIFIED, pb.HEAD_ONNX, pb.FUSED_ONNX):
+            raise InvalidInput(f"unknown export format {request.format}")
+        export = self.app.export(request.task_id, request.format == pb.FUSED_ONNX, request.version)
+        size, step = len(export.data), self.app.settings.export_chunk_bytes
+        for offset in range(0, size, step):
+            chunk = pb.ExportChunk(data=export.data[offset : offset + step], offset=offset, total_size=size)
+            if offset == 0:
+                chunk.metadata_json = json.dumps(export.metadata, sort_keys=True)
+                chunk.sha256 = export.metadata["sha256"]
+            yield chunk
+
+
+def add_to_server(app: HeadServeApp, server: grpc.Server) -> None:
+    pb_grpc.add_HeadServeServicer_to_server(HeadServeServicer(app), server)
