@@ -1,0 +1,172 @@
+"""Shared fixtures: a real headserve server on 127.0.0.1 port 0, real channels, small data we make."""
+
+from __future__ import annotations
+
+import io
+import uuid
+
+import grpc
+import numpy as np
+import pytest
+from PIL import Image
+
+from service.config import Settings
+from service.gen import headserve_pb2 as pb
+from service.gen import headserve_pb2_grpc as pb_grpc
+from service.server import build_server
+
+TEST_BACKBONES = ["minilm-l6", "mobilenet_v3_small"]
+
+# Three topics, eight training sentences each, and held-out sentences the head never sees.
+TOPICS = {
+    "sports": [
+        "The striker scored twice in the second half.",
+        "Our team won the championship after extra time.",
+        "The referee showed him a red card for the tackle.",
+        "She finished the marathon in under three hours.",
+        "The tennis final went to five sets.",
+        "He was traded to another basketball club this season.",
+        "The goalkeeper made a brilliant save in the last minute.",
+        "The cyclists climbed the mountain stage in heavy rain.",
+    ],
+    "cooking": [
+        "Simmer the tomato sauce for twenty minutes.",
+        "Bake the bread until the crust is golden brown.",
+        "Chop the onions and fry them in olive oil.",
+        "Season the soup with salt, pepper and fresh thyme.",
+        "Whisk the eggs with sugar until the mixture is pale.",
+        "Marinate the chicken overnight in yogurt and spices.",
+        "Roast the vegetables in a hot oven.",
+        "Knead the dough and let it rise for an hour.",
+    ],
+    "computing": [
+        "The program crashed with a segmentation fault.",
+        "Compile the code with optimisations turned on.",
+        "The database server ran out of memory last night.",
+        "Install the package and restart the application.",
+        "The laptop will not boot after the firmware update.",
+        "We rewrote the parser to handle unicode input.",
+        "The network switch dropped packets under load.",
+        "Upgrade the operating system to fix the security hole.",
+    ],
+}
+HELD_OUT = {
+    "sports": [
+        "The coach was furious after the defeat at home.",
+        "They qualified for the World Cup with a late goal.",
+        "The sprinter broke the national record in the 100 metres.",
+        "The match was postponed because the pitch was frozen.",
+    ],
+    "cooking": [
+        "Add a pinch of nutmeg to the cream sauce.",
+        "Grill the fish for four minutes on each side.",
+        "Stir the risotto slowly and add stock gradually.",
+        "Let the cake cool before you spread the icing.",
+    ],
+    "computing": [
+        "The script throws an exception when the file is missing.",
+        "My computer keeps freezing when I open the browser.",
+        "The compiler reports a type error on line twelve.",
+        "Back up the hard drive before reinstalling the drivers.",
+    ],
+}
+
+
+def text_examples(topics: dict[str, list[str]] = TOPICS) -> list[pb.Example]:
+    return [pb.Example(input=pb.Input(text=t), label=label) for label, texts in topics.items() for t in texts]
+
+
+def png(color: tuple[int, int, int], size=(48, 40), noise: int = 0, seed: int = 0, fmt: str = "PNG") -> bytes:
+    """A synthetic image: a flat colour with optional noise, encoded."""
+    rng = np.random.default_rng(seed)
+    arr = np.empty((size[1], size[0], 3), np.int16)
+    arr[:] = color
+    if noise:
+        arr += rng.integers(-noise, noise + 1, arr.shape, dtype=np.int16)
+    buf = io.BytesIO()
+    Image.fromarray(arr.clip(0, 255).astype(np.uint8)).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
+
+
+def image_examples(per_label: int = 5) -> list[pb.Example]:
+    return [
+        pb.Example(input=pb.Input(image=png(rgb, noise=25, seed=i)), label=label)
+        for label, rgb in COLOURS.items()
+        for i in range(per_label)
+    ]
+
+
+def unique_id(prefix: str = "t") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+def make_settings(data_dir, **overrides) -> Settings:
+    base = dict(
+        address="127.0.0.1:0",
+        data_dir=data_dir,
+        builtin_backbones=TEST_BACKBONES,
+        random_weights=["mobilenet_v3_small"],
+        log_level="WARNING",
+    )
+    return Settings.load(**{**base, **overrides})
+
+
+class Client:
+    """A real channel and stub to a running server."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.channel = grpc.insecure_channel(address)
+        self.stub = pb_grpc.HeadServeStub(self.channel)
+
+    def wait_ready(self, task_id: str, timeout: float = 120) -> pb.Job:
+        last = None
+        for job in self.stub.WatchJob(pb.WatchJobRequest(task_id=task_id), timeout=timeout):
+            last = job
+        return last
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    running = build_server(make_settings(tmp_path_factory.mktemp("data")))
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="session")
+def client(server):
+    c = Client(server.address)
+    yield c
+    c.close()
+
+
+@pytest.fixture(scope="session")
+def stub(client):
+    return client.stub
+
+
+@pytest.fixture(scope="session")
+def text_task(client):
+    """A READY 3-topic text task on minilm-l6, shared by read-only tests."""
+    task_id = unique_id("topics")
+    client.stub.CreateTask(pb.CreateTaskRequest(task_id=task_id, backbone="minilm-l6", examples=text_examples()))
+    job = client.wait_ready(task_id)
+    assert job.state == pb.Job.SUCCEEDED, job.error
+    return task_id
+
+
+@pytest.fixture(scope="session")
+def image_task(client):
+    task_id = unique_id("colours")
+    client.stub.CreateTask(
+        pb.CreateTaskRequest(task_id=task_id, backbone="mobilenet_v3_small", examples=image_examples())
+    )
+    job = client.wait_ready(task_id)
+    assert job.state == pb.Job.SUCCEEDED, job.error
+    return task_id

