@@ -8,6 +8,7 @@ The trunk's output is named by its tap; "pooled" is the global pooled feature ve
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import hashlib
 import logging
@@ -59,7 +60,7 @@ class BackboneSpec:
     weights: WeightsRef
     transform: ImageTransform | None = None  # images only
     max_length: int = 256  # text only: tokens
-    taps: tuple[str, ...] = ("pooled",)
+    taps: tuple[str, ...] = ("last", "last-1")
 
 
 TORCHVISION_BUILTINS = (
@@ -117,6 +118,27 @@ class LoadOptions:
 
 
 # --- trunks -------------------------------------------------------------------------------------
+#
+# A trunk runs a stack of blocks and returns, besides the pooled final features, what a head may start
+# from: the pooled features one block earlier (tap "last-1") and the inputs of the last one and two
+# blocks ("blocks_1", "blocks_2"), from which a fine-tuned head runs its own tuned copies of those blocks.
+
+TRUNK_OUTPUTS = (FEATURES, "features_last_1", "blocks_1", "blocks_2")
+MAX_UNFREEZE = 2
+
+
+def _mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+    return torch.nn.functional.normalize(pooled, p=2.0, dim=-1)
+
+
+def _additive_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return (1.0 - attention_mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
+
+
+def _first(out):
+    return out[0] if isinstance(out, tuple) else out
 
 
 class TextTrunk(torch.nn.Module):
@@ -127,28 +149,107 @@ class TextTrunk(torch.nn.Module):
         super().__init__()
         self.encoder = encoder
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-        return torch.nn.functional.normalize(pooled, p=2.0, dim=-1)
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        hs = self.encoder(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True).hidden_states
+        return _mean_pool(hs[-1], attention_mask), _mean_pool(hs[-2], attention_mask), hs[-2], hs[-3]
+
+    def top(self, blocks: int) -> TextTop:
+        return TextTop(self.encoder.encoder.layer[-blocks:])
+
+
+class TextTop(torch.nn.Module):
+    """The last transformer layers + pooling: a fine-tuned head's copy of the trunk's top."""
+
+    def __init__(self, layers) -> None:
+        super().__init__()
+        self.layers = copy.deepcopy(torch.nn.ModuleList(layers))
+
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        mask = _additive_mask(attention_mask, hidden.dtype)
+        for layer in self.layers:
+            hidden = _first(layer(hidden, attention_mask=mask))
+        return _mean_pool(hidden, attention_mask)
+
+
+class _ResNetStem(torch.nn.Sequential):
+    def __init__(self, m) -> None:
+        super().__init__(m.conv1, m.bn1, m.relu, m.maxpool)
+
+
+class _ViTStem(torch.nn.Module):
+    def __init__(self, m) -> None:
+        super().__init__()
+        self.m = m
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.m._process_input(x)
+        token = self.m.class_token.expand(x.shape[0], -1, -1)
+        x = torch.cat([token, x], dim=1)
+        return self.m.encoder.dropout(x + self.m.encoder.pos_embedding)
+
+
+class _ViTPool(torch.nn.Module):
+    def __init__(self, ln) -> None:
+        super().__init__()
+        self.ln = ln
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ln(x)[:, 0]
+
+
+class _GlobalAvgPool(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(torch.nn.functional.adaptive_avg_pool2d(x, 1), 1)
+
+
+def _blocks_of(model: torch.nn.Module) -> tuple[list[torch.nn.Module], torch.nn.Module]:
+    """A torchvision classifier as (blocks, pooling), without its classification layer."""
+    if hasattr(model, "layer4") and hasattr(model, "fc"):  # ResNet family
+        blocks = [_ResNetStem(model)] + [b for layer in (model.layer1, model.layer2, model.layer3, model.layer4) for b in layer]
+        return blocks, _GlobalAvgPool()
+    if hasattr(model, "encoder") and hasattr(model, "class_token"):  # ViT
+        return [_ViTStem(model), *model.encoder.layers], _ViTPool(model.encoder.ln)
+    if isinstance(getattr(model, "features", None), torch.nn.Sequential):  # MobileNet, EfficientNet, ...
+        return list(model.features), _GlobalAvgPool()
+    raise BackboneConfigError(
+        f"{type(model).__name__}: headserve knows how to split ResNet-, ViT- and `features`-style "
+        "torchvision models into blocks; this architecture is not one of them"
+    )
 
 
 class ImageTrunk(torch.nn.Module):
-    """A torchvision classifier with its last classification layer removed: pooled features out."""
+    """A torchvision classifier as blocks + global pooling, without its classification layer."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         super().__init__()
-        for attr in ("fc", "heads", "classifier"):
-            if hasattr(model, attr):
-                setattr(model, attr, torch.nn.Identity())
-                break
-        else:
-            raise BackboneConfigError(f"{type(model).__name__}: no fc/heads/classifier layer to remove")
-        self.model = model
+        blocks, pool = _blocks_of(model)
+        self.blocks = torch.nn.ModuleList(blocks)
+        self.pool = pool
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return torch.flatten(self.model(pixel_values), 1)
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        x = pixel_values
+        n = len(self.blocks)
+        for block in self.blocks[: n - MAX_UNFREEZE]:
+            x = block(x)
+        blocks_2 = x
+        blocks_1 = x = self.blocks[n - 2](x)
+        x = self.blocks[n - 1](x)
+        return self.pool(x), self.pool(blocks_1), blocks_1, blocks_2
+
+    def top(self, blocks: int) -> ImageTop:
+        return ImageTop(self.blocks[-blocks:], self.pool)
+
+
+class ImageTop(torch.nn.Module):
+    """The last blocks + pooling: a fine-tuned head's copy of the trunk's top."""
+
+    def __init__(self, blocks, pool) -> None:
+        super().__init__()
+        self.blocks = copy.deepcopy(torch.nn.Sequential(*blocks))
+        self.pool = copy.deepcopy(pool)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.blocks(x))
 
 
 @contextlib.contextmanager
@@ -272,7 +373,9 @@ class Backbone:
         self.device = torch.device(device)
         self.module = module.eval().requires_grad_(False).to(self.device)
         self.digest = _state_digest(self.module)
-        self.feature_dim = int(self.torch_features(self.sample_batch()).shape[1])
+        outputs = self.torch_outputs(self.sample_batch())
+        self.feature_dim = int(outputs[FEATURES].shape[1])
+        self.tap_dims = {"last": self.feature_dim, "last-1": int(outputs["features_last_1"].shape[1])}
 
     @property
     def name(self) -> str:
@@ -297,14 +400,27 @@ class Backbone:
         return self.preprocess(self.sample_inputs())
 
     @torch.inference_mode()
+    def torch_outputs(self, batch: Batch, names: tuple[str, ...] = TRUNK_OUTPUTS) -> dict[str, np.ndarray]:
+        """The trunk's outputs (TRUNK_OUTPUTS) on a preprocessed batch, computed by torch (training path).
+        Maps of padded text batches keep the batch's padding length."""
+        args = [torch.from_numpy(batch[k]).to(self.device) for k in self.preprocess.input_names]
+        outputs = dict(zip(TRUNK_OUTPUTS, self.module(*args)))
+        return {k: outputs[k].float().cpu().numpy() for k in names}
+
     def torch_features(self, batch: Batch, batch_size: int = 64) -> np.ndarray:
-        """Pooled features of a preprocessed batch, computed by the torch trunk (training path)."""
+        """Pooled final features of a preprocessed batch (tap "last")."""
+        return self.torch_taps(batch, batch_size)["last"]
+
+    def torch_taps(self, batch: Batch, batch_size: int = 64) -> dict[str, np.ndarray]:
+        """Pooled features of every tap ("last", "last-1"), in chunks of `batch_size`."""
         n = len(next(iter(batch.values())))
-        out = []
+        parts: dict[str, list[np.ndarray]] = {"last": [], "last-1": []}
         for start in range(0, n, batch_size):
-            args = [torch.from_numpy(batch[k][start : start + batch_size]).to(self.device) for k in self.preprocess.input_names]
-            out.append(self.module(*args).float().cpu().numpy())
-        return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+            chunk = {k: v[start : start + batch_size] for k, v in batch.items()}
+            out = self.torch_outputs(chunk, (FEATURES, "features_last_1"))
+            parts["last"].append(out[FEATURES])
+            parts["last-1"].append(out["features_last_1"])
+        return {tap: np.concatenate(p) for tap, p in parts.items()}
 
     def export_onnx(self, path: pathlib.Path, opset: int = 17) -> None:
         """Exports the trunk: preprocessed inputs -> `features` [batch, feature_dim], dynamic batch (and length)."""
@@ -314,11 +430,11 @@ class Backbone:
         batch = self.sample_batch()
         args = tuple(torch.from_numpy(batch[k]).to(self.device) for k in names)
         if self.modality == "text":
-            axes = {k: {0: "batch", 1: "sequence"} for k in names}
+            axes = {k: {0: "batch", 1: "sequence"} for k in (*names, "blocks_1", "blocks_2")}
         else:
-            axes = {k: {0: "batch"} for k in names}
-        axes[FEATURES] = {0: "batch"}
-        export_module(self.module, args, path, list(names), [FEATURES], axes, opset)
+            axes = {k: {0: "batch"} for k in (*names, "blocks_1", "blocks_2")}
+        axes[FEATURES] = axes["features_last_1"] = {0: "batch"}
+        export_module(self.module, args, path, list(names), list(TRUNK_OUTPUTS), axes, opset)
 
     def describe(self) -> dict:
         return {

@@ -36,3 +36,11 @@ class ResourceExhausted(HeadserveError):
 
 class Unavailable(HeadserveError):
     """A backbone or device failed; retrying elsewhere may help."""
+
+
+class DeadlineExceeded(HeadserveError):
+    """The caller's deadline passed before the work was done (e.g. while a prediction was queued)."""
+
+
+class Cancelled(HeadserveError):
+    """The caller cancelled the request before it was served."""

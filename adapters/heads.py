@@ -16,11 +16,12 @@ checked against each other before a head is accepted.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -30,7 +31,8 @@ from onnx import TensorProto, helper, numpy_helper
 from adapters.errors import InvalidInput
 from adapters.onnx_utils import OPSET, check_model_bytes, create_session
 
-STRATEGIES = ("auto", "linear", "mlp", "prototype")
+STRATEGIES = ("auto", "linear", "mlp", "prototype", "fine_tune")
+TAPS = ("last", "last-1")
 HEAD_INPUT = "features"
 HEAD_OUTPUT = "probabilities"
 
@@ -46,6 +48,10 @@ class TrainingOptions:
     seed: int = 0
     validation_fraction: float = 0.0  # 0: k-fold cross-validation
     hidden_units: int = 128
+    unfreeze_blocks: int = 1  # fine_tune
+    tap: str = ""  # "" = "last", or the better of the taps under auto
+    augment_views: int = 0  # images: augmented views per example
+    reject_threshold: float = 0.0
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -56,6 +62,10 @@ class TrainingOptions:
             (0 <= self.l2 <= 100, "l2 must be between 0 (default) and 100"),
             (0 <= self.validation_fraction < 0.9, "validation_fraction must be in [0, 0.9)"),
             (1 <= self.hidden_units <= 8192, "hidden_units must be between 1 and 8192"),
+            (1 <= self.unfreeze_blocks <= 2, "unfreeze_blocks must be 1 or 2"),
+            (self.tap in ("", *TAPS), f"tap must be one of {', '.join(TAPS)} (or empty)"),
+            (0 <= self.augment_views <= 16, "augment_views must be between 0 and 16"),
+            (0 <= self.reject_threshold < 1, "reject_threshold must be in [0, 1)"),
         ]
         for ok, message in checks:
             if not ok:
@@ -72,6 +82,12 @@ class DenseHead:
     strategy: str
     layers: list[tuple[np.ndarray, np.ndarray]]
     normalize: bool = False
+    input_name: str = HEAD_INPUT  # the trunk output it reads (its tap)
+
+    def scale_logits(self, factor: float) -> None:
+        """Multiplies the logits by `factor` (temperature scaling: factor = 1 / T)."""
+        w, b = self.layers[-1]
+        self.layers[-1] = ((w * factor).astype(np.float32), (b * factor).astype(np.float32))
 
     @property
     def input_dim(self) -> int:
@@ -94,12 +110,16 @@ class DenseHead:
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
         return softmax(self.logits(x))
 
+    def reference(self, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
+        """Probabilities computed without ONNX, from the head's named inputs."""
+        return self.predict_proba(feeds[self.input_name])
+
     def parameter_count(self) -> int:
         return int(sum(w.size + b.size for w, b in self.layers))
 
     def to_onnx(self, metadata: dict[str, str] | None = None) -> bytes:
         nodes, inits = [], []
-        x = HEAD_INPUT
+        x = self.input_name
         if self.normalize:
             inits.append(numpy_helper.from_array(np.array([1e-12], np.float32), "eps"))
             nodes += [
@@ -122,7 +142,7 @@ class DenseHead:
         graph = helper.make_graph(
             nodes,
             f"headserve_{self.strategy}_head",
-            [helper.make_tensor_value_info(HEAD_INPUT, TensorProto.FLOAT, ["batch", self.input_dim])],
+            [helper.make_tensor_value_info(self.input_name, TensorProto.FLOAT, ["batch", self.input_dim])],
             [helper.make_tensor_value_info(HEAD_OUTPUT, TensorProto.FLOAT, ["batch", self.num_classes])],
             inits,
         )
@@ -145,6 +165,7 @@ def softmax(z: np.ndarray) -> np.ndarray:
 # --- training -------------------------------------------------------------------------------------
 
 Progress = Callable[[dict], None]
+L2_GRID = (0.003, 0.03, 0.3)  # linear: chosen by cross-validation unless `l2` is given
 
 
 def _noop(_: dict) -> None:
@@ -177,11 +198,11 @@ def train_linear(x, y, k, opts: TrainingOptions, progress: Progress = _noop) -> 
     yt = torch.from_numpy(y).long()
     w = torch.zeros(k, x.shape[1], requires_grad=True)
     b = torch.zeros(k, requires_grad=True)
-    l2 = opts.l2 or 1.0 / len(x)  # sklearn's C=1 on the mean loss
+    l2 = opts.l2 or L2_GRID[1]
     epochs = opts.epochs or 100
     cw = _class_weights(y, k)
     optim = torch.optim.LBFGS([w, b], lr=opts.learning_rate or 1.0, max_iter=epochs,
-                              tolerance_grad=1e-6, tolerance_change=1e-9, history_size=20,
+                              tolerance_grad=1e-5, tolerance_change=1e-7, history_size=20,
                               line_search_fn="strong_wolfe")
     steps = [0]
 
@@ -230,18 +251,71 @@ def train_prototype(x, y, k, opts: TrainingOptions, progress: Progress = _noop) 
     protos = np.stack([xn[y == c].mean(axis=0) for c in range(k)])
     protos /= np.maximum(np.linalg.norm(protos, axis=1, keepdims=True), 1e-12)
     cos = xn @ protos.T
-    # The scale turns cosines into probabilities; pick the one with the best training likelihood.
+    # The scale turns cosines into probabilities; pick the one with the best training likelihood
+    # (calibration on held-out data refines it afterwards).
     best_scale, best_nll = 10.0, np.inf
     for scale in (1, 2, 5, 10, 15, 20, 30, 50):
-        p = softmax(scale * cos)
-        nll = -np.log(np.maximum(p[np.arange(len(y)), y], 1e-12)).mean()
+        nll = _nll(scale * cos, y)
         if nll < best_nll:
-            best_scale, best_nll = float(scale), float(nll)
+            best_scale, best_nll = float(scale), nll
     progress({"epoch": 1, "epochs": 1, "loss": best_nll})
     return DenseHead("prototype", [((best_scale * protos).astype(np.float32), np.zeros(k, np.float32))], normalize=True)
 
 
 TRAINERS = {"linear": train_linear, "mlp": train_mlp, "prototype": train_prototype}
+
+
+def _nll(logits: np.ndarray, y: np.ndarray) -> float:
+    z = logits - logits.max(axis=1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    return float(-logp[np.arange(len(y)), y].mean())
+
+
+def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
+    """The temperature T in [0.25, 20] minimising held-out NLL of softmax(logits / T) (golden-section on log T)."""
+    lo, hi = np.log(0.25), np.log(20.0)  # tiny validation sets must not make heads overconfident
+    g = (np.sqrt(5) - 1) / 2
+    a, b = hi - g * (hi - lo), lo + g * (hi - lo)
+    fa, fb = _nll(logits / np.exp(a), y), _nll(logits / np.exp(b), y)
+    for _ in range(40):
+        if fa < fb:
+            hi, b, fb = b, a, fa
+            a = hi - g * (hi - lo)
+            fa = _nll(logits / np.exp(a), y)
+        else:
+            lo, a, fa = a, b, fb
+            b = lo + g * (hi - lo)
+            fb = _nll(logits / np.exp(b), y)
+    return float(np.exp((lo + hi) / 2))
+
+
+def expected_calibration_error(probs: np.ndarray, y: np.ndarray, bins: int = 10) -> float:
+    conf = probs.max(axis=1)
+    correct = probs.argmax(axis=1) == y
+    edges = np.linspace(0, 1, bins + 1)
+    ece = 0.0
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        sel = (conf > lo) & (conf <= hi)
+        if sel.any():
+            ece += sel.mean() * abs(correct[sel].mean() - conf[sel].mean())
+    return float(ece)
+
+
+def classification_metrics(y: np.ndarray, pred: np.ndarray, names: Sequence[str]) -> dict:
+    k = len(names)
+    cm = np.zeros((k, k), dtype=np.int64)
+    np.add.at(cm, (y, pred), 1)
+    per_label, f1s = [], []
+    for c, name in enumerate(names):
+        tp = cm[c, c]
+        precision = tp / cm[:, c].sum() if cm[:, c].sum() else 0.0
+        recall = tp / cm[c, :].sum() if cm[c, :].sum() else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        f1s.append(f1)
+        per_label.append({"label": name, "precision": float(precision), "recall": float(recall),
+                          "f1": float(f1), "support": int(cm[c, :].sum())})
+    return {"accuracy": float(np.trace(cm) / max(cm.sum(), 1)), "macro_f1": float(np.mean(f1s)),
+            "per_label": per_label, "confusion_matrix": cm.tolist()}
 
 
 def _folds(y: np.ndarray, opts: TrainingOptions) -> tuple[list[tuple[np.ndarray, np.ndarray]], str]:
@@ -263,14 +337,69 @@ def _folds(y: np.ndarray, opts: TrainingOptions) -> tuple[list[tuple[np.ndarray,
     return folds, f"{k}-fold"
 
 
-def _cross_validate(strategy, x, y, k, opts, folds) -> tuple[float, np.ndarray]:
-    """Accuracy over the pooled held-out predictions, and those predictions."""
-    pred = np.full(len(y), -1)
+@dataclasses.dataclass(frozen=True)
+class Augmented:
+    """Extra training rows (augmented views): per tap, features; `origin[i]` indexes the example each
+    row was made from, so a view joins training only when its example is in the training fold."""
+
+    features: Mapping[str, np.ndarray]
+    origin: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class _Candidate:
+    strategy: str
+    tap: str
+    l2: float = 0.0
+
+    @property
+    def name(self) -> str:
+        return self.strategy + (f"(l2={self.l2:g})" if self.l2 else "") + (f"@{self.tap}" if self.tap != "last" else "")
+
+
+def _with_augmented(x, y, train_idx, tap, augmented: Augmented | None):
+    if augmented is None:
+        return x[train_idx], y[train_idx]
+    keep = np.isin(augmented.origin, train_idx)
+    return (np.concatenate([x[train_idx], augmented.features[tap][keep]]),
+            np.concatenate([y[train_idx], y[augmented.origin[keep]]]))
+
+
+def _out_of_fold_logits(c: _Candidate, xs, y, k, opts, folds, augmented) -> np.ndarray:
+    opts = dataclasses.replace(opts, l2=c.l2 or opts.l2)
+    logits = np.zeros((len(y), k), dtype=np.float32)
     for train, val in folds:
-        head = TRAINERS[strategy](x[train], y[train], k, opts)
-        pred[val] = head.predict_proba(x[val]).argmax(axis=1)
-    seen = pred >= 0
-    return float((pred[seen] == y[seen]).mean()), pred
+        xt, yt = _with_augmented(xs[c.tap], y, train, c.tap, augmented)
+        logits[val] = TRAINERS[c.strategy](xt, yt, k, opts).logits(xs[c.tap][val])
+    return logits
+
+
+def _candidates(opts: TrainingOptions, taps: Sequence[str], min_count: int, has_folds: bool) -> list[_Candidate]:
+    """What AUTO compares, from the number of examples per label; a named strategy alone otherwise."""
+    if opts.tap:
+        if opts.tap not in taps:
+            raise InvalidInput(f"tap {opts.tap!r} is not available; use one of {', '.join(taps)}")
+        taps = [opts.tap]
+    elif opts.strategy != "auto":
+        taps = ["last"]
+    grid = (opts.l2,) if opts.l2 else L2_GRID
+    if opts.strategy == "auto":
+        if not has_folds:
+            strategies = ["prototype"]
+        elif min_count >= 16:
+            strategies = ["linear", "prototype", "mlp"]
+        else:
+            strategies = ["linear", "prototype"]
+    else:
+        strategies = [opts.strategy]
+    out = []
+    for tap in taps:
+        for s in strategies:
+            if s == "linear" and has_folds:
+                out += [_Candidate(s, tap, l2) for l2 in grid]
+            else:
+                out.append(_Candidate(s, tap, opts.l2 if s == "linear" else 0.0))
+    return out
 
 
 @dataclasses.dataclass
@@ -280,72 +409,143 @@ class TrainedHead:
     evaluation: dict
 
 
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Small problems run fastest on one thread; more threads spin and stall on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def train_head(
-    features: np.ndarray,
+    features: np.ndarray | Mapping[str, np.ndarray],
     labels: Sequence[str],
     options: TrainingOptions = TrainingOptions(),
     progress: Progress = _noop,
+    sample_ids: Sequence[str] | None = None,
+    augmented: Augmented | None = None,
 ) -> TrainedHead:
-    """Trains a head on (features, labels) and evaluates it honestly (held-out accuracy).
+    """Trains a head on trunk features and evaluates it honestly on held-out data.
 
+    `features` maps tap -> [n, d] (a bare array is the "last" tap). Validation is stratified k-fold
+    (or a holdout); the chosen candidate's out-of-fold logits give the reported metrics and the
+    temperature that calibrates the final head, which is then fit on all examples.
     Label order in the head's output is sorted label order.
     """
+    with torch_threads(1):
+        return _train_head(features, labels, options, progress, sample_ids, augmented)
+
+
+def _train_head(features, labels, options, progress, sample_ids, augmented) -> TrainedHead:
     start = time.perf_counter()
+    xs = {"last": features} if isinstance(features, np.ndarray) else dict(features)
+    xs = {tap: np.ascontiguousarray(v, dtype=np.float32) for tap, v in xs.items()}
     names = sorted(set(labels))
     if len(names) < 2:
         raise InvalidInput(f"a task needs at least 2 labels with examples; got {len(names)}")
     index = {name: i for i, name in enumerate(names)}
-    x = np.ascontiguousarray(features, dtype=np.float32)
     y = np.array([index[label] for label in labels], dtype=np.int64)
     k = len(names)
+    counts = np.bincount(y, minlength=k)
     folds, method = _folds(y, options)
+    candidates = _candidates(options, list(xs), int(counts.min()), bool(folds))
 
-    candidates = [options.strategy] if options.strategy != "auto" else (
-        ["linear", "prototype"] if folds else ["prototype"]
-    )
     scores: dict[str, float] = {}
-    for strategy in candidates:
-        if folds:
-            progress({"phase": "validating", "message": f"{method} cross-validation of {strategy}"})
-            scores[strategy], _ = _cross_validate(strategy, x, y, k, options, folds)
-    chosen = max(candidates, key=lambda s: (scores.get(s, 0.0), -candidates.index(s)))
-    if options.strategy == "auto":
-        reason = (
-            f"best {method} accuracy among {', '.join(candidates)}: "
-            + ", ".join(f"{s} {scores[s]:.3f}" for s in candidates)
-            if folds else "a label has a single example: prototype needs no validation data"
-        )
-    else:
+    oof: dict[_Candidate, np.ndarray] = {}
+    if folds:
+        for i, c in enumerate(candidates):
+            progress({"phase": "validating", "message": f"{method} cross-validation of {c.name} ({i + 1}/{len(candidates)})"})
+            oof[c] = _out_of_fold_logits(c, xs, y, k, options, folds, augmented)
+            scores[c.name] = float((oof[c].argmax(axis=1) == y).mean())
+    # Best held-out accuracy; ties go to the earlier (simpler) candidate.
+    chosen = max(candidates, key=lambda c: (scores.get(c.name, 0.0), -candidates.index(c)))
+    if options.strategy != "auto" and len(candidates) == 1:
         reason = "requested"
+    elif folds:
+        reason = f"best {method} accuracy among {len(candidates)} candidates: " + ", ".join(
+            f"{name} {score:.3f}" for name, score in scores.items())
+    else:
+        reason = "a label has a single example: prototype needs no validation data"
 
-    progress({"phase": "training", "message": f"fitting {chosen} on all {len(y)} examples"})
-    head = TRAINERS[chosen](x, y, k, options, lambda p: progress({"phase": "training", **p}))
-    train_acc = float((head.predict_proba(x).argmax(axis=1) == y).mean())
-    counts = Counter(labels)
+    progress({"phase": "training", "message": f"fitting {chosen.name} on all {len(y)} examples"})
+    fit_opts = dataclasses.replace(options, l2=chosen.l2 or options.l2)
+    x_all, y_all = _with_augmented(xs[chosen.tap], y, np.arange(len(y)), chosen.tap, augmented)
+    head = TRAINERS[chosen.strategy](x_all, y_all, k, fit_opts, lambda p: progress({"phase": "training", **p}))
+    head.input_name = tap_output(chosen.tap)
+
     evaluation = {
-        "strategy": chosen,
+        "strategy": chosen.strategy,
         "strategy_reason": reason,
-        "train_accuracy": train_acc,
-        "validation_accuracy": scores.get(chosen, 0.0),
-        "validation_method": method,
         "candidate_scores": scores,
-        "examples_per_label": {name: counts[name] for name in names},
+        "tap": chosen.tap,
+        "l2": chosen.l2 or None,
+        "validation_method": method + (" (model selection on the same folds)" if len(candidates) > 1 else ""),
+        "examples_per_label": {name: int(n) for name, n in zip(names, counts)},
         "num_examples": len(y),
-        "feature_dim": int(x.shape[1]),
+        "augmented_rows": 0 if augmented is None else len(augmented.origin),
+        "feature_dim": int(xs[chosen.tap].shape[1]),
         "parameters": head.parameter_count(),
-        "train_seconds": time.perf_counter() - start,
-        "warnings": _warnings(train_acc, scores.get(chosen), counts, method),
+        "temperature": 1.0,
+        "reject_threshold": options.reject_threshold,
     }
+    majority = float(counts.max() / counts.sum())
+    if folds:
+        logits = oof[chosen]
+        temperature = fit_temperature(logits, y)
+        head.scale_logits(1.0 / temperature)
+        probs = softmax(logits / temperature)
+        metrics = classification_metrics(y, probs.argmax(axis=1), names)
+        evaluation.update(
+            validation_accuracy=metrics["accuracy"], macro_f1=metrics["macro_f1"], per_label=metrics["per_label"],
+            confusion_matrix=metrics["confusion_matrix"], temperature=temperature,
+            expected_calibration_error=expected_calibration_error(probs, y),
+            ece_before_calibration=expected_calibration_error(softmax(logits), y),
+            baseline_accuracy=majority,
+        )
+        proto = next((s for n, s in scores.items() if n.startswith("prototype")), None)
+        if proto is None and chosen.strategy != "prototype":
+            proto_logits = _out_of_fold_logits(_Candidate("prototype", chosen.tap), xs, y, k, options, folds, None)
+            proto = float((proto_logits.argmax(axis=1) == y).mean())
+        evaluation["prototype_accuracy"] = proto
+    else:
+        evaluation.update(validation_accuracy=0.0, macro_f1=0.0, per_label=[], confusion_matrix=[],
+                          expected_calibration_error=0.0, baseline_accuracy=majority)
+    evaluation["train_accuracy"] = float((head.predict_proba(xs[chosen.tap]).argmax(axis=1) == y).mean())
+    evaluation["warnings"] = _warnings(evaluation, labels, sample_ids)
+    evaluation["train_seconds"] = time.perf_counter() - start
     return TrainedHead(head, names, evaluation)
 
 
-def _warnings(train_acc: float, val_acc: float | None, counts: Counter, method: str) -> list[str]:
+def tap_output(tap: str) -> str:
+    """The trunk output (and head input) name of a tap."""
+    return HEAD_INPUT if tap == "last" else f"{HEAD_INPUT}_{tap.replace('-', '_')}"
+
+
+def _warnings(ev: dict, labels: Sequence[str], sample_ids: Sequence[str] | None) -> list[str]:
     out = []
-    if val_acc is not None and train_acc - val_acc > 0.2:
+    train_acc, val_acc = ev["train_accuracy"], ev["validation_accuracy"]
+    validated = bool(ev["per_label"])
+    if validated and train_acc - val_acc > 0.2:
         out.append(
             f"overfitting: train accuracy {train_acc:.2f} is far above validation accuracy {val_acc:.2f}; "
             "add examples or use a simpler strategy"
         )
+    if validated and val_acc < ev["baseline_accuracy"] + 0.05:
+        out.append(
+            f"no transfer: validation accuracy {val_acc:.2f} is no better than always answering the most "
+            f"frequent label ({ev['baseline_accuracy']:.2f}); the backbone's features may not fit this task, "
+            "or the labels may be inconsistent"
+        )
+    proto = ev.get("prototype_accuracy")
+    if validated and ev["strategy"] != "prototype" and proto is not None and val_acc < proto - 0.05:
+        out.append(
+            f"negative transfer: {ev['strategy']} ({val_acc:.2f}) is worse than the prototype baseline "
+            f"({proto:.2f}) on validation; try strategy PROTOTYPE or AUTO"
+        )
+    counts = Counter(labels)
     few = sorted(label for label, n in counts.items() if n < 3)
     if few:
         out.append(f"too few examples for {', '.join(map(repr, few))}: fewer than 3; predictions will be unreliable")
@@ -354,20 +554,35 @@ def _warnings(train_acc: float, val_acc: float | None, counts: Counter, method: 
             f"imbalanced labels: {max(counts.values())} vs {min(counts.values())} examples; "
             "class weights compensate, but add examples to the small labels"
         )
+    if sample_ids is not None:
+        seen: dict[str, set[str]] = {}
+        for sid, label in zip(sample_ids, labels):
+            seen.setdefault(sid, set()).add(label)
+        conflicts = [sorted(ls) for ls in seen.values() if len(ls) > 1]
+        if conflicts:
+            shown = "; ".join(" vs ".join(map(repr, ls)) for ls in conflicts[:3])
+            out.append(f"conflicting labels: {len(conflicts)} input(s) were given with two or more labels ({shown})")
     return out
 
 
 # --- ONNX parity --------------------------------------------------------------------------------
 
 
-def export_checked(trained: TrainedHead, features: np.ndarray, metadata: dict[str, str], atol: float = 1e-4) -> bytes:
-    """Exports the head to ONNX and checks onnxruntime reproduces the reference probabilities."""
-    meta = {"labels": json.dumps(trained.labels), "strategy": trained.head.strategy, **metadata}
+def export_checked(
+    trained: TrainedHead, feeds: np.ndarray | Mapping[str, np.ndarray], metadata: dict[str, str], atol: float = 1e-4
+) -> bytes:
+    """Exports the head to ONNX and checks that onnxruntime reproduces the reference probabilities.
+
+    `feeds` are the head's inputs by name (a bare array feeds a dense head's single input)."""
+    meta = {"labels": json.dumps(trained.labels), "strategy": trained.evaluation["strategy"],
+            "reject_threshold": str(trained.evaluation.get("reject_threshold", 0.0)), **metadata}
     data = trained.head.to_onnx(meta)
-    sample = np.ascontiguousarray(features[:256], dtype=np.float32)
-    got = create_session(data, threads=1).run(None, {HEAD_INPUT: sample})[0]
-    want = trained.head.predict_proba(sample)
-    diff = float(np.abs(got - want).max()) if len(sample) else 0.0
+    if isinstance(feeds, np.ndarray):
+        feeds = {trained.head.input_name: feeds}
+    feeds = {k: np.ascontiguousarray(v[:256]) for k, v in feeds.items()}
+    got = create_session(data, threads=1).run(None, feeds)[0]
+    want = trained.head.reference(feeds)
+    diff = float(np.abs(got - want).max()) if len(got) else 0.0
     if diff > atol:
         raise RuntimeError(f"exported head disagrees with the trained head (max |diff| {diff:.2e} > {atol})")
     return data

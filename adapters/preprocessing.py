@@ -166,6 +166,30 @@ class ImagePreprocessor:
         arrays = [self.to_array(decode_image(data, i, self.limits.max_image_pixels)) for i, data in enumerate(items)]
         return {"pixel_values": np.ascontiguousarray(np.stack(arrays))}
 
+    def augmented(self, items: Sequence[bytes], views: int, seed: int = 0) -> tuple[Batch, np.ndarray]:
+        """`views` random views of each image (random resized crop, horizontal flip, colour jitter),
+        normalised like the evaluation transform; returns the batch and each view's item index."""
+        import torch
+        from torchvision.transforms import v2
+
+        t = self.transform
+        augment = v2.Compose([
+            v2.RandomResizedCrop(t.image_size, scale=(0.5, 1.0), interpolation=self._interpolation, antialias=True),
+            v2.RandomHorizontalFlip(),
+            v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.05),
+        ])
+        torch.manual_seed(seed)
+        arrays, origin = [], []
+        for i, data in enumerate(items):
+            img = decode_image(data, i, self.limits.max_image_pixels)
+            for _ in range(views):
+                chw = np.asarray(augment(img), dtype=np.float32).transpose(2, 0, 1)
+                arrays.append((chw - self._mean * 255.0) * self._scale)
+                origin.append(i)
+        shape = (0, 3, t.image_size, t.image_size)
+        batch = np.ascontiguousarray(np.stack(arrays)) if arrays else np.zeros(shape, np.float32)
+        return {"pixel_values": batch}, np.asarray(origin, dtype=np.int64)
+
     def describe(self) -> dict:
         return {"modality": "image", "inputs": list(self.input_names), **dataclasses.asdict(self.transform),
                 "layout": "NCHW float32, RGB, pixels/255 then (x-mean)/std"}

@@ -14,8 +14,8 @@ from service.registry import Entry
 from service.store import JobRecord
 
 STRATEGY_NAMES = {pb.STRATEGY_UNSPECIFIED: "auto", pb.AUTO: "auto", pb.LINEAR: "linear", pb.MLP: "mlp",
-                  pb.PROTOTYPE: "prototype"}
-STRATEGY_ENUMS = {"auto": pb.AUTO, "linear": pb.LINEAR, "mlp": pb.MLP, "prototype": pb.PROTOTYPE}
+                  pb.PROTOTYPE: "prototype", pb.FINE_TUNE: "fine_tune"}
+STRATEGY_ENUMS = {name: value for value, name in STRATEGY_NAMES.items() if value != pb.STRATEGY_UNSPECIFIED}
 
 
 def item(inp: pb.Input, index: int) -> Item:
@@ -46,6 +46,10 @@ def options(config: pb.TrainingConfig) -> TrainingOptions:
         seed=config.seed,
         validation_fraction=config.validation_fraction,
         hidden_units=config.hidden_units or 128,
+        unfreeze_blocks=config.unfreeze_blocks or 1,
+        tap=config.tap,
+        augment_views=config.augment_views,
+        reject_threshold=config.reject_threshold,
     )
 
 
@@ -54,14 +58,19 @@ def config_pb(cfg: dict) -> pb.TrainingConfig:
     return pb.TrainingConfig(
         strategy=STRATEGY_ENUMS[o.strategy], epochs=o.epochs, learning_rate=o.learning_rate, l2=o.l2,
         seed=o.seed, validation_fraction=o.validation_fraction, hidden_units=o.hidden_units,
+        unfreeze_blocks=o.unfreeze_blocks, tap=o.tap, augment_views=o.augment_views,
+        reject_threshold=o.reject_threshold,
     )
+
+
+EVALUATION_FIELDS = {"strategy", "train_accuracy", "validation_accuracy", "validation_method", "examples_per_label",
+                     "num_examples", "warnings", "train_seconds", "macro_f1", "per_label", "confusion_matrix",
+                     "expected_calibration_error", "temperature", "tap", "head_bytes", "baseline_accuracy"}
 
 
 def evaluation_pb(ev: dict) -> pb.Evaluation:
     if not ev:
         return pb.Evaluation()
-    core = {"strategy", "train_accuracy", "validation_accuracy", "validation_method", "examples_per_label",
-            "num_examples", "warnings", "train_seconds"}
     return pb.Evaluation(
         strategy=ev["strategy"],
         train_accuracy=ev["train_accuracy"],
@@ -71,7 +80,15 @@ def evaluation_pb(ev: dict) -> pb.Evaluation:
         num_examples=ev["num_examples"],
         warnings=ev["warnings"],
         train_seconds=ev["train_seconds"],
-        details_json=json.dumps({k: v for k, v in ev.items() if k not in core}, sort_keys=True),
+        macro_f1=ev.get("macro_f1", 0.0),
+        per_label=[pb.LabelMetrics(**m) for m in ev.get("per_label", [])],
+        confusion_matrix=[n for row in ev.get("confusion_matrix", []) for n in row],
+        expected_calibration_error=ev.get("expected_calibration_error", 0.0),
+        temperature=ev.get("temperature", 1.0),
+        tap=ev.get("tap", "last"),
+        head_bytes=ev.get("head_bytes", 0),
+        baseline_accuracy=ev.get("baseline_accuracy", 0.0),
+        details_json=json.dumps({k: v for k, v in ev.items() if k not in EVALUATION_FIELDS}, sort_keys=True),
     )
 
 

@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from adapters.errors import HeadserveError, InvalidInput, NotFound
-from adapters.heads import TrainingOptions, export_checked, train_head
+from adapters.heads import TAPS, Augmented, TrainingOptions, export_checked, tap_output, train_head
 from adapters.runtime import HeadRuntime
 from service.registry import BackboneRegistry
 from service.store import HeadRecord, JobRecord, Store
@@ -140,10 +140,12 @@ class JobRunner:
             raise InvalidInput(f"a task needs examples for at least 2 labels; it has {len(counts)}")
 
         self._publish(job, persist=True, phase="features", progress=0.0, message=f"embedding {len(refs)} examples")
-        x = self._features(job, entry, [sha for sha, _ in refs])
+        shas = [sha for sha, _ in refs]
         labels = [label for _, label in refs]
-
+        xs = self._features(job, entry, shas)
         options = TrainingOptions(**job.config)
+        augmented = self._augmented(job, entry, shas, options) if options.augment_views else None
+
         self._publish(job, persist=True, phase="training", progress=0.5, message=f"training ({options.strategy})")
 
         def progress(update: dict) -> None:
@@ -151,30 +153,49 @@ class JobRunner:
                 update = {**update, "progress": 0.5 + 0.4 * update["epoch"] / update["epochs"]}
             self._publish(job, **update)
 
-        trained = train_head(x, labels, options, progress)
+        trained = train_head(xs, labels, options, progress, sample_ids=shas, augmented=augmented)
         self._publish(job, persist=True, phase="exporting", progress=0.9, message="exporting ONNX",
                       validation_accuracy=trained.evaluation["validation_accuracy"])
-        onnx_bytes = export_checked(trained, x, {
+        tap = trained.evaluation["tap"]
+        onnx_bytes = export_checked(trained, {tap_output(tap): xs[tap]}, {
             "backbone": entry.spec.name, "backbone_digest": entry.backbone.digest, "task_id": task.task_id,
-            "tap": entry.spec.taps[0],
+            "tap": tap,
         })
+        trained.evaluation["head_bytes"] = len(onnx_bytes)
         return HeadRecord(task.task_id, 0, onnx_bytes, trained.labels, trained.evaluation), task.backbone
 
-    def _features(self, job: JobRecord, entry, shas: list[str]) -> np.ndarray:
-        """Trunk features of the examples (torch trunk), from the cache where possible."""
-        cached = self.store.cached_features(entry.trunk_key, list(dict.fromkeys(shas)))
-        todo = [sha for sha in dict.fromkeys(shas) if sha not in cached]
+    def _features(self, job: JobRecord, entry, shas: list[str]) -> dict[str, np.ndarray]:
+        """Pooled trunk features of every tap for the examples (torch trunk), cached in the store."""
+        unique = list(dict.fromkeys(shas))
+        cached = {tap: self.store.cached_features(entry.trunk_key(tap), unique) for tap in TAPS}
+        todo = [sha for sha in unique if any(sha not in cached[tap] for tap in TAPS)]
         for start in range(0, len(todo), FEATURE_CHUNK):
             chunk = todo[start : start + FEATURE_CHUNK]
-            raw = self.store.blobs(chunk)
-            items = [raw[sha][1].decode() if raw[sha][0] == "text" else raw[sha][1] for sha in chunk]
-            vectors = entry.backbone.torch_features(entry.backbone.preprocess(items))
-            fresh = dict(zip(chunk, vectors))
-            self.store.put_features(entry.trunk_key, fresh)
-            cached.update(fresh)
+            taps = entry.backbone.torch_taps(entry.backbone.preprocess(self._items(chunk)))
+            for tap in TAPS:
+                fresh = dict(zip(chunk, taps[tap]))
+                self.store.put_features(entry.trunk_key(tap), fresh)
+                cached[tap].update(fresh)
             done = start + len(chunk)
             self._publish(job, progress=0.5 * done / len(todo), message=f"embedded {done}/{len(todo)} new examples")
-        return np.stack([cached[sha] for sha in shas]).astype(np.float32)
+        return {tap: np.stack([cached[tap][sha] for sha in shas]).astype(np.float32) for tap in TAPS}
+
+    def _items(self, shas: list[str]) -> list[str | bytes]:
+        raw = self.store.blobs(shas)
+        return [raw[sha][1].decode() if raw[sha][0] == "text" else raw[sha][1] for sha in shas]
+
+    def _augmented(self, job: JobRecord, entry, shas: list[str], options: TrainingOptions) -> Augmented | None:
+        """Features of random augmented views of image examples (not cached: new views each job)."""
+        if entry.spec.modality != "image":
+            return None
+        self._publish(job, message=f"embedding {options.augment_views} augmented views per example")
+        batch, origin = entry.backbone.preprocess.augmented(self._items(shas), options.augment_views, options.seed)
+        views = {"last": [], "last-1": []}
+        for start in range(0, len(origin), FEATURE_CHUNK):
+            taps = entry.backbone.torch_taps({k: v[start : start + FEATURE_CHUNK] for k, v in batch.items()})
+            for tap in TAPS:
+                views[tap].append(taps[tap])
+        return Augmented({tap: np.concatenate(v) for tap, v in views.items()}, origin)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)

@@ -77,5 +77,5 @@ class Predictor:
     def predict(self, task_id: str, items: Sequence[str | bytes]) -> Scored:
         head = self.head(task_id)
         entry = self.registry.get(head.backbone)
-        features = entry.trunk.embed(items)
-        return Scored(head.version, head.labels, head.probabilities(features))
+        feeds = entry.trunk.outputs(entry.backbone.preprocess(items), head.inputs)
+        return Scored(head.version, head.labels, head.run(feeds))

@@ -34,11 +34,10 @@ class Entry:
     def available(self) -> bool:
         return self.trunk is not None
 
-    @property
-    def trunk_key(self) -> str:
-        """Identifies the trunk's features in the store: name, weights digest and tap."""
+    def trunk_key(self, tap: str) -> str:
+        """Identifies a tap's features in the store: backbone name, weights digest and tap."""
         assert self.backbone is not None
-        return f"{self.spec.name}:{self.backbone.digest}:{self.spec.taps[0]}"
+        return f"{self.spec.name}:{self.backbone.digest}:{tap}"
 
 
 def resolve_device(setting: str) -> str:
@@ -83,7 +82,8 @@ class BackboneRegistry:
             entry = Entry(spec)
             try:
                 entry.backbone = load_backbone(spec, opts)
-                entry.trunk = TrunkRuntime(entry.backbone, cache, settings.intra_op_threads)
+                entry.trunk = TrunkRuntime(entry.backbone, cache, settings.intra_op_threads,
+                                           spinning=settings.trunk_spinning, tensorrt=settings.tensorrt)
             except BackboneUnavailable as exc:
                 entry.unavailable_reason = exc.message
                 log.warning("backbone %s unavailable: %s", name, exc.message)

@@ -20,6 +20,7 @@ class Strategy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     LINEAR: _ClassVar[Strategy]
     MLP: _ClassVar[Strategy]
     PROTOTYPE: _ClassVar[Strategy]
+    FINE_TUNE: _ClassVar[Strategy]
 
 class ExportFormat(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -34,6 +35,7 @@ AUTO: Strategy
 LINEAR: Strategy
 MLP: Strategy
 PROTOTYPE: Strategy
+FINE_TUNE: Strategy
 EXPORT_FORMAT_UNSPECIFIED: ExportFormat
 HEAD_ONNX: ExportFormat
 FUSED_ONNX: ExportFormat
@@ -89,7 +91,7 @@ class ListBackbonesResponse(_message.Message):
     def __init__(self, backbones: _Optional[_Iterable[_Union[Backbone, _Mapping]]] = ...) -> None: ...
 
 class TrainingConfig(_message.Message):
-    __slots__ = ("strategy", "epochs", "learning_rate", "l2", "seed", "validation_fraction", "hidden_units")
+    __slots__ = ("strategy", "epochs", "learning_rate", "l2", "seed", "validation_fraction", "hidden_units", "unfreeze_blocks", "tap", "augment_views", "reject_threshold")
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
     EPOCHS_FIELD_NUMBER: _ClassVar[int]
     LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
@@ -97,6 +99,10 @@ class TrainingConfig(_message.Message):
     SEED_FIELD_NUMBER: _ClassVar[int]
     VALIDATION_FRACTION_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_UNITS_FIELD_NUMBER: _ClassVar[int]
+    UNFREEZE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    TAP_FIELD_NUMBER: _ClassVar[int]
+    AUGMENT_VIEWS_FIELD_NUMBER: _ClassVar[int]
+    REJECT_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     strategy: Strategy
     epochs: int
     learning_rate: float
@@ -104,10 +110,14 @@ class TrainingConfig(_message.Message):
     seed: int
     validation_fraction: float
     hidden_units: int
-    def __init__(self, strategy: _Optional[_Union[Strategy, str]] = ..., epochs: _Optional[int] = ..., learning_rate: _Optional[float] = ..., l2: _Optional[float] = ..., seed: _Optional[int] = ..., validation_fraction: _Optional[float] = ..., hidden_units: _Optional[int] = ...) -> None: ...
+    unfreeze_blocks: int
+    tap: str
+    augment_views: int
+    reject_threshold: float
+    def __init__(self, strategy: _Optional[_Union[Strategy, str]] = ..., epochs: _Optional[int] = ..., learning_rate: _Optional[float] = ..., l2: _Optional[float] = ..., seed: _Optional[int] = ..., validation_fraction: _Optional[float] = ..., hidden_units: _Optional[int] = ..., unfreeze_blocks: _Optional[int] = ..., tap: _Optional[str] = ..., augment_views: _Optional[int] = ..., reject_threshold: _Optional[float] = ...) -> None: ...
 
 class Evaluation(_message.Message):
-    __slots__ = ("strategy", "train_accuracy", "validation_accuracy", "validation_method", "examples_per_label", "num_examples", "warnings", "train_seconds", "details_json")
+    __slots__ = ("strategy", "train_accuracy", "validation_accuracy", "validation_method", "examples_per_label", "num_examples", "warnings", "train_seconds", "details_json", "macro_f1", "per_label", "confusion_matrix", "expected_calibration_error", "temperature", "tap", "head_bytes", "baseline_accuracy")
     class ExamplesPerLabelEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -124,6 +134,14 @@ class Evaluation(_message.Message):
     WARNINGS_FIELD_NUMBER: _ClassVar[int]
     TRAIN_SECONDS_FIELD_NUMBER: _ClassVar[int]
     DETAILS_JSON_FIELD_NUMBER: _ClassVar[int]
+    MACRO_F1_FIELD_NUMBER: _ClassVar[int]
+    PER_LABEL_FIELD_NUMBER: _ClassVar[int]
+    CONFUSION_MATRIX_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_CALIBRATION_ERROR_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    TAP_FIELD_NUMBER: _ClassVar[int]
+    HEAD_BYTES_FIELD_NUMBER: _ClassVar[int]
+    BASELINE_ACCURACY_FIELD_NUMBER: _ClassVar[int]
     strategy: str
     train_accuracy: float
     validation_accuracy: float
@@ -133,7 +151,29 @@ class Evaluation(_message.Message):
     warnings: _containers.RepeatedScalarFieldContainer[str]
     train_seconds: float
     details_json: str
-    def __init__(self, strategy: _Optional[str] = ..., train_accuracy: _Optional[float] = ..., validation_accuracy: _Optional[float] = ..., validation_method: _Optional[str] = ..., examples_per_label: _Optional[_Mapping[str, int]] = ..., num_examples: _Optional[int] = ..., warnings: _Optional[_Iterable[str]] = ..., train_seconds: _Optional[float] = ..., details_json: _Optional[str] = ...) -> None: ...
+    macro_f1: float
+    per_label: _containers.RepeatedCompositeFieldContainer[LabelMetrics]
+    confusion_matrix: _containers.RepeatedScalarFieldContainer[int]
+    expected_calibration_error: float
+    temperature: float
+    tap: str
+    head_bytes: int
+    baseline_accuracy: float
+    def __init__(self, strategy: _Optional[str] = ..., train_accuracy: _Optional[float] = ..., validation_accuracy: _Optional[float] = ..., validation_method: _Optional[str] = ..., examples_per_label: _Optional[_Mapping[str, int]] = ..., num_examples: _Optional[int] = ..., warnings: _Optional[_Iterable[str]] = ..., train_seconds: _Optional[float] = ..., details_json: _Optional[str] = ..., macro_f1: _Optional[float] = ..., per_label: _Optional[_Iterable[_Union[LabelMetrics, _Mapping]]] = ..., confusion_matrix: _Optional[_Iterable[int]] = ..., expected_calibration_error: _Optional[float] = ..., temperature: _Optional[float] = ..., tap: _Optional[str] = ..., head_bytes: _Optional[int] = ..., baseline_accuracy: _Optional[float] = ...) -> None: ...
+
+class LabelMetrics(_message.Message):
+    __slots__ = ("label", "precision", "recall", "f1", "support")
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
+    RECALL_FIELD_NUMBER: _ClassVar[int]
+    F1_FIELD_NUMBER: _ClassVar[int]
+    SUPPORT_FIELD_NUMBER: _ClassVar[int]
+    label: str
+    precision: float
+    recall: float
+    f1: float
+    support: int
+    def __init__(self, label: _Optional[str] = ..., precision: _Optional[float] = ..., recall: _Optional[float] = ..., f1: _Optional[float] = ..., support: _Optional[int] = ...) -> None: ...
 
 class Task(_message.Message):
     __slots__ = ("task_id", "backbone", "labels", "state", "version", "evaluation", "error", "job_id", "num_examples", "examples_per_label", "created_at_ms", "updated_at_ms", "config")
@@ -320,16 +360,18 @@ class DeleteTaskResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class PredictRequest(_message.Message):
-    __slots__ = ("task_id", "inputs", "top_k", "request_id")
+    __slots__ = ("task_id", "inputs", "top_k", "request_id", "task_ids")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    TASK_IDS_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     inputs: _containers.RepeatedCompositeFieldContainer[Input]
     top_k: int
     request_id: str
-    def __init__(self, task_id: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[Input, _Mapping]]] = ..., top_k: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
+    task_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, task_id: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[Input, _Mapping]]] = ..., top_k: _Optional[int] = ..., request_id: _Optional[str] = ..., task_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class LabelScore(_message.Message):
     __slots__ = ("label", "score")
@@ -349,17 +391,29 @@ class Prediction(_message.Message):
     top: _containers.RepeatedCompositeFieldContainer[LabelScore]
     def __init__(self, label: _Optional[str] = ..., score: _Optional[float] = ..., top: _Optional[_Iterable[_Union[LabelScore, _Mapping]]] = ...) -> None: ...
 
+class TaskPredictions(_message.Message):
+    __slots__ = ("task_id", "version", "predictions")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    PREDICTIONS_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    version: int
+    predictions: _containers.RepeatedCompositeFieldContainer[Prediction]
+    def __init__(self, task_id: _Optional[str] = ..., version: _Optional[int] = ..., predictions: _Optional[_Iterable[_Union[Prediction, _Mapping]]] = ...) -> None: ...
+
 class PredictResponse(_message.Message):
-    __slots__ = ("predictions", "version", "request_id", "task_id")
+    __slots__ = ("predictions", "version", "request_id", "task_id", "results")
     PREDICTIONS_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
     predictions: _containers.RepeatedCompositeFieldContainer[Prediction]
     version: int
     request_id: str
     task_id: str
-    def __init__(self, predictions: _Optional[_Iterable[_Union[Prediction, _Mapping]]] = ..., version: _Optional[int] = ..., request_id: _Optional[str] = ..., task_id: _Optional[str] = ...) -> None: ...
+    results: _containers.RepeatedCompositeFieldContainer[TaskPredictions]
+    def __init__(self, predictions: _Optional[_Iterable[_Union[Prediction, _Mapping]]] = ..., version: _Optional[int] = ..., request_id: _Optional[str] = ..., task_id: _Optional[str] = ..., results: _Optional[_Iterable[_Union[TaskPredictions, _Mapping]]] = ...) -> None: ...
 
 class ExportTaskRequest(_message.Message):
     __slots__ = ("task_id", "format", "version")
