@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -181,7 +182,7 @@ def _class_weights(y: np.ndarray, k: int) -> torch.Tensor:
 def _standardizer(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     mu = x.mean(axis=0)
     sigma = x.std(axis=0)
-    sigma = np.where(sigma < 1e-6, 1.0, sigma)
+    sigma = np.where(sigma > 0, sigma, 1.0)  # only constant dimensions are left unscaled
     return mu.astype(np.float32), sigma.astype(np.float32)
 
 
@@ -316,6 +317,25 @@ def classification_metrics(y: np.ndarray, pred: np.ndarray, names: Sequence[str]
                           "f1": float(f1), "support": int(cm[c, :].sum())})
     return {"accuracy": float(np.trace(cm) / max(cm.sum(), 1)), "macro_f1": float(np.mean(f1s)),
             "per_label": per_label, "confusion_matrix": cm.tolist()}
+
+
+NOT_VALIDATED = {"validation_accuracy": 0.0, "macro_f1": 0.0, "per_label": [], "confusion_matrix": [],
+                 "expected_calibration_error": 0.0, "temperature": 1.0}
+
+
+def validation_report(logits: np.ndarray, y: np.ndarray, names: Sequence[str]) -> dict:
+    """Metrics of held-out logits, after fitting the temperature that calibrates them."""
+    temperature = fit_temperature(logits, y)
+    probs = softmax(logits / temperature)
+    metrics = classification_metrics(y, probs.argmax(axis=1), names)
+    counts = np.bincount(y, minlength=len(names))
+    return {
+        "validation_accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"],
+        "per_label": metrics["per_label"], "confusion_matrix": metrics["confusion_matrix"],
+        "temperature": temperature, "expected_calibration_error": expected_calibration_error(probs, y),
+        "ece_before_calibration": expected_calibration_error(softmax(logits), y),
+        "baseline_accuracy": float(counts.max() / counts.sum()),
+    }
 
 
 def _folds(y: np.ndarray, opts: TrainingOptions) -> tuple[list[tuple[np.ndarray, np.ndarray]], str]:
@@ -491,30 +511,18 @@ def _train_head(features, labels, options, progress, sample_ids, augmented) -> T
         "temperature": 1.0,
         "reject_threshold": options.reject_threshold,
     }
-    majority = float(counts.max() / counts.sum())
     if folds:
-        logits = oof[chosen]
-        temperature = fit_temperature(logits, y)
-        head.scale_logits(1.0 / temperature)
-        probs = softmax(logits / temperature)
-        metrics = classification_metrics(y, probs.argmax(axis=1), names)
-        evaluation.update(
-            validation_accuracy=metrics["accuracy"], macro_f1=metrics["macro_f1"], per_label=metrics["per_label"],
-            confusion_matrix=metrics["confusion_matrix"], temperature=temperature,
-            expected_calibration_error=expected_calibration_error(probs, y),
-            ece_before_calibration=expected_calibration_error(softmax(logits), y),
-            baseline_accuracy=majority,
-        )
+        evaluation.update(validation_report(oof[chosen], y, names))
+        head.scale_logits(1.0 / evaluation["temperature"])
         proto = next((s for n, s in scores.items() if n.startswith("prototype")), None)
         if proto is None and chosen.strategy != "prototype":
             proto_logits = _out_of_fold_logits(_Candidate("prototype", chosen.tap), xs, y, k, options, folds, None)
             proto = float((proto_logits.argmax(axis=1) == y).mean())
         evaluation["prototype_accuracy"] = proto
     else:
-        evaluation.update(validation_accuracy=0.0, macro_f1=0.0, per_label=[], confusion_matrix=[],
-                          expected_calibration_error=0.0, baseline_accuracy=majority)
+        evaluation.update(NOT_VALIDATED, baseline_accuracy=float(counts.max() / counts.sum()))
     evaluation["train_accuracy"] = float((head.predict_proba(xs[chosen.tap]).argmax(axis=1) == y).mean())
-    evaluation["warnings"] = _warnings(evaluation, labels, sample_ids)
+    evaluation["warnings"] = warnings_for(evaluation, labels, sample_ids)
     evaluation["train_seconds"] = time.perf_counter() - start
     return TrainedHead(head, names, evaluation)
 
@@ -524,7 +532,12 @@ def tap_output(tap: str) -> str:
     return HEAD_INPUT if tap == "last" else f"{HEAD_INPUT}_{tap.replace('-', '_')}"
 
 
-def _warnings(ev: dict, labels: Sequence[str], sample_ids: Sequence[str] | None) -> list[str]:
+def binomial_tail(successes: int, n: int, p: float) -> float:
+    """P(X >= successes) for X ~ Binomial(n, p): how likely the accuracy is under the baseline."""
+    return float(sum(math.comb(n, i) * p**i * (1 - p) ** (n - i) for i in range(successes, n + 1)))
+
+
+def warnings_for(ev: dict, labels: Sequence[str], sample_ids: Sequence[str] | None) -> list[str]:
     out = []
     train_acc, val_acc = ev["train_accuracy"], ev["validation_accuracy"]
     validated = bool(ev["per_label"])
@@ -533,12 +546,15 @@ def _warnings(ev: dict, labels: Sequence[str], sample_ids: Sequence[str] | None)
             f"overfitting: train accuracy {train_acc:.2f} is far above validation accuracy {val_acc:.2f}; "
             "add examples or use a simpler strategy"
         )
-    if validated and val_acc < ev["baseline_accuracy"] + 0.05:
-        out.append(
-            f"no transfer: validation accuracy {val_acc:.2f} is no better than always answering the most "
-            f"frequent label ({ev['baseline_accuracy']:.2f}); the backbone's features may not fit this task, "
-            "or the labels may be inconsistent"
-        )
+    n_val = sum(m["support"] for m in ev["per_label"])
+    if validated:
+        p = binomial_tail(round(val_acc * n_val), n_val, ev["baseline_accuracy"])
+        if p > 0.05:
+            out.append(
+                f"no transfer: validation accuracy {val_acc:.2f} is not significantly better than always answering "
+                f"the most frequent label ({ev['baseline_accuracy']:.2f}; p={p:.2f} over {n_val} held-out "
+                "predictions); the backbone's features may not fit this task, or the labels may be inconsistent"
+            )
     proto = ev.get("prototype_accuracy")
     if validated and ev["strategy"] != "prototype" and proto is not None and val_acc < proto - 0.05:
         out.append(

@@ -18,7 +18,7 @@ from adapters.heads import TrainingOptions
 from adapters.runtime import fuse
 from service.config import Settings
 from service.jobs import JobRunner
-from service.predictor import Predictor, Scored
+from service.predictor import Predictor, Ticket
 from service.registry import BackboneRegistry, Entry
 from service.store import ExampleIn, JobRecord, Store, TaskRecord
 
@@ -161,7 +161,11 @@ class HeadServeApp:
         records = self.store.list_tasks(page_token, size + 1, backbone)
         more = len(records) > size
         records = records[:size]
-        views = [TaskView(r, self.store.label_counts(r.task_id), {}) for r in records]
+        views = [
+            TaskView(r, self.store.label_counts(r.task_id),
+                     self.store.head_evaluation(r.task_id, r.live_version) if r.live_version else {})
+            for r in records
+        ]
         return views, (records[-1].task_id if more else "")
 
     def delete_task(self, task_id: str) -> None:
@@ -177,15 +181,25 @@ class HeadServeApp:
                 raise NotFound(f"task {task_id!r} has no training job yet")
         return self.runner.get(job_id)
 
-    def predict(self, task_id: str, items: Sequence[Item]) -> Scored:
+    def predict(self, task_ids: Sequence[str], items: Sequence[Item], deadline: float | None = None) -> Ticket:
+        """Queues a prediction of `items` by each task's live head (tasks on one backbone, one trunk pass).
+
+        `deadline` is a time.monotonic() value; the ticket's result() gives one Scored per task, in order."""
         if not items:
             raise InvalidInput("no inputs; send at least one")
         limit = self.settings.max_inputs_per_request
         if len(items) > limit:
             raise ResourceExhausted(f"{len(items)} inputs in one request; the limit is {limit}")
-        if not task_id:
+        if not task_ids or not all(task_ids):
             raise InvalidInput("task_id is empty")
-        return self.predictor.predict(task_id, items)
+        if len(task_ids) > self.settings.max_tasks_per_request:
+            raise ResourceExhausted(
+                f"{len(task_ids)} tasks in one request; the limit is {self.settings.max_tasks_per_request}"
+            )
+        if len(set(task_ids)) != len(task_ids):
+            twice = next(t for t in task_ids if task_ids.count(t) > 1)
+            raise InvalidInput(f"task {twice!r} is named more than once; name each task once")
+        return self.predictor.submit(task_ids, items, deadline)
 
     def export(self, task_id: str, fused: bool, version: int) -> Export:
         task = self.store.get_task(task_id)

@@ -10,6 +10,7 @@ import argparse
 import csv
 import datetime
 import io
+import itertools
 import json
 import os
 import pathlib
@@ -17,6 +18,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 import grpc
+from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -105,11 +107,12 @@ def _read_records(path: pathlib.Path, fields: tuple[str, ...]) -> list[dict[str,
         rows = [(reader.line_num, row) for row in reader]
     records = []
     for number, row in rows:
-        values = {field: row.get(field) if isinstance(row, dict) else None for field in fields}
-        bad = [field for field, value in values.items() if not isinstance(value, str) or not value.strip()]
+        values = [(field, row.get(field) if isinstance(row, dict) else None) for field in fields]
+        record = {field: value.strip() for field, value in values if isinstance(value, str)}
+        bad = [field for field in fields if not record.get(field)]
         if bad:
             raise UsageError(f"{path}:{number}: needs a non-empty {' and '.join(bad)}")
-        records.append({field: value.strip() for field, value in values.items()})
+        records.append(record)
     if not records:
         raise UsageError(f"{path} has no records")
     return records
@@ -145,16 +148,16 @@ def _counts(per_label: dict[str, int]) -> str:
     return ", ".join(f"{label} {count}" for label, count in sorted(per_label.items()))
 
 
+def _validation(evaluation: pb.Evaluation) -> str:
+    method = evaluation.validation_method
+    return f"{_percent(evaluation.validation_accuracy)} ({method})" if method not in ("", "none") else "none"
+
+
 def _print_evaluation(out: Console, evaluation: pb.Evaluation) -> None:
-    validation = (
-        f"{_percent(evaluation.validation_accuracy)} ({evaluation.validation_method})"
-        if evaluation.validation_method not in ("", "none")
-        else "none"
-    )
     grid = Table.grid(padding=(0, 2))
     grid.add_row("strategy", evaluation.strategy)
     grid.add_row("train accuracy", _percent(evaluation.train_accuracy))
-    grid.add_row("validation accuracy", validation)
+    grid.add_row("validation accuracy", _validation(evaluation))
     grid.add_row("examples", str(evaluation.num_examples))
     grid.add_row("train time", f"{evaluation.train_seconds:.2f} s")
     out.print(grid)
@@ -187,10 +190,14 @@ def _follow(client: HeadServeClient, err: Console, job_id: str = "", task_id: st
         TimeElapsedColumn(),
         console=err,
     )
-    job = None
+    updates = client.watch(job_id, task_id)
+    job = next(updates, None)  # an unknown job fails here, before a bar is drawn
+    if job is None:
+        return None
+    first = job
     with progress:
-        bar = progress.add_task("queued", total=1.0, detail="")
-        for job in client.watch(job_id, task_id):
+        bar = progress.add_task("", total=1.0, detail="")
+        for job in itertools.chain([first], updates):
             phase = job.phase or pb.Job.State.Name(job.state).lower()
             progress.update(bar, completed=job.progress, description=phase, detail=_job_detail(job))
     return job
@@ -243,7 +250,10 @@ def _serve(args: argparse.Namespace, out: Console, err: Console) -> int:
 def _backbones(args: argparse.Namespace, out: Console, err: Console) -> int:
     with _connect(args) as client:
         backbones = client.list_backbones()
-    table = Table("name", "modality", "dim", "available", "weights source / reason")
+    table = Table()
+    for name in ("name", "modality", "dim", "available"):
+        table.add_column(name, no_wrap=True)
+    table.add_column("weights source / reason", overflow="fold")
     for backbone in backbones:
         table.add_row(
             backbone.name,
@@ -302,6 +312,8 @@ def _predict(args: argparse.Namespace, out: Console, err: Console) -> int:
     inputs: list[InputLike]
     if args.file:
         inputs = list(read_text_inputs(args.file))
+        if not inputs:
+            raise UsageError(f"{args.file} has no texts")
     elif args.texts:
         inputs = list(args.texts)
     else:
@@ -358,7 +370,9 @@ def _tasks(args: argparse.Namespace, out: Console, err: Console) -> int:
     if not tasks:
         out.print("no tasks")
         return 0
-    table = Table("task", "backbone", "state", "version", "examples", "labels", "val acc", "updated")
+    table = Table(box=box.SIMPLE)
+    for name in ("task", "backbone", "state", "version", "examples", "labels"):
+        table.add_column(name, no_wrap=True)
     for task in tasks:
         table.add_row(
             task.task_id,
@@ -366,9 +380,7 @@ def _tasks(args: argparse.Namespace, out: Console, err: Console) -> int:
             pb.Task.State.Name(task.state),
             str(task.version),
             str(task.num_examples),
-            ", ".join(task.labels),
-            _percent(task.evaluation.validation_accuracy) if task.version else "",
-            _timestamp(task.updated_at_ms),
+            str(len(task.labels)),
         )
     out.print(table)
     return 0
@@ -385,7 +397,7 @@ def _get(args: argparse.Namespace, out: Console, err: Console) -> int:
     grid.add_row("labels", ", ".join(task.labels))
     grid.add_row("examples", f"{task.num_examples} ({_counts(dict(task.examples_per_label))})")
     grid.add_row("latest job", task.job_id)
-    grid.add_row("strategy", pb.Strategy.Name(task.config.strategy))
+    grid.add_row("default strategy", pb.Strategy.Name(task.config.strategy).lower())
     grid.add_row("created", _timestamp(task.created_at_ms))
     grid.add_row("updated", _timestamp(task.updated_at_ms))
     if task.error:
@@ -472,7 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("task_id", metavar="TASK_ID")
     create.add_argument("--backbone", required=True, help="e.g. minilm-l6 (text) or resnet18 (images)")
     create.add_argument(
-        "--label", action="append", metavar="LABEL", help="declare a label (repeat); default: the examples'"
+        "--label", action="append", metavar="LABEL", help="declare a label (repeat the flag for each)"
     )
     _add_example_source(create)
     _add_training(create)
@@ -530,8 +542,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # --help, or a usage error argparse has already printed
         return int(exc.code or 0)
-    out = Console(markup=False, highlight=False)
-    err = Console(stderr=True, markup=False, highlight=False)
+    out = Console(markup=False, highlight=False, soft_wrap=True)
+    err = Console(stderr=True, markup=False, highlight=False, soft_wrap=True)
     try:
         return args.run(args, out, err)
     except UsageError as exc:

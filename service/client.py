@@ -27,11 +27,12 @@ from service.gen import headserve_pb2_grpc as pb_grpc
 InputLike: TypeAlias = str | bytes | pathlib.Path | pb.Input
 ExampleLike: TypeAlias = tuple[InputLike, str] | pb.Example
 
-STRATEGIES = {"auto": pb.AUTO, "linear": pb.LINEAR, "mlp": pb.MLP, "prototype": pb.PROTOTYPE}
+STRATEGIES = {name.lower(): value for name, value in pb.Strategy.items() if value}  # "auto", "linear", ...
 EXPORT_FORMATS = {"head": pb.HEAD_ONNX, "fused": pb.FUSED_ONNX}
 FINAL_JOB_STATES = (pb.Job.SUCCEEDED, pb.Job.FAILED)
 
-# gRPC's default message limit; export chunks are at most 4 MiB of data plus metadata, so receive more.
+# Uploads stay within gRPC's default 4 MiB message limit; an export chunk carries up to 4 MiB of data
+# plus metadata, so the client accepts larger messages than that default.
 MAX_BATCH_BYTES = 4 << 20
 MAX_RECEIVE_BYTES = 64 << 20
 
@@ -61,15 +62,15 @@ def to_example(item: ExampleLike) -> pb.Example:
     return pb.Example(input=to_input(value), label=label)
 
 
-def training_config(strategy: str | int = "auto", **fields: Any) -> pb.TrainingConfig:
-    """Builds a `TrainingConfig`; `strategy` is a name ("auto", "linear", "mlp", "prototype") or enum value.
+def training_config(strategy: str | pb.Strategy = "auto", **fields: Any) -> pb.TrainingConfig:
+    """Builds a `TrainingConfig`; `strategy` is an enum value or a name from `STRATEGIES` ("linear", ...).
 
-    Other keyword arguments are `TrainingConfig` fields (epochs, learning_rate, l2, seed,
-    validation_fraction, hidden_units); zero means the server's default.
+    Other keyword arguments are `TrainingConfig` fields (epochs, learning_rate, seed, ...); zero or empty
+    means the server's default.
     """
     if isinstance(strategy, str):
         try:
-            strategy = STRATEGIES[strategy.lower()]
+            strategy = STRATEGIES[strategy.lower().replace("-", "_")]
         except KeyError:
             raise ValueError(
                 f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}"

@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from adapters.errors import HeadserveError, InvalidInput, NotFound
+from adapters.finetune import fine_tune
 from adapters.heads import TAPS, Augmented, TrainingOptions, export_checked, tap_output, train_head
 from adapters.runtime import HeadRuntime
 from service.registry import BackboneRegistry
@@ -26,6 +27,13 @@ from service.store import HeadRecord, JobRecord, Store
 log = logging.getLogger(__name__)
 
 FEATURE_CHUNK = 32
+
+
+def _progress(update: dict) -> dict:
+    """Training's 0..1 progress sits between features (0-0.5) and export (0.9-1)."""
+    if update.get("epochs"):
+        return {**update, "progress": 0.5 + 0.4 * update["epoch"] / update["epochs"]}
+    return update
 
 
 class JobRunner:
@@ -142,25 +150,26 @@ class JobRunner:
         self._publish(job, persist=True, phase="features", progress=0.0, message=f"embedding {len(refs)} examples")
         shas = [sha for sha, _ in refs]
         labels = [label for _, label in refs]
-        xs = self._features(job, entry, shas)
         options = TrainingOptions(**job.config)
+        meta = {"backbone": entry.spec.name, "backbone_digest": entry.backbone.digest, "task_id": task.task_id}
+        if options.strategy == "fine_tune":
+            trained, feeds = fine_tune(entry.backbone, self._items(shas), labels, options,
+                                       lambda update: self._publish(job, **_progress(update)), shas)
+            return self._export(job, task, trained, feeds, meta)
+        xs = self._features(job, entry, shas)
         augmented = self._augmented(job, entry, shas, options) if options.augment_views else None
 
         self._publish(job, persist=True, phase="training", progress=0.5, message=f"training ({options.strategy})")
 
-        def progress(update: dict) -> None:
-            if "epoch" in update and update.get("epochs"):
-                update = {**update, "progress": 0.5 + 0.4 * update["epoch"] / update["epochs"]}
-            self._publish(job, **update)
+        trained = train_head(xs, labels, options, lambda update: self._publish(job, **_progress(update)),
+                             sample_ids=shas, augmented=augmented)
+        tap = trained.evaluation["tap"]
+        return self._export(job, task, trained, {tap_output(tap): xs[tap]}, {**meta, "tap": tap})
 
-        trained = train_head(xs, labels, options, progress, sample_ids=shas, augmented=augmented)
+    def _export(self, job, task, trained, feeds, meta) -> tuple[HeadRecord, str]:
         self._publish(job, persist=True, phase="exporting", progress=0.9, message="exporting ONNX",
                       validation_accuracy=trained.evaluation["validation_accuracy"])
-        tap = trained.evaluation["tap"]
-        onnx_bytes = export_checked(trained, {tap_output(tap): xs[tap]}, {
-            "backbone": entry.spec.name, "backbone_digest": entry.backbone.digest, "task_id": task.task_id,
-            "tap": tap,
-        })
+        onnx_bytes = export_checked(trained, feeds, meta)
         trained.evaluation["head_bytes"] = len(onnx_bytes)
         return HeadRecord(task.task_id, 0, onnx_bytes, trained.labels, trained.evaluation), task.backbone
 

@@ -1,0 +1,273 @@
+"""FINE_TUNE: the top blocks of the backbone, tuned for one task, become part of its head.
+
+The shared trunk stays frozen. It already outputs the input of its last one and two blocks
+("blocks_1", "blocks_2"); a fine-tuned head holds its own copy of those blocks plus a classifier,
+trained with a low learning rate (a higher one for the new classifier) and early stopping on a
+stratified holdout. The head is exported to ONNX like any other and served through the same path:
+trunk session -> head session, the head reading `blocks_N` (and `attention_mask` for text).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import io
+import json
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+
+from adapters.backbones import Backbone
+from adapters.errors import InvalidInput
+from adapters.heads import (
+    HEAD_OUTPUT,
+    NOT_VALIDATED,
+    Progress,
+    TrainedHead,
+    TrainingOptions,
+    _class_weights,
+    _noop,
+    classification_metrics,
+    torch_threads,
+    train_linear,
+    validation_report,
+    warnings_for,
+)
+from adapters.onnx_utils import OPSET
+
+BATCH = 32
+PATIENCE = 5
+
+
+class _Head(torch.nn.Module):
+    """Tuned top blocks -> pooled features -> linear classifier (-> softmax when exported)."""
+
+    def __init__(self, top: torch.nn.Module, dim: int, k: int) -> None:
+        super().__init__()
+        self.top = top
+        self.classifier = torch.nn.Linear(dim, k)
+        self.register_buffer("inv_temperature", torch.ones(()))
+
+    def logits(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.top(*inputs)) * self.inv_temperature
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.logits(*inputs), dim=-1)
+
+
+@dataclasses.dataclass
+class FineTunedHead:
+    """A trained fine-tune head; `to_onnx` and `reference` mirror DenseHead's."""
+
+    module: _Head
+    input_names: list[str]
+    sample_shape: tuple[int, ...]  # of the first input, without the batch axis
+    strategy: str = "fine_tune"
+
+    @property
+    def input_name(self) -> str:
+        return self.input_names[0]
+
+    def parameter_count(self) -> int:
+        return int(sum(p.numel() for p in self.module.parameters()))
+
+    @torch.inference_mode()
+    def reference(self, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
+        self.module.eval()
+        return self.module(*[torch.from_numpy(np.asarray(feeds[n])) for n in self.input_names]).numpy()
+
+    def to_onnx(self, metadata: dict[str, str] | None = None) -> bytes:
+        import onnx
+
+        from adapters.onnx_utils import check_model_bytes
+
+        self.module.eval()
+        sample = [torch.zeros(2, *self.sample_shape)]
+        axes = {self.input_name: {0: "batch"}, HEAD_OUTPUT: {0: "batch"}}
+        if "attention_mask" in self.input_names:  # text: hidden states [batch, sequence, dim]
+            sample.append(torch.ones(2, self.sample_shape[0], dtype=torch.int64))
+            axes = {**axes, self.input_name: {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"}}
+        buf = io.BytesIO()
+        with warnings.catch_warnings(), torch_threads(1):
+            warnings.simplefilter("ignore")
+            torch.onnx.export(self.module, tuple(sample), buf, input_names=self.input_names,
+                              output_names=[HEAD_OUTPUT], dynamic_axes=axes, opset_version=OPSET, dynamo=False)
+        model = onnx.load_model_from_string(buf.getvalue())
+        onnx.helper.set_model_props(model, metadata or {})
+        data = model.SerializeToString()
+        check_model_bytes(data)
+        return data
+
+
+def _maps(backbone: Backbone, items: Sequence[str | bytes], blocks: int, progress: Progress,
+          batch=None) -> dict[str, np.ndarray]:
+    """The trunk's `blocks_N` output for every item (text: padded to the longest, with its mask)."""
+    name = f"blocks_{blocks}"
+    pre = backbone.preprocess
+    parts, masks = [], []
+    n = len(items) if batch is None else len(next(iter(batch.values())))
+    for start in range(0, n, BATCH):
+        chunk = pre(items[start : start + BATCH]) if batch is None else {k: v[start : start + BATCH] for k, v in batch.items()}
+        parts.append(backbone.torch_outputs(chunk, (name,))[name])
+        if "attention_mask" in chunk:
+            masks.append(chunk["attention_mask"])
+        progress({"message": f"trunk features {min(start + BATCH, n)}/{n}"})
+    if not masks:
+        return {name: np.concatenate(parts)}
+    length = max(p.shape[1] for p in parts)
+    hidden = np.concatenate([np.pad(p, ((0, 0), (0, length - p.shape[1]), (0, 0))) for p in parts])
+    mask = np.concatenate([np.pad(m, ((0, 0), (0, length - m.shape[1]))) for m in masks])
+    return {name: hidden, "attention_mask": mask}
+
+
+def _holdout(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    train, val = [], []
+    for c in range(int(y.max()) + 1):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        n_val = int(round(len(idx) * fraction)) if len(idx) >= 2 else 0
+        n_val = min(max(n_val, 1 if len(idx) >= 2 else 0), len(idx) - 1)
+        val.append(idx[:n_val])
+        train.append(idx[n_val:])
+    return np.concatenate(train), np.concatenate(val)
+
+
+def fine_tune(
+    backbone: Backbone,
+    items: Sequence[str | bytes],
+    labels: Sequence[str],
+    options: TrainingOptions = TrainingOptions(strategy="fine_tune"),
+    progress: Progress = _noop,
+    sample_ids: Sequence[str] | None = None,
+) -> tuple[TrainedHead, dict[str, np.ndarray]]:
+    """Tunes the top `options.unfreeze_blocks` blocks + a classifier; returns the head and the feeds
+    (trunk outputs of the examples) for the export parity check."""
+    start = time.perf_counter()
+    names = sorted(set(labels))
+    if len(names) < 2:
+        raise InvalidInput(f"a task needs at least 2 labels with examples; got {len(names)}")
+    y = np.array([names.index(label) for label in labels], dtype=np.int64)
+    k, blocks = len(names), options.unfreeze_blocks
+    torch.manual_seed(options.seed)
+
+    progress({"phase": "features", "message": f"running the frozen trunk up to block -{blocks}"})
+    feeds = _maps(backbone, items, blocks, progress)
+    input_names = list(feeds)
+    train_idx, val_idx = _holdout(y, options.validation_fraction or 0.2, options.seed)
+    extra, extra_y = None, None
+    views = options.augment_views or (4 if backbone.modality == "image" else 0)
+    if views and backbone.modality == "image":
+        progress({"message": f"embedding {views} augmented views per training example"})
+        batch, origin = backbone.preprocess.augmented([items[i] for i in train_idx], views, options.seed)
+        extra = _maps(backbone, [], blocks, progress, batch=batch)
+        extra_y = y[train_idx][origin]
+
+    top = backbone.module.top(blocks)
+    dim = backbone.feature_dim
+    model = _Head(top, dim, k)
+    tensors = {n: torch.from_numpy(v) for n, v in feeds.items()}
+    # LP-FT: start the classifier from a linear probe on the frozen top's features, so tuning starts
+    # from the feature-extraction solution instead of a random classifier that distorts the blocks.
+    model.eval()
+    with torch.inference_mode(), torch_threads(max(1, torch.get_num_threads())):
+        pooled = torch.cat([model.top(*[tensors[n][i : i + 256] for n in input_names])
+                            for i in range(0, len(y), 256)]).numpy()
+    probe = train_linear(pooled[train_idx], y[train_idx], k, TrainingOptions(strategy="linear"))
+    with torch.no_grad():
+        model.classifier.weight.copy_(torch.from_numpy(probe.layers[0][0]))
+        model.classifier.bias.copy_(torch.from_numpy(probe.layers[0][1]))
+    head_lr = options.learning_rate or 5e-5
+    optim = torch.optim.AdamW([
+        {"params": model.top.parameters(), "lr": head_lr},
+        {"params": model.classifier.parameters(), "lr": max(head_lr * 100, 1e-3)},
+    ], weight_decay=options.l2 or 0.01)
+    x_train = {n: t[train_idx] for n, t in tensors.items()}
+    y_train = torch.from_numpy(y[train_idx])
+    if extra is not None:
+        x_train = {n: torch.cat([x_train[n], torch.from_numpy(extra[n])]) for n in input_names}
+        y_train = torch.cat([y_train, torch.from_numpy(extra_y)])
+    weights = _class_weights(y_train.numpy(), k)
+    epochs = options.epochs or 30
+
+    def evaluate(idx: np.ndarray) -> np.ndarray:
+        model.eval()
+        with torch.inference_mode():
+            out = [model.logits(*[tensors[n][idx[s : s + 256]] for n in input_names]).numpy()
+                   for s in range(0, len(idx), 256)]
+        return np.concatenate(out) if out else np.zeros((0, k), np.float32)
+
+    def train_mode() -> None:
+        """Dropout on, but normalisation statistics frozen: a few examples cannot re-estimate them."""
+        model.train()
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.eval()
+
+    best, best_state, best_epoch, stale = (-1.0, np.inf), copy.deepcopy(model.state_dict()), 0, 0
+    if len(val_idx):
+        logits = evaluate(val_idx)
+        best = (float((logits.argmax(1) == y[val_idx]).mean()),
+                float(torch.nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(y[val_idx]))))
+    rng = np.random.default_rng(options.seed)
+    with torch_threads(max(1, torch.get_num_threads())):
+        for epoch in range(1, epochs + 1):
+            order = rng.permutation(len(y_train))
+            total = 0.0
+            train_mode()
+            for s in range(0, len(order), BATCH):
+                idx = torch.from_numpy(order[s : s + BATCH])
+                optim.zero_grad()
+                loss = torch.nn.functional.cross_entropy(
+                    model.logits(*[x_train[n][idx] for n in input_names]), y_train[idx], weight=weights)
+                loss.backward()
+                optim.step()
+                total += loss.item() * len(idx)
+            update = {"phase": "training", "epoch": epoch, "epochs": epochs, "loss": total / len(order)}
+            if len(val_idx):
+                logits = evaluate(val_idx)
+                acc = float((logits.argmax(1) == y[val_idx]).mean())
+                nll = float(torch.nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(y[val_idx])))
+                update["validation_accuracy"] = acc
+                if (acc, -nll) > (best[0], -best[1]):
+                    best, best_state, best_epoch, stale = (acc, nll), copy.deepcopy(model.state_dict()), epoch, 0
+                else:
+                    stale += 1
+            progress(update)
+            if len(val_idx) and stale >= PATIENCE:
+                break
+    if len(val_idx):
+        model.load_state_dict(best_state)
+    model.eval()
+
+    evaluation = {
+        "strategy": "fine_tune",
+        "strategy_reason": "requested",
+        "tap": input_names[0],
+        "unfreeze_blocks": blocks,
+        "best_epoch": best_epoch if len(val_idx) else epochs,
+        "learning_rate": head_lr,
+        "validation_method": f"holdout {len(val_idx)} of {len(y)} (early stopping on the same holdout)",
+        "examples_per_label": {name: int(n) for name, n in zip(names, np.bincount(y, minlength=k))},
+        "num_examples": len(y),
+        "augmented_rows": 0 if extra_y is None else len(extra_y),
+        "feature_dim": dim,
+        "reject_threshold": options.reject_threshold,
+    }
+    if len(val_idx):
+        evaluation.update(validation_report(evaluate(val_idx), y[val_idx], names))
+        model.inv_temperature.fill_(1.0 / evaluation["temperature"])
+    else:
+        evaluation.update(NOT_VALIDATED, baseline_accuracy=float(np.bincount(y).max() / len(y)))
+    train_logits = evaluate(train_idx)
+    evaluation["train_accuracy"] = classification_metrics(y[train_idx], train_logits.argmax(1), names)["accuracy"]
+    head = FineTunedHead(model, input_names, tuple(feeds[input_names[0]].shape[1:]))
+    evaluation["parameters"] = head.parameter_count()
+    evaluation["warnings"] = warnings_for(evaluation, labels, sample_ids)
+    evaluation["train_seconds"] = time.perf_counter() - start
+    json.dumps(evaluation)
+    sample = {n: v[:64] for n, v in feeds.items()}
+    return TrainedHead(head, names, evaluation), sample
+

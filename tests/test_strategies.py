@@ -1,0 +1,212 @@
+"""Every head strategy, AUTO's choice, taps, calibration and each evaluation warning, through the API."""
+
+from __future__ import annotations
+
+import json
+
+import grpc
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from conftest import COLOURS, HELD_OUT, TOPICS, Client, image_examples, make_settings, png, text_examples, unique_id
+
+from adapters.backbones import BackboneConfigError
+from service.gen import headserve_pb2 as pb
+from service.server import build_server
+
+HELD_TEXTS = [t for texts in HELD_OUT.values() for t in texts]
+HELD_TRUTH = [label for label, texts in HELD_OUT.items() for _ in texts]
+
+
+def train(client, examples, backbone="minilm-l6", **config) -> tuple[str, pb.Task]:
+    task_id = unique_id()
+    client.stub.CreateTask(pb.CreateTaskRequest(task_id=task_id, backbone=backbone, examples=examples,
+                                                config=pb.TrainingConfig(**config)))
+    job = client.wait_ready(task_id, timeout=300)
+    assert job.state == pb.Job.SUCCEEDED, job.error
+    return task_id, client.stub.GetTask(pb.GetTaskRequest(task_id=task_id))
+
+
+def export_parity(server, stub, task_id, texts):
+    """The exported head, fed the trunk's outputs it names, reproduces the service's scores; so does
+    the fused trunk+head model on tokenised input."""
+    chunks = list(stub.ExportTask(pb.ExportTaskRequest(task_id=task_id)))
+    head = ort.InferenceSession(b"".join(c.data for c in chunks), providers=["CPUExecutionProvider"])
+    labels = json.loads(chunks[0].metadata_json)["labels"]
+    entry = server.app.registry.get("minilm-l6")
+    batch = entry.backbone.preprocess(texts)
+    feeds = entry.trunk.outputs(batch, [i.name for i in head.get_inputs()])
+    probs = head.run(None, feeds)[0]
+    fused_bytes = b"".join(c.data for c in stub.ExportTask(pb.ExportTaskRequest(task_id=task_id, format=pb.FUSED_ONNX)))
+    fused = ort.InferenceSession(fused_bytes, providers=["CPUExecutionProvider"]).run(None, batch)[0]
+    served = stub.Predict(pb.PredictRequest(task_id=task_id, inputs=[pb.Input(text=t) for t in texts]))
+    for row, fused_row, pred in zip(probs, fused, served.predictions):
+        scores = {s.label: s.score for s in pred.top}
+        np.testing.assert_allclose([scores[label] for label in labels], row, atol=1e-5)
+        np.testing.assert_allclose(fused_row, row, atol=1e-5)
+    return [labels[i] for i in probs.argmax(1)]
+
+
+@pytest.mark.parametrize("strategy", [pb.LINEAR, pb.MLP, pb.PROTOTYPE])
+def test_feature_strategies_learn_and_export(server, client, strategy):
+    task_id, task = train(client, text_examples(), strategy=strategy)
+    ev = task.evaluation
+    name = pb.Strategy.Name(strategy).lower()
+    assert ev.strategy == name
+    # A named strategy is kept; only its regularisation may be chosen by validation.
+    assert all(c.startswith(name) for c in json.loads(ev.details_json)["candidate_scores"])
+    predicted = export_parity(server, client.stub, task_id, HELD_TEXTS)
+    assert np.mean([p == t for p, t in zip(predicted, HELD_TRUTH)]) >= 0.8
+
+
+@pytest.mark.slow
+def test_fine_tune_holds_the_top_block_and_serves_through_the_same_path(server, client):
+    task_id, task = train(client, text_examples(), strategy=pb.FINE_TUNE, epochs=4)
+    ev = task.evaluation
+    details = json.loads(ev.details_json)
+    assert ev.strategy == "fine_tune" and details["unfreeze_blocks"] == 1 and ev.tap == "blocks_1"
+    # The head carries one transformer layer: far bigger than a linear head, reported per task.
+    assert ev.head_bytes > 1_000_000 and details["parameters"] > 1_000_000
+    predicted = export_parity(server, client.stub, task_id, HELD_TEXTS)
+    assert np.mean([p == t for p, t in zip(predicted, HELD_TRUTH)]) >= 0.8
+
+
+@pytest.mark.slow
+def test_fine_tune_on_images_with_two_blocks(client):
+    task_id, task = train(client, image_examples(6), backbone="mobilenet_v3_small", strategy=pb.FINE_TUNE,
+                          unfreeze_blocks=2, epochs=2, augment_views=1)
+    details = json.loads(task.evaluation.details_json)
+    assert task.evaluation.tap == "blocks_2" and details["augmented_rows"] > 0
+    inputs = [pb.Input(image=png(rgb, noise=25, seed=50 + i)) for i, rgb in enumerate(COLOURS.values())]
+    resp = client.stub.Predict(pb.PredictRequest(task_id=task_id, inputs=inputs))
+    assert [p.label for p in resp.predictions] == list(COLOURS)
+
+
+def test_auto_uses_prototype_from_one_example_per_label(client):
+    one_each = {label: texts[:1] for label, texts in TOPICS.items()}
+    task_id, task = train(client, text_examples(one_each))
+    assert task.evaluation.strategy == "prototype"
+    assert "single example" in json.loads(task.evaluation.details_json)["strategy_reason"]
+    assert any("too few examples" in w for w in task.evaluation.warnings)
+    resp = client.stub.Predict(pb.PredictRequest(task_id=task_id, inputs=[pb.Input(text=HELD_OUT["cooking"][1])]))
+    assert resp.predictions[0].label == "cooking"
+
+
+def test_auto_compares_candidates_and_taps_and_records_why(client):
+    _, task = train(client, text_examples())
+    details = json.loads(task.evaluation.details_json)
+    names = list(details["candidate_scores"])
+    assert any(n.startswith("linear") for n in names) and any(n.startswith("prototype") for n in names)
+    assert any(n.endswith("@last-1") for n in names)  # AUTO tries the earlier tap too
+    assert details["strategy_reason"].startswith("best 5-fold accuracy")
+    best = max(details["candidate_scores"].values())
+    assert task.evaluation.validation_accuracy == pytest.approx(best)
+
+
+def test_earlier_tap_is_served(client):
+    task_id, task = train(client, text_examples(), strategy=pb.LINEAR, tap="last-1")
+    assert task.evaluation.tap == "last-1"
+    resp = client.stub.Predict(pb.PredictRequest(task_id=task_id, inputs=[pb.Input(text=t) for t in HELD_TEXTS]))
+    assert np.mean([p.label == t for p, t in zip(resp.predictions, HELD_TRUTH)]) >= 0.75
+
+
+def test_evaluation_is_complete_and_calibrated(client):
+    _, task = train(client, text_examples(), strategy=pb.LINEAR)
+    ev = task.evaluation
+    k = len(TOPICS)
+    assert list(task.labels) == sorted(TOPICS)
+    assert len(ev.confusion_matrix) == k * k and sum(ev.confusion_matrix) == 24
+    assert [m.label for m in ev.per_label] == sorted(TOPICS)
+    assert all(m.support == 8 and 0 <= m.precision <= 1 and 0 <= m.recall <= 1 for m in ev.per_label)
+    diagonal = sum(ev.confusion_matrix[i * k + i] for i in range(k))
+    assert ev.validation_accuracy == pytest.approx(diagonal / 24)
+    assert 0 < ev.macro_f1 <= 1 and 0.25 <= ev.temperature <= 20 and 0 <= ev.expected_calibration_error <= 1
+    assert ev.baseline_accuracy == pytest.approx(1 / 3)
+
+
+def test_random_labels_warn_of_no_transfer(client):
+    # Labels that cut across every topic: half of each topic is "x", half "y", in no meaningful way.
+    noisy = [pb.Example(input=pb.Input(text=t), label="xy"[i % 2]) for ts in TOPICS.values() for i, t in enumerate(ts)]
+    _, task = train(client, noisy, strategy=pb.MLP)
+    warnings = "\n".join(task.evaluation.warnings)
+    assert "no transfer" in warnings or "negative transfer" in warnings, warnings
+    assert "overfitting" in warnings
+
+
+def test_imbalance_and_too_few_examples_warn(client):
+    skewed = {"sports": TOPICS["sports"] + HELD_OUT["sports"], "cooking": TOPICS["cooking"][:2]}
+    _, task = train(client, text_examples(skewed))
+    warnings = "\n".join(task.evaluation.warnings)
+    assert "imbalanced labels: 12 vs 2" in warnings and "too few examples for 'cooking'" in warnings
+
+
+def test_same_input_with_two_labels_warns(client):
+    examples = text_examples()
+    examples.append(pb.Example(input=pb.Input(text=TOPICS["sports"][0]), label="cooking"))
+    _, task = train(client, examples)
+    assert any("conflicting labels: 1 input" in w for w in task.evaluation.warnings)
+
+
+def test_clean_task_has_no_warnings(client):
+    _, task = train(client, text_examples())
+    assert list(task.evaluation.warnings) == []
+
+
+def _save_weights(path, arch="mobilenet_v3_small", drop=None):
+    from safetensors.torch import save_file
+    from torchvision.models import get_model
+
+    torch.manual_seed(1)
+    state = {k: v.contiguous() for k, v in get_model(arch, weights=None).state_dict().items()}
+    if drop:
+        state.pop(drop)
+    save_file(state, str(path))
+
+
+def test_custom_backbone_from_toml_serves(tmp_path):
+    weights = tmp_path / "custom.safetensors"
+    _save_weights(weights)
+    config = tmp_path / "headserve.toml"
+    config.write_text(f"""
+builtin_backbones = []
+[backbones.my_net]
+arch = "mobilenet_v3_small"
+weights = "{weights}"
+mean = [0.5, 0.5, 0.5]
+std = [0.5, 0.5, 0.5]
+image_size = 160
+resize = 180
+""")
+    from service.config import Settings
+
+    running = build_server(Settings.load(config, address="127.0.0.1:0", data_dir=tmp_path / "data"))
+    client = Client(running.address)
+    try:
+        (backbone,) = client.stub.ListBackbones(pb.ListBackbonesRequest()).backbones
+        pre = json.loads(backbone.preprocessing_json)
+        assert backbone.name == "my_net" and backbone.available and backbone.weights_source == f"file:{weights}"
+        assert (pre["image_size"], pre["resize"], pre["mean"]) == (160, 180, [0.5, 0.5, 0.5])
+        task_id, _ = train(client, image_examples(), backbone="my_net", strategy=pb.PROTOTYPE)
+        resp = client.stub.Predict(pb.PredictRequest(task_id=task_id, inputs=[pb.Input(image=png(COLOURS["green"]))]))
+        assert resp.predictions[0].label == "green"
+    finally:
+        client.close()
+        running.stop()
+
+
+def test_custom_backbone_with_wrong_weights_stops_start_up(tmp_path):
+    weights = tmp_path / "broken.safetensors"
+    _save_weights(weights, drop="features.0.0.weight")
+    settings = make_settings(tmp_path, builtin_backbones=[],
+                             backbones={"broken": {"arch": "mobilenet_v3_small", "weights": str(weights)}})
+    with pytest.raises(BackboneConfigError) as err:
+        build_server(settings)
+    assert "1 missing keys: features.0.0.weight" in err.value.message and "broken" in err.value.message
+
+
+def test_unknown_tap_is_invalid(client):
+    with pytest.raises(grpc.RpcError) as err:
+        client.stub.CreateTask(pb.CreateTaskRequest(task_id=unique_id(), backbone="minilm-l6", examples=text_examples(),
+                                                    config=pb.TrainingConfig(tap="first")))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "tap" in err.value.details()
