@@ -346,7 +346,9 @@ def _folds(y: np.ndarray, opts: TrainingOptions) -> tuple[list[tuple[np.ndarray,
         return [], "none (a label has a single example)"
     by_class = [rng.permutation(np.flatnonzero(y == c)) for c in range(int(y.max()) + 1)]
     if opts.validation_fraction > 0:
-        val = np.concatenate([idx[: max(1, int(round(len(idx) * opts.validation_fraction)))] for idx in by_class])
+        # At least one example of each label is held out, and at least one stays in training.
+        val = np.concatenate([idx[: min(max(1, round(len(idx) * opts.validation_fraction)), len(idx) - 1)]
+                              for idx in by_class])
         train = np.setdiff1d(np.arange(len(y)), val)
         return [(train, val)], f"holdout {opts.validation_fraction:.0%}"
     k = min(5, min_count)
@@ -474,12 +476,13 @@ def _train_head(features, labels, options, progress, sample_ids, augmented) -> T
     candidates = _candidates(options, list(xs), int(counts.min()), bool(folds))
 
     scores: dict[str, float] = {}
-    oof: dict[_Candidate, np.ndarray] = {}
+    oof: dict[_Candidate, np.ndarray] = {}  # logits of the held-out rows, in `held` order
+    held = np.concatenate([val for _, val in folds]) if folds else np.zeros(0, np.int64)
     if folds:
         for i, c in enumerate(candidates):
             progress({"phase": "validating", "message": f"{method} cross-validation of {c.name} ({i + 1}/{len(candidates)})"})
-            oof[c] = _out_of_fold_logits(c, xs, y, k, options, folds, augmented)
-            scores[c.name] = float((oof[c].argmax(axis=1) == y).mean())
+            oof[c] = _out_of_fold_logits(c, xs, y, k, options, folds, augmented)[held]
+            scores[c.name] = float((oof[c].argmax(axis=1) == y[held]).mean())
     # Best held-out accuracy; ties go to the earlier (simpler) candidate.
     chosen = max(candidates, key=lambda c: (scores.get(c.name, 0.0), -candidates.index(c)))
     if options.strategy != "auto" and len(candidates) == 1:
@@ -512,12 +515,12 @@ def _train_head(features, labels, options, progress, sample_ids, augmented) -> T
         "reject_threshold": options.reject_threshold,
     }
     if folds:
-        evaluation.update(validation_report(oof[chosen], y, names))
+        evaluation.update(validation_report(oof[chosen], y[held], names))
         head.scale_logits(1.0 / evaluation["temperature"])
         proto = next((s for n, s in scores.items() if n.startswith("prototype")), None)
         if proto is None and chosen.strategy != "prototype":
             proto_logits = _out_of_fold_logits(_Candidate("prototype", chosen.tap), xs, y, k, options, folds, None)
-            proto = float((proto_logits.argmax(axis=1) == y).mean())
+            proto = float((proto_logits[held].argmax(axis=1) == y[held]).mean())
         evaluation["prototype_accuracy"] = proto
     else:
         evaluation.update(NOT_VALIDATED, baseline_accuracy=float(counts.max() / counts.sum()))

@@ -128,6 +128,12 @@ def decode_image(data: bytes, index: int, max_pixels: int) -> Image.Image:
             f"input {index}: image bytes could not be decoded ({type(exc).__name__}); "
             "send a complete JPEG, PNG, WebP, BMP or GIF file"
         ) from None
+    if img.mode.startswith("I") or img.mode == "F":
+        # 16-bit (and 32-bit) greyscale: PIL's RGB conversion clips at 255; scale to 8 bits instead.
+        arr = np.asarray(img, dtype=np.float64)
+        if img.mode.startswith("I;16") or arr.max() > 255:
+            arr = arr / 257.0
+        img = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode="L")
     return img.convert("RGB")
 
 

@@ -1,0 +1,347 @@
+"""The task store on real SQLite: atomic writes, dedupe, jobs and versions, deletion, feature cache,
+durability (close/reopen and kill -9)."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import select
+import signal
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import sqlalchemy as sa
+
+from adapters.errors import AlreadyExists, FailedPrecondition, NotFound
+from service.store import ExampleIn, HeadRecord, JobRecord, Store, TaskRecord, content_sha
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = Store.open(tmp_path)
+    yield s
+    s.close()
+
+
+def text(t: str, label: str) -> ExampleIn:
+    return ExampleIn("text", t.encode(), label)
+
+
+def task(task_id: str = "t1", backbone: str = "minilm-l6", labels=("a", "b")) -> TaskRecord:
+    return TaskRecord(task_id=task_id, backbone=backbone, declared_labels=list(labels),
+                      config={"strategy": "auto"})
+
+
+def job(job_id: str, task_id: str = "t1") -> JobRecord:
+    return JobRecord(job_id=job_id, task_id=task_id, state="QUEUED", config={"strategy": "auto"}, status={})
+
+
+def head(tag: bytes = b"onnx-bytes") -> HeadRecord:
+    return HeadRecord(task_id="", version=0, onnx=tag, labels=["a", "b"],
+                      evaluation={"validation_accuracy": 0.9})
+
+
+def table_counts(s: Store) -> dict[str, int]:
+    with s.engine.connect() as conn:
+        return {
+            name: conn.execute(sa.text(f"SELECT COUNT(*) FROM {name}")).scalar()
+            for name in ("tasks", "blobs", "examples", "features", "heads", "jobs")
+        }
+
+
+# --- tasks and examples ------------------------------------------------------------------------------
+
+
+def test_create_task_stores_task_and_examples(store):
+    store.create_task(task(labels=["a", "b", "c"]), [text("one", "a"), text("two", "b"), text("three", "b")])
+    rec = store.get_task("t1")
+    assert rec.backbone == "minilm-l6" and rec.declared_labels == ["a", "b", "c"]
+    assert rec.config == {"strategy": "auto"} and rec.state == "PENDING" and rec.live_version == 0
+    assert rec.created_at_ms > 0 and rec.updated_at_ms == rec.created_at_ms
+    assert store.label_counts("t1") == {"a": 1, "b": 2}
+    refs = store.example_refs("t1")
+    assert refs == [(content_sha("text", b"one"), "a"), (content_sha("text", b"two"), "b"),
+                    (content_sha("text", b"three"), "b")]
+    assert store.blobs([refs[0][0]]) == {refs[0][0]: ("text", b"one")}
+
+
+def test_duplicate_task_id_raises_and_leaves_nothing_new(store):
+    store.create_task(task(), [text("one", "a")])
+    before = table_counts(store)
+    with pytest.raises(AlreadyExists) as err:
+        store.create_task(task(backbone="other"), [text("brand new", "a"), text("also new", "c")])
+    assert "t1" in err.value.message
+    assert table_counts(store) == before
+    assert store.get_task("t1").backbone == "minilm-l6"
+    assert store.blobs([content_sha("text", b"brand new")]) == {}
+
+
+def test_create_task_is_atomic_when_an_example_fails(store):
+    # label is NOT NULL in the examples table: that insert fails after the task row and the blobs went in.
+    broken = ExampleIn("text", b"payload", None)  # type: ignore[arg-type]
+    with pytest.raises(sa.exc.IntegrityError):
+        store.create_task(task("t2"), [text("fine", "a"), broken])
+    with pytest.raises(NotFound):
+        store.get_task("t2")
+    assert set(table_counts(store).values()) == {0}
+    store.create_task(task("t2"), [text("fine", "a")])  # the store is still usable
+    assert store.label_counts("t2") == {"a": 1}
+
+
+def test_add_examples_dedupes_same_content_and_label(store):
+    store.create_task(task(), [text("one", "a")])
+    created = store.get_task("t1").updated_at_ms
+    batch = [text("one", "a"), text("two", "a"), text("two", "a"), text("one", "b")]
+    added, dupes = store.add_examples("t1", batch)
+    assert (added, dupes) == (2, 2)  # "one"/a exists; "two"/a twice in the call; "one"/b is new
+    assert store.label_counts("t1") == {"a": 2, "b": 1}
+    # Same content under two labels: two examples, one blob.
+    sha = content_sha("text", b"one")
+    assert sorted(label for s, label in store.example_refs("t1") if s == sha) == ["a", "b"]
+    assert table_counts(store)["blobs"] == 2
+    assert store.add_examples("t1", []) == (0, 0)
+    assert store.add_examples("t1", [text("two", "a")]) == (0, 1)
+    assert store.get_task("t1").updated_at_ms >= created
+
+
+def test_same_bytes_as_text_and_image_are_different_content(store):
+    store.create_task(task(), [ExampleIn("text", b"abc", "a"), ExampleIn("image", b"abc", "a")])
+    assert store.label_counts("t1") == {"a": 2}
+
+
+def test_blobs_are_shared_between_tasks(store):
+    store.create_task(task("t1"), [text("shared", "a")])
+    store.create_task(task("t2"), [text("shared", "x"), text("own", "y")])
+    assert table_counts(store)["blobs"] == 2
+    assert store.label_counts("t1") == {"a": 1} and store.label_counts("t2") == {"x": 1, "y": 1}
+
+
+def test_unknown_task_is_not_found(store):
+    with pytest.raises(NotFound) as err:
+        store.get_task("ghost")
+    assert "ghost" in err.value.message
+    with pytest.raises(NotFound):
+        store.add_examples("ghost", [text("one", "a")])
+    assert table_counts(store)["blobs"] == 0
+    with pytest.raises(NotFound):
+        store.delete_task("ghost")
+    with pytest.raises(NotFound):
+        store.start_job(job("j1", "ghost"))
+    with pytest.raises(NotFound):
+        store.get_job("nope")
+    with pytest.raises(NotFound):
+        store.get_head("ghost", 1)
+
+
+def test_list_tasks_pages_in_id_order(store):
+    for task_id in ("c", "a", "b", "d"):
+        store.create_task(task(task_id, backbone="img" if task_id in "bd" else "txt"), [])
+    assert [t.task_id for t in store.list_tasks("", 2)] == ["a", "b"]
+    assert [t.task_id for t in store.list_tasks("b", 10)] == ["c", "d"]
+    assert [t.task_id for t in store.list_tasks("", 10, backbone="img")] == ["b", "d"]
+
+
+# --- jobs and head versions ----------------------------------------------------------------------------
+
+
+def test_start_job_marks_training_and_refuses_a_second_active_job(store):
+    store.create_task(task(), [text("one", "a"), text("two", "b")])
+    store.start_job(job("j1"))
+    rec = store.get_task("t1")
+    assert rec.state == "TRAINING" and rec.job_id == "j1"
+    assert store.get_job("j1").state == "QUEUED"
+    with pytest.raises(FailedPrecondition) as err:
+        store.start_job(job("j2"))
+    assert "j1" in err.value.message
+    store.update_job("j1", "RUNNING", {"phase": "training", "epoch": 3})
+    with pytest.raises(FailedPrecondition):
+        store.start_job(job("j2"))
+    with pytest.raises(NotFound):
+        store.get_job("j2")
+    assert [j.job_id for j in store.unfinished_jobs()] == ["j1"]
+    running = store.get_job("j1")
+    assert running.state == "RUNNING" and not running.finished
+    assert running.status == {"phase": "training", "epoch": 3}
+
+
+def test_finish_job_versions_go_live_and_failure_keeps_the_live_one(store):
+    store.create_task(task(), [text("one", "a"), text("two", "b")])
+    store.start_job(job("j1"))
+    assert store.finish_job("j1", {"phase": "done"}, head=head(b"v1")) == 1
+    rec = store.get_task("t1")
+    assert (rec.state, rec.live_version) == ("READY", 1)
+    assert store.get_job("j1").state == "SUCCEEDED" and store.get_job("j1").version == 1
+
+    store.start_job(job("j2"))  # allowed again once the first finished
+    assert store.get_task("t1").state == "TRAINING"
+    assert store.finish_job("j2", {}, head=head(b"v2")) == 2
+    rec = store.get_task("t1")
+    assert (rec.state, rec.live_version) == ("READY", 2)
+    assert store.get_head("t1", 1).onnx == b"v1" and store.get_head("t1", 2).onnx == b"v2"
+    assert store.get_head("t1", 2).labels == ["a", "b"]
+    assert store.head_evaluation("t1", 2) == {"validation_accuracy": 0.9}
+
+    store.start_job(job("j3"))
+    assert store.finish_job("j3", {"phase": "failed"}, error="out of memory") == 0
+    rec = store.get_task("t1")
+    assert (rec.state, rec.live_version, rec.error) == ("FAILED", 2, "out of memory")
+    failed = store.get_job("j3")
+    assert (failed.state, failed.error, failed.version) == ("FAILED", "out of memory", 0) and failed.finished
+    assert store.unfinished_jobs() == []
+    with pytest.raises(NotFound):
+        store.get_head("t1", 3)
+
+    store.start_job(job("j4"))  # a new job clears the error
+    assert store.get_task("t1").error == ""
+
+
+def test_finish_job_of_a_deleted_task_is_not_found(store):
+    store.create_task(task(), [text("one", "a")])
+    store.start_job(job("j1"))
+    store.delete_task("t1")
+    with pytest.raises(NotFound):
+        store.finish_job("j1", {}, head=head())
+    assert table_counts(store)["heads"] == 0
+
+
+# --- deletion ------------------------------------------------------------------------------------------
+
+
+def test_delete_task_removes_its_rows_and_unshared_blobs_and_features(store):
+    store.create_task(task("t1"), [text("shared", "a"), text("only-t1", "b")])
+    store.create_task(task("t2"), [text("shared", "z"), text("only-t2", "y")])
+    shared, own1, own2 = (content_sha("text", t) for t in (b"shared", b"only-t1", b"only-t2"))
+    trunk = "minilm-l6@abc:pooled"
+    store.put_features(trunk, {shared: np.ones(4), own1: np.full(4, 2.0), own2: np.full(4, 3.0)})
+    store.start_job(job("j1", "t1"))
+    store.finish_job("j1", {}, head=head())
+    store.start_job(job("j2", "t1"))
+
+    store.delete_task("t1")
+
+    with pytest.raises(NotFound):
+        store.get_task("t1")
+    with pytest.raises(NotFound):
+        store.get_job("j1")
+    with pytest.raises(NotFound):
+        store.get_head("t1", 1)
+    assert store.example_refs("t1") == [] and store.label_counts("t1") == {}
+    counts = table_counts(store)
+    assert counts["heads"] == 0 and counts["jobs"] == 0 and counts["tasks"] == 1
+    assert set(store.blobs([shared, own1, own2])) == {shared, own2}
+    assert set(store.cached_features(trunk, [shared, own1, own2])) == {shared, own2}
+    # The other task is untouched.
+    assert store.label_counts("t2") == {"z": 1, "y": 1}
+    # The id can be reused.
+    store.create_task(task("t1"), [text("only-t1", "b")])
+    assert store.label_counts("t1") == {"b": 1}
+
+
+# --- feature cache ---------------------------------------------------------------------------------------
+
+
+def test_features_cache_round_trips_float32(store):
+    rng = np.random.default_rng(0)
+    vectors = {f"sha{i}": rng.normal(size=384).astype(np.float32) for i in range(3)}
+    store.put_features("trunkA", vectors)
+    store.put_features("trunkB", {"sha0": np.zeros(384, np.float32)})
+    got = store.cached_features("trunkA", ["sha0", "sha1", "sha2", "missing"])
+    assert set(got) == {"sha0", "sha1", "sha2"}
+    for sha, vec in vectors.items():
+        assert got[sha].dtype == np.float32
+        np.testing.assert_array_equal(got[sha], vec)
+    np.testing.assert_array_equal(store.cached_features("trunkB", ["sha0"])["sha0"], np.zeros(384))
+    # float64 in, float32 out; a second put of a known key keeps the first value.
+    store.put_features("trunkA", {"sha0": np.full(384, 7.0), "sha9": np.arange(3, dtype=np.float64)})
+    again = store.cached_features("trunkA", ["sha0", "sha9"])
+    np.testing.assert_array_equal(again["sha0"], vectors["sha0"])
+    np.testing.assert_array_equal(again["sha9"], np.array([0, 1, 2], np.float32))
+    store.put_features("trunkA", {})
+    assert store.cached_features("trunkA", []) == {}
+
+
+def test_features_cache_handles_many_keys(store):
+    vectors = {f"{i:064x}": np.full(2, i, np.float32) for i in range(1200)}  # more than one IN (...) chunk
+    store.put_features("t", vectors)
+    got = store.cached_features("t", list(vectors))
+    assert len(got) == 1200 and got[f"{1199:064x}"][0] == 1199
+
+
+# --- durability --------------------------------------------------------------------------------------------
+
+
+def test_data_survives_close_and_reopen(tmp_path):
+    s = Store.open(tmp_path)
+    s.create_task(task(), [text("one", "a"), text("two", "b")])
+    s.start_job(job("j1"))
+    s.finish_job("j1", {"phase": "done"}, head=head(b"v1"))
+    s.put_features("trunk", {content_sha("text", b"one"): np.arange(4, dtype=np.float32)})
+    s.close()
+
+    s = Store.open(tmp_path)
+    try:
+        rec = s.get_task("t1")
+        assert (rec.state, rec.live_version) == ("READY", 1)
+        assert s.label_counts("t1") == {"a": 1, "b": 1}
+        assert s.get_head("t1", 1).onnx == b"v1"
+        assert s.get_job("j1").status == {"phase": "done"}
+        sha = content_sha("text", b"one")
+        np.testing.assert_array_equal(s.cached_features("trunk", [sha])[sha], np.arange(4))
+    finally:
+        s.close()
+
+
+def test_sqlite_runs_in_wal_mode_with_full_sync(store):
+    store.create_task(task(), [])
+    with store.engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar().lower() == "wal"
+        assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
+        assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+
+
+WRITER = textwrap.dedent(
+    """
+    import pathlib, sys, time
+    sys.path.insert(0, sys.argv[2])
+    from service.store import ExampleIn, Store, TaskRecord
+    store = Store.open(pathlib.Path(sys.argv[1]))
+    store.create_task(TaskRecord("killed", "minilm-l6", ["a", "b"], {}), [ExampleIn("text", b"first", "a")])
+    added, _ = store.add_examples("killed", [ExampleIn("text", f"ex{i}".encode(), "b") for i in range(50)])
+    print("ok", added, flush=True)
+    time.sleep(60)
+    """
+)
+
+
+def test_acknowledged_writes_survive_sigkill(tmp_path):
+    data = tmp_path / "data"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(data), str(REPO)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        ready, _, _ = select.select([proc.stdout], [], [], 60)
+        assert ready, "the writer printed nothing within 60 s"
+        line = proc.stdout.readline()
+        assert line.split() == ["ok", "50"], (line, proc.stderr.read() if proc.poll() is not None else "")
+        os.kill(proc.pid, signal.SIGKILL)
+        assert proc.wait(timeout=10) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+
+    s = Store.open(data)
+    try:
+        assert s.get_task("killed").declared_labels == ["a", "b"]
+        assert s.label_counts("killed") == {"a": 1, "b": 50}
+        assert len(s.blobs(sha for sha, _ in s.example_refs("killed"))) == 51
+    finally:
+        s.close()
