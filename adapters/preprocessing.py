@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import Literal, Protocol
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from adapters.errors import InvalidInput
 
@@ -106,6 +106,9 @@ class ImageTransform:
     interpolation: Literal["bilinear", "bicubic", "nearest"] = "bilinear"
 
 
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF")  # nothing else is parsed (no EPS, no plugins)
+
+
 def decode_image(data: bytes, index: int, max_pixels: int) -> Image.Image:
     """Decodes an encoded image file into RGB, or raises InvalidInput naming the input."""
     if not data:
@@ -113,13 +116,14 @@ def decode_image(data: bytes, index: int, max_pixels: int) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
             width, height = img.size
             if width * height > max_pixels:
                 raise InvalidInput(
                     f"input {index}: image is {width}x{height}, more than the limit of {max_pixels} pixels"
                 )
             img.load()
+            img = ImageOps.exif_transpose(img)  # phone photos: upright, as the user sees them
     except InvalidInput:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError,

@@ -214,7 +214,7 @@ def test_image_16bit_grayscale_png_is_scaled_not_clipped():
     out = ImagePreprocessor(default_transform())([mid, dark])["pixel_values"]
     tol = 1.5 / 255 / IMAGENET_STD.min()
     np.testing.assert_allclose(out[0, :, 112, 112], normalised((128, 128, 128)), atol=tol)
-    np.testing.assert_allclose(out[1, :, 112, 112], normalised((4, 4, 4)), atol=tol)  # 1000/65535 of full scale
+    np.testing.assert_allclose(out[1, :, 112, 112], normalised((4, 4, 4)), atol=tol)  # 1000/65535 -> 4/255
 
 
 @pytest.mark.parametrize("orientation", ["wide", "tall"])
@@ -796,3 +796,24 @@ def test_fused_text_model_equals_head_of_trunk(minilm, minilm_trunk):
     )
     got = _fuse_and_compare(minilm_trunk, batch, trained, head_bytes)
     assert [trained.labels[i] for i in got.argmax(axis=1)] == ["weather", "finance"]
+
+
+def test_only_the_documented_image_formats_are_parsed():
+    pre = ImagePreprocessor(default_transform())
+    with pytest.raises(InvalidInput, match="input 0"):
+        pre.check([encode(Image.new("RGB", (20, 20)), "TIFF")])
+    pre.check([encode(Image.new("RGB", (20, 20)), fmt) for fmt in ("PNG", "JPEG", "WEBP", "BMP", "GIF")])
+
+
+def test_exif_orientation_is_applied():
+    """A phone photo stored sideways with an EXIF 'rotate 90' tag is seen upright."""
+    img = Image.new("RGB", (40, 20), (0, 0, 255))
+    img.paste((255, 0, 0), (0, 0, 20, 20))  # stored: red left half, blue right half
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    data = encode(img, "JPEG", exif=exif, quality=95)
+    transform = ImageTransform(image_size=20, resize=20, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    out = ImagePreprocessor(transform)([data])["pixel_values"][0]
+    assert out.shape == (3, 20, 20)
+    top, bottom = out[:, 2, 10], out[:, 17, 10]  # upright: red on top, blue at the bottom
+    assert top[0] > 0.8 and top[2] < 0.2 and bottom[2] > 0.8 and bottom[0] < 0.2
