@@ -154,7 +154,8 @@ class TextTrunk(torch.nn.Module):
         return _mean_pool(hs[-1], attention_mask), _mean_pool(hs[-2], attention_mask), hs[-2], hs[-3]
 
     def top(self, blocks: int) -> TextTop:
-        return TextTop(self.encoder.encoder.layer[-blocks:])
+        """A trainable copy of the last `blocks` layers (+ pooling); the trunk itself stays frozen."""
+        return TextTop(self.encoder.encoder.layer[-blocks:]).requires_grad_(True)
 
 
 class TextTop(torch.nn.Module):
@@ -237,7 +238,8 @@ class ImageTrunk(torch.nn.Module):
         return self.pool(x), self.pool(blocks_1), blocks_1, blocks_2
 
     def top(self, blocks: int) -> ImageTop:
-        return ImageTop(self.blocks[-blocks:], self.pool)
+        """A trainable copy of the last `blocks` blocks (+ pooling); the trunk itself stays frozen."""
+        return ImageTop(self.blocks[-blocks:], self.pool).requires_grad_(True)
 
 
 class ImageTop(torch.nn.Module):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import time
@@ -33,7 +34,10 @@ from adapters.errors import InvalidInput
 from adapters.onnx_utils import OPSET, check_model_bytes, create_session
 
 STRATEGIES = ("auto", "linear", "mlp", "prototype", "fine_tune")
-TAPS = ("last", "last-1")
+# Which trunk outputs a feature head reads: the pooled final features, the pooled features one block
+# earlier (for domains far from the pretraining data), or both side by side.
+TAP_OUTPUTS = {"last": ("features",), "last-1": ("features_last_1",), "last+last-1": ("features", "features_last_1")}
+TAPS = tuple(TAP_OUTPUTS)
 HEAD_INPUT = "features"
 HEAD_OUTPUT = "probabilities"
 
@@ -83,7 +87,7 @@ class DenseHead:
     strategy: str
     layers: list[tuple[np.ndarray, np.ndarray]]
     normalize: bool = False
-    input_name: str = HEAD_INPUT  # the trunk output it reads (its tap)
+    inputs: tuple[tuple[str, int], ...] = ((HEAD_INPUT, 0),)  # (trunk output, width), concatenated in order
 
     def scale_logits(self, factor: float) -> None:
         """Multiplies the logits by `factor` (temperature scaling: factor = 1 / T)."""
@@ -93,6 +97,14 @@ class DenseHead:
     @property
     def input_dim(self) -> int:
         return int(self.layers[0][0].shape[1])
+
+    @property
+    def input_names(self) -> list[str]:
+        return [name for name, _ in self.inputs]
+
+    @property
+    def input_name(self) -> str:
+        return self.inputs[0][0]
 
     @property
     def num_classes(self) -> int:
@@ -113,7 +125,7 @@ class DenseHead:
 
     def reference(self, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
         """Probabilities computed without ONNX, from the head's named inputs."""
-        return self.predict_proba(feeds[self.input_name])
+        return self.predict_proba(np.hstack([feeds[name] for name in self.input_names]))
 
     def parameter_count(self) -> int:
         return int(sum(w.size + b.size for w, b in self.layers))
@@ -121,6 +133,10 @@ class DenseHead:
     def to_onnx(self, metadata: dict[str, str] | None = None) -> bytes:
         nodes, inits = [], []
         x = self.input_name
+        widths = [w or self.input_dim for _, w in self.inputs]
+        if len(self.inputs) > 1:
+            nodes.append(helper.make_node("Concat", self.input_names, ["concatenated"], axis=1))
+            x = "concatenated"
         if self.normalize:
             inits.append(numpy_helper.from_array(np.array([1e-12], np.float32), "eps"))
             nodes += [
@@ -143,7 +159,7 @@ class DenseHead:
         graph = helper.make_graph(
             nodes,
             f"headserve_{self.strategy}_head",
-            [helper.make_tensor_value_info(self.input_name, TensorProto.FLOAT, ["batch", self.input_dim])],
+            [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", w]) for n, w in zip(self.input_names, widths)],
             [helper.make_tensor_value_info(HEAD_OUTPUT, TensorProto.FLOAT, ["batch", self.num_classes])],
             inits,
         )
@@ -166,7 +182,7 @@ def softmax(z: np.ndarray) -> np.ndarray:
 # --- training -------------------------------------------------------------------------------------
 
 Progress = Callable[[dict], None]
-L2_GRID = (0.003, 0.03, 0.3)  # linear: chosen by cross-validation unless `l2` is given
+C_GRID = (0.3, 1.0, 3.0)  # linear: inverse L2 strength as scikit-learn's C, chosen by cross-validation
 
 
 def _noop(_: dict) -> None:
@@ -192,14 +208,17 @@ def _fold_standardizer(w: np.ndarray, b: np.ndarray, mu: np.ndarray, sigma: np.n
     return w2.astype(np.float32), (b - w2 @ mu).astype(np.float32)
 
 
-def train_linear(x, y, k, opts: TrainingOptions, progress: Progress = _noop) -> DenseHead:
+def train_linear(x, y, k, opts: TrainingOptions, progress: Progress = _noop, C: float = 1.0) -> DenseHead:
+    """Multinomial logistic regression with an L2 penalty: scikit-learn's objective with C, divided by
+    C * n, on features divided by their mean norm (one scalar, so the grid of C means the same for
+    every backbone while directions keep their relative scales)."""
     torch.manual_seed(opts.seed)
-    mu, sigma = _standardizer(x)
-    xt = torch.from_numpy((x - mu) / sigma)
+    scale = float(np.linalg.norm(x, axis=1).mean()) or 1.0
+    xt = torch.from_numpy(x / scale)
     yt = torch.from_numpy(y).long()
     w = torch.zeros(k, x.shape[1], requires_grad=True)
     b = torch.zeros(k, requires_grad=True)
-    l2 = opts.l2 or L2_GRID[1]
+    l2 = opts.l2 or 1.0 / (C * len(x))
     epochs = opts.epochs or 100
     cw = _class_weights(y, k)
     optim = torch.optim.LBFGS([w, b], lr=opts.learning_rate or 1.0, max_iter=epochs,
@@ -217,8 +236,7 @@ def train_linear(x, y, k, opts: TrainingOptions, progress: Progress = _noop) -> 
         return loss
 
     optim.step(closure)
-    wf, bf = _fold_standardizer(w.detach().numpy(), b.detach().numpy(), mu, sigma)
-    return DenseHead("linear", [(wf, bf)])
+    return DenseHead("linear", [((w.detach().numpy() / scale).astype(np.float32), b.detach().numpy().astype(np.float32))])
 
 
 def train_mlp(x, y, k, opts: TrainingOptions, progress: Progress = _noop) -> DenseHead:
@@ -372,11 +390,14 @@ class Augmented:
 class _Candidate:
     strategy: str
     tap: str
-    l2: float = 0.0
+    C: float = 0.0  # linear only
 
     @property
     def name(self) -> str:
-        return self.strategy + (f"(l2={self.l2:g})" if self.l2 else "") + (f"@{self.tap}" if self.tap != "last" else "")
+        return self.strategy + (f"(C={self.C:g})" if self.C else "") + (f"@{self.tap}" if self.tap != "last" else "")
+
+    def trainer(self) -> Callable[..., DenseHead]:
+        return functools.partial(train_linear, C=self.C) if self.C else TRAINERS[self.strategy]
 
 
 def _with_augmented(x, y, train_idx, tap, augmented: Augmented | None):
@@ -388,23 +409,28 @@ def _with_augmented(x, y, train_idx, tap, augmented: Augmented | None):
 
 
 def _out_of_fold_logits(c: _Candidate, xs, y, k, opts, folds, augmented) -> np.ndarray:
-    opts = dataclasses.replace(opts, l2=c.l2 or opts.l2)
     logits = np.zeros((len(y), k), dtype=np.float32)
     for train, val in folds:
         xt, yt = _with_augmented(xs[c.tap], y, train, c.tap, augmented)
-        logits[val] = TRAINERS[c.strategy](xt, yt, k, opts).logits(xs[c.tap][val])
+        logits[val] = c.trainer()(xt, yt, k, opts).logits(xs[c.tap][val])
     return logits
 
 
+AUTO_TAPS = ("last+last-1",)
+
+
 def _candidates(opts: TrainingOptions, taps: Sequence[str], min_count: int, has_folds: bool) -> list[_Candidate]:
-    """What AUTO compares, from the number of examples per label; a named strategy alone otherwise."""
+    """What AUTO compares, from the number of examples per label; a named strategy alone otherwise.
+
+    Linear heads also compare their regularisation (C_GRID) unless `l2` is given."""
     if opts.tap:
         if opts.tap not in taps:
             raise InvalidInput(f"tap {opts.tap!r} is not available; use one of {', '.join(taps)}")
         taps = [opts.tap]
-    elif opts.strategy != "auto":
+    elif opts.strategy == "auto":
+        taps = [t for t in AUTO_TAPS if t in taps] or ["last"]
+    else:
         taps = ["last"]
-    grid = (opts.l2,) if opts.l2 else L2_GRID
     if opts.strategy == "auto":
         if not has_folds:
             strategies = ["prototype"]
@@ -414,14 +440,9 @@ def _candidates(opts: TrainingOptions, taps: Sequence[str], min_count: int, has_
             strategies = ["linear", "prototype"]
     else:
         strategies = [opts.strategy]
-    out = []
-    for tap in taps:
-        for s in strategies:
-            if s == "linear" and has_folds:
-                out += [_Candidate(s, tap, l2) for l2 in grid]
-            else:
-                out.append(_Candidate(s, tap, opts.l2 if s == "linear" else 0.0))
-    return out
+    grid = C_GRID if has_folds and not opts.l2 else (0.0,)
+    return [_Candidate(s, tap, c if s == "linear" else 0.0) for tap in taps for s in strategies
+            for c in (grid if s == "linear" else (0.0,))]
 
 
 @dataclasses.dataclass
@@ -465,6 +486,13 @@ def _train_head(features, labels, options, progress, sample_ids, augmented) -> T
     start = time.perf_counter()
     xs = {"last": features} if isinstance(features, np.ndarray) else dict(features)
     xs = {tap: np.ascontiguousarray(v, dtype=np.float32) for tap, v in xs.items()}
+    widths = {tap: (int(v.shape[1]),) for tap, v in xs.items()}
+    if "last" in xs and "last-1" in xs:
+        xs["last+last-1"] = np.hstack([xs["last"], xs["last-1"]])
+        widths["last+last-1"] = widths["last"] + widths["last-1"]
+        if augmented is not None:
+            augmented = Augmented({**augmented.features, "last+last-1": np.hstack(
+                [augmented.features["last"], augmented.features["last-1"]])}, augmented.origin)
     names = sorted(set(labels))
     if len(names) < 2:
         raise InvalidInput(f"a task needs at least 2 labels with examples; got {len(names)}")
@@ -494,17 +522,16 @@ def _train_head(features, labels, options, progress, sample_ids, augmented) -> T
         reason = "a label has a single example: prototype needs no validation data"
 
     progress({"phase": "training", "message": f"fitting {chosen.name} on all {len(y)} examples"})
-    fit_opts = dataclasses.replace(options, l2=chosen.l2 or options.l2)
     x_all, y_all = _with_augmented(xs[chosen.tap], y, np.arange(len(y)), chosen.tap, augmented)
-    head = TRAINERS[chosen.strategy](x_all, y_all, k, fit_opts, lambda p: progress({"phase": "training", **p}))
-    head.input_name = tap_output(chosen.tap)
+    head = chosen.trainer()(x_all, y_all, k, options, lambda p: progress({"phase": "training", **p}))
+    head.inputs = tuple(zip(TAP_OUTPUTS[chosen.tap], widths[chosen.tap]))
 
     evaluation = {
         "strategy": chosen.strategy,
         "strategy_reason": reason,
         "candidate_scores": scores,
         "tap": chosen.tap,
-        "l2": chosen.l2 or None,
+        "C": chosen.C or None,
         "validation_method": method + (" (model selection on the same folds)" if len(candidates) > 1 else ""),
         "examples_per_label": {name: int(n) for name, n in zip(names, counts)},
         "num_examples": len(y),
@@ -528,11 +555,6 @@ def _train_head(features, labels, options, progress, sample_ids, augmented) -> T
     evaluation["warnings"] = warnings_for(evaluation, labels, sample_ids)
     evaluation["train_seconds"] = time.perf_counter() - start
     return TrainedHead(head, names, evaluation)
-
-
-def tap_output(tap: str) -> str:
-    """The trunk output (and head input) name of a tap."""
-    return HEAD_INPUT if tap == "last" else f"{HEAD_INPUT}_{tap.replace('-', '_')}"
 
 
 def binomial_tail(successes: int, n: int, p: float) -> float:
@@ -598,7 +620,7 @@ def export_checked(
     data = trained.head.to_onnx(meta)
     if isinstance(feeds, np.ndarray):
         feeds = {trained.head.input_name: feeds}
-    feeds = {k: np.ascontiguousarray(v[:256]) for k, v in feeds.items()}
+    feeds = {k: np.ascontiguousarray(feeds[k][:256]) for k in trained.head.input_names}
     got = create_session(data, threads=1).run(None, feeds)[0]
     want = trained.head.reference(feeds)
     diff = float(np.abs(got - want).max()) if len(got) else 0.0

@@ -153,6 +153,14 @@ def fuse(trunk: onnx.ModelProto, head_bytes: bytes, metadata: dict[str, str]) ->
     return fused.SerializeToString()
 
 
+def graph_inputs(model_bytes: bytes) -> dict[str, list[int | str]]:
+    """Input name -> shape (a dimension's name where it is dynamic) of a serialised ONNX model."""
+    graph = onnx.load_model_from_string(model_bytes).graph
+    return {
+        i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.input
+    }
+
+
 def labels_of(head_bytes: bytes) -> list[str]:
     props = {p.key: p.value for p in onnx.load_model_from_string(head_bytes).metadata_props}
     return json.loads(props["labels"])

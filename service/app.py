@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from adapters.errors import FailedPrecondition, InvalidInput, NotFound, ResourceExhausted
 from adapters.heads import TrainingOptions
-from adapters.runtime import fuse
+from adapters.runtime import fuse, graph_inputs
 from service.config import Settings
 from service.jobs import JobRunner
 from service.predictor import Predictor, Ticket
@@ -216,8 +216,7 @@ class HeadServeApp:
             "backbone_digest": backbone.digest,
             "labels": head.labels,
             "format": "fused" if fused else "head",
-            "inputs": list(backbone.preprocess.input_names) if fused else ["features"],
-            "input_shape": None if fused else ["batch", backbone.feature_dim],
+            "inputs": list(backbone.preprocess.input_names) if fused else graph_inputs(head.onnx),
             "output": "probabilities",
             "preprocessing": backbone.preprocess.describe(),
             "evaluation": head.evaluation,

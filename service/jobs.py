@@ -19,7 +19,7 @@ import numpy as np
 
 from adapters.errors import HeadserveError, InvalidInput, NotFound
 from adapters.finetune import fine_tune
-from adapters.heads import TAPS, Augmented, TrainingOptions, export_checked, tap_output, train_head
+from adapters.heads import TAP_OUTPUTS, Augmented, TrainingOptions, export_checked, train_head
 from adapters.runtime import HeadRuntime
 from service.registry import BackboneRegistry
 from service.store import HeadRecord, JobRecord, Store
@@ -27,6 +27,7 @@ from service.store import HeadRecord, JobRecord, Store
 log = logging.getLogger(__name__)
 
 FEATURE_CHUNK = 32
+POOLED_TAPS = ("last", "last-1")  # computed and cached per example; heads may read one or both
 
 
 def _progress(update: dict) -> dict:
@@ -164,7 +165,8 @@ class JobRunner:
         trained = train_head(xs, labels, options, lambda update: self._publish(job, **_progress(update)),
                              sample_ids=shas, augmented=augmented)
         tap = trained.evaluation["tap"]
-        return self._export(job, task, trained, {tap_output(tap): xs[tap]}, {**meta, "tap": tap})
+        feeds = {TAP_OUTPUTS[t][0]: xs[t] for t in POOLED_TAPS}
+        return self._export(job, task, trained, feeds, {**meta, "tap": tap})
 
     def _export(self, job, task, trained, feeds, meta) -> tuple[HeadRecord, str]:
         self._publish(job, persist=True, phase="exporting", progress=0.9, message="exporting ONNX",
@@ -176,18 +178,18 @@ class JobRunner:
     def _features(self, job: JobRecord, entry, shas: list[str]) -> dict[str, np.ndarray]:
         """Pooled trunk features of every tap for the examples (torch trunk), cached in the store."""
         unique = list(dict.fromkeys(shas))
-        cached = {tap: self.store.cached_features(entry.trunk_key(tap), unique) for tap in TAPS}
-        todo = [sha for sha in unique if any(sha not in cached[tap] for tap in TAPS)]
+        cached = {tap: self.store.cached_features(entry.trunk_key(tap), unique) for tap in POOLED_TAPS}
+        todo = [sha for sha in unique if any(sha not in cached[tap] for tap in POOLED_TAPS)]
         for start in range(0, len(todo), FEATURE_CHUNK):
             chunk = todo[start : start + FEATURE_CHUNK]
             taps = entry.backbone.torch_taps(entry.backbone.preprocess(self._items(chunk)))
-            for tap in TAPS:
+            for tap in POOLED_TAPS:
                 fresh = dict(zip(chunk, taps[tap]))
                 self.store.put_features(entry.trunk_key(tap), fresh)
                 cached[tap].update(fresh)
             done = start + len(chunk)
             self._publish(job, progress=0.5 * done / len(todo), message=f"embedded {done}/{len(todo)} new examples")
-        return {tap: np.stack([cached[tap][sha] for sha in shas]).astype(np.float32) for tap in TAPS}
+        return {tap: np.stack([cached[tap][sha] for sha in shas]).astype(np.float32) for tap in POOLED_TAPS}
 
     def _items(self, shas: list[str]) -> list[str | bytes]:
         raw = self.store.blobs(shas)
@@ -202,7 +204,7 @@ class JobRunner:
         views = {"last": [], "last-1": []}
         for start in range(0, len(origin), FEATURE_CHUNK):
             taps = entry.backbone.torch_taps({k: v[start : start + FEATURE_CHUNK] for k, v in batch.items()})
-            for tap in TAPS:
+            for tap in POOLED_TAPS:
                 views[tap].append(taps[tap])
         return Augmented({tap: np.concatenate(v) for tap, v in views.items()}, origin)
 

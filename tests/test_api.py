@@ -183,12 +183,13 @@ def test_exported_head_reproduces_service_scores(server, stub, text_task):
     data, meta = _export(stub, text_task, pb.HEAD_ONNX)
     model = onnx.load_model_from_string(data)
     onnx.checker.check_model(model)
-    assert meta["labels"] == sorted(TOPICS) and meta["version"] == 1 and meta["inputs"] == ["features"]
+    assert meta["labels"] == sorted(TOPICS) and meta["version"] == 1
+    # AUTO's head reads the final and the one-block-earlier pooled features of the trunk.
+    assert meta["inputs"] == {"features": ["batch", 384], "features_last_1": ["batch", 384]}
     texts = [t for texts in HELD_OUT.values() for t in texts]
     entry = server.app.registry.get("minilm-l6")
-    features = entry.trunk.embed(texts)
     head = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
-    probs = head.run(None, {"features": features})[0]
+    probs = head.run(None, entry.trunk.outputs(entry.backbone.preprocess(texts), list(meta["inputs"])))[0]
     resp = predict_texts(stub, text_task, texts)
     for row, pred in zip(probs, resp.predictions):
         served = {s.label: s.score for s in pred.top}

@@ -98,7 +98,9 @@ def test_auto_compares_candidates_and_taps_and_records_why(client):
     details = json.loads(task.evaluation.details_json)
     names = list(details["candidate_scores"])
     assert any(n.startswith("linear") for n in names) and any(n.startswith("prototype") for n in names)
-    assert any(n.endswith("@last-1") for n in names)  # AUTO tries the earlier tap too
+    # AUTO reads the final and the one-block-earlier features side by side, and compares C for linear.
+    assert all(n.endswith("@last+last-1") for n in names) and task.evaluation.tap == "last+last-1"
+    assert {n for n in names if n.startswith("linear")} == {f"linear(C={c:g})@last+last-1" for c in (0.3, 1, 3)}
     assert details["strategy_reason"].startswith("best 5-fold accuracy")
     best = max(details["candidate_scores"].values())
     assert task.evaluation.validation_accuracy == pytest.approx(best)
