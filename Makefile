@@ -24,5 +24,11 @@ test: $(VENV)/.installed
 proto: $(VENV)/.installed
 	$(BIN)/python scripts/gen_proto.py
 
+# Serving benchmark: service vs raw pipeline, text + image backbones, 10,000-task scale mode; writes
+# bench/results/serving.{json,png,md}. BENCH_ARGS=--docs also rewrites the Serving results in docs/benchmarks.md.
+bench-serving: $(VENV)/.installed
+	$(BIN)/python -m pip install -q -e '.[bench]'
+	$(BIN)/python bench/serving.py $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) var .pytest_cache

@@ -84,7 +84,8 @@ def providers_for(device: str, tensorrt_cache: pathlib.Path | None = None) -> li
             "trt_timing_cache_enable": True,
             "trt_timing_cache_path": str(tensorrt_cache),
         }))
-    providers.append(("CUDAExecutionProvider", {"device_id": device_id, "arena_extend_strategy": "kSameAsRequested"}))
+    cuda = {"device_id": device_id, "arena_extend_strategy": "kSameAsRequested"}
+    providers.append(("CUDAExecutionProvider", cuda))
     providers.append("CPUExecutionProvider")
     return providers
 

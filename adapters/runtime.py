@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import pathlib
@@ -35,7 +36,9 @@ class TrunkRuntime:
         server the RPC threads need the cores between operators); tensorrt: TensorRT before CUDA on a
         GPU, engines cached under cache_dir/tensorrt."""
         self.backbone = backbone
-        self.path = pathlib.Path(cache_dir) / f"{backbone.name}-{backbone.digest}.onnx"
+        # Named by weights digest and by the trunk's outputs, so a cache from another layout is not reused.
+        layout = hashlib.sha256(",".join(TRUNK_OUTPUTS).encode()).hexdigest()[:8]
+        self.path = pathlib.Path(cache_dir) / f"{backbone.name}-{backbone.digest}-{layout}.onnx"
         if not self.path.is_file():
             log.info("exporting trunk %s to %s", backbone.name, self.path)
             backbone.export_onnx(self.path)
@@ -45,7 +48,8 @@ class TrunkRuntime:
             self.path, device, threads, spinning=spinning, tensorrt_cache=trt_cache
         )
         # On a GPU, outputs are bound straight to host memory (the heads run on the CPU).
-        self.io_binding = device.startswith("cuda") and "CUDAExecutionProvider" in self.session.get_providers()
+        on_gpu = "CUDAExecutionProvider" in self.session.get_providers()
+        self.io_binding = device.startswith("cuda") and on_gpu
         self.input_names = backbone.preprocess.input_names
         diff = self.parity(backbone.sample_batch())
         if diff > atol:
@@ -111,6 +115,8 @@ class HeadRuntime:
         self.nbytes = len(onnx_bytes)
         self.memory_bytes = int(HEAD_SESSION_BYTES + HEAD_BYTES_FACTOR * self.nbytes)  # estimate, for the LRU
         self.inputs = [i.name for i in self.session.get_inputs()]  # trunk outputs (and inputs) it reads
+        meta = self.session.get_modelmeta().custom_metadata_map
+        self.reject_threshold = float(meta.get("reject_threshold", 0.0))
 
     def probabilities(self, features: np.ndarray) -> np.ndarray:
         return self.session.run([HEAD_OUTPUT], {HEAD_INPUT: features})[0]

@@ -16,7 +16,7 @@ import hashlib
 import json
 import os
 import pathlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import IO, Any, TypeAlias
 
 import grpc
@@ -264,6 +264,16 @@ class HeadServeClient:
     ) -> pb.PredictResponse:
         """Classifies a batch of inputs (one prediction per input, in order); `top_k` 0 means all labels."""
         request = predict_request(task_id, inputs, top_k, request_id)
+        return self._stub.Predict(request, timeout=self.timeout)
+
+    def predict_many(
+        self, task_ids: Sequence[str], inputs: Iterable[InputLike], top_k: int = 0, *, request_id: str = ""
+    ) -> pb.PredictResponse:
+        """Classifies the same inputs with several tasks of one backbone: one trunk pass, every head.
+        The answers are in `.results`, one `TaskPredictions` per task, in `task_ids` order."""
+        request = pb.PredictRequest(
+            task_ids=list(task_ids), inputs=[to_input(v) for v in inputs], top_k=top_k, request_id=request_id
+        )
         return self._stub.Predict(request, timeout=self.timeout)
 
     def predict_stream(

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+
 from adapters.errors import InvalidInput
 from adapters.heads import TrainingOptions
 from service.app import Item, TaskView
@@ -146,12 +148,44 @@ def backbone_pb(entry: Entry) -> pb.Backbone:
     )
 
 
-def predict_pb(scored: Scored, top_k: int, task_id: str, request_id: str) -> pb.PredictResponse:
+def predict_tasks(request: pb.PredictRequest) -> tuple[list[str], bool]:
+    """The tasks a PredictRequest names, and whether it is a multi-task request (task_ids)."""
+    if request.task_ids:
+        if request.task_id:
+            raise InvalidInput("set task_id (one task) or task_ids (several), not both")
+        return list(request.task_ids), True
+    return [request.task_id], False
+
+
+def check_top_k(top_k: int) -> None:
     if top_k < 0:
         raise InvalidInput("top_k must be 0 (all labels) or positive")
-    predictions = []
-    for row in range(len(scored.probabilities)):
-        top = scored.top(row, top_k)
-        predictions.append(pb.Prediction(
-            label=top[0][0], score=top[0][1], top=[pb.LabelScore(label=l, score=s) for l, s in top]))
-    return pb.PredictResponse(predictions=predictions, version=scored.version, request_id=request_id, task_id=task_id)
+
+
+def predictions_pb(scored: Scored, top_k: int) -> list[pb.Prediction]:
+    """One Prediction per input: the top_k labels (all for 0) by descending probability."""
+    p = scored.probabilities
+    k = min(top_k or p.shape[1], p.shape[1])
+    order = np.argsort(-p, axis=1, kind="stable")[:, :k]
+    scores = np.take_along_axis(p, order, axis=1).tolist()
+    labels = scored.labels
+    out = []
+    for row, row_scores in zip(order.tolist(), scores):
+        top = [pb.LabelScore(label=labels[i], score=s) for i, s in zip(row, row_scores)]
+        if row_scores[0] < scored.reject_threshold:  # unknown: no label; `top` still shows the guesses
+            out.append(pb.Prediction(label="", score=row_scores[0], top=top, rejected=True))
+        else:
+            out.append(pb.Prediction(label=labels[row[0]], score=row_scores[0], top=top))
+    return out
+
+
+def predict_pb(results: list[Scored], multi: bool, top_k: int, request_id: str) -> pb.PredictResponse:
+    """A single-task request fills predictions/version/task_id; a multi-task one fills results."""
+    if multi:
+        return pb.PredictResponse(request_id=request_id, results=[
+            pb.TaskPredictions(task_id=s.task_id, version=s.version, predictions=predictions_pb(s, top_k))
+            for s in results
+        ])
+    s = results[0]
+    return pb.PredictResponse(predictions=predictions_pb(s, top_k), version=s.version, request_id=request_id,
+                              task_id=s.task_id)

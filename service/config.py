@@ -68,6 +68,40 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(40_000_000, ge=1, description="decoded width*height of one image")
 
     grpc_workers: int = Field(32, ge=1, description="threads serving RPCs")
+
+    # Serving: dynamic batching per backbone (across tasks) and the LRU of loaded heads.
+    batch_max_size: int = Field(
+        32, ge=1, le=4096,
+        description="inputs in one trunk pass; requests are never split, so one larger request runs alone",
+    )
+    batch_max_delay_us: int = Field(
+        0, ge=0, le=1_000_000,
+        description="longest a forming batch waits for rows known or expected to arrive (requests being "
+        "prepared; under steady load, the callers the last batch answered); 0: take what is queued. An idle "
+        "server never waits. 0 is best for text on a CPU, where a larger batch pads more and costs as much "
+        "per input (docs/benchmarks.md); on a GPU, where a larger batch is nearly free, try 1000-5000",
+    )
+    batch_adaptive: bool = Field(
+        True, description="limit batches to the size (a power of two up to batch_max_size) with the lowest "
+        "measured time per input, re-measured as the load changes; off: always up to batch_max_size",
+    )
+    batch_queue_inputs: int = Field(
+        2048, ge=1,
+        description="inputs waiting for a trunk pass per backbone; beyond, Predict is RESOURCE_EXHAUSTED",
+    )
+    head_cache_mb: int = Field(
+        512, ge=1, le=1 << 20,
+        description="memory budget of the loaded heads (least recently used are unloaded beyond it)",
+    )
+    max_tasks_per_request: int = Field(64, ge=1, le=4096, description="tasks in one multi-task Predict")
+    trunk_spinning: bool = Field(
+        False, description="let the trunk's onnxruntime threads busy-wait between operators; faster when the "
+        "trunk owns the machine, slower when RPC threads need the cores",
+    )
+    tensorrt: bool = Field(
+        False, description="on a GPU, run trunks with TensorRT before CUDA (engines built on first use and "
+        "cached in data_dir/trunks/tensorrt)",
+    )
     training_workers: int = Field(1, ge=1, le=64, description="training jobs run at once")
     intra_op_threads: int = Field(0, ge=0, description="onnxruntime/torch threads; 0 = all cores")
     export_chunk_bytes: int = Field(1 << 20, ge=1024, le=4 << 20)

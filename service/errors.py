@@ -18,6 +18,8 @@ import grpc
 
 from adapters.errors import (
     AlreadyExists,
+    Cancelled,
+    DeadlineExceeded,
     FailedPrecondition,
     HeadserveError,
     InvalidInput,
@@ -35,6 +37,8 @@ STATUS: dict[type[HeadserveError], grpc.StatusCode] = {
     FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
+    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    Cancelled: grpc.StatusCode.CANCELLED,
 }
 
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")

@@ -1,29 +1,46 @@
-"""Predictions: the backbone's shared ONNX trunk, then the task's live ONNX head.
+"""Predictions: requests for any tasks on a backbone are batched into one pass of its shared ONNX trunk,
+then each task's rows go through that task's ONNX head.
 
-Heads load lazily from the store into an LRU of onnxruntime sessions; a new version is installed
-by replacing the entry, so a request sees one version from start to end.
+- Heads load lazily from the store into an LRU of onnxruntime sessions bounded by a memory budget
+  (`HeadCache`); a cold task is loaded once however many requests ask for it at the same time.
+- A request picks its heads (one per task it names) when it arrives, so all its inputs are scored by
+  the same version even while a new one is being installed; installing replaces the cache entry.
+- The RPC thread validates the request's inputs. Images are also decoded and resized there (per image,
+  in parallel across RPC threads; PIL releases the GIL); text is tokenised by the backbone's batcher
+  thread (service/batcher.py) for the whole batch in one tokenizer call. That thread then pads and stacks
+  the batch, runs the trunk once, runs each head on its rows, and settles every request of the batch.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from adapters.errors import FailedPrecondition
+from adapters.errors import Cancelled, DeadlineExceeded, FailedPrecondition, InvalidInput, NotFound
 from adapters.runtime import HeadRuntime
-from service.registry import BackboneRegistry
+from service.batcher import Batcher, Pending
+from service.config import Settings
+from service.registry import BackboneRegistry, Entry
 from service.store import Store
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
 class Scored:
+    """One task's answer: probabilities over its labels for each input, from one head version."""
+
     version: int
     labels: list[str]
     probabilities: np.ndarray  # [inputs, labels]
+    task_id: str = ""
+    reject_threshold: float = 0.0  # a top probability below it is reported as rejected
 
     def top(self, row: int, k: int) -> list[tuple[str, float]]:
         p = self.probabilities[row]
@@ -31,37 +48,268 @@ class Scored:
         return [(self.labels[i], float(p[i])) for i in order]
 
 
-class Predictor:
-    def __init__(self, store: Store, registry: BackboneRegistry, max_heads: int = 1024) -> None:
-        self.store = store
-        self.registry = registry
-        self.max_heads = max_heads
+# --- the LRU of loaded heads --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class CacheStats:
+    hits: int = 0
+    loads: int = 0
+    evictions: int = 0
+    heads: int = 0
+    bytes: int = 0
+
+
+class HeadCache:
+    """task_id -> its live HeadRuntime, least recently used first out once past `budget_bytes`.
+
+    A head's size is `HeadRuntime.memory_bytes` (an estimate from measurements). The most recently
+    used head always stays, even if it alone is over the budget.
+    """
+
+    def __init__(
+        self, load: Callable[[str], HeadRuntime], budget_bytes: int, exists: Callable[[str], bool]
+    ) -> None:
+        self._load = load
+        self._exists = exists
+        self.budget_bytes = budget_bytes
         self._heads: OrderedDict[str, HeadRuntime] = OrderedDict()
+        self._loading: dict[str, concurrent.futures.Future] = {}
+        self._forgotten = 0  # bumped by forget(): a load that overlapped one is not cached
         self._lock = threading.Lock()
+        self.stats = CacheStats()
 
-    def install(self, task_id: str, head: HeadRuntime) -> None:
-        """Makes `head` the live version for the task (called after the store committed it)."""
-        with self._lock:
-            current = self._heads.get(task_id)
-            if current is None or current.version <= head.version:
-                self._heads[task_id] = head
-                self._heads.move_to_end(task_id)
-                self._evict()
-
-    def forget(self, task_id: str) -> None:
-        with self._lock:
-            self._heads.pop(task_id, None)
-
-    def _evict(self) -> None:
-        while len(self._heads) > self.max_heads:
-            self._heads.popitem(last=False)
-
-    def head(self, task_id: str) -> HeadRuntime:
+    def get(self, task_id: str) -> HeadRuntime:
         with self._lock:
             head = self._heads.get(task_id)
             if head is not None:
                 self._heads.move_to_end(task_id)
+                self.stats.hits += 1
                 return head
+            loading = self._loading.get(task_id)
+            if loading is None:
+                loading = self._loading[task_id] = concurrent.futures.Future()
+                owner, epoch = True, self._forgotten
+            else:
+                owner = False
+        if not owner:
+            return loading.result()  # the first caller's load (or its error)
+        try:
+            head = self._load(task_id)
+        except BaseException as exc:
+            with self._lock:
+                del self._loading[task_id]
+            loading.set_exception(exc)
+            raise
+        with self._lock:
+            del self._loading[task_id]
+            self.stats.loads += 1
+            if self._forgotten == epoch:
+                head = self._put(task_id, head)
+        loading.set_result(head)
+        return head
+
+    def install(self, task_id: str, head: HeadRuntime) -> None:
+        """Makes `head` the task's live head, unless a newer version is already in, or the task is gone."""
+        with self._lock:  # held across the check, so a concurrent forget() cannot be overtaken
+            if self._exists(task_id):
+                self._put(task_id, head)
+
+    def _put(self, task_id: str, head: HeadRuntime) -> HeadRuntime:
+        current = self._heads.get(task_id)
+        if current is not None and current.version > head.version:
+            self._heads.move_to_end(task_id)
+            return current
+        if current is not None:
+            self.stats.bytes -= current.memory_bytes
+        self._heads[task_id] = head
+        self._heads.move_to_end(task_id)
+        self.stats.bytes += head.memory_bytes
+        self._trim()
+        return head
+
+    def set_budget(self, budget_bytes: int) -> None:
+        """Changes the memory budget, unloading least recently used heads down to it."""
+        with self._lock:
+            self.budget_bytes = budget_bytes
+            self._trim()
+
+    def _trim(self) -> None:
+        while self.stats.bytes > self.budget_bytes and len(self._heads) > 1:
+            _, evicted = self._heads.popitem(last=False)
+            self.stats.bytes -= evicted.memory_bytes
+            self.stats.evictions += 1
+        self.stats.heads = len(self._heads)
+
+    def forget(self, task_id: str) -> None:
+        with self._lock:
+            self._forgotten += 1
+            head = self._heads.pop(task_id, None)
+            if head is not None:
+                self.stats.bytes -= head.memory_bytes
+            self.stats.heads = len(self._heads)
+
+    def __contains__(self, task_id: str) -> bool:
+        return task_id in self._heads
+
+    def __len__(self) -> int:
+        return len(self._heads)
+
+
+# --- batching -------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(eq=False)
+class _Work:
+    """A request in a batch: its heads (one per task, fixed on arrival) and its inputs, preprocessed
+    (`inputs`) or, where the batch preprocesses them together, raw (`items`)."""
+
+    task_ids: list[str]
+    heads: list[HeadRuntime]
+    inputs: dict[str, np.ndarray] | None
+    rows: int
+    items: Sequence[str | bytes] = ()
+
+
+class Ticket:
+    """A submitted prediction. `result()` waits for one Scored per task; `cancel()` withdraws it if it
+    has not reached the model yet."""
+
+    def __init__(self, pending: Pending) -> None:
+        self._pending = pending
+
+    def cancel(self) -> bool:
+        return self._pending.future.cancel()
+
+    def result(self, timeout: float | None = None) -> list[Scored]:
+        try:
+            return self._pending.future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            self.cancel()
+            raise DeadlineExceeded("the deadline passed before the prediction was ready") from None
+        except concurrent.futures.CancelledError:
+            raise Cancelled("the prediction was cancelled") from None
+
+
+class _Lane:
+    """A backbone's batcher, with what its worker thread reuses from batch to batch."""
+
+    def __init__(self, entry: Entry, settings: Settings) -> None:
+        self.entry = entry
+        # Text is validated per request (cheap) and tokenised per batch (one call: the fast tokenizer's
+        # batch path, far cheaper than a call per request); images are preprocessed per request.
+        self.deferred = entry.backbone.preprocess.modality == "text"
+        tokenizer = getattr(entry.backbone.preprocess, "tokenizer", None)
+        pad_id = getattr(tokenizer, "pad_token_id", None) or 0
+        self.pad_values = {"input_ids": pad_id}  # everything else pads with 0 (attention_mask: masked out)
+        self.buffers: dict[str, np.ndarray] = {}
+        self.batcher = Batcher(
+            entry.spec.name,
+            self.run,
+            max_size=settings.batch_max_size,
+            max_delay=settings.batch_max_delay_us / 1e6,
+            max_queue=settings.batch_queue_inputs,
+            adaptive=settings.batch_adaptive,
+        )
+
+    def collate(self, parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        """Stacks the requests' inputs along the batch axis, padding ragged axes (text length) as the
+        tokenizer pads a batch; into buffers reused from batch to batch (this thread only)."""
+        if len(parts) == 1:
+            return parts[0]
+        out = {}
+        for name in self.entry.trunk.input_names:
+            arrays = [p[name] for p in parts]
+            rows = sum(len(a) for a in arrays)
+            tail = tuple(max(a.shape[d] for a in arrays) for d in range(1, arrays[0].ndim))
+            size = rows * int(np.prod(tail, dtype=np.int64))
+            buf = self.buffers.get(name)
+            if buf is None or buf.size < size or buf.dtype != arrays[0].dtype:
+                buf = self.buffers[name] = np.empty(
+                    max(size, 2 * (buf.size if buf is not None else 0)), arrays[0].dtype
+                )
+            batch = buf[:size].reshape((rows, *tail))
+            if any(a.shape[1:] != tail for a in arrays):
+                batch.fill(self.pad_values.get(name, 0))
+            row = 0
+            for a in arrays:
+                batch[(slice(row, row + len(a)), *(slice(0, n) for n in a.shape[1:]))] = a
+                row += len(a)
+            out[name] = batch
+        return out
+
+    def run(self, batch: list[Pending]) -> None:
+        works: list[_Work] = [p.payload for p in batch]
+        names: dict[str, None] = {}
+        for w in works:
+            for head in w.heads:
+                names.update(dict.fromkeys(head.inputs))
+        if self.deferred:
+            inputs = self.entry.backbone.preprocess([x for w in works for x in w.items])
+        else:
+            inputs = self.collate([w.inputs for w in works])
+        outputs = self.entry.trunk.outputs(inputs, list(names))
+
+        # Rows of each head: (request, task index, first row, end row) in batch order.
+        groups: dict[int, tuple[HeadRuntime, list[tuple[int, int, int, int]]]] = {}
+        start = 0
+        for i, w in enumerate(works):
+            for j, head in enumerate(w.heads):
+                groups.setdefault(id(head), (head, []))[1].append((i, j, start, start + w.rows))
+            start += w.rows
+
+        results: list[list[Scored | None]] = [[None] * len(w.heads) for w in works]
+        failed: dict[int, BaseException] = {}
+        for head, parts in groups.values():
+            try:
+                probabilities = head.run(_rows(outputs, head.inputs, parts))
+            except Exception as exc:  # only this head's requests fail
+                log.exception(
+                    "head of task %s (version %d) failed",
+                    works[parts[0][0]].task_ids[parts[0][1]],
+                    head.version,
+                )
+                for i, *_ in parts:
+                    failed[i] = exc
+                continue
+            offset = 0
+            for i, j, first, end in parts:
+                n = end - first
+                results[i][j] = Scored(
+                    head.version, head.labels, probabilities[offset : offset + n], works[i].task_ids[j],
+                    head.reject_threshold,
+                )
+                offset += n
+        for i, p in enumerate(batch):
+            if i in failed:
+                p.future.set_exception(failed[i])
+            else:
+                p.future.set_result(results[i])
+
+
+def _rows(
+    outputs: dict[str, np.ndarray], names: Sequence[str], parts: list[tuple[int, int, int, int]]
+) -> dict[str, np.ndarray]:
+    """The rows `parts` of each named trunk output: a view when they are contiguous, else a gather."""
+    first, end = parts[0][2], parts[-1][3]
+    if all(parts[k][3] == parts[k + 1][2] for k in range(len(parts) - 1)):
+        return {n: outputs[n][first:end] for n in names}
+    index = np.concatenate([np.arange(a, b) for _, _, a, b in parts])
+    return {n: outputs[n][index] for n in names}
+
+
+class Predictor:
+    def __init__(self, store: Store, registry: BackboneRegistry, settings: Settings | None = None) -> None:
+        self.store = store
+        self.registry = registry
+        self.settings = settings or Settings()
+        self.heads = HeadCache(self._load, self.settings.head_cache_mb << 20, self._task_exists)
+        self._lanes: dict[str, _Lane] = {}
+        self._lanes_lock = threading.Lock()
+
+    # --- heads ------------------------------------------------------------------------------------------
+
+    def _load(self, task_id: str) -> HeadRuntime:
         task = self.store.get_task(task_id)
         if task.live_version == 0:
             raise FailedPrecondition(
@@ -70,12 +318,75 @@ class Predictor:
                 + "); wait for its training job to finish"
             )
         record = self.store.get_head(task_id, task.live_version)
-        head = HeadRuntime(record.onnx, record.labels, record.version, task.backbone, str(self.registry.device))
-        self.install(task_id, head)
-        return head
+        return HeadRuntime(
+            record.onnx, record.labels, record.version, task.backbone, str(self.registry.device)
+        )
 
-    def predict(self, task_id: str, items: Sequence[str | bytes]) -> Scored:
-        head = self.head(task_id)
-        entry = self.registry.get(head.backbone)
-        feeds = entry.trunk.outputs(entry.backbone.preprocess(items), head.inputs)
-        return Scored(head.version, head.labels, head.run(feeds))
+    def _task_exists(self, task_id: str) -> bool:
+        try:
+            self.store.get_task(task_id)
+        except NotFound:
+            return False
+        return True
+
+    def install(self, task_id: str, head: HeadRuntime) -> None:
+        """Makes `head` the live version for the task (called after the store committed it)."""
+        self.heads.install(task_id, head)
+
+    def forget(self, task_id: str) -> None:
+        self.heads.forget(task_id)
+
+    def head(self, task_id: str) -> HeadRuntime:
+        return self.heads.get(task_id)
+
+    # --- predictions --------------------------------------------------------------------------------------
+
+    def lane(self, backbone: str) -> _Lane:
+        lane = self._lanes.get(backbone)
+        if lane is None:
+            entry = self.registry.get(backbone)
+            with self._lanes_lock:
+                lane = self._lanes.get(backbone)
+                if lane is None:
+                    lane = self._lanes[backbone] = _Lane(entry, self.settings)
+        return lane
+
+    def submit(
+        self, task_ids: Sequence[str], items: Sequence[str | bytes], deadline: float | None = None
+    ) -> Ticket:
+        """Queues `items` for the tasks' heads (all on one backbone); `deadline` is a time.monotonic() value.
+
+        Raises here (not in the ticket) for unknown or untrained tasks, bad inputs and a full queue."""
+        heads = [self.heads.get(t) for t in task_ids]
+        backbone = heads[0].backbone
+        for task_id, head in zip(task_ids, heads):
+            if head.backbone != backbone:
+                raise InvalidInput(
+                    f"tasks {task_ids[0]!r} and {task_id!r} are on different backbones "
+                    f"({backbone}, {head.backbone}); "
+                    "one request serves one backbone: send one request per backbone"
+                )
+        lane = self.lane(backbone)
+        lane.batcher.check_room(len(items))
+        pre = lane.entry.backbone.preprocess
+        with lane.batcher.arriving() as arrival:
+            if lane.deferred:
+                pre.check(items)
+                work = _Work(list(task_ids), heads, None, len(items), items)
+            else:
+                work = _Work(list(task_ids), heads, pre(items), len(items))
+            pending = arrival.submit(work, len(items), deadline)  # on an idle server, runs it here and now
+        return Ticket(pending)
+
+    def predict(
+        self, task_ids: Sequence[str], items: Sequence[str | bytes], timeout: float | None = None
+    ) -> list[Scored]:
+        """submit() and wait: one Scored per task, in order."""
+        return self.submit(task_ids, items).result(timeout)
+
+    def batch_stats(self) -> dict[str, dict]:
+        return {name: dataclasses.asdict(lane.batcher.stats) for name, lane in self._lanes.items()}
+
+    def close(self) -> None:
+        for lane in list(self._lanes.values()):
+            lane.batcher.close()

@@ -44,6 +44,7 @@ class Running:
     def stop(self, grace: float = 5.0) -> None:
         self.health.enter_graceful_shutdown()
         self.server.stop(grace).wait()
+        self.app.predictor.close()
         self.app.runner.close()
         self.app.store.close()
 
@@ -69,7 +70,7 @@ def build_server(settings: Settings) -> Running:
     data_dir = pathlib.Path(settings.data_dir)
     store = Store.open(data_dir)
     registry = BackboneRegistry.load(settings)
-    predictor = Predictor(store, registry)
+    predictor = Predictor(store, registry, settings)
     runner = JobRunner(store, registry, predictor.install, settings.training_workers)
     app = HeadServeApp(settings, store, registry, runner, predictor)
     _warm_up()

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
 
 import grpc
 
@@ -76,16 +80,29 @@ class HeadServeServicer(pb_grpc.HeadServeServicer):
         self.app.delete_task(request.task_id)
         return pb.DeleteTaskResponse()
 
+    def _submit(self, request, deadline: float | None):
+        task_ids, multi = codec.predict_tasks(request)
+        codec.check_top_k(request.top_k)
+        return self.app.predict(task_ids, codec.items(request.inputs), deadline), multi
+
     @rpc
     def Predict(self, request, context):
-        scored = self.app.predict(request.task_id, codec.items(request.inputs))
-        return codec.predict_pb(scored, request.top_k, request.task_id, request.request_id)
+        remaining = _time_remaining(context)
+        ticket, multi = self._submit(request, None if remaining is None else time.monotonic() + remaining)
+        context.add_callback(ticket.cancel)  # a cancelled call leaves its batch
+        return codec.predict_pb(ticket.result(remaining), multi, request.top_k, request.request_id)
 
     @rpc
     def PredictStream(self, request_iterator, context):
-        for request in request_iterator:
-            scored = self.app.predict(request.task_id, codec.items(request.inputs))
-            yield codec.predict_pb(scored, request.top_k, request.task_id, request.request_id)
+        """Answers in order, reading up to STREAM_WINDOW requests ahead, so that the requests of one
+        stream are batched together."""
+        remaining = _time_remaining(context)
+        deadline = None if remaining is None else time.monotonic() + remaining
+        started = _read_ahead(request_iterator, lambda r: (r, *self._submit(r, deadline)), STREAM_WINDOW,
+                              cancel=lambda item: item[1].cancel())
+        for request, ticket, multi in started:
+            timeout = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+            yield codec.predict_pb(ticket.result(timeout), multi, request.top_k, request.request_id)
 
     @rpc
     def ExportTask(self, request, context):
@@ -99,6 +116,61 @@ class HeadServeServicer(pb_grpc.HeadServeServicer):
                 chunk.metadata_json = json.dumps(export.metadata, sort_keys=True)
                 chunk.sha256 = export.metadata["sha256"]
             yield chunk
+
+
+STREAM_WINDOW = 32  # requests of one PredictStream queued at once
+
+
+def _read_ahead(items: Iterator, start: Callable, window: int, cancel: Callable) -> Iterator:
+    """Yields start(item) for each item in order, while a reader thread calls `start` on up to `window`
+    items ahead. An error (from `items` or `start`) is raised after the results before it; results
+    started but not taken when the consumer stops are passed to `cancel`."""
+    ahead: queue.Queue = queue.Queue(window)
+    done = threading.Event()
+
+    def offer(item) -> bool:
+        while not done.is_set():
+            try:
+                ahead.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def read() -> None:
+        try:
+            for item in items:
+                if not offer(("ok", start(item))):
+                    return
+        except BaseException as exc:  # re-raised in order by the consumer
+            offer(("error", exc))
+            return
+        offer(("end", None))
+
+    threading.Thread(target=read, name="read-ahead", daemon=True).start()
+    try:
+        while True:
+            kind, value = ahead.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise value
+            yield value
+    finally:
+        done.set()
+        while True:
+            try:
+                kind, value = ahead.get_nowait()
+            except queue.Empty:
+                break
+            if kind == "ok":
+                cancel(value)
+
+
+def _time_remaining(context) -> float | None:
+    """Seconds until the call's deadline; None without one (gRPC reports "no deadline" as a huge number)."""
+    remaining = context.time_remaining()
+    return None if remaining is None or remaining > 1e6 else remaining
 
 
 def add_to_server(app: HeadServeApp, server: grpc.Server) -> None:

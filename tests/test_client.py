@@ -364,3 +364,17 @@ def test_client_closes_only_its_own_channel(server):
         assert HeadServeClient(channel=channel, timeout=10).list_backbones()
     finally:
         channel.close()
+
+
+def test_predict_many_scores_several_tasks_in_one_call(server):
+    from conftest import TOPICS
+
+    with HeadServeClient(server.address) as hs:
+        ids = []
+        for _ in range(2):
+            task = hs.create_task("minilm-l6", [(t, label) for label, texts in TOPICS.items() for t in texts])
+            hs.wait(task.job_id)
+            ids.append(task.task_id)
+        resp = hs.predict_many(ids, ["Knead the dough for ten minutes."], top_k=1)
+        assert [r.task_id for r in resp.results] == ids
+        assert all(r.predictions[0].label == "cooking" and r.version == 1 for r in resp.results)

@@ -212,3 +212,18 @@ def test_unknown_tap_is_invalid(client):
         client.stub.CreateTask(pb.CreateTaskRequest(task_id=unique_id(), backbone="minilm-l6", examples=text_examples(),
                                                     config=pb.TrainingConfig(tap="first")))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "tap" in err.value.details()
+
+
+def test_reject_threshold_reports_unsure_predictions_as_unknown(client):
+    task_id, task = train(client, text_examples(), reject_threshold=0.95)
+    assert json.loads(task.evaluation.details_json)["reject_threshold"] == pytest.approx(0.95)
+    texts = [TOPICS["sports"][0], "qwerty zxcv uiop", "The a of and to."]
+    resp = client.stub.Predict(pb.PredictRequest(task_id=task_id, inputs=[pb.Input(text=t) for t in texts]))
+    for pred in resp.predictions:
+        assert pred.rejected == (pred.top[0].score < 0.95)
+        assert pred.label == ("" if pred.rejected else pred.top[0].label)
+    assert any(p.rejected for p in resp.predictions)
+    # Without a threshold nothing is rejected.
+    plain_id, _ = train(client, text_examples())
+    resp = client.stub.Predict(pb.PredictRequest(task_id=plain_id, inputs=[pb.Input(text=t) for t in texts]))
+    assert not any(p.rejected for p in resp.predictions) and all(p.label for p in resp.predictions)

@@ -382,14 +382,16 @@ class LabelScore(_message.Message):
     def __init__(self, label: _Optional[str] = ..., score: _Optional[float] = ...) -> None: ...
 
 class Prediction(_message.Message):
-    __slots__ = ("label", "score", "top")
+    __slots__ = ("label", "score", "top", "rejected")
     LABEL_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
     TOP_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_FIELD_NUMBER: _ClassVar[int]
     label: str
     score: float
     top: _containers.RepeatedCompositeFieldContainer[LabelScore]
-    def __init__(self, label: _Optional[str] = ..., score: _Optional[float] = ..., top: _Optional[_Iterable[_Union[LabelScore, _Mapping]]] = ...) -> None: ...
+    rejected: bool
+    def __init__(self, label: _Optional[str] = ..., score: _Optional[float] = ..., top: _Optional[_Iterable[_Union[LabelScore, _Mapping]]] = ..., rejected: _Optional[bool] = ...) -> None: ...
 
 class TaskPredictions(_message.Message):
     __slots__ = ("task_id", "version", "predictions")

@@ -1,0 +1,591 @@
+"""Dynamic batching across tasks: the batcher on its own, then through a real server.
+
+Server tests hold the trunk (a gate in front of the backbone's trunk pass) so that requests queue up
+deterministically, then release it; no test asserts on timing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+from conftest import HELD_OUT, TOPICS, image_examples, text_examples, unique_id
+
+from adapters.errors import DeadlineExceeded, ResourceExhausted
+from service.batcher import Batcher
+from service.gen import headserve_pb2 as pb
+from service.predictor import _Lane, _Work
+
+TEXTS = [t for texts in HELD_OUT.values() for t in texts]
+
+# --- the batcher alone ---------------------------------------------------------------------------------
+
+
+class Recorder:
+    """A batch function that records each batch's payloads, optionally held at a gate."""
+
+    def __init__(self, hold: bool = False) -> None:
+        self.batches: list[list] = []
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+        if not hold:
+            self.gate.set()
+
+    def __call__(self, batch) -> None:
+        self.entered.set()
+        assert self.gate.wait(10)
+        self.batches.append([p.payload for p in batch])
+        for p in batch:
+            p.future.set_result(p.payload)
+
+
+def wait_for(condition, timeout: float = 10.0) -> None:
+    end = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < end, "condition not reached"
+        time.sleep(0.002)
+
+
+@contextlib.contextmanager
+def batcher(run, **kw):
+    b = Batcher("test", run, **{"max_size": 4, "max_delay": 0.0, "max_queue": 100, **kw})
+    try:
+        yield b
+    finally:
+        b.close()
+
+
+def plug(b: Batcher, rec: Recorder) -> None:
+    """Occupies the worker with a first request held at the recorder's gate."""
+    b.submit("plug", 1)
+    assert rec.entered.wait(10)
+
+
+def test_a_lone_request_does_not_wait_for_the_queue_delay():
+    rec = Recorder()
+    with batcher(rec, max_delay=600.0) as b:  # a 10-minute delay that must not apply to an idle server
+        assert b.submit("a", 1).future.result(timeout=30) == "a"
+    assert rec.batches == [["a"]]
+
+
+def test_an_idle_batcher_runs_a_lone_request_on_the_callers_thread_and_a_busy_one_queues_it():
+    threads = []
+
+    def run(batch):
+        threads.append(threading.current_thread())
+        for p in batch:
+            p.future.set_result(p.payload)
+
+    with batcher(run, max_delay=600.0) as b:
+        with b.arriving() as arrival:
+            pending = arrival.submit("alone", 1)
+        assert pending.future.done() and threads == [threading.current_thread()]
+        assert b.stats.inline == 1
+
+    rec = Recorder(hold=True)
+    with batcher(rec) as b:
+        plug(b, rec)
+        with b.arriving() as arrival:
+            queued = arrival.submit("queued", 1)
+        assert not queued.future.done()
+        rec.gate.set()
+        assert queued.future.result(10) == "queued" and b.stats.inline == 0
+
+
+def test_queued_requests_form_batches_in_order_without_splitting_a_request():
+    rec = Recorder(hold=True)
+    with batcher(rec, max_size=4) as b:
+        plug(b, rec)
+        sizes = {"a": 1, "b": 2, "c": 1, "d": 3, "e": 1, "f": 5, "g": 1}
+        pending = [b.submit(name, rows) for name, rows in sizes.items()]
+        rec.gate.set()
+        assert [p.future.result(10) for p in pending] == list(sizes)
+    # a+b+c = 4 rows; d+e = 4; f (5 rows) runs alone; g follows.
+    assert rec.batches == [["plug"], ["a", "b", "c"], ["d", "e"], ["f"], ["g"]]
+    assert b.stats.largest == 5 and b.stats.requests == 8
+
+
+def test_a_forming_batch_waits_for_requests_being_prepared():
+    rec = Recorder()
+    with batcher(rec, max_delay=600.0) as b:
+        with b.arriving():
+            first = b.submit("first", 1)
+            with b.arriving():  # a second request is being prepared: the batch waits for it
+                time.sleep(0.05)
+                second = b.submit("second", 1)
+        assert first.future.result(10) == "first" and second.future.result(10) == "second"
+    assert rec.batches == [["first", "second"]]
+
+
+def test_under_steady_load_a_batch_waits_for_the_callers_just_answered():
+    """Callers answered together come back together: the next batch waits for them (up to max_delay)
+    rather than leaving with whatever is queued, which would make batches alternate large and small."""
+    rec = Recorder(hold=True)
+    with batcher(rec, max_delay=600.0) as b:
+        plug(b, rec)
+        first = [b.submit(x, 1) for x in "abc"]  # queued while the plug runs
+        rec.gate.set()
+        time.sleep(0.05)  # a, b, c wait for the plug's caller, who comes back
+        first.append(b.submit("p", 1))
+        assert [p.future.result(10) for p in first] == list("abcp")
+        second = [b.submit("d", 1)]
+        time.sleep(0.05)  # d waits for the three others answered with it
+        second += [b.submit(x, 1) for x in "efg"]
+        assert [p.future.result(10) for p in second] == list("defg")
+    assert rec.batches == [["plug"], ["a", "b", "c", "p"], ["d", "e", "f", "g"]]
+
+
+def drive(tuner, cost_per_row, batches=400):
+    """Runs `batches` batches as large as the tuner allows, each costing cost_per_row(size) per row."""
+    sizes = []
+    for _ in range(batches):
+        rows = tuner.limit()
+        tuner.observe(rows, cost_per_row(tuner.bucket(rows)) * rows)
+        sizes.append(rows)
+    return sizes
+
+
+def test_the_adaptive_size_limit_settles_on_the_cheapest_batch_per_input():
+    from service.batcher import SizeTuner
+
+    cpu = {1: 10.0, 2: 6.0, 4: 5.0, 8: 7.0, 16: 9.0, 32: 12.0}  # padded text on a busy CPU
+    tuner = SizeTuner(32, explore_every=16)
+    sizes = drive(tuner, cpu.get)
+    assert tuner.cap == 4
+    assert sizes[-100:].count(4) >= 90 and {2, 8} <= set(sizes[-100:])  # mostly 4, still exploring around it
+
+    gpu = SizeTuner(32)
+    drive(gpu, lambda size: 10.0 / size)  # larger batches nearly free
+    assert gpu.cap == 32
+
+    odd = SizeTuner(24)  # max_size need not be a power of two
+    assert odd.sizes == [1, 2, 4, 8, 16, 24] and odd.bucket(20) == 16 and odd.bucket(24) == 24
+
+
+def test_a_full_queue_is_resource_exhausted():
+    rec = Recorder(hold=True)
+    with batcher(rec, max_queue=3) as b:
+        plug(b, rec)
+        queued = [b.submit("a", 2), b.submit("b", 1)]
+        with pytest.raises(ResourceExhausted, match="queue .* is full"):
+            b.submit("c", 1)
+        with pytest.raises(ResourceExhausted):
+            b.check_room(1)
+        rec.gate.set()
+        assert [p.future.result(10) for p in queued] == ["a", "b"]
+        assert b.submit("d", 1).future.result(10) == "d"  # room again
+    assert b.stats.rejected == 2
+
+
+def test_expired_and_cancelled_requests_leave_their_batch():
+    rec = Recorder(hold=True)
+    with batcher(rec) as b:
+        plug(b, rec)
+        expired = b.submit("expired", 1, deadline=time.monotonic() + 0.01)
+        cancelled = b.submit("cancelled", 1)
+        kept = b.submit("kept", 1)
+        assert cancelled.future.cancel()
+        time.sleep(0.02)
+        rec.gate.set()
+        assert kept.future.result(10) == "kept"
+        with pytest.raises(DeadlineExceeded, match="deadline passed"):
+            expired.future.result(10)
+    assert rec.batches[1] == ["kept"]
+    assert (b.stats.expired, b.stats.cancelled) == (1, 1)
+
+
+def test_a_failing_batch_fails_its_requests_and_the_worker_goes_on():
+    calls = []
+
+    def run(batch):
+        calls.append(len(batch))
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+        for p in batch:
+            p.future.set_result("ok")
+
+    with batcher(run) as b:
+        with pytest.raises(RuntimeError, match="boom"):
+            b.submit("x", 1).future.result(10)
+        assert b.submit("y", 1).future.result(10) == "ok"
+
+
+# --- routing rows to heads, exactly ----------------------------------------------------------------------
+
+
+class RowwiseTrunk:
+    """A deterministic stand-in trunk whose rows do not depend on the rest of the batch."""
+
+    input_names = ("input_ids", "attention_mask")
+
+    def outputs(self, batch, names):
+        ids = batch["input_ids"].astype(np.float32) * batch["attention_mask"]
+        features = np.stack([np.sin(ids.sum(1) * (k + 1) / 997.0) for k in range(8)], axis=1).astype(
+            np.float32
+        )
+        return {"features": features}
+
+
+class RowwiseHead:
+    def __init__(self, version: int, seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        self.w = rng.normal(size=(8, 3)).astype(np.float32)
+        self.version, self.labels, self.inputs = version, ["a", "b", "c"], ["features"]
+        self.reject_threshold = 0.0
+
+    def run(self, feeds):
+        z = (feeds["features"][:, :, None] * self.w[None]).sum(1)  # no BLAS: the same sums for any batch
+        e = np.exp(z - z.max(1, keepdims=True))
+        return e / e.sum(1, keepdims=True)
+
+
+class FakeEntry:
+    class spec:
+        name = "fake"
+
+    class backbone:
+        class preprocess:
+            modality = "image"  # preprocessed per request, then padded and stacked by the batch (collate)
+            tokenizer = None
+
+    trunk = RowwiseTrunk()
+
+
+def test_mixed_task_batch_routes_every_row_to_its_head_exactly():
+    """Rows of several requests (ragged lengths, several tasks, a multi-task request) in one batch get
+    exactly the scores each request gets alone."""
+    from service.config import Settings
+
+    lane = _Lane(FakeEntry(), Settings(batch_max_size=64))
+    try:
+        heads = {name: RowwiseHead(1, seed) for seed, name in enumerate("xyz")}
+        rng = np.random.default_rng(1)
+
+        def work(task_ids, n, length):
+            ids = rng.integers(1, 500, size=(n, length))
+            return _Work(
+                list(task_ids),
+                [heads[t] for t in task_ids],
+                {"input_ids": ids, "attention_mask": np.ones_like(ids)},
+                n,
+            )
+
+        works = [work("x", 1, 5), work("y", 3, 9), work("x", 2, 3), work("zx", 2, 7), work("z", 1, 4)]
+
+        class P:
+            def __init__(self, w):
+                from concurrent.futures import Future
+
+                self.payload, self.future = w, Future()
+
+        together = [P(w) for w in works]
+        lane.run(together)
+        for w, p in zip(works, together):
+            alone = P(w)
+            lane.run([alone])
+            for a, b in zip(p.future.result(), alone.future.result()):
+                assert (a.task_id, a.version) == (b.task_id, b.version)
+                np.testing.assert_array_equal(a.probabilities, b.probabilities)
+    finally:
+        lane.batcher.close()
+
+
+# --- through a real server --------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def held_trunk(server, backbone="minilm-l6"):
+    """Holds the backbone's trunk pass at a gate; yields (batcher, gate, entered). Batches may hold up to
+    batch_max_size meanwhile (the adaptive size limit is set aside, so what queued forms one batch)."""
+    lane = server.app.predictor.lane(backbone)
+    trunk = lane.entry.trunk
+    gate, entered = threading.Event(), threading.Event()
+    original = trunk.outputs
+    tuner, lane.batcher.tuner = lane.batcher.tuner, None
+
+    def outputs(batch, names):
+        entered.set()
+        assert gate.wait(60)
+        return original(batch, names)
+
+    trunk.outputs = outputs
+    try:
+        yield lane.batcher, gate, entered
+    finally:
+        gate.set()
+        del trunk.outputs
+        lane.batcher.tuner = tuner
+
+
+def request(task, texts, **kw):
+    if isinstance(task, (list, tuple)):
+        return pb.PredictRequest(task_ids=list(task), inputs=[pb.Input(text=t) for t in texts], **kw)
+    return pb.PredictRequest(task_id=task, inputs=[pb.Input(text=t) for t in texts], **kw)
+
+
+def scores(prediction):
+    return {s.label: s.score for s in prediction.top}
+
+
+@pytest.fixture(scope="module")
+def three_tasks(client, text_task):
+    """Three READY text tasks on minilm-l6 with different label sets and heads."""
+    other = {"food": TOPICS["cooking"], "other": TOPICS["sports"] + TOPICS["computing"]}
+    ids = [unique_id("food"), unique_id("proto")]
+    client.stub.CreateTask(
+        pb.CreateTaskRequest(
+            task_id=ids[0],
+            backbone="minilm-l6",
+            examples=text_examples(other),
+            config=pb.TrainingConfig(strategy=pb.LINEAR),
+        )
+    )
+    client.stub.CreateTask(
+        pb.CreateTaskRequest(
+            task_id=ids[1],
+            backbone="minilm-l6",
+            examples=text_examples(),
+            config=pb.TrainingConfig(strategy=pb.PROTOTYPE),
+        )
+    )
+    for task_id in ids:
+        assert client.wait_ready(task_id).state == pb.Job.SUCCEEDED
+    return [text_task, *ids]
+
+
+def test_mixed_task_batch_gives_the_scores_of_one_by_one_calls(server, stub, three_tasks):
+    a, b, c = three_tasks
+    calls = [
+        request(a, TEXTS[0:1]),
+        request(b, TEXTS[1:4]),
+        request(c, TEXTS[4:5]),
+        request(a, TEXTS[5:7]),
+        request([b, c, a], TEXTS[7:9]),
+        request(c, ["short"]),
+        request(b, [TEXTS[9] + " " + TEXTS[10]]),
+    ]
+    alone = [stub.Predict(r) for r in calls]
+    with held_trunk(server) as (batcher, gate, entered):
+        plug = stub.Predict.future(request(a, ["plug"]))
+        assert entered.wait(30)
+        batcher.reset_stats()
+        futures = [stub.Predict.future(r) for r in calls]
+        rows = sum(len(r.inputs) for r in calls)
+        wait_for(lambda: batcher.queued_rows == rows)
+        gate.set()
+        together = [f.result(timeout=60) for f in futures]
+        plug.result(timeout=60)
+    stats = batcher.reset_stats()
+    assert (stats.batches, stats.rows, stats.largest) == (1, rows, rows)  # one trunk pass for all of them
+    for x, y in zip(alone, together):
+        pairs = (
+            [(p, q) for r, s in zip(x.results, y.results) for p, q in zip(r.predictions, s.predictions)]
+            if x.results
+            else list(zip(x.predictions, y.predictions))
+        )
+        assert [(r.task_id, r.version) for r in x.results] == [(r.task_id, r.version) for r in y.results]
+        assert (x.task_id, x.version) == (y.task_id, y.version)
+        for p, q in pairs:
+            assert p.label == q.label and [s.label for s in p.top] == [s.label for s in q.top]
+            # Float32 sums over a longer padded batch round differently in the last bit; nothing more.
+            np.testing.assert_allclose([s.score for s in p.top], [s.score for s in q.top], rtol=0, atol=2e-6)
+
+
+def test_multi_task_predict_runs_the_trunk_once_for_all_heads(server, stub, three_tasks):
+    batcher = server.app.predictor.lane("minilm-l6").batcher
+    texts = TEXTS[:3]
+    batcher.reset_stats()
+    multi = stub.Predict(request(three_tasks, texts, request_id="m1", top_k=2))
+    stats = batcher.reset_stats()
+    assert (stats.batches, stats.rows) == (1, len(texts))
+    assert multi.request_id == "m1" and not multi.predictions and not multi.task_id
+    assert [r.task_id for r in multi.results] == three_tasks
+    for result in multi.results:
+        single = stub.Predict(request(result.task_id, texts, top_k=2))
+        assert result.version == single.version and len(result.predictions) == len(texts)
+        for p, q in zip(result.predictions, single.predictions):
+            assert p.label == q.label and len(p.top) == 2
+            np.testing.assert_allclose(list(scores(p).values()), list(scores(q).values()), atol=2e-6)
+
+
+def test_multi_task_predict_rejects_bad_task_lists(stub, three_tasks, image_task):
+    def expect(req, *fragments):
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Predict(req)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+        for fragment in fragments:
+            assert fragment in err.value.details()
+
+    a = three_tasks[0]
+    expect(request([a, image_task], ["x"]), "different backbones")
+    expect(request([a, a], ["x"]), "more than once")
+    both = request([a], ["x"])
+    both.task_id = a
+    expect(both, "not both")
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Predict(request([a, unique_id("missing")], ["x"]))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_a_full_queue_is_resource_exhausted_and_the_queued_requests_complete(server, stub, text_task):
+    with held_trunk(server) as (batcher, gate, entered):
+        limit = batcher.max_queue
+        batcher.max_queue = 3
+        try:
+            plug = stub.Predict.future(request(text_task, ["plug"]))
+            assert entered.wait(30)
+            queued = [
+                stub.Predict.future(request(text_task, TEXTS[:2])),
+                stub.Predict.future(request(text_task, TEXTS[2:3])),
+            ]
+            wait_for(lambda: batcher.queued_rows == 3)
+            with pytest.raises(grpc.RpcError) as err:
+                stub.Predict(request(text_task, TEXTS[3:4]))
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "queue" in err.value.details() and "retry" in err.value.details()
+        finally:
+            batcher.max_queue = limit
+        gate.set()
+        assert [len(f.result(timeout=60).predictions) for f in queued] == [2, 1]
+        plug.result(timeout=60)
+
+
+def test_a_deadline_exceeded_request_is_dropped_from_its_batch(server, stub, text_task):
+    with held_trunk(server) as (batcher, gate, entered):
+        plug = stub.Predict.future(request(text_task, ["plug"]))
+        assert entered.wait(30)
+        batcher.reset_stats()
+        late = stub.Predict.future(request(text_task, TEXTS[:3]), timeout=0.5)
+        kept = stub.Predict.future(request(text_task, TEXTS[3:4]))
+        wait_for(lambda: batcher.queued_rows == 4)
+        with pytest.raises(grpc.RpcError) as err:
+            late.result(timeout=60)
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        gate.set()
+        assert len(kept.result(timeout=60).predictions) == 1
+        plug.result(timeout=60)
+    stats = batcher.reset_stats()
+    assert (
+        stats.rows == 1 and stats.expired + stats.cancelled == 1
+    )  # the late request never reached the trunk
+
+
+def test_a_cancelled_request_leaves_its_batch(server, stub, text_task):
+    with held_trunk(server) as (batcher, gate, entered):
+        plug = stub.Predict.future(request(text_task, ["plug"]))
+        assert entered.wait(30)
+        batcher.reset_stats()
+        gone = stub.Predict.future(request(text_task, TEXTS[:2]))
+        kept = stub.Predict.future(request(text_task, TEXTS[2:3]))
+        wait_for(lambda: batcher.queued_rows == 3)
+        gone.cancel()
+        wait_for(lambda: any(p.future.cancelled() for p in list(batcher._queue)))  # the server learnt of it
+        gate.set()
+        assert len(kept.result(timeout=60).predictions) == 1
+        plug.result(timeout=60)
+    stats = batcher.reset_stats()
+    assert stats.cancelled == 1 and stats.rows == 1
+
+
+def test_predict_stream_reads_ahead_and_answers_in_order(stub, three_tasks):
+    requests = [request(three_tasks[i % 3], TEXTS[i : i + 1 + i % 2], request_id=f"r{i}") for i in range(12)]
+    responses = list(stub.PredictStream(iter(requests)))
+    assert [r.request_id for r in responses] == [f"r{i}" for i in range(12)]
+    for req, resp in zip(requests, responses):
+        single = stub.Predict(req)
+        assert resp.task_id == req.task_id and [p.label for p in resp.predictions] == [
+            p.label for p in single.predictions
+        ]
+
+
+def test_predict_stream_error_comes_after_the_earlier_answers(stub, text_task):
+    requests = [
+        request(text_task, ["a pie"], request_id="ok"),
+        request(unique_id("missing"), ["x"], request_id="bad"),
+        request(text_task, ["a goal"], request_id="never"),
+    ]
+    call = stub.PredictStream(iter(requests))
+    assert next(call).request_id == "ok"
+    with pytest.raises(grpc.RpcError) as err:
+        next(call)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_image_requests_are_batched_across_tasks(server, stub, image_task, client):
+    other = unique_id("img")
+    stub.CreateTask(
+        pb.CreateTaskRequest(
+            task_id=other,
+            backbone="mobilenet_v3_small",
+            examples=image_examples(3),
+            config=pb.TrainingConfig(strategy=pb.PROTOTYPE),
+        )
+    )
+    assert client.wait_ready(other).state == pb.Job.SUCCEEDED
+    inputs = [ex.input for ex in image_examples(2)]
+    calls = [
+        pb.PredictRequest(task_id=t, inputs=inputs[i : i + 2])
+        for i, t in enumerate([image_task, other, image_task])
+    ]
+    alone = [stub.Predict(r) for r in calls]
+    with held_trunk(server, "mobilenet_v3_small") as (batcher, gate, entered):
+        plug = stub.Predict.future(pb.PredictRequest(task_id=other, inputs=inputs[:1]))
+        assert entered.wait(30)
+        batcher.reset_stats()
+        futures = [stub.Predict.future(r) for r in calls]
+        wait_for(lambda: batcher.queued_rows == 6)
+        gate.set()
+        together = [f.result(timeout=60) for f in futures]
+        plug.result(timeout=60)
+    assert batcher.reset_stats().batches == 1
+    for x, y in zip(alone, together):
+        for p, q in zip(x.predictions, y.predictions):
+            assert p.label == q.label
+            np.testing.assert_allclose([s.score for s in p.top], [s.score for s in q.top], atol=2e-6)
+
+
+# --- the GPU-side session plumbing, checked on the CPU ---------------------------------------------------
+
+
+def test_io_binding_path_gives_the_outputs_of_run():
+    """TrunkRuntime binds outputs to host memory on a GPU; the same code path runs on the CPU here."""
+    from adapters.heads import DenseHead
+    from adapters.onnx_utils import create_session
+    from adapters.runtime import TrunkRuntime
+
+    rng = np.random.default_rng(0)
+    model = DenseHead(
+        "linear", [(rng.normal(size=(3, 8)).astype(np.float32), np.zeros(3, np.float32))]
+    ).to_onnx()
+    trunk = object.__new__(TrunkRuntime)
+    trunk.session = create_session(model, threads=1)
+    x = rng.normal(size=(5, 8)).astype(np.float32)
+    trunk.io_binding = False
+    plain = trunk._run(["probabilities"], {"features": x})[0]
+    trunk.io_binding = True
+    bound = trunk._run(["probabilities"], {"features": x})[0]
+    np.testing.assert_array_equal(plain, bound)
+
+
+def test_gpu_providers_put_tensorrt_then_cuda_first_and_keep_the_cpu(tmp_path, monkeypatch):
+    import onnxruntime as ort
+
+    from adapters import onnx_utils
+
+    monkeypatch.setattr(
+        ort,
+        "get_available_providers",
+        lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+    )
+    names = [
+        p[0] if isinstance(p, tuple) else p for p in onnx_utils.providers_for("cuda:1", tmp_path / "trt")
+    ]
+    assert names == ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert onnx_utils.providers_for("cuda", None)[0][0] == "CUDAExecutionProvider"
+    assert onnx_utils.providers_for("cpu", tmp_path) == ["CPUExecutionProvider"]
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    assert onnx_utils.providers_for("cuda", tmp_path) == ["CPUExecutionProvider"]

@@ -1,0 +1,243 @@
+"""The LRU of loaded heads: its rules on fake heads, then eviction, reload and version swaps through a
+real server."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+from conftest import HELD_OUT, TOPICS, text_examples, unique_id
+
+from adapters.errors import NotFound
+from service.gen import headserve_pb2 as pb
+from service.predictor import HeadCache
+
+TEXTS = [t for texts in HELD_OUT.values() for t in texts]
+
+# --- the cache's rules ------------------------------------------------------------------------------------
+
+
+class FakeHead:
+    def __init__(self, task_id: str, version: int = 1, size: int = 100) -> None:
+        self.task_id, self.version, self.memory_bytes, self.backbone = task_id, version, size, "b"
+
+
+class Loader:
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self.versions: dict[str, int] = {}
+        self.gate = threading.Event()
+        self.gate.set()
+        self.fail: set[str] = set()
+
+    def __call__(self, task_id: str) -> FakeHead:
+        self.calls.append(task_id)
+        assert self.gate.wait(10)
+        if task_id in self.fail:
+            raise NotFound(f"task {task_id!r} does not exist")
+        return FakeHead(task_id, self.versions.get(task_id, 1))
+
+
+def wait_for(condition, timeout: float = 10.0) -> None:
+    end = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < end, "condition not reached"
+        time.sleep(0.002)
+
+
+def cache(budget=300, exists=lambda t: True):
+    loader = Loader()
+    return HeadCache(loader, budget, exists), loader
+
+
+def test_least_recently_used_heads_go_first_and_hot_heads_stay():
+    c, loader = cache(budget=300)
+    for t in "abc":
+        c.get(t)
+    c.get("a")  # a is hot again
+    c.get("d")  # over budget: b, the least recently used, goes
+    assert [t for t in "abcd" if t in c] == ["a", "c", "d"]
+    assert c.stats.evictions == 1 and c.stats.bytes == 300 and c.stats.heads == 3
+    c.get("a")
+    assert loader.calls == ["a", "b", "c", "d"]  # a was served from memory both times
+    c.get("b")  # reloads, evicting c
+    assert [t for t in "abcd" if t in c] == ["a", "b", "d"] and loader.calls[-1] == "b"
+
+
+def test_the_latest_head_stays_even_when_it_alone_is_over_budget():
+    c, _ = cache(budget=50)
+    c.get("a")
+    assert "a" in c and len(c) == 1
+    c.get("b")
+    assert "b" in c and "a" not in c
+
+
+def test_concurrent_requests_for_a_cold_task_load_it_once():
+    c, loader = cache()
+    loader.gate.clear()
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(c.get("a"))) for _ in range(8)]
+    for th in threads:
+        th.start()
+    wait_for(lambda: loader.calls == ["a"])
+    time.sleep(0.05)  # let the other threads reach the cache (any that come later find the head loaded)
+    loader.gate.set()
+    for th in threads:
+        th.join(10)
+    assert loader.calls == ["a"] and len(got) == 8 and all(h is got[0] for h in got)
+
+
+def test_a_failed_load_is_reported_and_not_remembered():
+    c, loader = cache()
+    loader.fail.add("a")
+    with pytest.raises(NotFound):
+        c.get("a")
+    loader.fail.clear()
+    assert c.get("a").task_id == "a" and loader.calls == ["a", "a"]
+
+
+def test_a_task_forgotten_while_loading_is_not_cached():
+    c, loader = cache()
+    loader.gate.clear()
+    th = threading.Thread(target=c.get, args=("a",))
+    th.start()
+    wait_for(lambda: loader.calls == ["a"])  # the load has started
+    c.forget("a")  # deleted meanwhile
+    loader.gate.set()
+    th.join(10)
+    assert "a" not in c
+
+
+def test_install_swaps_in_a_newer_version_and_never_an_older_one():
+    c, loader = cache()
+    assert c.get("a").version == 1
+    c.install("a", FakeHead("a", 2))
+    assert c.get("a").version == 2
+    c.install("a", FakeHead("a", 1))  # a late, older install loses
+    assert c.get("a").version == 2
+    # A lazy load that read the old version while v3 was installed keeps v3.
+    c.forget("b")
+    loader.gate.clear()
+    th = threading.Thread(target=c.get, args=("b",))
+    th.start()
+    wait_for(lambda: loader.calls[-1:] == ["b"])  # the load (of version 1) has started
+    c.install("b", FakeHead("b", 3))
+    loader.gate.set()
+    th.join(10)
+    assert c.get("b").version == 3
+
+
+def test_install_for_a_deleted_task_is_ignored():
+    c, _ = cache(exists=lambda t: t != "gone")
+    c.install("gone", FakeHead("gone", 1))
+    assert "gone" not in c
+
+
+# --- through a real server --------------------------------------------------------------------------------
+
+
+def all_scores(resp):
+    return [[(s.label, s.score) for s in p.top] for p in resp.predictions]
+
+
+def same_scores(a, b, atol=2e-6):
+    assert [[label for label, _ in row] for row in a] == [[label for label, _ in row] for row in b]
+    np.testing.assert_allclose(
+        [[s for _, s in row] for row in a], [[s for _, s in row] for row in b], atol=atol
+    )
+
+
+def test_eviction_and_reload_keep_serving(server, client, text_task):
+    stub = client.stub
+    others = [unique_id("evict") for _ in range(2)]
+    for task_id in others:
+        stub.CreateTask(
+            pb.CreateTaskRequest(
+                task_id=task_id,
+                backbone="minilm-l6",
+                examples=text_examples(),
+                config=pb.TrainingConfig(strategy=pb.PROTOTYPE),
+            )
+        )
+    for task_id in others:
+        assert client.wait_ready(task_id).state == pb.Job.SUCCEEDED
+    tasks = [text_task, *others]
+    req = {t: pb.PredictRequest(task_id=t, inputs=[pb.Input(text=x) for x in TEXTS[:4]]) for t in tasks}
+    reference = {t: all_scores(stub.Predict(req[t])) for t in tasks}
+
+    heads = server.app.predictor.heads
+    budget, before = heads.budget_bytes, (heads.stats.loads, heads.stats.evictions)
+    heads.set_budget(1)  # room for one head: every switch of task evicts and reloads
+    try:
+        for _ in range(3):
+            for t in tasks:
+                same_scores(all_scores(stub.Predict(req[t])), reference[t])
+                assert len(heads) == 1 and t in heads
+    finally:
+        heads.set_budget(budget)
+    assert heads.stats.loads - before[0] >= 8 and heads.stats.evictions - before[1] >= 8
+
+
+def test_version_swap_under_load_never_mixes_versions_inside_a_response(client, text_task):
+    stub = client.stub
+    task_id = unique_id("swap")
+    stub.CreateTask(
+        pb.CreateTaskRequest(
+            task_id=task_id,
+            backbone="minilm-l6",
+            examples=text_examples(),
+            config=pb.TrainingConfig(strategy=pb.LINEAR),
+        )
+    )
+    assert client.wait_ready(task_id).state == pb.Job.SUCCEEDED
+    inputs = [pb.Input(text=t) for t in TEXTS[:6]]
+    single = pb.PredictRequest(task_id=task_id, inputs=inputs)
+    multi = pb.PredictRequest(task_ids=[text_task, task_id], inputs=inputs)
+    reference = {1: all_scores(stub.Predict(single))}
+
+    seen: list[pb.PredictResponse] = []
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def hammer(req):
+        try:
+            while not stop.is_set():
+                resp = stub.Predict(req)
+                seen.append(resp.results[1] if resp.results else resp)
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=hammer, args=(r,)) for r in (single, single, multi)]
+    for th in threads:
+        th.start()
+    try:
+        music = {
+            "music": [
+                "The orchestra played a symphony.",
+                "She sang the chorus beautifully.",
+                "The guitarist tuned his strings.",
+                "The band released a new album.",
+            ]
+        }
+        stub.AddExamples(iter([pb.AddExamplesRequest(task_id=task_id, examples=text_examples(music))]))
+        stub.TrainTask(pb.TrainTaskRequest(task_id=task_id))
+        assert client.wait_ready(task_id).state == pb.Job.SUCCEEDED
+        deadline = time.monotonic() + 60
+        while sum(r.version == 2 for r in seen) < 10 and time.monotonic() < deadline and not errors:
+            time.sleep(0.01)
+    finally:
+        stop.set()
+        for th in threads:
+            th.join(60)
+    assert not errors, errors
+    reference[2] = all_scores(stub.Predict(single))
+    labels = {1: sorted(TOPICS), 2: sorted([*TOPICS, "music"])}
+    versions = {r.version for r in seen}
+    assert versions == {1, 2}, versions
+    for resp in seen:
+        assert len(resp.predictions) == len(inputs)
+        for p in resp.predictions:
+            assert sorted(s.label for s in p.top) == labels[resp.version]
+        same_scores(all_scores(resp), reference[resp.version])
