@@ -155,15 +155,23 @@ def _validation(evaluation: pb.Evaluation) -> str:
 
 def _print_evaluation(out: Console, evaluation: pb.Evaluation) -> None:
     grid = Table.grid(padding=(0, 2))
-    grid.add_row("strategy", evaluation.strategy)
+    grid.add_row("strategy", f"{evaluation.strategy} (tap {evaluation.tap})")
     grid.add_row("train accuracy", _percent(evaluation.train_accuracy))
     grid.add_row("validation accuracy", _validation(evaluation))
+    if evaluation.per_label:
+        grid.add_row("macro-F1", f"{evaluation.macro_f1:.3f}")
+        grid.add_row("calibration", f"ECE {evaluation.expected_calibration_error:.3f}, "
+                                    f"temperature {evaluation.temperature:.2f}")
+        grid.add_row("majority baseline", _percent(evaluation.baseline_accuracy))
     grid.add_row("examples", str(evaluation.num_examples))
+    grid.add_row("head size", f"{evaluation.head_bytes / 1024:.1f} KiB")
     grid.add_row("train time", f"{evaluation.train_seconds:.2f} s")
     out.print(grid)
-    table = Table("label", "examples")
+    metrics = {m.label: m for m in evaluation.per_label}
+    table = Table("label", "examples", "precision", "recall")
     for label, count in sorted(evaluation.examples_per_label.items()):
-        table.add_row(label, str(count))
+        m = metrics.get(label)
+        table.add_row(label, str(count), *((f"{m.precision:.2f}", f"{m.recall:.2f}") if m else ("-", "-")))
     out.print(table)
     for warning in evaluation.warnings:
         out.print(f"warning: {warning}", style="yellow")
@@ -268,7 +276,7 @@ def _backbones(args: argparse.Namespace, out: Console, err: Console) -> int:
 
 def _create(args: argparse.Namespace, out: Console, err: Console) -> int:
     examples = _read_examples(args)
-    config = training_config(args.strategy) if args.strategy else None
+    config = _training_config(args)
     labels = args.label or ()
     with _connect(args) as client:
         if _fits_one_message(examples, args.batch_size):
@@ -295,7 +303,7 @@ def _add(args: argparse.Namespace, out: Console, err: Console) -> int:
 
 
 def _train(args: argparse.Namespace, out: Console, err: Console) -> int:
-    config = training_config(args.strategy) if args.strategy else None
+    config = _training_config(args)
     with _connect(args) as client:
         job = client.train(args.task_id, config)
         return _wait_or_hint(client, job.job_id, args.no_wait, out, err)
@@ -337,6 +345,7 @@ def _predict(args: argparse.Namespace, out: Console, err: Console) -> int:
                     "input": shown,
                     "label": p.label,
                     "score": p.score,
+                    "rejected": p.rejected,
                     "top": [{"label": s.label, "score": s.score} for s in p.top],
                 }
                 for shown, p in predictions
@@ -347,7 +356,7 @@ def _predict(args: argparse.Namespace, out: Console, err: Console) -> int:
     table = Table("input", "label", "score", "top", caption=f"task {args.task_id}, version {version}")
     for shown, p in predictions:
         top = ", ".join(f"{s.label} {s.score:.3f}" for s in p.top)
-        table.add_row(shown, p.label, f"{p.score:.3f}", top)
+        table.add_row(shown, "(rejected)" if p.rejected else p.label, f"{p.score:.3f}", top)
     out.print(table)
     return 0
 
@@ -444,9 +453,27 @@ def _add_example_source(command: argparse.ArgumentParser) -> None:
     )
 
 
+TRAINING_FLAGS = {  # flag -> (TrainingConfig field, type, help)
+    "--epochs": ("epochs", int, "training epochs (default: the strategy's)"),
+    "--tap": ("tap", str, "trunk output the head reads: last, last-1 or last+last-1"),
+    "--unfreeze-blocks": ("unfreeze_blocks", int, "fine_tune: top blocks to tune (1 or 2)"),
+    "--augment-views": ("augment_views", int, "images: augmented views per example"),
+    "--reject-threshold": ("reject_threshold", float, "report predictions below this probability as rejected"),
+}
+
+
 def _add_training(command: argparse.ArgumentParser) -> None:
     command.add_argument("--strategy", choices=list(STRATEGIES), help="head strategy (default: the task's)")
+    for flag, (field, kind, text) in TRAINING_FLAGS.items():
+        command.add_argument(flag, dest=field, type=kind, help=text)
     command.add_argument("--no-wait", action="store_true", help="start the job and return")
+
+
+def _training_config(args: argparse.Namespace) -> pb.TrainingConfig | None:
+    fields = {field: getattr(args, field) for field, _, _ in TRAINING_FLAGS.values() if getattr(args, field) is not None}
+    if not args.strategy and not fields:
+        return None
+    return training_config(args.strategy or "auto", **fields)
 
 
 def build_parser() -> argparse.ArgumentParser:

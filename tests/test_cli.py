@@ -501,3 +501,29 @@ def test_delete_then_get_is_not_found(server, cli):
     assert status == 0 and out.strip() == f"deleted task {task_id}"
     status, _, err = cli("get", task_id)
     assert status == 1 and err.startswith("error: NOT_FOUND: ") and "Traceback" not in err
+
+
+def test_training_flags_reach_the_job(server, tmp_path, capsys):
+    """--strategy/--tap/--reject-threshold become the task's TrainingConfig, and rejected predictions
+    are shown as such."""
+    from service.cli import main
+
+    csv = tmp_path / "topics.csv"
+    csv.write_text("text,label\n" + "".join(f"{t},{label}\n" for label, texts in TOPICS.items() for t in texts))
+    task_id = f"flags-{uuid.uuid4().hex[:8]}"
+    code = main(["--address", server.address, "create", task_id, "--backbone", "minilm-l6", "--text", str(csv),
+                 "--strategy", "linear", "--tap", "last-1", "--reject-threshold", "0.99"])
+    assert code == 0
+    capsys.readouterr()
+    assert main(["--address", server.address, "get", task_id]) == 0
+    assert "last-1" in capsys.readouterr().out
+    with grpc.insecure_channel(server.address) as channel:
+        from service.gen import headserve_pb2_grpc as pb_grpc
+
+        task = pb_grpc.HeadServeStub(channel).GetTask(pb.GetTaskRequest(task_id=task_id))
+    assert task.config.strategy == pb.LINEAR and task.config.tap == "last-1"
+    assert task.config.reject_threshold == pytest.approx(0.99) and task.evaluation.tap == "last-1"
+    assert main(["--address", server.address, "predict", task_id, "--text", "zzzz qqqq", "--json"]) == 0
+    (prediction,) = json.loads(capsys.readouterr().out)["predictions"]
+    assert prediction["rejected"] == (prediction["score"] < 0.99)
+    assert prediction["label"] == ("" if prediction["rejected"] else prediction["top"][0]["label"])
