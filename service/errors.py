@@ -7,12 +7,14 @@ a generic message and the request id (the traceback goes to the log, never to th
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import functools
 import inspect
 import logging
 import time
 import uuid
+from collections.abc import Iterator
 
 import grpc
 
@@ -88,33 +90,32 @@ def rpc(method):
 
         @functools.wraps(method)
         def stream(self, request, context):
-            start, rid, code = time.perf_counter(), _begin(context), "OK"
-            try:
+            with _handled(name, request, context):
                 yield from method(self, request, context)
-            except Exception as exc:
-                code = status_of(exc).name if isinstance(exc, HeadserveError) else _code_of(context, exc)
-                if not _aborted(exc):
-                    _fail(context, exc, rid)
-                raise
-            finally:
-                _access(name, request if hasattr(request, "DESCRIPTOR") else None, code, start)
 
         return stream
 
     @functools.wraps(method)
     def unary(self, request, context):
-        start, rid, code = time.perf_counter(), _begin(context), "OK"
-        try:
+        with _handled(name, request, context):
             return method(self, request, context)
-        except Exception as exc:
-            code = status_of(exc).name if isinstance(exc, HeadserveError) else _code_of(context, exc)
-            if not _aborted(exc):
-                _fail(context, exc, rid)
-            raise
-        finally:
-            _access(name, request if hasattr(request, "DESCRIPTOR") else None, code, start)
 
     return unary
+
+
+@contextlib.contextmanager
+def _handled(name: str, request, context: grpc.ServicerContext) -> Iterator[None]:
+    """Request id in, access line out; domain errors to their status, anything else to INTERNAL."""
+    start, rid, code = time.perf_counter(), _begin(context), "OK"
+    try:
+        yield
+    except Exception as exc:
+        code = status_of(exc).name if isinstance(exc, HeadserveError) else _code_of(context, exc)
+        if not _aborted(exc):
+            _fail(context, exc, rid)
+        raise
+    finally:
+        _access(name, request if hasattr(request, "DESCRIPTOR") else None, code, start)
 
 
 def _aborted(exc: BaseException) -> bool:

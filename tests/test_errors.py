@@ -250,3 +250,26 @@ def test_server_keeps_serving_after_errors(stub, text_task):
             stub.Predict(pb.PredictRequest(task_id=text_task, inputs=[pb.Input(text="")]))
     resp = stub.Predict(pb.PredictRequest(task_id=text_task, inputs=[pb.Input(text="Fry the garlic in butter.")]))
     assert resp.predictions[0].label == "cooking"
+
+
+def test_unexpected_failure_is_internal_with_a_request_id_and_the_server_goes_on(server, client):
+    """A stored head that onnxruntime cannot load (corrupted on disk): the caller gets INTERNAL with a
+    generic message naming the request id; no internals leak; other tasks keep serving."""
+    import sqlite3
+
+    task_id = unique_id()
+    client.stub.CreateTask(pb.CreateTaskRequest(task_id=task_id, backbone="minilm-l6", examples=text_examples()))
+    assert client.wait_ready(task_id).state == pb.Job.SUCCEEDED
+    server.app.predictor.forget(task_id)  # next Predict loads the head from the store
+    with sqlite3.connect(server.app.settings.data_dir / "headserve.sqlite3") as db:
+        db.execute("UPDATE heads SET onnx = ? WHERE task_id = ?", (b"not an onnx model", task_id))
+    request = pb.PredictRequest(task_id=task_id, inputs=[pb.Input(text="hello")])
+    with pytest.raises(grpc.RpcError) as err:
+        client.stub.Predict.with_call(request, metadata=[("x-request-id", "req-42")])
+    assert err.value.code() == grpc.StatusCode.INTERNAL
+    assert err.value.details() == "internal error; quote request id req-42 to the operator"
+    other = unique_id()
+    client.stub.CreateTask(pb.CreateTaskRequest(task_id=other, backbone="minilm-l6", examples=text_examples()))
+    assert client.wait_ready(other).state == pb.Job.SUCCEEDED
+    resp = client.stub.Predict(pb.PredictRequest(task_id=other, inputs=[pb.Input(text="Bake a pie.")]))
+    assert resp.predictions[0].label == "cooking"
