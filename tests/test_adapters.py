@@ -816,3 +816,15 @@ def test_exif_orientation_is_applied():
     assert out.shape == (3, 20, 20)
     top, bottom = out[:, 2, 10], out[:, 17, 10]  # upright: red on top, blue at the bottom
     assert top[0] > 0.8 and top[2] < 0.2 and bottom[2] > 0.8 and bottom[0] < 0.2
+
+
+def test_negative_transfer_warning_when_worse_than_the_prototype_baseline():
+    from adapters.heads import warnings_for
+
+    per_label = [{"label": c, "precision": 0.5, "recall": 0.5, "f1": 0.5, "support": 20} for c in "ab"]
+    ev = {"strategy": "mlp", "train_accuracy": 0.7, "validation_accuracy": 0.6, "per_label": per_label,
+          "baseline_accuracy": 0.5, "prototype_accuracy": 0.9}
+    warnings_ = warnings_for(ev, ["a"] * 20 + ["b"] * 20, None)
+    assert any(w.startswith("negative transfer: mlp (0.60) is worse than the prototype baseline (0.90)") for w in warnings_)
+    assert not any(w.startswith("negative transfer") for w in warnings_for({**ev, "prototype_accuracy": 0.62},
+                                                                           ["a"] * 20 + ["b"] * 20, None))
