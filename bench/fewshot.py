@@ -459,29 +459,28 @@ def pct(stats: dict | None) -> str:
 
 
 def table_rows(results: dict) -> tuple[list[str], list[list[str]]]:
+    """One row per (dataset, N): reference, each strategy with its paired difference to the reference,
+    what AUTO chose, mean time-to-READY per strategy, and the published figure."""
     strategies = results["config"]["strategies"]
     head = ["dataset", "N/label", "draws", "test n", "LogReg ref"]
     for s in strategies:
-        head.append(s.upper())
+        head += [s.upper(), f"{s.upper()} − ref (pp)"]
         if s == "auto":
-            head.append("AUTO chose")
-    if "auto" in strategies:
-        head.append("AUTO − ref (pp)")
-    head += [f"ready s ({strategies[0].upper()})", "published"]
+            head.append("AUTO chose (draws)")
+    head += [f"ready s {s.upper()}" for s in strategies] + ["published"]
     rows = []
     for name, ds in results["datasets"].items():
         for shots, cell in ds.get("cells", {}).items():
             summ = summarize(cell, strategies)
             row = [name, shots, str(len(cell["draws"])), str(ds["test"]), pct(summ["reference"])]
             for s in strategies:
-                row.append(pct(summ[s]))
+                d = summ[s]["minus_reference"]
+                row += [pct(summ[s]), "-" if d["mean"] is None else f"{100 * d['mean']:+.1f}"]
                 if s == "auto":
                     row.append(", ".join(f"{k} {v}" for k, v in sorted(summ[s]["chosen"].items())) or "-")
-            if "auto" in strategies:
-                d = summ["auto"]["minus_reference"]
-                row.append("-" if d["mean"] is None else f"{100 * d['mean']:+.1f}")
-            t = summ[strategies[0]]["time_to_ready_s"]
-            row.append("-" if t["mean"] is None else f"{t['mean']:.1f}")
+            for s in strategies:
+                t = summ[s]["time_to_ready_s"]
+                row.append("-" if t["mean"] is None else f"{t['mean']:.1f}")
             row.append(PUBLISHED.get((name, shots), ""))
             rows.append(row)
     return head, rows
@@ -491,7 +490,7 @@ def print_table(results: dict) -> None:
     head, rows = table_rows(results)
     table = Table(title="few-shot accuracy, % (mean ± std over draws)")
     for h in head:
-        table.add_column(h, justify="left" if h in ("dataset", "published", "AUTO chose") else "right")
+        table.add_column(h, justify="left" if h in ("dataset", "published", "AUTO chose (draws)") else "right")
     for row in rows:
         table.add_row(*row)
     Console(highlight=False, width=None if sys.stdout.isatty() else 250).print(table)
