@@ -30,5 +30,9 @@ bench-serving: $(VENV)/.installed
 	$(BIN)/python -m pip install -q -e '.[bench]'
 	$(BIN)/python bench/serving.py $(BENCH_ARGS)
 
+# Few-shot accuracy through the service on the shared sets, next to scikit-learn on the same draws.
+bench-fewshot: $(VENV)/.installed
+	$(BIN)/python bench/fewshot.py $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) var .pytest_cache

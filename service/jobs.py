@@ -160,7 +160,7 @@ class JobRunner:
         xs = self._features(job, entry, shas)
         augmented = self._augmented(job, entry, shas, options) if options.augment_views else None
 
-        self._publish(job, persist=True, phase="training", progress=0.5, message=f"training ({options.strategy})")
+        self._publish(job, persist=True, phase="validating", progress=0.5, message=f"training ({options.strategy})")
 
         trained = train_head(xs, labels, options, lambda update: self._publish(job, **_progress(update)),
                              sample_ids=shas, augmented=augmented)
