@@ -13,7 +13,7 @@ import onnx
 import onnxruntime as ort
 
 from adapters.backbones import FEATURES, TRUNK_OUTPUTS, Backbone
-from adapters.heads import HEAD_INPUT, HEAD_OUTPUT
+from adapters.heads import HEAD_OUTPUT
 from adapters.onnx_utils import create_session
 
 log = logging.getLogger(__name__)
@@ -117,9 +117,6 @@ class HeadRuntime:
         self.inputs = [i.name for i in self.session.get_inputs()]  # trunk outputs (and inputs) it reads
         meta = self.session.get_modelmeta().custom_metadata_map
         self.reject_threshold = float(meta.get("reject_threshold", 0.0))
-
-    def probabilities(self, features: np.ndarray) -> np.ndarray:
-        return self.session.run([HEAD_OUTPUT], {HEAD_INPUT: features})[0]
 
     def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         return self.session.run([HEAD_OUTPUT], {k: feeds[k] for k in self.inputs})[0]

@@ -42,11 +42,6 @@ class Scored:
     task_id: str = ""
     reject_threshold: float = 0.0  # a top probability below it is reported as rejected
 
-    def top(self, row: int, k: int) -> list[tuple[str, float]]:
-        p = self.probabilities[row]
-        order = np.argsort(-p, kind="stable")[: (k or len(p))]
-        return [(self.labels[i], float(p[i])) for i in order]
-
 
 # --- the LRU of loaded heads --------------------------------------------------------------------------
 

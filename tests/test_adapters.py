@@ -581,7 +581,7 @@ def test_onnx_export_matches_dense_head(strategy):
         np.testing.assert_allclose(got, trained.head.predict_proba(batch), atol=1e-5)
 
     runtime = HeadRuntime(data, trained.labels, version=1, backbone="fake")
-    np.testing.assert_allclose(runtime.probabilities(fresh), trained.head.predict_proba(fresh), atol=1e-5)
+    np.testing.assert_allclose(runtime.run({HEAD_INPUT: fresh}), trained.head.predict_proba(fresh), atol=1e-5)
 
 
 def test_export_checked_refuses_a_head_that_disagrees_with_its_onnx():

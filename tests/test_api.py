@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from conftest import COLOURS, HELD_OUT, TOPICS, image_examples, png, text_examples, unique_id
+from conftest import COLOURS, HELD_OUT, TOPICS, png, text_examples, unique_id
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
