@@ -120,11 +120,13 @@ class LoadOptions:
 # --- trunks -------------------------------------------------------------------------------------
 #
 # A trunk runs a stack of blocks and returns, besides the pooled final features, what a head may start
-# from: the pooled features one block earlier (tap "last-1") and the inputs of the last one and two
-# blocks ("blocks_1", "blocks_2"), from which a fine-tuned head runs its own tuned copies of those blocks.
+# from: the pooled features one block earlier (tap "last-1") and the inputs of each of the last
+# MAX_UNFREEZE blocks ("blocks_1" feeds the last block, "blocks_2" the last two, ...), from which a
+# fine-tuned head runs its own tuned copies of those blocks.
 
-TRUNK_OUTPUTS = (FEATURES, "features_last_1", "blocks_1", "blocks_2")
-MAX_UNFREEZE = 2
+MAX_UNFREEZE = 6
+BLOCK_INPUTS = tuple(f"blocks_{i}" for i in range(1, MAX_UNFREEZE + 1))
+TRUNK_OUTPUTS = (FEATURES, "features_last_1", *BLOCK_INPUTS)
 
 
 def _mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -151,7 +153,11 @@ class TextTrunk(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
         hs = self.encoder(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True).hidden_states
-        return _mean_pool(hs[-1], attention_mask), _mean_pool(hs[-2], attention_mask), hs[-2], hs[-3]
+        if len(hs) < MAX_UNFREEZE + 1:
+            raise BackboneConfigError(
+                f"the text encoder has {len(hs) - 1} layers; headserve needs at least {MAX_UNFREEZE}")
+        return (_mean_pool(hs[-1], attention_mask), _mean_pool(hs[-2], attention_mask),
+                *(hs[-1 - i] for i in range(1, MAX_UNFREEZE + 1)))
 
     def top(self, blocks: int) -> TextTop:
         """A trainable copy of the last `blocks` layers (+ pooling); the trunk itself stays frozen."""
@@ -224,6 +230,9 @@ class ImageTrunk(torch.nn.Module):
     def __init__(self, model: torch.nn.Module) -> None:
         super().__init__()
         blocks, pool = _blocks_of(model)
+        if len(blocks) <= MAX_UNFREEZE:
+            raise BackboneConfigError(
+                f"{type(model).__name__} has {len(blocks)} blocks; headserve needs more than {MAX_UNFREEZE}")
         self.blocks = torch.nn.ModuleList(blocks)
         self.pool = pool
 
@@ -232,10 +241,11 @@ class ImageTrunk(torch.nn.Module):
         n = len(self.blocks)
         for block in self.blocks[: n - MAX_UNFREEZE]:
             x = block(x)
-        blocks_2 = x
-        blocks_1 = x = self.blocks[n - 2](x)
-        x = self.blocks[n - 1](x)
-        return self.pool(x), self.pool(blocks_1), blocks_1, blocks_2
+        inputs = []  # inputs[i]: what the last MAX_UNFREEZE - i blocks start from
+        for block in self.blocks[n - MAX_UNFREEZE :]:
+            inputs.append(x)
+            x = block(x)
+        return self.pool(x), self.pool(inputs[-1]), *reversed(inputs)
 
     def top(self, blocks: int) -> ImageTop:
         """A trainable copy of the last `blocks` blocks (+ pooling); the trunk itself stays frozen."""
@@ -432,9 +442,9 @@ class Backbone:
         batch = self.sample_batch()
         args = tuple(torch.from_numpy(batch[k]).to(self.device) for k in names)
         if self.modality == "text":
-            axes = {k: {0: "batch", 1: "sequence"} for k in (*names, "blocks_1", "blocks_2")}
+            axes = {k: {0: "batch", 1: "sequence"} for k in (*names, *BLOCK_INPUTS)}
         else:
-            axes = {k: {0: "batch"} for k in (*names, "blocks_1", "blocks_2")}
+            axes = {k: {0: "batch"} for k in (*names, *BLOCK_INPUTS)}
         axes[FEATURES] = axes["features_last_1"] = {0: "batch"}
         export_module(self.module, args, path, list(names), list(TRUNK_OUTPUTS), axes, opset)
 

@@ -1,10 +1,15 @@
 """FINE_TUNE: the top blocks of the backbone, tuned for one task, become part of its head.
 
-The shared trunk stays frozen. It already outputs the input of its last one and two blocks
-("blocks_1", "blocks_2"); a fine-tuned head holds its own copy of those blocks plus a classifier,
-trained with a low learning rate (a higher one for the new classifier) and early stopping on a
-stratified holdout. The head is exported to ONNX like any other and served through the same path:
-trunk session -> head session, the head reading `blocks_N` (and `attention_mask` for text).
+The shared trunk stays frozen. It already outputs the input of each of its last blocks ("blocks_1"
+feeds the last block, "blocks_N" the last N); a fine-tuned head holds its own copy of those blocks
+plus a classifier. Training starts from a linear probe (LP-FT), uses a low learning rate for the
+blocks (a higher one for the classifier) with cosine decay, label smoothing, frozen normalisation
+statistics, augmented views for images, and early stopping on a stratified holdout. The head is
+exported to ONNX like any other and served through the same path: trunk session -> head session,
+the head reading `blocks_N` (and `attention_mask` for text).
+
+AUTO fine-tunes image tasks that have enough examples per label and keeps the tuned head only when
+it beats the feature head on the same holdout (`auto_fine_tune`).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from adapters.errors import InvalidInput
 from adapters.heads import (
     HEAD_OUTPUT,
     NOT_VALIDATED,
+    TAP_OUTPUTS,
     Progress,
     TrainedHead,
     TrainingOptions,
@@ -32,6 +38,7 @@ from adapters.heads import (
     _noop,
     classification_metrics,
     torch_threads,
+    train_head,
     train_linear,
     validation_report,
     warnings_for,
@@ -40,6 +47,13 @@ from adapters.onnx_utils import OPSET
 
 BATCH = 32
 PATIENCE = 5
+# Blocks tuned when `unfreeze_blocks` is 0. Images: on MobileNetV2 + clothing10 (all 1,000 examples),
+# tuning the last 5 blocks reached 85.9% where the last 2 reached 83.2% and the frozen features 81.4%.
+DEFAULT_BLOCKS = {"image": 5, "text": 1}
+DEFAULT_EPOCHS = 8
+DEFAULT_LR = 1e-4  # the tuned blocks; the classifier learns at 10x (at least 1e-3)
+DEFAULT_VIEWS = 3  # augmented views per image example
+LABEL_SMOOTHING = 0.1
 
 
 class _Head(torch.nn.Module):
@@ -123,7 +137,7 @@ def _maps(backbone: Backbone, items: Sequence[str | bytes], blocks: int, progres
     return {name: hidden, "attention_mask": mask}
 
 
-def _holdout(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def holdout_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     train, val = [], []
     for c in range(int(y.max()) + 1):
@@ -150,15 +164,15 @@ def fine_tune(
     if len(names) < 2:
         raise InvalidInput(f"a task needs at least 2 labels with examples; got {len(names)}")
     y = np.array([names.index(label) for label in labels], dtype=np.int64)
-    k, blocks = len(names), options.unfreeze_blocks
+    k, blocks = len(names), options.unfreeze_blocks or DEFAULT_BLOCKS[backbone.modality]
     torch.manual_seed(options.seed)
 
     progress({"phase": "features", "message": f"running the frozen trunk up to block -{blocks}"})
     feeds = _maps(backbone, items, blocks, progress)
     input_names = list(feeds)
-    train_idx, val_idx = _holdout(y, options.validation_fraction or 0.2, options.seed)
+    train_idx, val_idx = holdout_split(y, options.validation_fraction or 0.2, options.seed)
     extra, extra_y = None, None
-    views = options.augment_views or (4 if backbone.modality == "image" else 0)
+    views = options.augment_views or (DEFAULT_VIEWS if backbone.modality == "image" else 0)
     if views and backbone.modality == "image":
         progress({"message": f"embedding {views} augmented views per training example"})
         batch, origin = backbone.preprocess.augmented([items[i] for i in train_idx], views, options.seed)
@@ -179,10 +193,10 @@ def fine_tune(
     with torch.no_grad():
         model.classifier.weight.copy_(torch.from_numpy(probe.layers[0][0]))
         model.classifier.bias.copy_(torch.from_numpy(probe.layers[0][1]))
-    head_lr = options.learning_rate or 5e-5
+    head_lr = options.learning_rate or DEFAULT_LR
     optim = torch.optim.AdamW([
         {"params": model.top.parameters(), "lr": head_lr},
-        {"params": model.classifier.parameters(), "lr": max(head_lr * 100, 1e-3)},
+        {"params": model.classifier.parameters(), "lr": max(head_lr * 10, 1e-3)},
     ], weight_decay=options.l2 or 0.01)
     x_train = {n: t[train_idx] for n, t in tensors.items()}
     y_train = torch.from_numpy(y[train_idx])
@@ -190,7 +204,10 @@ def fine_tune(
         x_train = {n: torch.cat([x_train[n], torch.from_numpy(extra[n])]) for n in input_names}
         y_train = torch.cat([y_train, torch.from_numpy(extra_y)])
     weights = _class_weights(y_train.numpy(), k)
-    epochs = options.epochs or 30
+    epochs = options.epochs or DEFAULT_EPOCHS
+    steps = epochs * -(-len(y_train) // BATCH)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optim, lambda step: 0.5 * (1 + np.cos(np.pi * min(step, steps) / steps)))  # cosine decay to 0
 
     def evaluate(idx: np.ndarray) -> np.ndarray:
         model.eval()
@@ -221,9 +238,11 @@ def fine_tune(
                 idx = torch.from_numpy(order[s : s + BATCH])
                 optim.zero_grad()
                 loss = torch.nn.functional.cross_entropy(
-                    model.logits(*[x_train[n][idx] for n in input_names]), y_train[idx], weight=weights)
+                    model.logits(*[x_train[n][idx] for n in input_names]), y_train[idx], weight=weights,
+                    label_smoothing=LABEL_SMOOTHING)
                 loss.backward()
                 optim.step()
+                schedule.step()
                 total += loss.item() * len(idx)
             update = {"phase": "training", "epoch": epoch, "epochs": epochs, "loss": total / len(order)}
             if len(val_idx):
@@ -271,3 +290,47 @@ def fine_tune(
     sample = {n: v[:64] for n, v in feeds.items()}
     return TrainedHead(head, names, evaluation), sample
 
+
+
+def auto_fine_tune(
+    backbone: Backbone,
+    items: Sequence[str | bytes],
+    labels: Sequence[str],
+    features: Mapping[str, np.ndarray],
+    feature_head: TrainedHead,
+    options: TrainingOptions,
+    progress: Progress = _noop,
+    sample_ids: Sequence[str] | None = None,
+) -> tuple[TrainedHead, dict[str, np.ndarray] | None]:
+    """AUTO's last step for tasks with enough examples: fine-tunes, and keeps the tuned head only when
+    it beats the feature head on the same holdout.
+
+    The feature-head side reruns AUTO's whole procedure (its cross-validated choice of strategy, tap
+    and regularisation) on FINE_TUNE's training split, so both sides are trained on the same examples
+    and scored on the same held-out ones. Returns the kept head, and the tuned head's feeds for the
+    export check (None when the feature head is kept)."""
+    tuned, feeds = fine_tune(backbone, items, labels, dataclasses.replace(options, strategy="fine_tune"),
+                             progress, sample_ids)
+    names = sorted(set(labels))
+    y = np.array([names.index(label) for label in labels], dtype=np.int64)
+    train_idx, val_idx = holdout_split(y, options.validation_fraction or 0.2, options.seed)
+    progress({"phase": "validating", "message": "scoring the feature head on the fine-tuning holdout"})
+    rival = train_head({tap: x[train_idx] for tap, x in features.items()}, [labels[i] for i in train_idx],
+                       dataclasses.replace(options, strategy="auto"))
+    feeds_val = {TAP_OUTPUTS[tap][0]: x[val_idx] for tap, x in features.items() if tap in TAP_OUTPUTS}
+    rival_pred = np.asarray(rival.labels)[rival.head.reference(feeds_val).argmax(axis=1)]
+    rival_acc = float((rival_pred == np.asarray(labels)[val_idx]).mean())
+    tuned_acc = tuned.evaluation["validation_accuracy"]
+    ev = feature_head.evaluation
+    feature_name = ev["strategy"] + (f"@{ev['tap']}" if ev["tap"] != "last" else "")
+    comparison = (f"on the same holdout of {len(val_idx)} examples: fine_tune@{tuned.evaluation['tap']} "
+                  f"{tuned_acc:.3f}, {feature_name} {rival_acc:.3f}")
+    scores = {**ev.get("candidate_scores", {}), "fine_tune (holdout)": tuned_acc,
+              f"{feature_name} (holdout)": rival_acc}
+    if tuned_acc > rival_acc:
+        tuned.evaluation.update(strategy_reason=f"fine-tuning beat the feature head {comparison}",
+                                candidate_scores=scores)
+        return tuned, feeds
+    ev.update(strategy_reason=f"{ev['strategy_reason']}; fine-tuning did not beat it {comparison}",
+              candidate_scores=scores)
+    return feature_head, None

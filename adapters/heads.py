@@ -30,6 +30,7 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from adapters.backbones import MAX_UNFREEZE
 from adapters.errors import InvalidInput
 from adapters.onnx_utils import OPSET, check_model_bytes, create_session
 
@@ -53,7 +54,7 @@ class TrainingOptions:
     seed: int = 0
     validation_fraction: float = 0.0  # 0: k-fold cross-validation
     hidden_units: int = 128
-    unfreeze_blocks: int = 1  # fine_tune
+    unfreeze_blocks: int = 0  # fine_tune; 0: the modality's default (finetune.DEFAULT_BLOCKS)
     tap: str = ""  # "" = "last", or the better of the taps under auto
     augment_views: int = 0  # images: augmented views per example
     reject_threshold: float = 0.0
@@ -67,7 +68,8 @@ class TrainingOptions:
             (0 <= self.l2 <= 100, "l2 must be between 0 (default) and 100"),
             (0 <= self.validation_fraction < 0.9, "validation_fraction must be in [0, 0.9)"),
             (1 <= self.hidden_units <= 8192, "hidden_units must be between 1 and 8192"),
-            (1 <= self.unfreeze_blocks <= 2, "unfreeze_blocks must be 1 or 2"),
+            (0 <= self.unfreeze_blocks <= MAX_UNFREEZE,
+             f"unfreeze_blocks must be between 0 (default) and {MAX_UNFREEZE}"),
             (self.tap in ("", *TAPS), f"tap must be one of {', '.join(TAPS)} (or empty)"),
             (0 <= self.augment_views <= 16, "augment_views must be between 0 and 16"),
             (0 <= self.reject_threshold < 1, "reject_threshold must be in [0, 1)"),

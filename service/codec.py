@@ -48,7 +48,7 @@ def options(config: pb.TrainingConfig) -> TrainingOptions:
         seed=config.seed,
         validation_fraction=config.validation_fraction,
         hidden_units=config.hidden_units or 128,
-        unfreeze_blocks=config.unfreeze_blocks or 1,
+        unfreeze_blocks=config.unfreeze_blocks,
         tap=config.tap,
         augment_views=config.augment_views,
         reject_threshold=config.reject_threshold,

@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from adapters.errors import HeadserveError, InvalidInput, NotFound
-from adapters.finetune import fine_tune
+from adapters.finetune import auto_fine_tune, fine_tune
 from adapters.heads import TAP_OUTPUTS, Augmented, TrainingOptions, export_checked, train_head
 from adapters.runtime import HeadRuntime
 from service.registry import BackboneRegistry
@@ -44,8 +44,10 @@ class JobRunner:
         registry: BackboneRegistry,
         on_success: Callable[[str, HeadRuntime], None],
         workers: int = 1,
+        auto_fine_tune_min_examples: int = 0,
     ) -> None:
         self.store = store
+        self.auto_fine_tune_min_examples = auto_fine_tune_min_examples
         self.registry = registry
         self.on_success = on_success
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="train")
@@ -164,9 +166,22 @@ class JobRunner:
 
         trained = train_head(xs, labels, options, lambda update: self._publish(job, **_progress(update)),
                              sample_ids=shas, augmented=augmented)
+        if self._auto_fine_tunes(entry, options, counts):
+            self._publish(job, persist=True, phase="features", progress=0.0,
+                          message=f"AUTO: fine-tuning too ({min(counts.values())}+ examples per label)")
+            trained, tuned_feeds = auto_fine_tune(
+                entry.backbone, self._items(shas), labels, xs, trained, options,
+                lambda update: self._publish(job, **_progress(update)), shas)
+            if tuned_feeds is not None:
+                return self._export(job, task, trained, tuned_feeds, meta)
         tap = trained.evaluation["tap"]
         feeds = {TAP_OUTPUTS[t][0]: xs[t] for t in POOLED_TAPS}
         return self._export(job, task, trained, feeds, {**meta, "tap": tap})
+
+    def _auto_fine_tunes(self, entry, options: TrainingOptions, counts: dict[str, int]) -> bool:
+        threshold = self.auto_fine_tune_min_examples
+        return (options.strategy == "auto" and not options.tap and entry.spec.modality == "image"
+                and threshold > 0 and min(counts.values()) >= threshold)
 
     def _export(self, job, task, trained, feeds, meta) -> tuple[HeadRecord, str]:
         self._publish(job, persist=True, phase="exporting", progress=0.9, message="exporting ONNX",

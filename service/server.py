@@ -71,7 +71,8 @@ def build_server(settings: Settings) -> Running:
     store = Store.open(data_dir)
     registry = BackboneRegistry.load(settings)
     predictor = Predictor(store, registry, settings)
-    runner = JobRunner(store, registry, predictor.install, settings.training_workers)
+    runner = JobRunner(store, registry, predictor.install, settings.training_workers,
+                       settings.auto_fine_tune_min_examples)
     app = HeadServeApp(settings, store, registry, runner, predictor)
     _warm_up()
 
