@@ -191,6 +191,9 @@ def test_bad_training_config(stub):
            create(stub, task_id=task_id, examples=two_labels(), config=pb.TrainingConfig(epochs=-1)), "epochs")
     expect(grpc.StatusCode.INVALID_ARGUMENT,
            create(stub, task_id=task_id, examples=two_labels(), config=pb.TrainingConfig(strategy=99)), "strategy")
+    expect(grpc.StatusCode.INVALID_ARGUMENT,
+           create(stub, task_id=task_id, examples=two_labels(),
+                  config=pb.TrainingConfig(strategy=pb.FINE_TUNE, unfreeze_blocks=7)), "between 0 (default) and 6")
     assert_absent(stub, task_id)
 
 

@@ -1,5 +1,5 @@
-"""FINE_TUNE in adapters/: the tuned blocks really train, the shared trunk does not move, and the head's
-ONNX export reads the trunk's block outputs."""
+"""FINE_TUNE in adapters/: the tuned blocks really train, the shared trunk does not move, the head's
+ONNX export reads the trunk's block outputs, and AUTO keeps a tuned head only when it wins."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import TOPICS
+from conftest import COLOURS, TOPICS, png
 
 from adapters.backbones import LoadOptions, builtin_spec, load_backbone
-from adapters.finetune import fine_tune
-from adapters.heads import TrainingOptions, export_checked
+from adapters.finetune import auto_fine_tune, fine_tune
+from adapters.heads import TrainingOptions, export_checked, train_head
 
 TEXTS = [t for texts in TOPICS.values() for t in texts]
 LABELS = [label for label, texts in TOPICS.items() for _ in texts]
@@ -43,3 +43,38 @@ def test_top_block_is_tuned_and_trunk_stays_frozen(minilm):
     assert [i.name for i in session.get_inputs()] == ["blocks_1", "attention_mask"]
     probs = session.run(None, feeds)[0]
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def small_cnn(tmp_path_factory):
+    opts = LoadOptions(torch_home=tmp_path_factory.mktemp("torch"), random_weights=True)
+    return load_backbone(builtin_spec("mobilenet_v3_small"), opts)
+
+
+def colour_images(per_label: int) -> tuple[list[bytes], list[str]]:
+    items = [png(rgb, noise=25, seed=i) for rgb in COLOURS.values() for i in range(per_label)]
+    return items, [label for label in COLOURS for _ in range(per_label)]
+
+
+@pytest.mark.slow
+def test_auto_fine_tune_keeps_whichever_head_wins_the_shared_holdout(small_cnn):
+    items, labels = colour_images(10)
+    options = TrainingOptions(epochs=3)
+    rng = np.random.default_rng(0)
+    # Feature head on noise: near chance on the holdout, so the tuned head (colours are easy) wins.
+    noise = {"last": rng.normal(size=(30, 16)).astype(np.float32), "last-1": rng.normal(size=(30, 8)).astype(np.float32)}
+    feature_head = train_head(noise, labels, options)
+    kept, feeds = auto_fine_tune(small_cnn, items, labels, noise, feature_head, options)
+    assert kept.evaluation["strategy"] == "fine_tune" and set(feeds) == {"blocks_5"}
+    scores = kept.evaluation["candidate_scores"]
+    assert scores["fine_tune (holdout)"] == 1.0 > max(v for k, v in scores.items() if k.endswith("(holdout)")
+                                                       and not k.startswith("fine_tune"))
+    assert kept.evaluation["strategy_reason"].startswith("fine-tuning beat the feature head on the same holdout of 6")
+
+    # Features that give the label away: both heads are perfect, and a tie keeps the small feature head.
+    onehot = np.eye(3, dtype=np.float32)[[sorted(COLOURS).index(label) for label in labels]]
+    perfect = {"last": onehot + 0.01 * rng.normal(size=onehot.shape).astype(np.float32), "last-1": onehot}
+    feature_head = train_head(perfect, labels, options)
+    kept, feeds = auto_fine_tune(small_cnn, items, labels, perfect, feature_head, options)
+    assert kept is feature_head and feeds is None
+    assert "fine-tuning did not beat it on the same holdout of 6 examples" in kept.evaluation["strategy_reason"]

@@ -72,14 +72,40 @@ def test_fine_tune_holds_the_top_block_and_serves_through_the_same_path(server, 
     assert np.mean([p == t for p, t in zip(predicted, HELD_TRUTH)]) >= 0.8
 
 
+def colour_inputs(seed: int = 50) -> list[pb.Input]:
+    return [pb.Input(image=png(rgb, noise=25, seed=seed + i)) for i, rgb in enumerate(COLOURS.values())]
+
+
 @pytest.mark.slow
-def test_fine_tune_on_images_with_two_blocks(client):
+def test_fine_tune_on_images_tunes_five_blocks_by_default(client):
     task_id, task = train(client, image_examples(6), backbone="mobilenet_v3_small", strategy=pb.FINE_TUNE,
-                          unfreeze_blocks=2, epochs=2, augment_views=1)
+                          epochs=2, augment_views=1)
     details = json.loads(task.evaluation.details_json)
-    assert task.evaluation.tap == "blocks_2" and details["augmented_rows"] > 0
-    inputs = [pb.Input(image=png(rgb, noise=25, seed=50 + i)) for i, rgb in enumerate(COLOURS.values())]
-    resp = client.stub.Predict(pb.PredictRequest(task_id=task_id, inputs=inputs))
+    assert task.evaluation.tap == "blocks_5" and details["unfreeze_blocks"] == 5 and details["augmented_rows"] > 0
+    resp = client.stub.Predict(pb.PredictRequest(task_id=task_id, inputs=colour_inputs()))
+    assert [p.label for p in resp.predictions] == list(COLOURS)
+
+
+@pytest.mark.slow
+def test_auto_fine_tunes_images_with_enough_examples_and_keeps_the_better_head(client):
+    # Below the threshold (10 per label by default), AUTO compares feature heads only.
+    _, few = train(client, image_examples(9), backbone="mobilenet_v3_small")
+    assert not any(n.startswith("fine_tune") for n in json.loads(few.evaluation.details_json)["candidate_scores"])
+
+    task_id, task = train(client, image_examples(10), backbone="mobilenet_v3_small", epochs=3)
+    details = json.loads(task.evaluation.details_json)
+    scores = details["candidate_scores"]
+    tuned = scores.pop("fine_tune (holdout)")
+    (rival_name, rival), = [(n, v) for n, v in scores.items() if n.endswith("(holdout)")]
+    # Both were trained on the same split and scored on the same 2-per-label holdout; the better one is kept.
+    assert "on the same holdout of 6 examples" in details["strategy_reason"]
+    if task.evaluation.strategy == "fine_tune":
+        assert tuned > rival and task.evaluation.tap == "blocks_5"
+        assert details["strategy_reason"].startswith("fine-tuning beat the feature head")
+    else:
+        assert tuned <= rival and rival_name.startswith(task.evaluation.strategy)
+        assert "fine-tuning did not beat it" in details["strategy_reason"]
+    resp = client.stub.Predict(pb.PredictRequest(task_id=task_id, inputs=colour_inputs()))
     assert [p.label for p in resp.predictions] == list(COLOURS)
 
 
