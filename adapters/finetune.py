@@ -8,7 +8,7 @@ statistics, augmented views for images, and early stopping on a stratified holdo
 exported to ONNX like any other and served through the same path: trunk session -> head session,
 the head reading `blocks_N` (and `attention_mask` for text).
 
-AUTO fine-tunes image tasks that have enough examples per label and keeps the tuned head only when
+AUTO fine-tunes image tasks that have enough examples per label (the service's threshold) and keeps the tuned head only when
 it beats the feature head on the same holdout (`auto_fine_tune`).
 """
 

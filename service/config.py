@@ -104,7 +104,7 @@ class Settings(BaseSettings):
     )
     training_workers: int = Field(1, ge=1, le=64, description="training jobs run at once")
     auto_fine_tune_min_examples: int = Field(
-        10, ge=0, description="AUTO also fine-tunes image tasks whose every label has at least this many "
+        50, ge=0, description="AUTO also fine-tunes image tasks whose every label has at least this many "
         "examples, and keeps the tuned head when it beats the feature head on a holdout (minutes on a CPU, "
         "seconds on a GPU); 0: never",
     )

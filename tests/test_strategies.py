@@ -87,26 +87,38 @@ def test_fine_tune_on_images_tunes_five_blocks_by_default(client):
 
 
 @pytest.mark.slow
-def test_auto_fine_tunes_images_with_enough_examples_and_keeps_the_better_head(client):
-    # Below the threshold (10 per label by default), AUTO compares feature heads only.
-    _, few = train(client, image_examples(9), backbone="mobilenet_v3_small")
-    assert not any(n.startswith("fine_tune") for n in json.loads(few.evaluation.details_json)["candidate_scores"])
+def test_auto_fine_tunes_images_with_enough_examples_and_keeps_the_better_head(tmp_path):
+    running = build_server(make_settings(tmp_path, builtin_backbones=["mobilenet_v3_small"],
+                                         auto_fine_tune_min_examples=10))
+    client = Client(running.address)
+    try:
+        # Below the threshold, AUTO compares feature heads only.
+        _, few = train(client, image_examples(9), backbone="mobilenet_v3_small")
+        assert not any(n.startswith("fine_tune") for n in json.loads(few.evaluation.details_json)["candidate_scores"])
 
-    task_id, task = train(client, image_examples(10), backbone="mobilenet_v3_small", epochs=3)
-    details = json.loads(task.evaluation.details_json)
-    scores = details["candidate_scores"]
-    tuned = scores.pop("fine_tune (holdout)")
-    (rival_name, rival), = [(n, v) for n, v in scores.items() if n.endswith("(holdout)")]
-    # Both were trained on the same split and scored on the same 2-per-label holdout; the better one is kept.
-    assert "on the same holdout of 6 examples" in details["strategy_reason"]
-    if task.evaluation.strategy == "fine_tune":
-        assert tuned > rival and task.evaluation.tap == "blocks_5"
-        assert details["strategy_reason"].startswith("fine-tuning beat the feature head")
-    else:
-        assert tuned <= rival and rival_name.startswith(task.evaluation.strategy)
-        assert "fine-tuning did not beat it" in details["strategy_reason"]
-    resp = client.stub.Predict(pb.PredictRequest(task_id=task_id, inputs=colour_inputs()))
-    assert [p.label for p in resp.predictions] == list(COLOURS)
+        task_id, task = train(client, image_examples(10), backbone="mobilenet_v3_small", epochs=3)
+        details = json.loads(task.evaluation.details_json)
+        scores = details["candidate_scores"]
+        tuned = scores.pop("fine_tune (holdout)")
+        (rival_name, rival), = [(n, v) for n, v in scores.items() if n.endswith("(holdout)")]
+        # Both were trained on the same split and scored on the same 2-per-label holdout; the better one is kept.
+        assert "on the same holdout of 6 examples" in details["strategy_reason"]
+        if task.evaluation.strategy == "fine_tune":
+            assert tuned > rival and task.evaluation.tap == "blocks_5"
+            assert details["strategy_reason"].startswith("fine-tuning beat the feature head")
+        else:
+            assert tuned <= rival and rival_name.startswith(task.evaluation.strategy)
+            assert "fine-tuning did not beat it" in details["strategy_reason"]
+        resp = client.stub.Predict(pb.PredictRequest(task_id=task_id, inputs=colour_inputs()))
+        assert [p.label for p in resp.predictions] == list(COLOURS)
+    finally:
+        client.close()
+        running.stop()
+
+
+def test_auto_does_not_fine_tune_below_the_default_threshold(client):
+    _, task = train(client, image_examples(10), backbone="mobilenet_v3_small")
+    assert not any(n.startswith("fine_tune") for n in json.loads(task.evaluation.details_json)["candidate_scores"])
 
 
 def test_auto_uses_prototype_from_one_example_per_label(client):
