@@ -8,8 +8,8 @@ statistics, augmented views for images, and early stopping on a stratified holdo
 exported to ONNX like any other and served through the same path: trunk session -> head session,
 the head reading `blocks_N` (and `attention_mask` for text).
 
-AUTO fine-tunes image tasks that have enough examples per label (the service's threshold) and keeps the tuned head only when
-it beats the feature head on the same holdout (`auto_fine_tune`).
+AUTO fine-tunes image tasks that have enough examples per label (the service's threshold) and keeps
+the tuned head only when it beats the feature head on the same holdout (`auto_fine_tune`).
 """
 
 from __future__ import annotations
@@ -289,7 +289,6 @@ def fine_tune(
     json.dumps(evaluation)
     sample = {n: v[:64] for n, v in feeds.items()}
     return TrainedHead(head, names, evaluation), sample
-
 
 
 def auto_fine_tune(
