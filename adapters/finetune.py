@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
-from adapters.backbones import Backbone
+from adapters.backbones import Backbone, TrunkRun
 from adapters.errors import InvalidInput
 from adapters.heads import (
     HEAD_OUTPUT,
@@ -116,7 +116,7 @@ class FineTunedHead:
         return data
 
 
-def _maps(backbone: Backbone, items: Sequence[str | bytes], blocks: int, progress: Progress,
+def _maps(backbone: Backbone, trunk: TrunkRun, items: Sequence[str | bytes], blocks: int, progress: Progress,
           batch=None) -> dict[str, np.ndarray]:
     """The trunk's `blocks_N` output for every item (text: padded to the longest, with its mask)."""
     name = f"blocks_{blocks}"
@@ -125,7 +125,7 @@ def _maps(backbone: Backbone, items: Sequence[str | bytes], blocks: int, progres
     n = len(items) if batch is None else len(next(iter(batch.values())))
     for start in range(0, n, BATCH):
         chunk = pre(items[start : start + BATCH]) if batch is None else {k: v[start : start + BATCH] for k, v in batch.items()}
-        parts.append(backbone.torch_outputs(chunk, (name,))[name])
+        parts.append(trunk(chunk, (name,))[name])
         if "attention_mask" in chunk:
             masks.append(chunk["attention_mask"])
         progress({"message": f"trunk features {min(start + BATCH, n)}/{n}"})
@@ -156,9 +156,11 @@ def fine_tune(
     options: TrainingOptions = TrainingOptions(strategy="fine_tune"),
     progress: Progress = _noop,
     sample_ids: Sequence[str] | None = None,
+    trunk: TrunkRun | None = None,
 ) -> tuple[TrainedHead, dict[str, np.ndarray]]:
     """Tunes the top `options.unfreeze_blocks` blocks + a classifier; returns the head and the feeds
-    (trunk outputs of the examples) for the export parity check."""
+    (trunk outputs of the examples) for the export parity check. `trunk` runs the frozen trunk
+    (default: the backbone's torch module)."""
     start = time.perf_counter()
     names = sorted(set(labels))
     if len(names) < 2:
@@ -168,7 +170,8 @@ def fine_tune(
     torch.manual_seed(options.seed)
 
     progress({"phase": "features", "message": f"running the frozen trunk up to block -{blocks}"})
-    feeds = _maps(backbone, items, blocks, progress)
+    trunk = trunk or backbone.torch_outputs
+    feeds = _maps(backbone, trunk, items, blocks, progress)
     input_names = list(feeds)
     train_idx, val_idx = holdout_split(y, options.validation_fraction or 0.2, options.seed)
     extra, extra_y = None, None
@@ -176,7 +179,7 @@ def fine_tune(
     if views and backbone.modality == "image":
         progress({"message": f"embedding {views} augmented views per training example"})
         batch, origin = backbone.preprocess.augmented([items[i] for i in train_idx], views, options.seed)
-        extra = _maps(backbone, [], blocks, progress, batch=batch)
+        extra = _maps(backbone, trunk, [], blocks, progress, batch=batch)
         extra_y = y[train_idx][origin]
 
     top = backbone.module.top(blocks)
@@ -300,6 +303,7 @@ def auto_fine_tune(
     options: TrainingOptions,
     progress: Progress = _noop,
     sample_ids: Sequence[str] | None = None,
+    trunk: TrunkRun | None = None,
 ) -> tuple[TrainedHead, dict[str, np.ndarray] | None]:
     """AUTO's last step for tasks with enough examples: fine-tunes, and keeps the tuned head only when
     it beats the feature head on the same holdout.
@@ -309,7 +313,7 @@ def auto_fine_tune(
     and scored on the same held-out ones. Returns the kept head, and the tuned head's feeds for the
     export check (None when the feature head is kept)."""
     tuned, feeds = fine_tune(backbone, items, labels, dataclasses.replace(options, strategy="fine_tune"),
-                             progress, sample_ids)
+                             progress, sample_ids, trunk)
     names = sorted(set(labels))
     y = np.array([names.index(label) for label in labels], dtype=np.int64)
     train_idx, val_idx = holdout_split(y, options.validation_fraction or 0.2, options.seed)

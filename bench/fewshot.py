@@ -70,7 +70,7 @@ def default_image_backbones(shared: pathlib.Path) -> dict[str, dict]:
                                      "interpolation": "bilinear"}}
 
 
-STRATEGY_NAMES = ("auto", "linear", "mlp", "prototype")
+STRATEGY_NAMES = ("auto", "linear", "mlp", "prototype", "fine_tune")
 INLINE_BYTES = 16 << 20  # larger uploads go through CreateTask + AddExamples + TrainTask
 ADD_CHUNK_BYTES = 4 << 20
 WATCH_TIMEOUT_S = 3600
@@ -116,6 +116,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="N per label, image sets ('all' = the whole pool, one draw)")
     p.add_argument("--draws", type=int, default=10, help="random draws per N")
     p.add_argument("--strategies", nargs="+", choices=STRATEGY_NAMES, default=["auto", "linear"])
+    p.add_argument("--unfreeze-blocks", type=int, default=0,
+                   help="TrainingConfig.unfreeze_blocks for fine_tune (and AUTO's fine-tuning); "
+                        "0 = the default")
     p.add_argument("--seed", type=int, default=0, help="draw d of N uses seed [seed, N, d]")
     p.add_argument("--test-limit", type=int, default=1000,
                    help="text sets: keep a seeded subsample of this many test items (0 = all)")
@@ -280,11 +283,11 @@ def _inputs(payloads: Sequence[str | bytes]):
 
 
 def train_task(stub, task_id: str, backbone: str, payloads: Sequence[str | bytes], labels: Sequence[str],
-               declared: Sequence[str], strategy: str) -> dict:
+               declared: Sequence[str], strategy: str, unfreeze_blocks: int = 0) -> dict:
     """Registers and trains a task; returns time-to-READY, the job's phase times and the evaluation."""
     from service.gen import headserve_pb2 as pb
 
-    config = pb.TrainingConfig(strategy=pb.Strategy.Value(strategy.upper()))
+    config = pb.TrainingConfig(strategy=pb.Strategy.Value(strategy.upper()), unfreeze_blocks=unfreeze_blocks)
     examples = [pb.Example(input=i, label=label) for i, label in zip(_inputs(payloads), labels)]
     size = sum(len(p) for p in payloads)
     start = time.perf_counter()
@@ -509,6 +512,8 @@ def markdown_table(results: dict) -> str:
 def fingerprint(ds: Dataset, backbone: str, args: argparse.Namespace) -> str:
     key = {"test": digest(ds.test_inputs, ds.test_labels), "pool": digest(ds.train_inputs, ds.train_labels),
            "backbone": backbone, "seed": args.seed}
+    if args.unfreeze_blocks:
+        key["unfreeze_blocks"] = args.unfreeze_blocks
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -558,7 +563,8 @@ def run_dataset(stub, ds: Dataset, backbone: str, args, reference: Reference, re
                 if strategy in rec["service"]:
                     continue
                 task_id = task_id_for(ds.name, shots, d, strategy)
-                run = train_task(stub, task_id, backbone, payloads, labels, declared, strategy)
+                run = train_task(stub, task_id, backbone, payloads, labels, declared, strategy,
+                                 args.unfreeze_blocks)
                 predicted, seconds = predict(stub, task_id, test_payloads, batch)
                 if not args.keep_tasks:
                     delete_task(stub, task_id)

@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from adapters.backbones import pooled_taps
 from adapters.errors import HeadserveError, InvalidInput, NotFound
 from adapters.finetune import auto_fine_tune, fine_tune
 from adapters.heads import TAP_OUTPUTS, Augmented, TrainingOptions, export_checked, train_head
@@ -157,7 +158,8 @@ class JobRunner:
         meta = {"backbone": entry.spec.name, "backbone_digest": entry.backbone.digest, "task_id": task.task_id}
         if options.strategy == "fine_tune":
             trained, feeds = fine_tune(entry.backbone, self._items(shas), labels, options,
-                                       lambda update: self._publish(job, **_progress(update)), shas)
+                                       lambda update: self._publish(job, **_progress(update)), shas,
+                                       entry.training_trunk())
             return self._export(job, task, trained, feeds, meta)
         xs = self._features(job, entry, shas)
         augmented = self._augmented(job, entry, shas, options) if options.augment_views else None
@@ -171,7 +173,7 @@ class JobRunner:
                           message=f"AUTO: fine-tuning too ({min(counts.values())}+ examples per label)")
             trained, tuned_feeds = auto_fine_tune(
                 entry.backbone, self._items(shas), labels, xs, trained, options,
-                lambda update: self._publish(job, **_progress(update)), shas)
+                lambda update: self._publish(job, **_progress(update)), shas, entry.training_trunk())
             if tuned_feeds is not None:
                 return self._export(job, task, trained, tuned_feeds, meta)
         tap = trained.evaluation["tap"]
@@ -191,13 +193,13 @@ class JobRunner:
         return HeadRecord(task.task_id, 0, onnx_bytes, trained.labels, trained.evaluation), task.backbone
 
     def _features(self, job: JobRecord, entry, shas: list[str]) -> dict[str, np.ndarray]:
-        """Pooled trunk features of every tap for the examples (torch trunk), cached in the store."""
+        """Pooled trunk features of every tap for the examples (Entry.training_trunk), cached in the store."""
         unique = list(dict.fromkeys(shas))
         cached = {tap: self.store.cached_features(entry.trunk_key(tap), unique) for tap in POOLED_TAPS}
         todo = [sha for sha in unique if any(sha not in cached[tap] for tap in POOLED_TAPS)]
         for start in range(0, len(todo), FEATURE_CHUNK):
             chunk = todo[start : start + FEATURE_CHUNK]
-            taps = entry.backbone.torch_taps(entry.backbone.preprocess(self._items(chunk)))
+            taps = pooled_taps(entry.training_trunk(), entry.backbone.preprocess(self._items(chunk)))
             for tap in POOLED_TAPS:
                 fresh = dict(zip(chunk, taps[tap]))
                 self.store.put_features(entry.trunk_key(tap), fresh)
@@ -218,7 +220,8 @@ class JobRunner:
         batch, origin = entry.backbone.preprocess.augmented(self._items(shas), options.augment_views, options.seed)
         views = {"last": [], "last-1": []}
         for start in range(0, len(origin), FEATURE_CHUNK):
-            taps = entry.backbone.torch_taps({k: v[start : start + FEATURE_CHUNK] for k, v in batch.items()})
+            chunk = {k: v[start : start + FEATURE_CHUNK] for k, v in batch.items()}
+            taps = pooled_taps(entry.training_trunk(), chunk)
             for tap in POOLED_TAPS:
                 views[tap].append(taps[tap])
         return Augmented({tap: np.concatenate(v) for tap, v in views.items()}, origin)

@@ -11,6 +11,7 @@ from adapters.backbones import (
     BackboneSpec,
     BackboneUnavailable,
     LoadOptions,
+    TrunkRun,
     builtin_spec,
     custom_spec,
     load_backbone,
@@ -33,6 +34,13 @@ class Entry:
     @property
     def available(self) -> bool:
         return self.trunk is not None
+
+    def training_trunk(self) -> TrunkRun:
+        """What training jobs run the frozen trunk with. On the CPU that is the serving session: the
+        features a head is trained on are then exactly those it is served, and onnxruntime runs the
+        trunk several times faster than torch (MobileNetV2, 2 cores: 5x). On a GPU, torch."""
+        assert self.backbone is not None and self.trunk is not None
+        return self.trunk.outputs if self.backbone.device.type == "cpu" else self.backbone.torch_outputs
 
     def trunk_key(self, tap: str) -> str:
         """Identifies a tap's features in the store: backbone name, weights digest and tap."""

@@ -238,3 +238,18 @@ def test_reflection_lists_the_service_and_its_file(server):
 def test_request_id_is_returned_in_trailers(stub, text_task):
     _, call = stub.GetTask.with_call(pb.GetTaskRequest(task_id=text_task), metadata=[("x-request-id", "abc123")])
     assert ("x-request-id", "abc123") in call.trailing_metadata()
+
+
+def test_jobs_train_on_the_features_the_trunk_session_serves(server, image_task):
+    """On the CPU, training jobs embed examples with the serving trunk session: the features a head was
+    trained on (cached in the store) are exactly those a prediction feeds it."""
+    app = server.app
+    entry = app.registry.get("mobilenet_v3_small")
+    shas = list(dict.fromkeys(sha for sha, _ in app.store.example_refs(image_task)))
+    blobs = app.store.blobs(shas)
+    batch = entry.backbone.preprocess([blobs[sha][1] for sha in shas])
+    trained = {tap: app.store.cached_features(entry.trunk_key(tap), shas) for tap in ("last", "last-1")}
+    served = entry.trunk.outputs(batch, ["features", "features_last_1"])  # one batch, as the job ran it
+    for tap, name in (("last", "features"), ("last-1", "features_last_1")):
+        # Bit for bit: torch's features differ from the session's in the last digits.
+        np.testing.assert_array_equal(np.stack([trained[tap][sha] for sha in shas]), served[name])
