@@ -157,134 +157,165 @@ def fine_tune(
     progress: Progress = _noop,
     sample_ids: Sequence[str] | None = None,
     trunk: TrunkRun | None = None,
+    refit_above: float = -1.0,
 ) -> tuple[TrainedHead, dict[str, np.ndarray]]:
     """Tunes the top `options.unfreeze_blocks` blocks + a classifier; returns the head and the feeds
     (trunk outputs of the examples) for the export parity check. `trunk` runs the frozen trunk
-    (default: the backbone's torch module)."""
+    (default: the backbone's torch module).
+
+    A stratified holdout picks the number of epochs (early stopping) and gives the evaluation; then,
+    when the holdout accuracy is above `refit_above` (by default always), the head is tuned again from
+    the start on every example for that many epochs, as model selection usually ends: the holdout's
+    examples are too valuable to leave out of a few-shot head. AUTO passes the feature head's holdout
+    score, so that a tuned head it is about to discard is not retrained."""
     start = time.perf_counter()
     names = sorted(set(labels))
     if len(names) < 2:
         raise InvalidInput(f"a task needs at least 2 labels with examples; got {len(names)}")
     y = np.array([names.index(label) for label in labels], dtype=np.int64)
     k, blocks = len(names), options.unfreeze_blocks or DEFAULT_BLOCKS[backbone.modality]
-    torch.manual_seed(options.seed)
 
     progress({"phase": "features", "message": f"running the frozen trunk up to block -{blocks}"})
     trunk = trunk or backbone.torch_outputs
     feeds = _maps(backbone, trunk, items, blocks, progress)
     input_names = list(feeds)
-    train_idx, val_idx = holdout_split(y, options.validation_fraction or 0.2, options.seed)
-    extra, extra_y = None, None
-    views = options.augment_views or (DEFAULT_VIEWS if backbone.modality == "image" else 0)
-    if views and backbone.modality == "image":
-        progress({"message": f"embedding {views} augmented views per training example"})
-        batch, origin = backbone.preprocess.augmented([items[i] for i in train_idx], views, options.seed)
-        extra = _maps(backbone, trunk, [], blocks, progress, batch=batch)
-        extra_y = y[train_idx][origin]
-
-    top = backbone.module.top(blocks)
-    dim = backbone.feature_dim
-    model = _Head(top, dim, k)
     tensors = {n: torch.from_numpy(v) for n, v in feeds.items()}
-    # LP-FT: start the classifier from a linear probe on the frozen top's features, so tuning starts
-    # from the feature-extraction solution instead of a random classifier that distorts the blocks.
-    model.eval()
-    with torch.inference_mode(), torch_threads(max(1, torch.get_num_threads())):
-        pooled = torch.cat([model.top(*[tensors[n][i : i + 256] for n in input_names])
-                            for i in range(0, len(y), 256)]).numpy()
-    probe = train_linear(pooled[train_idx], y[train_idx], k, TrainingOptions(strategy="linear"))
-    with torch.no_grad():
-        model.classifier.weight.copy_(torch.from_numpy(probe.layers[0][0]))
-        model.classifier.bias.copy_(torch.from_numpy(probe.layers[0][1]))
+    train_idx, val_idx = holdout_split(y, options.validation_fraction or 0.2, options.seed)
+    views = options.augment_views or (DEFAULT_VIEWS if backbone.modality == "image" else 0)
+    extra, origin = None, np.zeros(0, np.int64)  # augmented views of every example, and whose they are
+    if views and backbone.modality == "image":
+        progress({"message": f"embedding {views} augmented views per example"})
+        batch, origin = backbone.preprocess.augmented(items, views, options.seed)
+        maps = _maps(backbone, trunk, [], blocks, progress, batch=batch)
+        extra = {n: torch.from_numpy(v) for n, v in maps.items()}
     head_lr = options.learning_rate or DEFAULT_LR
-    optim = torch.optim.AdamW([
-        {"params": model.top.parameters(), "lr": head_lr},
-        {"params": model.classifier.parameters(), "lr": max(head_lr * 10, 1e-3)},
-    ], weight_decay=options.l2 or 0.01)
-    x_train = {n: t[train_idx] for n, t in tensors.items()}
-    y_train = torch.from_numpy(y[train_idx])
-    if extra is not None:
-        x_train = {n: torch.cat([x_train[n], torch.from_numpy(extra[n])]) for n in input_names}
-        y_train = torch.cat([y_train, torch.from_numpy(extra_y)])
-    weights = _class_weights(y_train.numpy(), k)
     epochs = options.epochs or DEFAULT_EPOCHS
-    steps = epochs * -(-len(y_train) // BATCH)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optim, lambda step: 0.5 * (1 + np.cos(np.pi * min(step, steps) / steps)))  # cosine decay to 0
 
-    def evaluate(idx: np.ndarray) -> np.ndarray:
+    def logits_of(model: _Head, idx: np.ndarray) -> np.ndarray:
         model.eval()
         with torch.inference_mode():
             out = [model.logits(*[tensors[n][idx[s : s + 256]] for n in input_names]).numpy()
                    for s in range(0, len(idx), 256)]
         return np.concatenate(out) if out else np.zeros((0, k), np.float32)
 
-    def train_mode() -> None:
-        """Dropout on, but normalisation statistics frozen: a few examples cannot re-estimate them."""
-        model.train()
-        for m in model.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                m.eval()
+    def tune(train: np.ndarray, val: np.ndarray, stop_after: int,
+             shown: tuple[int, int]) -> tuple[_Head, int, int]:
+        """Tunes a fresh copy of the top on `train` (+ its augmented views) over the cosine schedule of
+        `epochs` epochs, for at most `stop_after` of them; with a `val` holdout, keeps the epoch that
+        scores best on it. Progress shows epoch `shown[0] + i` of `shown[1]`. Returns the model, the
+        epoch kept and the epochs run."""
+        torch.manual_seed(options.seed)
+        model = _Head(backbone.module.top(blocks), backbone.feature_dim, k)
+        # LP-FT: start the classifier from a linear probe on the frozen top's features, so tuning starts
+        # from the feature-extraction solution instead of a random classifier that distorts the blocks.
+        model.eval()
+        with torch.inference_mode(), torch_threads(max(1, torch.get_num_threads())):
+            pooled = torch.cat([model.top(*[tensors[n][train[i : i + 256]] for n in input_names])
+                                for i in range(0, len(train), 256)]).numpy()
+        probe = train_linear(pooled, y[train], k, TrainingOptions(strategy="linear"))
+        with torch.no_grad():
+            model.classifier.weight.copy_(torch.from_numpy(probe.layers[0][0]))
+            model.classifier.bias.copy_(torch.from_numpy(probe.layers[0][1]))
+        optim = torch.optim.AdamW([
+            {"params": model.top.parameters(), "lr": head_lr},
+            {"params": model.classifier.parameters(), "lr": max(head_lr * 10, 1e-3)},
+        ], weight_decay=options.l2 or 0.01)
+        x_train = {n: t[train] for n, t in tensors.items()}
+        y_train = torch.from_numpy(y[train])
+        rows = np.flatnonzero(np.isin(origin, train))  # augmented views of the training examples
+        if extra is not None:
+            x_train = {n: torch.cat([x_train[n], extra[n][rows]]) for n in input_names}
+            y_train = torch.cat([y_train, torch.from_numpy(y[origin[rows]])])
+        weights = _class_weights(y_train.numpy(), k)
+        steps = epochs * -(-len(y_train) // BATCH)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optim, lambda step: 0.5 * (1 + np.cos(np.pi * min(step, steps) / steps)))  # cosine decay to 0
 
-    best, best_state, best_epoch, stale = (-1.0, np.inf), copy.deepcopy(model.state_dict()), 0, 0
-    if len(val_idx):
-        logits = evaluate(val_idx)
-        best = (float((logits.argmax(1) == y[val_idx]).mean()),
-                float(torch.nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(y[val_idx]))))
-    rng = np.random.default_rng(options.seed)
-    with torch_threads(max(1, torch.get_num_threads())):
-        for epoch in range(1, epochs + 1):
-            order = rng.permutation(len(y_train))
-            total = 0.0
-            train_mode()
-            for s in range(0, len(order), BATCH):
-                idx = torch.from_numpy(order[s : s + BATCH])
-                optim.zero_grad()
-                loss = torch.nn.functional.cross_entropy(
-                    model.logits(*[x_train[n][idx] for n in input_names]), y_train[idx], weight=weights,
-                    label_smoothing=LABEL_SMOOTHING)
-                loss.backward()
-                optim.step()
-                schedule.step()
-                total += loss.item() * len(idx)
-            update = {"phase": "training", "epoch": epoch, "epochs": epochs, "loss": total / len(order)}
-            if len(val_idx):
-                logits = evaluate(val_idx)
-                acc = float((logits.argmax(1) == y[val_idx]).mean())
-                nll = float(torch.nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(y[val_idx])))
-                update["validation_accuracy"] = acc
-                if (acc, -nll) > (best[0], -best[1]):
-                    best, best_state, best_epoch, stale = (acc, nll), copy.deepcopy(model.state_dict()), epoch, 0
+        def train_mode() -> None:
+            """Dropout on, but normalisation statistics frozen: a few examples cannot re-estimate them."""
+            model.train()
+            for m in model.modules():
+                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+
+        def score() -> tuple[float, float]:  # holdout accuracy, and -NLL to break ties
+            logits = logits_of(model, val)
+            nll = torch.nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(y[val]))
+            return float((logits.argmax(1) == y[val]).mean()), -float(nll)
+
+        best, best_state = (score() if len(val) else None), copy.deepcopy(model.state_dict())
+        best_epoch, stale, epoch = 0, 0, 0
+        rng = np.random.default_rng(options.seed)
+        with torch_threads(max(1, torch.get_num_threads())):
+            for epoch in range(1, stop_after + 1):
+                order = rng.permutation(len(y_train))
+                total = 0.0
+                train_mode()
+                for s in range(0, len(order), BATCH):
+                    idx = torch.from_numpy(order[s : s + BATCH])
+                    optim.zero_grad()
+                    loss = torch.nn.functional.cross_entropy(
+                        model.logits(*[x_train[n][idx] for n in input_names]), y_train[idx], weight=weights,
+                        label_smoothing=LABEL_SMOOTHING)
+                    loss.backward()
+                    optim.step()
+                    schedule.step()
+                    total += loss.item() * len(idx)
+                update = {"phase": "training", "epoch": shown[0] + epoch, "epochs": shown[1],
+                          "loss": total / len(order)}
+                if len(val):
+                    current = score()
+                    update["validation_accuracy"] = current[0]
+                    if current > best:
+                        best, best_state = current, copy.deepcopy(model.state_dict())
+                        best_epoch, stale = epoch, 0
+                    else:
+                        stale += 1
                 else:
-                    stale += 1
-            progress(update)
-            if len(val_idx) and stale >= PATIENCE:
-                break
-    if len(val_idx):
-        model.load_state_dict(best_state)
-    model.eval()
+                    update["message"] = f"tuning on all {len(train)} examples"
+                progress(update)
+                if len(val) and stale >= PATIENCE:
+                    break
+        if len(val):
+            model.load_state_dict(best_state)  # epoch 0 is the linear probe
+        else:
+            best_epoch = stop_after
+        model.eval()
+        return model, best_epoch, epoch
 
+    # With a holdout, a second pass on every example may follow: progress counts both.
+    model, best_epoch, ran = tune(train_idx, val_idx, epochs, (0, 2 * epochs if len(val_idx) else epochs))
+    rows = np.isin(origin, train_idx)
     evaluation = {
         "strategy": "fine_tune",
         "strategy_reason": "requested",
         "tap": input_names[0],
         "unfreeze_blocks": blocks,
-        "best_epoch": best_epoch if len(val_idx) else epochs,
+        "best_epoch": best_epoch,
         "learning_rate": head_lr,
         "validation_method": f"holdout {len(val_idx)} of {len(y)} (early stopping on the same holdout)",
         "examples_per_label": {name: int(n) for name, n in zip(names, np.bincount(y, minlength=k))},
         "num_examples": len(y),
-        "augmented_rows": 0 if extra_y is None else len(extra_y),
-        "feature_dim": dim,
+        "augmented_rows": int(rows.sum()),
+        "feature_dim": backbone.feature_dim,
         "reject_threshold": options.reject_threshold,
     }
+    trained_on, evaluation["refit"] = train_idx, False
     if len(val_idx):
-        evaluation.update(validation_report(evaluate(val_idx), y[val_idx], names))
+        evaluation.update(validation_report(logits_of(model, val_idx), y[val_idx], names))
+        if evaluation["validation_accuracy"] > refit_above:
+            progress({"phase": "training", "message": f"tuning again on all {len(y)} examples"})
+            trained_on, evaluation["refit"] = np.arange(len(y)), True
+            model = tune(trained_on, val_idx[:0], best_epoch, (ran, ran + best_epoch))[0]
+            evaluation["augmented_rows"] = len(origin)
+            evaluation["validation_method"] += (f"; then tuned again on all {len(y)} examples for the "
+                                                f"{best_epoch} epochs it picked")
         model.inv_temperature.fill_(1.0 / evaluation["temperature"])
     else:
         evaluation.update(NOT_VALIDATED, baseline_accuracy=float(np.bincount(y).max() / len(y)))
-    train_logits = evaluate(train_idx)
-    evaluation["train_accuracy"] = classification_metrics(y[train_idx], train_logits.argmax(1), names)["accuracy"]
+    train_logits = logits_of(model, trained_on)
+    train_report = classification_metrics(y[trained_on], train_logits.argmax(1), names)
+    evaluation["train_accuracy"] = train_report["accuracy"]
     head = FineTunedHead(model, input_names, tuple(feeds[input_names[0]].shape[1:]))
     evaluation["parameters"] = head.parameter_count()
     evaluation["warnings"] = warnings_for(evaluation, labels, sample_ids)
@@ -310,10 +341,9 @@ def auto_fine_tune(
 
     The feature-head side reruns AUTO's whole procedure (its cross-validated choice of strategy, tap
     and regularisation) on FINE_TUNE's training split, so both sides are trained on the same examples
-    and scored on the same held-out ones. Returns the kept head, and the tuned head's feeds for the
-    export check (None when the feature head is kept)."""
-    tuned, feeds = fine_tune(backbone, items, labels, dataclasses.replace(options, strategy="fine_tune"),
-                             progress, sample_ids, trunk)
+    and scored on the same held-out ones. A tuned head that wins is then tuned again on every example
+    (see `fine_tune`), as the feature head already is. Returns the kept head, and the tuned head's
+    feeds for the export check (None when the feature head is kept)."""
     names = sorted(set(labels))
     y = np.array([names.index(label) for label in labels], dtype=np.int64)
     train_idx, val_idx = holdout_split(y, options.validation_fraction or 0.2, options.seed)
@@ -323,6 +353,8 @@ def auto_fine_tune(
     feeds_val = {TAP_OUTPUTS[tap][0]: x[val_idx] for tap, x in features.items() if tap in TAP_OUTPUTS}
     rival_pred = np.asarray(rival.labels)[rival.head.reference(feeds_val).argmax(axis=1)]
     rival_acc = float((rival_pred == np.asarray(labels)[val_idx]).mean())
+    tuned, feeds = fine_tune(backbone, items, labels, dataclasses.replace(options, strategy="fine_tune"),
+                             progress, sample_ids, trunk, refit_above=rival_acc)
     tuned_acc = tuned.evaluation["validation_accuracy"]
     ev = feature_head.evaluation
     feature_name = ev["strategy"] + (f"@{ev['tap']}" if ev["tap"] != "last" else "")

@@ -57,6 +57,26 @@ def colour_images(per_label: int) -> tuple[list[bytes], list[str]]:
 
 
 @pytest.mark.slow
+def test_fine_tune_tunes_again_on_every_example_after_the_holdout_picks_the_epochs(small_cnn):
+    items, labels = colour_images(6)
+    options = TrainingOptions(strategy="fine_tune", epochs=2, unfreeze_blocks=1, augment_views=2)
+    refit, feeds = fine_tune(small_cnn, items, labels, options)
+    ev = refit.evaluation
+    assert ev["refit"] and ev["validation_method"] == (
+        f"holdout 3 of 18 (early stopping on the same holdout); then tuned again on all 18 examples for the "
+        f"{ev['best_epoch']} epochs it picked")
+    assert ev["augmented_rows"] == 18 * 2  # the holdout's examples and their views joined the training
+    # Only a head whose holdout accuracy is above refit_above is tuned again (AUTO passes its rival's).
+    held, _ = fine_tune(small_cnn, items, labels, options, refit_above=1.0)
+    assert not held.evaluation["refit"] and held.evaluation["augmented_rows"] == 15 * 2
+    assert held.evaluation["validation_accuracy"] == ev["validation_accuracy"]  # the same first pass
+    changed = [k for k, v in refit.head.module.state_dict().items()
+               if not torch.equal(v, held.head.module.state_dict()[k])]
+    assert "classifier.weight" in changed
+    export_checked(refit, feeds, {"task_id": "t"})
+
+
+@pytest.mark.slow
 def test_auto_fine_tune_keeps_whichever_head_wins_the_shared_holdout(small_cnn):
     items, labels = colour_images(10)
     options = TrainingOptions(epochs=3)
@@ -70,6 +90,7 @@ def test_auto_fine_tune_keeps_whichever_head_wins_the_shared_holdout(small_cnn):
     assert scores["fine_tune (holdout)"] == 1.0 > max(v for k, v in scores.items() if k.endswith("(holdout)")
                                                        and not k.startswith("fine_tune"))
     assert kept.evaluation["strategy_reason"].startswith("fine-tuning beat the feature head on the same holdout of 6")
+    assert kept.evaluation["refit"]  # the winner is tuned again on all 30 examples
 
     # Features that give the label away: both heads are perfect, and a tie keeps the small feature head.
     onehot = np.eye(3, dtype=np.float32)[[sorted(COLOURS).index(label) for label in labels]]
