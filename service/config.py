@@ -104,9 +104,9 @@ class Settings(BaseSettings):
     )
     training_workers: int = Field(1, ge=1, le=64, description="training jobs run at once")
     auto_fine_tune_min_examples: int = Field(
-        50, ge=0, description="AUTO also fine-tunes image tasks whose every label has at least this many "
-        "examples, and keeps the tuned head when it beats the feature head on a holdout (minutes on a CPU, "
-        "seconds on a GPU); 0: never",
+        10, ge=0, description="AUTO also fine-tunes image tasks whose every label has at least this many "
+        "examples, and keeps the tuned head when it does at least as well as the feature head on a holdout "
+        "(a minute or more on a CPU, seconds on a GPU); 0: never",
     )
     intra_op_threads: int = Field(0, ge=0, description="onnxruntime/torch threads; 0 = all cores")
     export_chunk_bytes: int = Field(1 << 20, ge=1024, le=4 << 20)

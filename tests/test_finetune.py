@@ -63,11 +63,11 @@ def test_fine_tune_tunes_again_on_every_example_after_the_holdout_picks_the_epoc
     refit, feeds = fine_tune(small_cnn, items, labels, options)
     ev = refit.evaluation
     assert ev["refit"] and ev["validation_method"] == (
-        f"holdout 3 of 18 (early stopping on the same holdout); then tuned again on all 18 examples for the "
+        f"holdout 3 of 18 (early stopping on the same holdout); then tuned again on all 18 examples over the "
         f"{ev['best_epoch']} epochs it picked")
     assert ev["augmented_rows"] == 18 * 2  # the holdout's examples and their views joined the training
-    # Only a head whose holdout accuracy is above refit_above is tuned again (AUTO passes its rival's).
-    held, _ = fine_tune(small_cnn, items, labels, options, refit_above=1.0)
+    # Only when refit_if says so (AUTO: when the tuned head wins) is it tuned again.
+    held, _ = fine_tune(small_cnn, items, labels, options, refit_if=lambda evaluation: False)
     assert not held.evaluation["refit"] and held.evaluation["augmented_rows"] == 15 * 2
     assert held.evaluation["validation_accuracy"] == ev["validation_accuracy"]  # the same first pass
     changed = [k for k, v in refit.head.module.state_dict().items()
@@ -92,10 +92,14 @@ def test_auto_fine_tune_keeps_whichever_head_wins_the_shared_holdout(small_cnn):
     assert kept.evaluation["strategy_reason"].startswith("fine-tuning beat the feature head on the same holdout of 6")
     assert kept.evaluation["refit"]  # the winner is tuned again on all 30 examples
 
-    # Features that give the label away: both heads are perfect, and a tie keeps the small feature head.
-    onehot = np.eye(3, dtype=np.float32)[[sorted(COLOURS).index(label) for label in labels]]
+    # Labels that have nothing to do with the images, but that the features give away: the feature head
+    # is perfect, tuning the blocks cannot be, and the feature head is kept.
+    shuffled = list(np.asarray(labels)[rng.permutation(len(labels))])
+    onehot = np.eye(3, dtype=np.float32)[[sorted(COLOURS).index(label) for label in shuffled]]
     perfect = {"last": onehot + 0.01 * rng.normal(size=onehot.shape).astype(np.float32), "last-1": onehot}
-    feature_head = train_head(perfect, labels, options)
-    kept, feeds = auto_fine_tune(small_cnn, items, labels, perfect, feature_head, options)
+    feature_head = train_head(perfect, shuffled, options)
+    kept, feeds = auto_fine_tune(small_cnn, items, shuffled, perfect, feature_head, options)
     assert kept is feature_head and feeds is None
     assert "fine-tuning did not beat it on the same holdout of 6 examples" in kept.evaluation["strategy_reason"]
+    scores = kept.evaluation["candidate_scores"]
+    assert scores["fine_tune (holdout)"] < 1.0 == scores["linear@last+last-1 (holdout)"]
