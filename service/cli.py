@@ -455,7 +455,8 @@ def _add_example_source(command: argparse.ArgumentParser) -> None:
 
 TRAINING_FLAGS = {  # flag -> (TrainingConfig field, type, help)
     "--epochs": ("epochs", int, "training epochs (default: the strategy's)"),
-    "--tap": ("tap", str, "trunk output the head reads: last, last-1 or last+last-1"),
+    "--tap": ("tap", str, "trunk output the head reads: last, last-1 .. last-3, last+last-1 or "
+                          "last+last-1+last-2+last-3"),
     "--unfreeze-blocks": ("unfreeze_blocks", int,
                           "fine_tune: top blocks to tune (1-6; default 5 for images, 1 for text)"),
     "--augment-views": ("augment_views", int, "images: augmented views per example"),

@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from adapters.backbones import pooled_taps
+from adapters.backbones import POOLED_TAPS, pooled_taps
 from adapters.errors import HeadserveError, InvalidInput, NotFound
 from adapters.finetune import auto_fine_tune, fine_tune
 from adapters.heads import TAP_OUTPUTS, Augmented, TrainingOptions, export_checked, train_head
@@ -28,7 +28,6 @@ from service.store import HeadRecord, JobRecord, Store
 log = logging.getLogger(__name__)
 
 FEATURE_CHUNK = 32
-POOLED_TAPS = ("last", "last-1")  # computed and cached per example; heads may read one or both
 
 
 def _progress(update: dict) -> dict:
@@ -218,7 +217,7 @@ class JobRunner:
             return None
         self._publish(job, message=f"embedding {options.augment_views} augmented views per example")
         batch, origin = entry.backbone.preprocess.augmented(self._items(shas), options.augment_views, options.seed)
-        views = {"last": [], "last-1": []}
+        views: dict[str, list[np.ndarray]] = {tap: [] for tap in POOLED_TAPS}
         for start in range(0, len(origin), FEATURE_CHUNK):
             chunk = {k: v[start : start + FEATURE_CHUNK] for k, v in batch.items()}
             taps = pooled_taps(entry.training_trunk(), chunk)

@@ -184,8 +184,9 @@ def test_exported_head_reproduces_service_scores(server, stub, text_task):
     model = onnx.load_model_from_string(data)
     onnx.checker.check_model(model)
     assert meta["labels"] == sorted(TOPICS) and meta["version"] == 1
-    # AUTO's head reads the final and the one-block-earlier pooled features of the trunk.
-    assert meta["inputs"] == {"features": ["batch", 384], "features_last_1": ["batch", 384]}
+    # AUTO's head reads the pooled features of the trunk's last four layers.
+    assert meta["inputs"] == {name: ["batch", 384] for name in
+                              ("features", "features_last_1", "features_last_2", "features_last_3")}
     texts = [t for texts in HELD_OUT.values() for t in texts]
     entry = server.app.registry.get("minilm-l6")
     head = ort.InferenceSession(data, providers=["CPUExecutionProvider"])

@@ -141,19 +141,24 @@ def test_auto_compares_candidates_and_taps_and_records_why(client):
     details = json.loads(task.evaluation.details_json)
     names = list(details["candidate_scores"])
     assert any(n.startswith("linear") for n in names) and any(n.startswith("prototype") for n in names)
-    # AUTO reads the final and the one-block-earlier features side by side, and compares C for linear.
-    assert all(n.endswith("@last+last-1") for n in names) and task.evaluation.tap == "last+last-1"
-    assert {n for n in names if n.startswith("linear")} == {f"linear(C={c:g})@last+last-1" for c in (0.3, 1, 3)}
+    # AUTO reads the last four layers' pooled features side by side, and compares C for linear.
+    wide = "last+last-1+last-2+last-3"
+    assert all(n.endswith(f"@{wide}") for n in names) and task.evaluation.tap == wide
+    assert {n for n in names if n.startswith("linear")} == {f"linear(C={c:g})@{wide}" for c in (0.3, 1, 3)}
     assert details["strategy_reason"].startswith("best 5-fold accuracy")
     best = max(details["candidate_scores"].values())
     assert task.evaluation.validation_accuracy == pytest.approx(best)
 
 
-def test_earlier_tap_is_served(client):
-    task_id, task = train(client, text_examples(), strategy=pb.LINEAR, tap="last-1")
-    assert task.evaluation.tap == "last-1"
+@pytest.mark.parametrize("tap", ["last-1", "last-3"])
+def test_earlier_tap_is_served(server, client, tap):
+    task_id, task = train(client, text_examples(), strategy=pb.LINEAR, tap=tap)
+    assert task.evaluation.tap == tap
     resp = client.stub.Predict(pb.PredictRequest(task_id=task_id, inputs=[pb.Input(text=t) for t in HELD_TEXTS]))
     assert np.mean([p.label == t for p, t in zip(resp.predictions, HELD_TRUTH)]) >= 0.75
+    # The exported head, fed that tap's trunk output, reproduces the served scores.
+    predicted = export_parity(server, client.stub, task_id, HELD_TEXTS)
+    assert predicted == [p.label for p in resp.predictions]
 
 
 def test_evaluation_is_complete_and_calibrated(client):
