@@ -142,8 +142,8 @@ class LoadOptions:
 #
 # A trunk runs a stack of blocks and returns, besides the pooled final features, what a head may start
 # from: the same pooling one, two and three blocks earlier (taps "last-1" to "last-3") and the inputs
-# of each of the last MAX_UNFREEZE blocks ("blocks_1" feeds the last block, "blocks_2" the last two, ...), from which a
-# fine-tuned head runs its own tuned copies of those blocks.
+# of each of the last MAX_UNFREEZE blocks ("blocks_1" feeds the last block, "blocks_2" the last two,
+# ...), from which a fine-tuned head runs its own tuned copies of those blocks.
 
 MAX_UNFREEZE = 6
 BLOCK_INPUTS = tuple(f"blocks_{i}" for i in range(1, MAX_UNFREEZE + 1))

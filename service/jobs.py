@@ -20,7 +20,7 @@ import numpy as np
 from adapters.backbones import POOLED_TAPS, pooled_taps
 from adapters.errors import HeadserveError, InvalidInput, NotFound
 from adapters.finetune import auto_fine_tune, fine_tune
-from adapters.heads import TAP_OUTPUTS, Augmented, TrainingOptions, export_checked, train_head
+from adapters.heads import Augmented, TrainingOptions, export_checked, train_head
 from adapters.runtime import HeadRuntime
 from service.registry import BackboneRegistry
 from service.store import HeadRecord, JobRecord, Store
@@ -176,7 +176,7 @@ class JobRunner:
             if tuned_feeds is not None:
                 return self._export(job, task, trained, tuned_feeds, meta)
         tap = trained.evaluation["tap"]
-        feeds = {TAP_OUTPUTS[t][0]: xs[t] for t in POOLED_TAPS}
+        feeds = {name: xs[tap] for tap, name in POOLED_TAPS.items()}
         return self._export(job, task, trained, feeds, {**meta, "tap": tap})
 
     def _auto_fine_tunes(self, entry, options: TrainingOptions, counts: dict[str, int]) -> bool:
@@ -217,13 +217,7 @@ class JobRunner:
             return None
         self._publish(job, message=f"embedding {options.augment_views} augmented views per example")
         batch, origin = entry.backbone.preprocess.augmented(self._items(shas), options.augment_views, options.seed)
-        views: dict[str, list[np.ndarray]] = {tap: [] for tap in POOLED_TAPS}
-        for start in range(0, len(origin), FEATURE_CHUNK):
-            chunk = {k: v[start : start + FEATURE_CHUNK] for k, v in batch.items()}
-            taps = pooled_taps(entry.training_trunk(), chunk)
-            for tap in POOLED_TAPS:
-                views[tap].append(taps[tap])
-        return Augmented({tap: np.concatenate(v) for tap, v in views.items()}, origin)
+        return Augmented(pooled_taps(entry.training_trunk(), batch, FEATURE_CHUNK), origin)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
