@@ -87,6 +87,15 @@ def test_fine_tune_on_images_tunes_five_blocks_by_default(client):
     assert [p.label for p in resp.predictions] == list(COLOURS)
 
 
+def test_feature_head_trains_on_augmented_views_of_every_example(client):
+    task_id, task = train(client, image_examples(5), backbone="mobilenet_v3_small", strategy=pb.LINEAR,
+                          augment_views=2)
+    details = json.loads(task.evaluation.details_json)
+    assert details["augmented_rows"] == 15 * 2  # two views of each of the 15 examples, every tap
+    resp = client.stub.Predict(pb.PredictRequest(task_id=task_id, inputs=colour_inputs()))
+    assert [p.label for p in resp.predictions] == list(COLOURS)
+
+
 @pytest.mark.slow
 def test_auto_fine_tunes_images_with_enough_examples_and_keeps_the_better_head(tmp_path):
     running = build_server(make_settings(tmp_path, builtin_backbones=["mobilenet_v3_small"],
