@@ -87,6 +87,15 @@ class HeadServeApp:
         if len(labels) > self.settings.max_labels_per_task:
             raise ResourceExhausted(f"task would have {len(labels)} labels; the limit is {self.settings.max_labels_per_task}")
 
+    def _check_label_text(self, entry: Entry, options: TrainingOptions, labels: set[str]) -> None:
+        if entry.spec.modality != "text" and (options.label_descriptions or options.label_text == "on"):
+            raise InvalidInput(
+                f"label_text ON and label_descriptions need a text backbone; {entry.spec.name!r} reads images")
+        unknown = sorted(set(options.label_descriptions) - labels)
+        if labels and unknown:
+            raise InvalidInput(f"label_descriptions names {unknown[0]!r}, which is not one of the task's labels "
+                               f"({', '.join(sorted(labels))})")
+
     # --- use cases --------------------------------------------------------------------------------
 
     def list_backbones(self) -> list[Entry]:
@@ -122,6 +131,7 @@ class HeadServeApp:
             if missing:
                 raise InvalidInput(f"label {missing[0]!r} has no examples; each label needs at least 1")
         self._check_capacity("", new, declared_labels)
+        self._check_label_text(entry, options, {ex.label for ex in new} | set(declared_labels))
         record = TaskRecord(task_id, backbone, list(declared_labels), dataclasses.asdict(options))
         self.store.create_task(record, new)
         if new:
@@ -138,7 +148,7 @@ class HeadServeApp:
 
     def train(self, task_id: str, options: TrainingOptions | None) -> JobRecord:
         task = self.store.get_task(task_id)
-        self.registry.get(task.backbone)
+        entry = self.registry.get(task.backbone)
         counts = self.store.label_counts(task_id)
         if len(counts) < 2:
             raise InvalidInput(
@@ -147,7 +157,9 @@ class HeadServeApp:
         missing = sorted(set(task.declared_labels) - set(counts))
         if missing:
             raise InvalidInput(f"label {missing[0]!r} has no examples; each label needs at least 1")
-        return self.runner.submit(task_id, options or TrainingOptions(**task.config))
+        options = options or TrainingOptions(**task.config)
+        self._check_label_text(entry, options, set(counts))
+        return self.runner.submit(task_id, options)
 
     def get_task(self, task_id: str) -> TaskView:
         record = self.store.get_task(task_id)

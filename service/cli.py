@@ -468,11 +468,28 @@ def _add_training(command: argparse.ArgumentParser) -> None:
     command.add_argument("--strategy", choices=list(STRATEGIES), help="head strategy (default: the task's)")
     for flag, (field, kind, text) in TRAINING_FLAGS.items():
         command.add_argument(flag, dest=field, type=kind, help=text)
+    command.add_argument("--label-text", choices=["auto", "on", "off"],
+                         help="text: learn from the labels' own words (default auto: weighted by how well "
+                              "they sort the examples)")
+    command.add_argument("--describe", dest="label_descriptions", action="append", type=_description,
+                         metavar="LABEL=WORDS",
+                         help="text: the words for a label whose name is a code (repeatable)")
     command.add_argument("--no-wait", action="store_true", help="start the job and return")
+
+
+def _description(value: str) -> tuple[str, str]:
+    label, sep, words = value.partition("=")
+    if not sep or not label or not words.strip():
+        raise argparse.ArgumentTypeError(f"expected LABEL=WORDS, got {value!r}")
+    return label, words
 
 
 def _training_config(args: argparse.Namespace) -> pb.TrainingConfig | None:
     fields = {field: getattr(args, field) for field, _, _ in TRAINING_FLAGS.values() if getattr(args, field) is not None}
+    if args.label_text:
+        fields["label_text"] = args.label_text
+    if args.label_descriptions:
+        fields["label_descriptions"] = dict(args.label_descriptions)
     if not args.strategy and not fields:
         return None
     return training_config(args.strategy or "auto", **fields)

@@ -66,8 +66,10 @@ def training_config(strategy: str | pb.Strategy = "auto", **fields: Any) -> pb.T
     """Builds a `TrainingConfig`; `strategy` is an enum value or a name from `STRATEGIES` ("linear", ...).
 
     Other keyword arguments are `TrainingConfig` fields (epochs, learning_rate, seed, ...); zero or empty
-    means the server's default.
+    means the server's default. `label_text` may also be a name: "auto", "on" or "off".
     """
+    if isinstance(fields.get("label_text"), str):
+        fields["label_text"] = "LABEL_TEXT_" + fields["label_text"].upper()
     if isinstance(strategy, str):
         try:
             strategy = STRATEGIES[strategy.lower().replace("-", "_")]

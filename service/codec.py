@@ -18,6 +18,9 @@ from service.store import JobRecord
 STRATEGY_NAMES = {pb.STRATEGY_UNSPECIFIED: "auto", pb.AUTO: "auto", pb.LINEAR: "linear", pb.MLP: "mlp",
                   pb.PROTOTYPE: "prototype", pb.FINE_TUNE: "fine_tune"}
 STRATEGY_ENUMS = {name: value for value, name in STRATEGY_NAMES.items() if value != pb.STRATEGY_UNSPECIFIED}
+LABEL_TEXT_NAMES = {pb.LABEL_TEXT_UNSPECIFIED: "auto", pb.LABEL_TEXT_AUTO: "auto", pb.LABEL_TEXT_ON: "on",
+                    pb.LABEL_TEXT_OFF: "off"}
+LABEL_TEXT_ENUMS = {name: value for value, name in LABEL_TEXT_NAMES.items() if value != pb.LABEL_TEXT_UNSPECIFIED}
 
 
 def item(inp: pb.Input, index: int) -> Item:
@@ -40,6 +43,8 @@ def examples(exs) -> list[tuple[Item, str]]:
 def options(config: pb.TrainingConfig) -> TrainingOptions:
     if config.strategy not in STRATEGY_NAMES:
         raise InvalidInput(f"unknown strategy {config.strategy}")
+    if config.label_text not in LABEL_TEXT_NAMES:
+        raise InvalidInput(f"unknown label_text {config.label_text}")
     return TrainingOptions(
         strategy=STRATEGY_NAMES[config.strategy],
         epochs=config.epochs,
@@ -52,6 +57,8 @@ def options(config: pb.TrainingConfig) -> TrainingOptions:
         tap=config.tap,
         augment_views=config.augment_views,
         reject_threshold=config.reject_threshold,
+        label_text=LABEL_TEXT_NAMES[config.label_text],
+        label_descriptions=dict(config.label_descriptions),
     )
 
 
@@ -61,7 +68,8 @@ def config_pb(cfg: dict) -> pb.TrainingConfig:
         strategy=STRATEGY_ENUMS[o.strategy], epochs=o.epochs, learning_rate=o.learning_rate, l2=o.l2,
         seed=o.seed, validation_fraction=o.validation_fraction, hidden_units=o.hidden_units,
         unfreeze_blocks=o.unfreeze_blocks, tap=o.tap, augment_views=o.augment_views,
-        reject_threshold=o.reject_threshold,
+        reject_threshold=o.reject_threshold, label_text=LABEL_TEXT_ENUMS[o.label_text],
+        label_descriptions=o.label_descriptions,
     )
 
 

@@ -20,7 +20,7 @@ import numpy as np
 from adapters.backbones import POOLED_TAPS, pooled_taps
 from adapters.errors import HeadserveError, InvalidInput, NotFound
 from adapters.finetune import auto_fine_tune, fine_tune
-from adapters.heads import Augmented, TrainingOptions, export_checked, train_head
+from adapters.heads import Augmented, LabelText, TrainingOptions, export_checked, train_head
 from adapters.runtime import HeadRuntime
 from service.registry import BackboneRegistry
 from service.store import HeadRecord, JobRecord, Store
@@ -162,11 +162,12 @@ class JobRunner:
             return self._export(job, task, trained, feeds, meta)
         xs = self._features(job, entry, shas)
         augmented = self._augmented(job, entry, shas, options) if options.augment_views else None
+        label_text = self._label_text(entry, sorted(counts), options)
 
         self._publish(job, persist=True, phase="validating", progress=0.5, message=f"training ({options.strategy})")
 
         trained = train_head(xs, labels, options, lambda update: self._publish(job, **_progress(update)),
-                             sample_ids=shas, augmented=augmented)
+                             sample_ids=shas, augmented=augmented, label_text=label_text)
         if self._auto_fine_tunes(entry, options, counts):
             self._publish(job, persist=True, phase="features", progress=0.0,
                           message=f"AUTO: fine-tuning too ({min(counts.values())}+ examples per label)")
@@ -218,6 +219,16 @@ class JobRunner:
         self._publish(job, message=f"embedding {options.augment_views} augmented views per example")
         batch, origin = entry.backbone.preprocess.augmented(self._items(shas), options.augment_views, options.seed)
         return Augmented(pooled_taps(entry.training_trunk(), batch, FEATURE_CHUNK), origin)
+
+    def _label_text(self, entry, names: list[str], options: TrainingOptions) -> LabelText | None:
+        """Text tasks: the trunk's features of each label's words (its description, else its name)."""
+        if entry.spec.modality != "text" or options.label_text == "off":
+            return None
+        unknown = sorted(set(options.label_descriptions) - set(names))
+        if unknown:
+            raise InvalidInput(f"label_descriptions names {unknown[0]!r}, which has no examples")
+        texts = [options.label_descriptions.get(name, name) for name in names]
+        return LabelText(pooled_taps(entry.training_trunk(), entry.backbone.preprocess(texts)), texts)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)

@@ -22,6 +22,13 @@ class Strategy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     PROTOTYPE: _ClassVar[Strategy]
     FINE_TUNE: _ClassVar[Strategy]
 
+class LabelText(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    LABEL_TEXT_UNSPECIFIED: _ClassVar[LabelText]
+    LABEL_TEXT_AUTO: _ClassVar[LabelText]
+    LABEL_TEXT_ON: _ClassVar[LabelText]
+    LABEL_TEXT_OFF: _ClassVar[LabelText]
+
 class ExportFormat(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     EXPORT_FORMAT_UNSPECIFIED: _ClassVar[ExportFormat]
@@ -36,6 +43,10 @@ LINEAR: Strategy
 MLP: Strategy
 PROTOTYPE: Strategy
 FINE_TUNE: Strategy
+LABEL_TEXT_UNSPECIFIED: LabelText
+LABEL_TEXT_AUTO: LabelText
+LABEL_TEXT_ON: LabelText
+LABEL_TEXT_OFF: LabelText
 EXPORT_FORMAT_UNSPECIFIED: ExportFormat
 HEAD_ONNX: ExportFormat
 FUSED_ONNX: ExportFormat
@@ -91,7 +102,14 @@ class ListBackbonesResponse(_message.Message):
     def __init__(self, backbones: _Optional[_Iterable[_Union[Backbone, _Mapping]]] = ...) -> None: ...
 
 class TrainingConfig(_message.Message):
-    __slots__ = ("strategy", "epochs", "learning_rate", "l2", "seed", "validation_fraction", "hidden_units", "unfreeze_blocks", "tap", "augment_views", "reject_threshold")
+    __slots__ = ("strategy", "epochs", "learning_rate", "l2", "seed", "validation_fraction", "hidden_units", "unfreeze_blocks", "tap", "augment_views", "reject_threshold", "label_text", "label_descriptions")
+    class LabelDescriptionsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
     EPOCHS_FIELD_NUMBER: _ClassVar[int]
     LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
@@ -103,6 +121,8 @@ class TrainingConfig(_message.Message):
     TAP_FIELD_NUMBER: _ClassVar[int]
     AUGMENT_VIEWS_FIELD_NUMBER: _ClassVar[int]
     REJECT_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    LABEL_TEXT_FIELD_NUMBER: _ClassVar[int]
+    LABEL_DESCRIPTIONS_FIELD_NUMBER: _ClassVar[int]
     strategy: Strategy
     epochs: int
     learning_rate: float
@@ -114,7 +134,9 @@ class TrainingConfig(_message.Message):
     tap: str
     augment_views: int
     reject_threshold: float
-    def __init__(self, strategy: _Optional[_Union[Strategy, str]] = ..., epochs: _Optional[int] = ..., learning_rate: _Optional[float] = ..., l2: _Optional[float] = ..., seed: _Optional[int] = ..., validation_fraction: _Optional[float] = ..., hidden_units: _Optional[int] = ..., unfreeze_blocks: _Optional[int] = ..., tap: _Optional[str] = ..., augment_views: _Optional[int] = ..., reject_threshold: _Optional[float] = ...) -> None: ...
+    label_text: LabelText
+    label_descriptions: _containers.ScalarMap[str, str]
+    def __init__(self, strategy: _Optional[_Union[Strategy, str]] = ..., epochs: _Optional[int] = ..., learning_rate: _Optional[float] = ..., l2: _Optional[float] = ..., seed: _Optional[int] = ..., validation_fraction: _Optional[float] = ..., hidden_units: _Optional[int] = ..., unfreeze_blocks: _Optional[int] = ..., tap: _Optional[str] = ..., augment_views: _Optional[int] = ..., reject_threshold: _Optional[float] = ..., label_text: _Optional[_Union[LabelText, str]] = ..., label_descriptions: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class Evaluation(_message.Message):
     __slots__ = ("strategy", "train_accuracy", "validation_accuracy", "validation_method", "examples_per_label", "num_examples", "warnings", "train_seconds", "details_json", "macro_f1", "per_label", "confusion_matrix", "expected_calibration_error", "temperature", "tap", "head_bytes", "baseline_accuracy")
