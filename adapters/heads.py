@@ -89,9 +89,9 @@ class TrainingOptions:
             (not (self.label_descriptions and self.label_text == "off"),
              "label_descriptions are given but label_text is OFF; drop one of them"),
             (all(label and text.strip() for label, text in self.label_descriptions.items()),
-             "a label description is empty; describe the label in words or leave it out"),
+             "label_descriptions holds an empty label or description; describe each label in words"),
             (all(len(text) <= MAX_DESCRIPTION_CHARS for text in self.label_descriptions.values()),
-             f"a label description is longer than {MAX_DESCRIPTION_CHARS} characters"),
+             f"label_descriptions holds a description longer than {MAX_DESCRIPTION_CHARS} characters"),
         ]
         for ok, message in checks:
             if not ok:

@@ -164,6 +164,10 @@ def _print_evaluation(out: Console, evaluation: pb.Evaluation) -> None:
                                     f"temperature {evaluation.temperature:.2f}")
         grid.add_row("majority baseline", _percent(evaluation.baseline_accuracy))
     grid.add_row("examples", str(evaluation.num_examples))
+    words = json.loads(evaluation.details_json or "{}").get("label_text")
+    if words:
+        grid.add_row("label words", f"worth {words['weight']} examples each "
+                                    f"(they sort the examples {words['quality']:.2f} of the way from chance)")
     grid.add_row("head size", f"{evaluation.head_bytes / 1024:.1f} KiB")
     grid.add_row("train time", f"{evaluation.train_seconds:.2f} s")
     out.print(grid)

@@ -32,10 +32,14 @@ from adapters.errors import InvalidInput
 from adapters.heads import (
     HEAD_INPUT,
     HEAD_OUTPUT,
+    LABEL_TEXT_MAX_WEIGHT,
     DenseHead,
+    LabelText,
     TrainedHead,
     TrainingOptions,
     export_checked,
+    label_text_quality,
+    label_text_weight,
     train_head,
 )
 from adapters.preprocessing import ImagePreprocessor, ImageTransform, InputLimits, TextPreprocessor
@@ -640,6 +644,38 @@ def test_auto_records_why_it_chose():
     assert "5-fold" in ev["strategy_reason"] and "linear" in ev["strategy_reason"]
 
 
+def test_label_text_quality_is_how_far_the_words_alone_sort_the_examples_above_chance():
+    y = np.array([0, 0, 1, 1, 2, 2])
+    words = np.eye(3, dtype=np.float32)
+    assert label_text_quality(words[y], y, words) == 1.0
+    assert label_text_quality(words[(y + 1) % 3], y, words) == 0.0  # below chance counts as none
+    half = words[np.array([0, 1, 1, 2, 2, 0])]  # 3 of 6 right: (1/2 - 1/3) / (2/3)
+    assert label_text_quality(half, y, words) == pytest.approx(0.25)
+    assert label_text_weight(1.0, "auto") == LABEL_TEXT_MAX_WEIGHT
+    assert label_text_weight(0.25, "auto") == round(LABEL_TEXT_MAX_WEIGHT / 4)
+    assert label_text_weight(0.0, "on") == LABEL_TEXT_MAX_WEIGHT and label_text_weight(1.0, "off") == 0
+
+
+def test_label_words_join_training_by_their_weight():
+    x, labels, centers = clusters([6, 6], names=["a", "b"])
+    # The labels' words sit beside their clusters, so they sort the examples perfectly...
+    good = LabelText({"last": (centers + [[0.0] * 15 + [12.0]] * 2).astype(np.float32)}, ["a", "b"])
+    off = train_head(x, labels, TrainingOptions(strategy="linear", label_text="off"), label_text=good)
+    auto = train_head(x, labels, TrainingOptions(strategy="linear"), label_text=good)
+    assert off.evaluation["label_text"] == {"mode": "off", "quality": 1.0, "weight": 0, "texts": {"a": "a", "b": "b"}}
+    assert auto.evaluation["label_text"]["weight"] == LABEL_TEXT_MAX_WEIGHT
+    # ...and, counted as 16 examples each, pull the head toward themselves.
+    p_off, p_auto = (t.head.predict_proba(good.features["last"]) for t in (off, auto))
+    assert (np.diag(p_auto) > np.diag(p_off)).all() and np.diag(p_auto).min() > 0.9
+    # Words that sort nothing at chance level weigh nothing under AUTO: the head is the examples' alone.
+    swapped = LabelText({"last": good.features["last"][::-1].copy()}, ["b", "a"])
+    blind = train_head(x, labels, TrainingOptions(strategy="linear"), label_text=swapped)
+    assert blind.evaluation["label_text"]["weight"] == 0
+    np.testing.assert_array_equal(blind.head.predict_proba(x), off.head.predict_proba(x))
+    with pytest.raises(ValueError, match="3 rows for 2 labels"):
+        train_head(x, labels, label_text=LabelText({"last": np.zeros((3, 16), np.float32)}, ["a", "b", "c"]))
+
+
 @pytest.mark.parametrize(
     "counts,options,method",
     [
@@ -691,6 +727,10 @@ def test_holdout_scores_only_the_held_out_examples(strategy):
         {"validation_fraction": 0.9},
         {"hidden_units": 0},
         {"hidden_units": 8193},
+        {"label_text": "sometimes"},
+        {"label_text": "off", "label_descriptions": {"a": "apples"}},
+        {"label_descriptions": {"a": "  "}},
+        {"label_descriptions": {"a": "x" * 1001}},
     ],
 )
 def test_training_options_reject_bad_values(bad):

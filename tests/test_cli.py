@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import pathlib
+import re
 import subprocess
 import sys
 import uuid
@@ -185,6 +186,8 @@ def test_image_folder_without_images_is_a_usage_error(tmp_path):
         (["predict", "t", "--text", "a", "--file", "f"], "not allowed with"),
         (["create", "t", "--text", "f.csv"], "--backbone"),
         (["train", "t", "--strategy", "svm"], "invalid choice"),
+        (["train", "t", "--label-text", "maybe"], "invalid choice"),
+        (["train", "t", "--describe", "sports"], "expected LABEL=WORDS, got 'sports'"),
         (["add", "t", "--text", "f.csv", "--batch-size", "0"], "must be at least 1"),
         (["watch"], "watch needs either TASK_ID or --job JOB_ID"),
         (["watch", "t", "--job", "j"], "watch needs either TASK_ID or --job JOB_ID"),
@@ -419,6 +422,7 @@ def test_get_and_tasks_show_the_task(cli, trained):
     assert status == 0
     assert "READY" in out and "evaluation of version 1" in out and "train accuracy" in out
     assert f"{len(ROWS)} (computing 8, cooking 8, sports 8)" in out
+    assert re.search(r"label words\s+worth \d+ examples each", out), out
 
     status, out, _ = cli("tasks")
     assert status == 0
@@ -504,15 +508,16 @@ def test_delete_then_get_is_not_found(server, cli):
 
 
 def test_training_flags_reach_the_job(server, tmp_path, capsys):
-    """--strategy/--tap/--reject-threshold become the task's TrainingConfig, and rejected predictions
-    are shown as such."""
+    """--strategy/--tap/--reject-threshold/--label-text/--describe become the task's TrainingConfig, and
+    rejected predictions are shown as such."""
     from service.cli import main
 
     csv = tmp_path / "topics.csv"
     csv.write_text("text,label\n" + "".join(f"{t},{label}\n" for label, texts in TOPICS.items() for t in texts))
     task_id = f"flags-{uuid.uuid4().hex[:8]}"
     code = main(["--address", server.address, "create", task_id, "--backbone", "minilm-l6", "--text", str(csv),
-                 "--strategy", "linear", "--tap", "last-1", "--reject-threshold", "0.99"])
+                 "--strategy", "linear", "--tap", "last-1", "--reject-threshold", "0.99",
+                 "--label-text", "on", "--describe", "sports=games and athletes", "--describe", "cooking=recipes"])
     assert code == 0
     capsys.readouterr()
     assert main(["--address", server.address, "get", task_id]) == 0
@@ -523,6 +528,10 @@ def test_training_flags_reach_the_job(server, tmp_path, capsys):
         task = pb_grpc.HeadServeStub(channel).GetTask(pb.GetTaskRequest(task_id=task_id))
     assert task.config.strategy == pb.LINEAR and task.config.tap == "last-1"
     assert task.config.reject_threshold == pytest.approx(0.99) and task.evaluation.tap == "last-1"
+    assert task.config.label_text == pb.LABEL_TEXT_ON
+    assert dict(task.config.label_descriptions) == {"sports": "games and athletes", "cooking": "recipes"}
+    words = json.loads(task.evaluation.details_json)["label_text"]
+    assert words["weight"] == 16 and words["texts"]["computing"] == "computing"
     assert main(["--address", server.address, "predict", task_id, "--text", "zzzz qqqq", "--json"]) == 0
     (prediction,) = json.loads(capsys.readouterr().out)["predictions"]
     assert prediction["rejected"] == (prediction["score"] < 0.99)

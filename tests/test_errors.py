@@ -197,6 +197,33 @@ def test_bad_training_config(stub):
     assert_absent(stub, task_id)
 
 
+def test_bad_label_descriptions_change_nothing(stub, client, image_task):
+    task_id = unique_id()
+    for config, fragment in [
+        (pb.TrainingConfig(label_descriptions={"z": "zebras"}), "label_descriptions names 'z'"),
+        (pb.TrainingConfig(label_descriptions={"a": " "}), "empty"),
+        (pb.TrainingConfig(label_descriptions={"a": "x" * 1001}), "longer than 1000"),
+        (pb.TrainingConfig(label_text=pb.LABEL_TEXT_OFF, label_descriptions={"a": "apples"}), "OFF"),
+        (pb.TrainingConfig(label_text=9), "label_text"),
+    ]:
+        expect(grpc.StatusCode.INVALID_ARGUMENT,
+               create(stub, task_id=task_id, examples=two_labels(), config=config), fragment)
+    assert_absent(stub, task_id)
+    expect(grpc.StatusCode.INVALID_ARGUMENT,
+           lambda: stub.TrainTask(pb.TrainTaskRequest(
+               task_id=image_task, config=pb.TrainingConfig(label_descriptions={"red": "the colour red"}))),
+           "need a text backbone")
+    # On an existing text task: refused before any job starts, and the task keeps serving as it was.
+    stub.CreateTask(pb.CreateTaskRequest(task_id=task_id, backbone="minilm-l6", examples=two_labels()))
+    before = client.wait_ready(task_id)
+    expect(grpc.StatusCode.INVALID_ARGUMENT,
+           lambda: stub.TrainTask(pb.TrainTaskRequest(
+               task_id=task_id, config=pb.TrainingConfig(label_descriptions={"c": "cats"}))),
+           "label_descriptions names 'c'", "(a, b)")
+    task = stub.GetTask(pb.GetTaskRequest(task_id=task_id))
+    assert task.job_id == before.job_id and task.version == 1 and task.state == pb.Task.READY
+
+
 def test_add_examples_stream_naming_two_tasks(stub, text_task):
     before = stub.GetTask(pb.GetTaskRequest(task_id=text_task)).num_examples
     stream = [pb.AddExamplesRequest(task_id=text_task, examples=[ex("new sentence", "sports")]),

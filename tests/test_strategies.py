@@ -170,6 +170,34 @@ def test_earlier_tap_is_served(server, client, tap):
     assert predicted == [p.label for p in resp.predictions]
 
 
+def test_text_tasks_learn_from_their_labels_words_or_descriptions(client):
+    task_id, task = train(client, text_examples())
+    words = json.loads(task.evaluation.details_json)["label_text"]
+    assert words["mode"] == "auto" and words["texts"] == {label: label for label in sorted(TOPICS)}
+    assert words["quality"] > 0.5 and words["weight"] == round(16 * words["quality"])
+    assert client.stub.GetTask(pb.GetTaskRequest(task_id=task_id)).config.label_text == pb.LABEL_TEXT_AUTO
+
+    # Codes say nothing about the topics; the descriptions the client gives are what is embedded.
+    codes = {"sports": "S1", "cooking": "C2", "computing": "K3"}
+    coded = [pb.Example(input=ex.input, label=codes[ex.label]) for ex in text_examples()]
+    _, bare = train(client, coded, strategy=pb.LINEAR)
+    described = {code: f"{topic} and {topic} topics" for topic, code in codes.items()}
+    task_id, task = train(client, coded, strategy=pb.LINEAR, label_descriptions=described)
+    bare_words, words = (json.loads(t.evaluation.details_json)["label_text"] for t in (bare, task))
+    assert words["texts"] == described and bare_words["texts"] == {c: c for c in codes.values()}
+    assert words["quality"] > 0.5 and words["quality"] > bare_words["quality"]
+    config = client.stub.GetTask(pb.GetTaskRequest(task_id=task_id)).config
+    assert dict(config.label_descriptions) == described
+
+    _, off = train(client, coded, strategy=pb.LINEAR, label_text=pb.LABEL_TEXT_OFF)
+    assert json.loads(off.evaluation.details_json)["label_text"] is None
+
+
+def test_image_tasks_have_no_label_text(client):
+    _, task = train(client, image_examples(3), backbone="mobilenet_v3_small", strategy=pb.LINEAR)
+    assert json.loads(task.evaluation.details_json)["label_text"] is None
+
+
 def test_evaluation_is_complete_and_calibrated(client):
     _, task = train(client, text_examples(), strategy=pb.LINEAR)
     ev = task.evaluation
