@@ -89,12 +89,12 @@ class HeadServeApp:
 
     def _check_label_text(self, entry: Entry, options: TrainingOptions, labels: set[str]) -> None:
         if entry.spec.modality != "text" and (options.label_descriptions or options.label_text == "on"):
-            raise InvalidInput(
-                f"label_text ON and label_descriptions need a text backbone; {entry.spec.name!r} reads images")
+            raise InvalidInput(f"label_text ON and label_descriptions need a text backbone; "
+                               f"{entry.spec.name!r} reads images")
         unknown = sorted(set(options.label_descriptions) - labels)
         if labels and unknown:
-            raise InvalidInput(f"label_descriptions names {unknown[0]!r}, which is not one of the task's labels "
-                               f"({', '.join(sorted(labels))})")
+            raise InvalidInput(f"label_descriptions names {unknown[0]!r}, which is not one of the task's "
+                               f"labels ({', '.join(sorted(labels))})")
 
     # --- use cases --------------------------------------------------------------------------------
 

@@ -20,7 +20,8 @@ STRATEGY_NAMES = {pb.STRATEGY_UNSPECIFIED: "auto", pb.AUTO: "auto", pb.LINEAR: "
 STRATEGY_ENUMS = {name: value for value, name in STRATEGY_NAMES.items() if value != pb.STRATEGY_UNSPECIFIED}
 LABEL_TEXT_NAMES = {pb.LABEL_TEXT_UNSPECIFIED: "auto", pb.LABEL_TEXT_AUTO: "auto", pb.LABEL_TEXT_ON: "on",
                     pb.LABEL_TEXT_OFF: "off"}
-LABEL_TEXT_ENUMS = {name: value for value, name in LABEL_TEXT_NAMES.items() if value != pb.LABEL_TEXT_UNSPECIFIED}
+LABEL_TEXT_ENUMS = {name: value for value, name in LABEL_TEXT_NAMES.items()
+                    if value != pb.LABEL_TEXT_UNSPECIFIED}
 
 
 def item(inp: pb.Input, index: int) -> Item:

@@ -517,7 +517,8 @@ def test_training_flags_reach_the_job(server, tmp_path, capsys):
     task_id = f"flags-{uuid.uuid4().hex[:8]}"
     code = main(["--address", server.address, "create", task_id, "--backbone", "minilm-l6", "--text", str(csv),
                  "--strategy", "linear", "--tap", "last-1", "--reject-threshold", "0.99",
-                 "--label-text", "on", "--describe", "sports=games and athletes", "--describe", "cooking=recipes"])
+                 "--label-text", "on", "--describe", "sports=games and athletes",
+                 "--describe", "cooking=recipes"])
     assert code == 0
     capsys.readouterr()
     assert main(["--address", server.address, "get", task_id]) == 0
