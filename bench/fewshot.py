@@ -344,6 +344,7 @@ def train_task(stub, task_id: str, backbone: str, payloads: Sequence[str | bytes
         "train_accuracy": round(ev.train_accuracy, 4),
         "server_train_seconds": round(ev.train_seconds, 3),
         "tap": getattr(ev, "tap", ""),
+        "label_text": details.get("label_text"),
         "warnings": list(ev.warnings),
         "version": task.version,
     }
@@ -439,6 +440,7 @@ def summarize(cell: dict, strategies: Sequence[str]) -> dict:
             "predict_inputs_per_s": mean_std([r["predict_inputs_per_s"] for r in runs]),
             "chosen": dict(Counter(r["strategy"] + (f"@{r['tap']}" if r.get("tap") not in (None, "", "last") else "")
                                    for r in runs)),
+            "label_text_weight": mean_std([r["label_text"]["weight"] for r in runs if r.get("label_text")]),
         }
         paired = [d["service"][s]["accuracy"] - d["reference"]["accuracy"]
                   for d in draws if s in d.get("service", {}) and "reference" in d]
@@ -469,7 +471,7 @@ def table_rows(results: dict) -> tuple[list[str], list[list[str]]]:
     for s in strategies:
         head += [s.upper(), f"{s.upper()} − ref (pp)"]
         if s == "auto":
-            head.append("AUTO chose (draws)")
+            head += ["AUTO chose (draws)", "label words (weight)"]
     head += [f"ready s {s.upper()}" for s in strategies] + ["published"]
     rows = []
     for name, ds in results["datasets"].items():
@@ -481,6 +483,8 @@ def table_rows(results: dict) -> tuple[list[str], list[list[str]]]:
                 row += [pct(summ[s]), "-" if d["mean"] is None else f"{100 * d['mean']:+.1f}"]
                 if s == "auto":
                     row.append(", ".join(f"{k} {v}" for k, v in sorted(summ[s]["chosen"].items())) or "-")
+                    w = summ[s]["label_text_weight"]
+                    row.append("-" if w["mean"] is None else f"{w['mean']:.1f}")
             for s in strategies:
                 t = summ[s]["time_to_ready_s"]
                 row.append("-" if t["mean"] is None else f"{t['mean']:.1f}")
