@@ -578,7 +578,7 @@ def _train_head(features, labels, options, progress, sample_ids, augmented, labe
         weight = label_text_weight(quality, options.label_text)
         label_text = LabelText(_join_taps(label_text.features), label_text.texts, weight)
         label_text_report = {"mode": options.label_text, "quality": quality, "weight": weight,
-                             "texts": dict(zip(names, label_text.texts))}
+                             "described": sum(text != name for name, text in zip(names, label_text.texts))}
     folds, method = _folds(y, options)
     candidates = _candidates(options, list(xs), int(counts.min()), bool(folds))
 

@@ -92,9 +92,9 @@ class HeadServeApp:
             raise InvalidInput(f"label_text ON and label_descriptions need a text backbone; "
                                f"{entry.spec.name!r} reads images")
         unknown = sorted(set(options.label_descriptions) - labels)
-        if labels and unknown:
+        if unknown:
             raise InvalidInput(f"label_descriptions names {unknown[0]!r}, which is not one of the task's "
-                               f"labels ({', '.join(sorted(labels))})")
+                               f"labels ({', '.join(sorted(labels)) or 'none yet'})")
 
     # --- use cases --------------------------------------------------------------------------------
 

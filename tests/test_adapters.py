@@ -662,8 +662,7 @@ def test_label_words_join_training_by_their_weight():
     good = LabelText({"last": (centers + [[0.0] * 15 + [12.0]] * 2).astype(np.float32)}, ["a", "b"])
     off = train_head(x, labels, TrainingOptions(strategy="linear", label_text="off"), label_text=good)
     auto = train_head(x, labels, TrainingOptions(strategy="linear"), label_text=good)
-    assert off.evaluation["label_text"] == {"mode": "off", "quality": 1.0, "weight": 0,
-                                            "texts": {"a": "a", "b": "b"}}
+    assert off.evaluation["label_text"] == {"mode": "off", "quality": 1.0, "weight": 0, "described": 0}
     assert auto.evaluation["label_text"]["weight"] == LABEL_TEXT_MAX_WEIGHT
     # ...and, counted as 16 examples each, pull the head toward themselves.
     p_off, p_auto = (t.head.predict_proba(good.features["last"]) for t in (off, auto))

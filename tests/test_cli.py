@@ -532,7 +532,7 @@ def test_training_flags_reach_the_job(server, tmp_path, capsys):
     assert task.config.label_text == pb.LABEL_TEXT_ON
     assert dict(task.config.label_descriptions) == {"sports": "games and athletes", "cooking": "recipes"}
     words = json.loads(task.evaluation.details_json)["label_text"]
-    assert words["weight"] == 16 and words["texts"]["computing"] == "computing"
+    assert words["weight"] == 16 and words["described"] == 2
     assert main(["--address", server.address, "predict", task_id, "--text", "zzzz qqqq", "--json"]) == 0
     (prediction,) = json.loads(capsys.readouterr().out)["predictions"]
     assert prediction["rejected"] == (prediction["score"] < 0.99)

@@ -208,6 +208,9 @@ def test_bad_label_descriptions_change_nothing(stub, client, image_task):
     ]:
         expect(grpc.StatusCode.INVALID_ARGUMENT,
                create(stub, task_id=task_id, examples=two_labels(), config=config), fragment)
+    expect(grpc.StatusCode.INVALID_ARGUMENT,  # an empty task has no labels to describe yet
+           create(stub, task_id=task_id, config=pb.TrainingConfig(label_descriptions={"a": "apples"})),
+           "labels (none yet)")
     assert_absent(stub, task_id)
     expect(grpc.StatusCode.INVALID_ARGUMENT,
            lambda: stub.TrainTask(pb.TrainTaskRequest(
