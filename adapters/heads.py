@@ -446,8 +446,12 @@ def label_text_quality(last: np.ndarray, y: np.ndarray, label_last: np.ndarray) 
     return max(0.0, (accuracy - 1 / k) / (1 - 1 / k))
 
 
-def label_text_weight(quality: float, mode: str) -> int:
-    """Examples each label's words count as: LABEL_TEXT_MAX_WEIGHT scaled by quality under "auto"."""
+def label_text_weight(quality: float, mode: str, texts: Sequence[str] = ()) -> int:
+    """Examples each label's words count as: LABEL_TEXT_MAX_WEIGHT scaled by quality under "auto",
+    and nothing when a label's text has no letters ("0", "1"): numbers are not words, and on the
+    shared text sets, labels renamed 1..k still got weight by chance and cost up to 1.9 points."""
+    if mode == "auto" and not all(any(c.isalpha() for c in text) for text in texts):
+        return 0
     return {"off": 0, "on": LABEL_TEXT_MAX_WEIGHT}.get(mode, round(LABEL_TEXT_MAX_WEIGHT * quality))
 
 
@@ -575,7 +579,7 @@ def _train_head(features, labels, options, progress, sample_ids, augmented, labe
             raise ValueError(f"label_text has {len(label_text.texts)} rows for {k} labels")
         sentence = "last" if "last" in xs else next(iter(xs))  # the sentence-embedding space
         quality = label_text_quality(xs[sentence], y, label_text.features[sentence])
-        weight = label_text_weight(quality, options.label_text)
+        weight = label_text_weight(quality, options.label_text, label_text.texts)
         label_text = LabelText(_join_taps(label_text.features), label_text.texts, weight)
         label_text_report = {"mode": options.label_text, "quality": quality, "weight": weight,
                              "described": sum(text != name for name, text in zip(names, label_text.texts))}

@@ -654,6 +654,10 @@ def test_label_text_quality_is_how_far_the_words_alone_sort_the_examples_above_c
     assert label_text_weight(1.0, "auto") == LABEL_TEXT_MAX_WEIGHT
     assert label_text_weight(0.25, "auto") == round(LABEL_TEXT_MAX_WEIGHT / 4)
     assert label_text_weight(0.0, "on") == LABEL_TEXT_MAX_WEIGHT and label_text_weight(1.0, "off") == 0
+    # Numbers are not words: under AUTO they weigh nothing however well they happen to sort.
+    assert label_text_weight(1.0, "auto", ["1", "2"]) == 0 and label_text_weight(1.0, "auto", ["-", "b"]) == 0
+    assert label_text_weight(1.0, "auto", ["L1", "L2"]) == LABEL_TEXT_MAX_WEIGHT
+    assert label_text_weight(0.0, "on", ["1", "2"]) == LABEL_TEXT_MAX_WEIGHT
 
 
 def test_label_words_join_training_by_their_weight():

@@ -191,6 +191,10 @@ def test_text_tasks_learn_from_their_labels_words_or_descriptions(client):
 
     _, off = train(client, coded, strategy=pb.LINEAR, label_text=pb.LABEL_TEXT_OFF)
     assert json.loads(off.evaluation.details_json)["label_text"] is None
+    number = {topic: str(i + 1) for i, topic in enumerate(sorted(TOPICS))}
+    numbered = [pb.Example(input=ex.input, label=number[ex.label]) for ex in text_examples()]
+    _, numbers = train(client, numbered, strategy=pb.LINEAR)
+    assert json.loads(numbers.evaluation.details_json)["label_text"]["weight"] == 0
 
 
 def test_image_tasks_have_no_label_text(client):
