@@ -25,6 +25,7 @@ import dataclasses
 import functools
 import json
 import math
+import re
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -436,6 +437,7 @@ class LabelText:
 # MPQA +3.4 with 4) and hurt where they are not (TREC's "ABBR", "HUM": -0.9; SST-5: -0.7); scaling it by
 # label_text_quality kept the gains and the losses within 0.5 points (docs/benchmarks.md).
 LABEL_TEXT_MAX_WEIGHT = 16
+WORD = re.compile(r"[^\W\d_]{2}")  # two letters in a row
 
 
 def label_text_quality(last: np.ndarray, y: np.ndarray, label_last: np.ndarray) -> float:
@@ -448,9 +450,10 @@ def label_text_quality(last: np.ndarray, y: np.ndarray, label_last: np.ndarray) 
 
 def label_text_weight(quality: float, mode: str, texts: Sequence[str] = ()) -> int:
     """Examples each label's words count as: LABEL_TEXT_MAX_WEIGHT scaled by quality under "auto",
-    and nothing when a label's text has no letters ("0", "1"): numbers are not words, and on the
-    shared text sets, labels renamed 1..k still got weight by chance and cost up to 1.9 points."""
-    if mode == "auto" and not all(any(c.isalpha() for c in text) for text in texts):
+    and nothing when a label's text holds no word of two letters or more ("0", "A", "L7"). On the
+    shared text sets, labels renamed 1..k or A, B, ... still sorted examples above chance now and then,
+    and the weight that got them cost up to 1.9 and 2.8 points."""
+    if mode == "auto" and not all(WORD.search(text) for text in texts):
         return 0
     return {"off": 0, "on": LABEL_TEXT_MAX_WEIGHT}.get(mode, round(LABEL_TEXT_MAX_WEIGHT * quality))
 

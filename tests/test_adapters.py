@@ -654,16 +654,18 @@ def test_label_text_quality_is_how_far_the_words_alone_sort_the_examples_above_c
     assert label_text_weight(1.0, "auto") == LABEL_TEXT_MAX_WEIGHT
     assert label_text_weight(0.25, "auto") == round(LABEL_TEXT_MAX_WEIGHT / 4)
     assert label_text_weight(0.0, "on") == LABEL_TEXT_MAX_WEIGHT and label_text_weight(1.0, "off") == 0
-    # Numbers are not words: under AUTO they weigh nothing however well they happen to sort.
-    assert label_text_weight(1.0, "auto", ["1", "2"]) == 0 and label_text_weight(1.0, "auto", ["-", "b"]) == 0
-    assert label_text_weight(1.0, "auto", ["L1", "L2"]) == LABEL_TEXT_MAX_WEIGHT
+    # Numbers and single letters are not words: under AUTO they weigh nothing however well they sort.
+    for codes in (["1", "2"], ["A", "B"], ["L1", "L2"], ["spam", "-"]):
+        assert label_text_weight(1.0, "auto", codes) == 0, codes
+    for words in (["HUM", "LOC"], ["Sci/Tech", "très bien"], ["体育", "财经"]):
+        assert label_text_weight(1.0, "auto", words) == LABEL_TEXT_MAX_WEIGHT, words
     assert label_text_weight(0.0, "on", ["1", "2"]) == LABEL_TEXT_MAX_WEIGHT
 
 
 def test_label_words_join_training_by_their_weight():
-    x, labels, centers = clusters([6, 6], names=["a", "b"])
+    x, labels, centers = clusters([6, 6], names=["ant", "bee"])
     # The labels' words sit beside their clusters, so they sort the examples perfectly...
-    good = LabelText({"last": (centers + [[0.0] * 15 + [12.0]] * 2).astype(np.float32)}, ["a", "b"])
+    good = LabelText({"last": (centers + [[0.0] * 15 + [12.0]] * 2).astype(np.float32)}, ["ant", "bee"])
     off = train_head(x, labels, TrainingOptions(strategy="linear", label_text="off"), label_text=good)
     auto = train_head(x, labels, TrainingOptions(strategy="linear"), label_text=good)
     assert off.evaluation["label_text"] == {"mode": "off", "quality": 1.0, "weight": 0, "described": 0}
@@ -672,12 +674,13 @@ def test_label_words_join_training_by_their_weight():
     p_off, p_auto = (t.head.predict_proba(good.features["last"]) for t in (off, auto))
     assert (np.diag(p_auto) > np.diag(p_off)).all() and np.diag(p_auto).min() > 0.9
     # Words that sort nothing at chance level weigh nothing under AUTO: the head is the examples' alone.
-    swapped = LabelText({"last": good.features["last"][::-1].copy()}, ["b", "a"])
+    swapped = LabelText({"last": good.features["last"][::-1].copy()}, ["ant", "bee"])
     blind = train_head(x, labels, TrainingOptions(strategy="linear"), label_text=swapped)
     assert blind.evaluation["label_text"]["weight"] == 0
     np.testing.assert_array_equal(blind.head.predict_proba(x), off.head.predict_proba(x))
     with pytest.raises(ValueError, match="3 rows for 2 labels"):
-        train_head(x, labels, label_text=LabelText({"last": np.zeros((3, 16), np.float32)}, ["a", "b", "c"]))
+        three = LabelText({"last": np.zeros((3, 16), np.float32)}, ["ant", "bee", "cow"])
+        train_head(x, labels, label_text=three)
 
 
 @pytest.mark.parametrize(
