@@ -580,6 +580,8 @@ def _train_head(features, labels, options, progress, sample_ids, augmented, labe
     if label_text is not None:
         if len(label_text.texts) != k:
             raise ValueError(f"label_text has {len(label_text.texts)} rows for {k} labels")
+        # Measured once on every example (a single scalar, shared by the folds: far less noisy than
+        # per-fold estimates, at the cost of the folds' validation rows having a say in it).
         sentence = "last" if "last" in xs else next(iter(xs))  # the sentence-embedding space
         quality = label_text_quality(xs[sentence], y, label_text.features[sentence])
         weight = label_text_weight(quality, options.label_text, label_text.texts)
