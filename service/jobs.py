@@ -221,14 +221,13 @@ class JobRunner:
         return Augmented(pooled_taps(entry.training_trunk(), batch, FEATURE_CHUNK), origin)
 
     def _label_text(self, entry, names: list[str], options: TrainingOptions) -> LabelText | None:
-        """Text tasks: the trunk's features of each label's words (its description, else its name)."""
+        """Text tasks: the trunk's features of each label's words (its description, else its name).
+        The descriptions were checked against the task's labels when the job was submitted."""
         if entry.spec.modality != "text" or options.label_text == "off":
             return None
-        unknown = sorted(set(options.label_descriptions) - set(names))
-        if unknown:
-            raise InvalidInput(f"label_descriptions names {unknown[0]!r}, which has no examples")
         texts = [options.label_descriptions.get(name, name) for name in names]
-        return LabelText(pooled_taps(entry.training_trunk(), entry.backbone.preprocess(texts)), texts)
+        batch = entry.backbone.preprocess(texts)
+        return LabelText(pooled_taps(entry.training_trunk(), batch, FEATURE_CHUNK), texts)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
