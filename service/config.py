@@ -5,7 +5,7 @@ from __future__ import annotations
 import pathlib
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -69,6 +69,27 @@ class Settings(BaseSettings):
 
     grpc_workers: int = Field(32, ge=1, description="threads serving RPCs")
 
+    # Security: who may call, over what transport (README "Security").
+    auth: Literal["none", "api_key"] = Field(
+        "none", description="none: every caller is the 'default' tenant with every scope (loopback only, "
+        "unless allow_insecure); api_key: `authorization: Bearer <key>` metadata on every call but Health",
+    )
+    allow_insecure: bool = Field(
+        False, description="serve with auth = 'none' on an address other than loopback (logged at every start)"
+    )
+    auth_cache_seconds: float = Field(
+        2.0, ge=0, le=10, description="how long a verified key is trusted before the store is asked again "
+        "(revocation on this server is immediate; on other replicas, within this time)",
+    )
+    tls_cert_file: pathlib.Path | None = Field(None, description="PEM certificate chain; with tls_key_file: TLS on")
+    tls_key_file: pathlib.Path | None = Field(None, description="PEM private key of tls_cert_file")
+    tls_client_ca_file: pathlib.Path | None = Field(
+        None, description="PEM CA bundle that client certificates must chain to (mTLS)"
+    )
+    tls_client_auth: Literal["none", "optional", "require"] = Field(
+        "none", description="client certificates: not asked for, checked when sent, or required"
+    )
+
     # Serving: dynamic batching per backbone (across tasks) and the LRU of loaded heads.
     batch_max_size: int = Field(
         32, ge=1, le=4096,
@@ -119,6 +140,20 @@ class Settings(BaseSettings):
         if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
             raise ValueError(f"address must be HOST:PORT, got {v!r}")
         return v
+
+    @model_validator(mode="after")
+    def _check_tls(self) -> Settings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together: set both for TLS, or neither")
+        if self.tls_client_auth != "none" and self.tls_client_ca_file is None:
+            raise ValueError(f"tls_client_auth = {self.tls_client_auth!r} needs tls_client_ca_file")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("tls_client_ca_file needs TLS: set tls_cert_file and tls_key_file")
+        return self
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert_file is not None
 
     @classmethod
     def settings_customise_sources(

@@ -20,6 +20,7 @@ from service.gen import headserve_pb2 as pb
 from service.jobs import JobRunner
 from service.predictor import Predictor
 from service.registry import BackboneRegistry
+from service import tls
 from service.servicer import add_to_server
 from service.store import Store
 
@@ -85,7 +86,11 @@ def build_server(settings: Settings) -> Running:
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(settings.address)
+    credentials = tls.server_credentials(settings)
+    if credentials is None:
+        port = server.add_insecure_port(settings.address)
+    else:
+        port = server.add_secure_port(settings.address, credentials)
     if port == 0:
         raise RuntimeError(f"could not bind {settings.address}")
     server.start()
