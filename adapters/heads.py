@@ -648,8 +648,25 @@ def _train_head(features, labels, options, progress, sample_ids, augmented, labe
 
 
 def binomial_tail(successes: int, n: int, p: float) -> float:
-    """P(X >= successes) for X ~ Binomial(n, p): how likely the accuracy is under the baseline."""
-    return float(sum(math.comb(n, i) * p**i * (1 - p) ** (n - i) for i in range(successes, n + 1)))
+    """P(X >= successes) for X ~ Binomial(n, p): how likely the accuracy is under the baseline.
+
+    Summed in log space: C(n, i) outgrows a float from n = 1030 on, so multiplying the exact integer by
+    p**i raised OverflowError once about a thousand held-out predictions were scored (and p**i alone
+    underflows to 0 soon after); tasks may hold 100,000 examples."""
+    if successes <= 0 or p >= 1:
+        return 1.0
+    if successes > n or p <= 0:
+        return 0.0
+    i = np.arange(successes, n + 1)
+    log_choose = math.lgamma(n + 1) - _log_factorials(i) - _log_factorials(n - i)
+    log_terms = log_choose + i * math.log(p) + (n - i) * math.log1p(-p)
+    top = float(log_terms.max())
+    return min(1.0, math.exp(top + math.log(float(np.exp(log_terms - top).sum()))))
+
+
+def _log_factorials(k: np.ndarray) -> np.ndarray:
+    """log(k!) for each k, exact to double precision (math.lgamma, which numpy lacks)."""
+    return np.fromiter((math.lgamma(v + 1) for v in k.tolist()), dtype=np.float64, count=len(k))
 
 
 def warnings_for(ev: dict, labels: Sequence[str], sample_ids: Sequence[str] | None) -> list[str]:
