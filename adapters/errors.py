@@ -44,3 +44,11 @@ class DeadlineExceeded(HeadserveError):
 
 class Cancelled(HeadserveError):
     """The caller cancelled the request before it was served."""
+
+
+class Unauthenticated(HeadserveError):
+    """No credentials, or credentials that are malformed, unknown, revoked or expired."""
+
+
+class PermissionDenied(HeadserveError):
+    """Valid credentials without the scope the call needs."""

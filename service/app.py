@@ -13,7 +13,7 @@ import unicodedata
 import uuid
 from collections.abc import Sequence
 
-from adapters.errors import FailedPrecondition, InvalidInput, NotFound, ResourceExhausted
+from adapters.errors import Cancelled, FailedPrecondition, InvalidInput, NotFound, ResourceExhausted
 from adapters.heads import TrainingOptions
 from adapters.runtime import fuse, graph_inputs
 from service.config import Settings
@@ -21,6 +21,7 @@ from service.jobs import JobRunner
 from service.predictor import Predictor, Ticket
 from service.registry import BackboneRegistry, Entry
 from service.store import ExampleIn, JobRecord, Store, TaskRecord
+from service.tenants import Caller, quote
 
 TASK_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 Item = str | bytes  # text or an encoded image
@@ -76,8 +77,8 @@ class HeadServeApp:
             for item, label in examples
         ]
 
-    def _check_capacity(self, task_id: str, new: Sequence[ExampleIn], declared: Sequence[str] = ()) -> None:
-        counts = self.store.label_counts(task_id) if task_id else {}
+    def _check_capacity(self, key: str, new: Sequence[ExampleIn], declared: Sequence[str] = ()) -> None:
+        counts = self.store.label_counts(key) if key else {}
         total = sum(counts.values()) + len(new)
         if total > self.settings.max_examples_per_task:
             raise ResourceExhausted(
@@ -103,6 +104,7 @@ class HeadServeApp:
 
     def create_task(
         self,
+        caller: Caller,
         task_id: str,
         backbone: str,
         examples: Sequence[tuple[Item, str]],
@@ -112,7 +114,7 @@ class HeadServeApp:
         task_id = task_id or f"task-{uuid.uuid4().hex[:12]}"
         if not TASK_ID.fullmatch(task_id):
             raise InvalidInput(
-                f"task_id {task_id[:40]!r} is not valid: use 1-128 letters, digits, '.', '_' or '-', "
+                f"task_id {quote(task_id)} is not valid: use 1-128 letters, digits, '.', '_' or '-', "
                 "starting with a letter or digit"
             )
         entry = self.registry.get(backbone)
@@ -132,24 +134,33 @@ class HeadServeApp:
                 raise InvalidInput(f"label {missing[0]!r} has no examples; each label needs at least 1")
         self._check_capacity("", new, declared_labels)
         self._check_label_text(entry, options, {ex.label for ex in new} | set(declared_labels))
-        record = TaskRecord(task_id, backbone, list(declared_labels), dataclasses.asdict(options))
-        self.store.create_task(record, new)
+        record = TaskRecord.new(caller.tenant_id, task_id, backbone, list(declared_labels),
+                                dataclasses.asdict(options))
+        self.store.create_task(record, new, caller.quotas)
         if new:
-            self.runner.submit(task_id, options)
-        return self.get_task(task_id)
+            self.runner.submit(record.key, options, caller.quotas)
+        return self.get_task(caller, task_id)
 
-    def add_examples(self, task_id: str, examples: Sequence[tuple[Item, str]]) -> tuple[int, int, dict[str, int]]:
-        task = self.store.get_task(task_id)
+    def add_examples(
+        self, caller: Caller, task_id: str, examples: Sequence[tuple[Item, str]], still_wanted=lambda: True
+    ) -> tuple[int, int, dict[str, int]]:
+        """Validates and stores the examples in one transaction, unless `still_wanted()` (the call is still
+        active) is false by then: an upload the client gave up on is not stored."""
+        key = caller.key(task_id)
+        task = self.store.get_task(key)
         entry = self.registry.get(task.backbone)
         new = self._examples(entry, examples, task.declared_labels)
-        self._check_capacity(task_id, new)
-        added, duplicates = self.store.add_examples(task_id, new)
-        return added, duplicates, self.store.label_counts(task_id)
+        self._check_capacity(key, new)
+        if not still_wanted():
+            raise Cancelled("the upload was cancelled before it was stored; nothing was added")
+        added, duplicates = self.store.add_examples(key, new, caller.quotas)
+        return added, duplicates, self.store.label_counts(key)
 
-    def train(self, task_id: str, options: TrainingOptions | None) -> JobRecord:
-        task = self.store.get_task(task_id)
+    def train(self, caller: Caller, task_id: str, options: TrainingOptions | None) -> JobRecord:
+        key = caller.key(task_id)
+        task = self.store.get_task(key)
         entry = self.registry.get(task.backbone)
-        counts = self.store.label_counts(task_id)
+        counts = self.store.label_counts(key)
         if len(counts) < 2:
             raise InvalidInput(
                 f"task {task_id!r} has examples for {len(counts)} label(s); add examples for at least 2 labels"
@@ -159,41 +170,52 @@ class HeadServeApp:
             raise InvalidInput(f"label {missing[0]!r} has no examples; each label needs at least 1")
         options = options or TrainingOptions(**task.config)
         self._check_label_text(entry, options, set(counts))
-        return self.runner.submit(task_id, options)
+        return self.runner.submit(key, options, caller.quotas)
 
-    def get_task(self, task_id: str) -> TaskView:
-        record = self.store.get_task(task_id)
-        evaluation = self.store.head_evaluation(task_id, record.live_version) if record.live_version else {}
-        return TaskView(record, self.store.label_counts(task_id), evaluation)
+    def get_task(self, caller: Caller, task_id: str) -> TaskView:
+        return self._view(self.store.get_task(caller.key(task_id)))
 
-    def list_tasks(self, page_size: int, page_token: str, backbone: str = "") -> tuple[list[TaskView], str]:
+    def _view(self, record: TaskRecord) -> TaskView:
+        evaluation = self.store.head_evaluation(record.key, record.live_version) if record.live_version else {}
+        return TaskView(record, self.store.label_counts(record.key), evaluation)
+
+    def list_tasks(
+        self, caller: Caller, page_size: int, page_token: str, backbone: str = ""
+    ) -> tuple[list[TaskView], str]:
         if page_size < 0 or page_size > 1000:
             raise InvalidInput("page_size must be between 0 (default 100) and 1000")
         size = page_size or 100
-        records = self.store.list_tasks(page_token, size + 1, backbone)
+        records = self.store.list_tasks(caller.tenant_id, page_token, size + 1, backbone)
         more = len(records) > size
         records = records[:size]
-        views = [
-            TaskView(r, self.store.label_counts(r.task_id),
-                     self.store.head_evaluation(r.task_id, r.live_version) if r.live_version else {})
-            for r in records
-        ]
-        return views, (records[-1].task_id if more else "")
+        return [self._view(r) for r in records], (records[-1].task_id if more else "")
 
-    def delete_task(self, task_id: str) -> None:
-        self.store.delete_task(task_id)
-        self.predictor.forget(task_id)
+    def delete_task(self, caller: Caller, task_id: str) -> None:
+        key = caller.key(task_id)
+        self.store.delete_task(key)
+        self.predictor.forget(key)
 
-    def job(self, job_id: str, task_id: str) -> JobRecord:
+    def forget_tasks(self, keys: Sequence[str]) -> None:
+        """Unloads the heads of tasks deleted with their tenant."""
+        for key in keys:
+            self.predictor.forget(key)
+
+    def job(self, caller: Caller, job_id: str, task_id: str) -> JobRecord:
+        """A job of the caller's tenant; another tenant's job is NotFound, as if it did not exist."""
         if not job_id:
             if not task_id:
                 raise InvalidInput("give a job_id or a task_id")
-            job_id = self.store.get_task(task_id).job_id
+            job_id = self.store.get_task(caller.key(task_id)).job_id
             if not job_id:
                 raise NotFound(f"task {task_id!r} has no training job yet")
-        return self.runner.get(job_id)
+        job = self.runner.get(job_id)
+        if job.tenant_id != caller.tenant_id:
+            raise NotFound(f"job {job_id[:64]!r} does not exist")
+        return job
 
-    def predict(self, task_ids: Sequence[str], items: Sequence[Item], deadline: float | None = None) -> Ticket:
+    def predict(
+        self, caller: Caller, task_ids: Sequence[str], items: Sequence[Item], deadline: float | None = None
+    ) -> Ticket:
         """Queues a prediction of `items` by each task's live head (tasks on one backbone, one trunk pass).
 
         `deadline` is a time.monotonic() value; the ticket's result() gives one Scored per task, in order."""
@@ -210,15 +232,15 @@ class HeadServeApp:
             )
         if len(set(task_ids)) != len(task_ids):
             twice = next(t for t in task_ids if task_ids.count(t) > 1)
-            raise InvalidInput(f"task {twice!r} is named more than once; name each task once")
-        return self.predictor.submit(task_ids, items, deadline)
+            raise InvalidInput(f"task {quote(twice)} is named more than once; name each task once")
+        return self.predictor.submit([caller.key(t) for t in task_ids], items, deadline)
 
-    def export(self, task_id: str, fused: bool, version: int) -> Export:
-        task = self.store.get_task(task_id)
+    def export(self, caller: Caller, task_id: str, fused: bool, version: int) -> Export:
+        task = self.store.get_task(caller.key(task_id))
         version = version or task.live_version
         if not version:
             raise FailedPrecondition(f"task {task_id!r} has no trained version to export yet")
-        head = self.store.get_head(task_id, version)
+        head = self.store.get_head(task.key, version)
         entry = self.registry.get(task.backbone)
         backbone = entry.backbone
         metadata = {

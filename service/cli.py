@@ -1,7 +1,10 @@
-"""The `headserve` command line: `serve` runs a server; every other command is a client of one.
+"""The `headserve` command line: `serve` runs a server; every other command is a client of one, except
+`tenants` and `keys` given `--data-dir` or `--config`, which work on the store directly (no server needed:
+that is how the first admin key is made).
 
-Server errors print as one line, `error: <STATUS_CODE>: <details>`, with exit status 1; bad flags or
-input files exit with status 2.
+Connection flags (`--address`, `--api-key`, `--tls-ca`, `--tls-cert`, `--tls-key`) go before or after the
+command. Server errors print as one line, `error: <STATUS_CODE>: <details>`, with exit status 1; bad flags
+or input files exit with status 2.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from service.client import (
     InputLike,
     training_config,
 )
+from adapters.errors import HeadserveError
 from service.gen import headserve_pb2 as pb
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
@@ -238,7 +242,15 @@ def _wait_or_hint(client: HeadServeClient, job_id: str, no_wait: bool, out: Cons
 
 
 def _connect(args: argparse.Namespace) -> HeadServeClient:
-    return HeadServeClient(args.address or os.environ.get("HEADSERVE_ADDRESS") or DEFAULT_ADDRESS)
+    address = getattr(args, "address", None) or os.environ.get("HEADSERVE_ADDRESS") or DEFAULT_ADDRESS
+    tls = {name: getattr(args, name, None) for name in ("tls_ca", "tls_cert", "tls_key")}
+    for name, path in tls.items():
+        if path is not None and not path.is_file():
+            raise UsageError(f"--{name.replace('_', '-')}: {path} is not a file")
+    try:
+        return HeadServeClient(address, api_key=getattr(args, "api_key", None), **tls)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def _serve(args: argparse.Namespace, out: Console, err: Console) -> int:
@@ -247,7 +259,7 @@ def _serve(args: argparse.Namespace, out: Console, err: Console) -> int:
     try:
         settings = Settings.load(
             args.config,
-            address=args.listen or args.address,
+            address=args.listen or getattr(args, "address", None),
             data_dir=args.data_dir,
             log_level=args.log_level,
         )
@@ -429,6 +441,265 @@ def _delete(args: argparse.Namespace, out: Console, err: Console) -> int:
     return 0
 
 
+# Tenants and keys -------------------------------------------------------------------------------------
+
+
+def _local_admin(args: argparse.Namespace):
+    """The store's TenantAdmin when --data-dir or --config is given (no server needed), else None."""
+    if args.data_dir is None and args.config is None:
+        return None
+    from service.config import Settings
+    from service.store import Store
+    from service.tenants import TenantAdmin
+
+    try:
+        settings = Settings.load(args.config, data_dir=args.data_dir)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"bad settings: {exc}") from None
+    return TenantAdmin(Store.open(pathlib.Path(settings.data_dir)))
+
+
+def _quota_fields() -> list[str]:
+    return [f.name for f in pb.Quotas.DESCRIPTOR.fields]
+
+
+def _tenant_dict(t) -> dict:
+    """A tenant (a pb.Tenant, or the store's TenantView) as plain data."""
+    if isinstance(t, pb.Tenant):
+        quotas = {name: getattr(t.quotas, name) for name in _quota_fields()}
+        usage = {f.name: getattr(t.usage, f.name) for f in pb.Usage.DESCRIPTOR.fields}
+        return {"tenant_id": t.tenant_id, "name": t.name, "created_at_ms": t.created_at_ms, "quotas": quotas,
+                "usage": usage}
+    import dataclasses
+
+    return {"tenant_id": t.tenant.tenant_id, "name": t.tenant.name, "created_at_ms": t.tenant.created_at_ms,
+            "quotas": dataclasses.asdict(t.tenant.quotas), "usage": dataclasses.asdict(t.usage)}
+
+
+def _key_dict(k) -> dict:
+    """A key's public record (a pb.ApiKey or the store's KeyRecord) as plain data; never the secret."""
+    fields = ("key_id", "tenant_id", "description", "created_at_ms", "expires_at_ms", "revoked_at_ms")
+    return {**{f: getattr(k, f) for f in fields}, "scopes": list(k.scopes)}
+
+
+def _print_json(document) -> None:
+    print(json.dumps(document, indent=2, sort_keys=True))
+
+
+def _parse_expiry(text: str | None) -> int:
+    """--expires: a duration from now (90m, 12h, 30d) or an ISO date/time; 0 when not given."""
+    if not text:
+        return 0
+    units = {"m": 60, "h": 3600, "d": 86400}
+    if text[-1:] in units and text[:-1].isdigit():
+        return int((datetime.datetime.now().timestamp() + int(text[:-1]) * units[text[-1]]) * 1000)
+    try:
+        when = datetime.datetime.fromisoformat(text)
+    except ValueError:
+        raise UsageError(f"--expires: expected a duration (90m, 12h, 30d) or an ISO date, got {text!r}") from None
+    return int(when.timestamp() * 1000)
+
+
+def _scopes(text: str) -> list[str]:
+    return [s.strip() for s in text.split(",") if s.strip()]
+
+
+def _tenant_row(table: Table, t: dict) -> None:
+    limits = ", ".join(f"{k} {v:g}" for k, v in t["quotas"].items() if v) or "none"
+    usage = t["usage"]
+    table.add_row(t["tenant_id"], t["name"], str(usage["tasks"]), str(usage["examples"]),
+                  f"{usage['stored_bytes'] / 1e6:.1f} MB", limits)
+
+
+def _tenants_table(tenants: list[dict]) -> Table:
+    table = Table(box=box.SIMPLE)
+    for name in ("tenant", "name", "tasks", "examples", "stored"):
+        table.add_column(name, no_wrap=True)
+    table.add_column("quotas", overflow="fold")
+    for t in tenants:
+        _tenant_row(table, t)
+    return table
+
+
+def _print_new_key(out: Console, key: dict, secret: str) -> None:
+    out.print(f"api key {key['key_id']} ({', '.join(key['scopes'])}"
+              + (f", expires {_timestamp(key['expires_at_ms'])}" if key["expires_at_ms"] else "") + "):")
+    out.print(secret)
+    out.print("this is the only time the key is shown: store it now (e.g. as HEADSERVE_API_KEY)")
+
+
+def _tenants_create(args: argparse.Namespace, out: Console, err: Console) -> int:
+    expires = _parse_expiry(args.expires)
+    local = _local_admin(args)
+    if local is not None:
+        tenant, record, secret = local.create_tenant(args.name, _scopes(args.scopes), expires_at_ms=expires)
+        t, key = _tenant_dict(local.tenant(tenant.tenant_id)), _key_dict(record)
+    else:
+        with _connect(args) as client:
+            made = client.create_tenant(args.name, _scopes(args.scopes), expires_at_ms=expires)
+        t, key, secret = _tenant_dict(made.tenant), _key_dict(made.key), made.api_key
+    if args.json:
+        _print_json({"tenant": t["tenant_id"], "name": t["name"], "api_key": secret, "key_id": key["key_id"],
+                     "scopes": key["scopes"]})
+        return 0
+    out.print(f"created tenant {t['name']} (id {t['tenant_id']})")
+    _print_new_key(out, key, secret)
+    return 0
+
+
+def _tenants_list(args: argparse.Namespace, out: Console, err: Console) -> int:
+    local = _local_admin(args)
+    if local is not None:
+        tenants = [_tenant_dict(v) for v in local.list_tenants()]
+    else:
+        with _connect(args) as client:
+            tenants = [_tenant_dict(t) for t in client.list_tenants()]
+    if args.json:
+        _print_json(tenants)
+    else:
+        out.print(_tenants_table(tenants))
+    return 0
+
+
+def _tenants_delete(args: argparse.Namespace, out: Console, err: Console) -> int:
+    local = _local_admin(args)
+    if local is not None:
+        _, keys = local.delete_tenant(args.tenant)
+        deleted = len(keys)
+    else:
+        with _connect(args) as client:
+            deleted = client.delete_tenant(args.tenant)
+    out.print(f"deleted tenant {args.tenant} with its keys and {deleted} task(s)")
+    return 0
+
+
+def _tenants_quota(args: argparse.Namespace, out: Console, err: Console) -> int:
+    given = {name: getattr(args, name) for name in _quota_fields() if getattr(args, name) is not None}
+    local = _local_admin(args)
+    if local is not None:
+        import dataclasses
+
+        current = local.tenant(args.tenant).tenant.quotas
+        view = local.set_quotas(args.tenant, dataclasses.replace(current, **given))
+        t = _tenant_dict(view)
+    else:
+        with _connect(args) as client:
+            current = client.get_tenant(args.tenant).quotas
+            merged = pb.Quotas(**{**{n: getattr(current, n) for n in _quota_fields()}, **given})
+            t = _tenant_dict(client.set_quotas(args.tenant, merged))
+    if args.json:
+        _print_json(t)
+    else:
+        out.print(_tenants_table([t]))
+    return 0
+
+
+def _keys_create(args: argparse.Namespace, out: Console, err: Console) -> int:
+    expires = _parse_expiry(args.expires)
+    local = _local_admin(args)
+    if local is not None:
+        record, secret = local.create_key(args.tenant, _scopes(args.scopes), args.description or "", expires)
+        key = _key_dict(record)
+    else:
+        with _connect(args) as client:
+            made = client.create_key(args.tenant, _scopes(args.scopes), description=args.description or "",
+                                     expires_at_ms=expires)
+        key, secret = _key_dict(made.key), made.api_key
+    if args.json:
+        _print_json({**key, "api_key": secret})
+    else:
+        _print_new_key(out, key, secret)
+    return 0
+
+
+def _keys_list(args: argparse.Namespace, out: Console, err: Console) -> int:
+    local = _local_admin(args)
+    if local is not None:
+        keys = [_key_dict(k) for k in local.list_keys(args.tenant or "")]
+    else:
+        with _connect(args) as client:
+            keys = [_key_dict(k) for k in client.list_keys(args.tenant or "")]
+    if args.json:
+        _print_json(keys)
+        return 0
+    table = Table(box=box.SIMPLE)
+    for name in ("key", "tenant", "scopes", "created", "expires", "state", "description"):
+        table.add_column(name, no_wrap=name in ("key", "state"))
+    now = datetime.datetime.now().timestamp() * 1000
+    for k in keys:
+        state = ("revoked" if k["revoked_at_ms"] else
+                 "expired" if k["expires_at_ms"] and k["expires_at_ms"] <= now else "active")
+        table.add_row(k["key_id"], k["tenant_id"], ",".join(k["scopes"]), _timestamp(k["created_at_ms"]),
+                      _timestamp(k["expires_at_ms"]) or "never", state, k["description"])
+    out.print(table)
+    return 0
+
+
+def _keys_revoke(args: argparse.Namespace, out: Console, err: Console) -> int:
+    local = _local_admin(args)
+    if local is not None:
+        key = _key_dict(local.revoke_key(args.key_id))
+    else:
+        with _connect(args) as client:
+            key = _key_dict(client.revoke_key(args.key_id))
+    out.print(f"revoked API key {key['key_id']} of tenant {key['tenant_id']} "
+              f"(at {_timestamp(key['revoked_at_ms'])}; other replicas stop accepting it within seconds)")
+    return 0
+
+
+def _add_admin_commands(command, commands) -> None:
+    """`tenants create|list|delete|quota` and `keys create|list|revoke`: local with --data-dir/--config."""
+
+    def local_flags(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--data-dir", type=pathlib.Path, metavar="DIR",
+                         help="work on this server data directory's store directly, no server needed")
+        sub.add_argument("--config", type=pathlib.Path, metavar="FILE",
+                         help="work on the store named by this TOML settings file, no server needed")
+        sub.add_argument("--json", action="store_true", help="print JSON")
+
+    tenants = commands.add_parser("tenants", help="tenants and their quotas (admin)",
+                                  description="tenants and their quotas: over the API with an admin key, "
+                                  "or on the store with --data-dir/--config")
+    tenant_commands = tenants.add_subparsers(dest="tenants_command", metavar="ACTION", required=True)
+    create = command("create", _tenants_create, "create a tenant and print its first API key",
+                     group=tenant_commands)
+    create.add_argument("name", metavar="NAME")
+    create.add_argument("--scopes", default="predict,train", metavar="LIST",
+                        help="the first key's scopes, from predict, train, admin (default: predict,train)")
+    create.add_argument("--expires", metavar="WHEN", help="the first key expires: 90m, 12h, 30d or an ISO date")
+    local_flags(create)
+    listing = command("list", _tenants_list, "list tenants with their usage and quotas", group=tenant_commands)
+    local_flags(listing)
+    delete = command("delete", _tenants_delete, "delete a tenant with its keys and tasks", group=tenant_commands)
+    delete.add_argument("tenant", metavar="TENANT", help="id or name")
+    local_flags(delete)
+    quota = command("quota", _tenants_quota, "set a tenant's quotas (0 = unlimited; others unchanged)",
+                    group=tenant_commands)
+    quota.add_argument("tenant", metavar="TENANT", help="id or name")
+    for name in _quota_fields():
+        kind = float if name.endswith("per_second") else int
+        quota.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, metavar="N")
+    local_flags(quota)
+
+    keys = commands.add_parser("keys", help="API keys (admin)",
+                               description="API keys: over the API with an admin key, or on the store "
+                               "with --data-dir/--config")
+    key_commands = keys.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
+    create = command("create", _keys_create, "create an API key for a tenant and print it", group=key_commands)
+    create.add_argument("tenant", metavar="TENANT", help="id or name")
+    create.add_argument("--scopes", default="predict,train", metavar="LIST",
+                        help="from predict, train (includes predict), admin (default: predict,train)")
+    create.add_argument("--expires", metavar="WHEN", help="90m, 12h, 30d or an ISO date (default: never)")
+    create.add_argument("--description", metavar="TEXT", help="what the key is for")
+    local_flags(create)
+    listing = command("list", _keys_list, "list API keys (never their secrets)", group=key_commands)
+    listing.add_argument("tenant", metavar="TENANT", nargs="?", help="id or name (default: every tenant)")
+    local_flags(listing)
+    revoke = command("revoke", _keys_revoke, "revoke an API key at once", group=key_commands)
+    revoke.add_argument("key_id", metavar="KEY_ID")
+    local_flags(revoke)
+
+
 # Parser -----------------------------------------------------------------------------------------------
 
 Command = Callable[[argparse.Namespace, Console, Console], int]
@@ -499,23 +770,39 @@ def _training_config(args: argparse.Namespace) -> pb.TrainingConfig | None:
     return training_config(args.strategy or "auto", **fields)
 
 
+def _connection_flags(suppress: bool) -> argparse.ArgumentParser:
+    """The flags that say how to reach the server. Given after the command too (`suppress`: a flag left
+    out there does not hide the same flag given before the command)."""
+    flags = argparse.ArgumentParser(add_help=False)
+    default = {"default": argparse.SUPPRESS} if suppress else {}
+    group = flags.add_argument_group("connection")
+    group.add_argument("--address", metavar="HOST:PORT", **default,
+                       help=f"server to call (default: $HEADSERVE_ADDRESS or {DEFAULT_ADDRESS})")
+    group.add_argument("--api-key", metavar="KEY", **default,
+                       help="API key, sent as 'authorization: Bearer KEY' (default: $HEADSERVE_API_KEY)")
+    group.add_argument("--tls-ca", type=pathlib.Path, metavar="PEM", **default,
+                       help="CA certificate(s) to verify the server with; turns TLS on")
+    group.add_argument("--tls-cert", type=pathlib.Path, metavar="PEM", **default,
+                       help="client certificate, for servers that ask for one (with --tls-key)")
+    group.add_argument("--tls-key", type=pathlib.Path, metavar="PEM", **default,
+                       help="private key of --tls-cert")
+    return flags
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="headserve", description="Custom classifiers from a few labelled examples, over gRPC."
-    )
-    parser.add_argument(
-        "--address",
-        metavar="HOST:PORT",
-        help=f"server for client commands (default: $HEADSERVE_ADDRESS or {DEFAULT_ADDRESS})",
+        prog="headserve", description="Custom classifiers from a few labelled examples, over gRPC.",
+        parents=[_connection_flags(suppress=False)],
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    connection = _connection_flags(suppress=True)
 
-    def command(name: str, run: Command, help: str) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=help, description=help)
+    def command(name: str, run: Command, help: str, client: bool = True, group=commands) -> argparse.ArgumentParser:
+        sub = group.add_parser(name, help=help, description=help, parents=[connection] if client else [])
         sub.set_defaults(run=run)
         return sub
 
-    serve = command("serve", _serve, "run the server until SIGINT/SIGTERM")
+    serve = command("serve", _serve, "run the server until SIGINT/SIGTERM", client=False)
     serve.add_argument(
         "--address",
         dest="listen",
@@ -583,6 +870,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     delete = command("delete", _delete, "delete a task and its examples and heads")
     delete.add_argument("task_id", metavar="TASK_ID")
+
+    _add_admin_commands(command, commands)
     return parser
 
 
@@ -601,6 +890,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except grpc.RpcError as exc:
         print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    except HeadserveError as exc:  # from the store, for commands that work on it directly
+        print(f"error: {exc.message}", file=sys.stderr)
         return 1
     except (ExportError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -8,6 +8,10 @@
 Inputs: a `str` is text, `bytes` an encoded image, a `pathlib.Path` an image file (read when sent); an
 `Input` message passes through. Examples are `(input, label)` pairs or `Example` messages. Server errors
 surface unchanged as `grpc.RpcError`, so callers can branch on `.code()`.
+
+Security: `api_key` (default: $HEADSERVE_API_KEY) travels as `authorization: Bearer <key>` metadata on
+every call; `tls_ca` (PEM, or True for the system's roots) turns TLS on, and `tls_cert` + `tls_key` add a
+client certificate for servers that ask for one (mTLS).
 """
 
 from __future__ import annotations
@@ -133,12 +137,62 @@ def write_export(chunks: Iterable[pb.ExportChunk], file: IO[bytes]) -> dict[str,
     return json.loads(first.metadata_json) if first.metadata_json else {}
 
 
+class _Metadata(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+                grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """Adds fixed metadata (the API key) to every call of a channel, TLS or not."""
+
+    def __init__(self, metadata: tuple[tuple[str, str], ...]) -> None:
+        self.metadata = metadata
+
+    def _details(self, details):
+        return details._replace(metadata=tuple(details.metadata or ()) + self.metadata)
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+    def intercept_stream_unary(self, continuation, details, requests):
+        return continuation(self._details(details), requests)
+
+    def intercept_stream_stream(self, continuation, details, requests):
+        return continuation(self._details(details), requests)
+
+
+def open_channel(
+    address: str,
+    *,
+    api_key: str | None = None,
+    tls_ca: str | os.PathLike[str] | bool | None = None,
+    tls_cert: str | os.PathLike[str] | None = None,
+    tls_key: str | os.PathLike[str] | None = None,
+    options: Sequence[tuple[str, Any]] = (),
+) -> grpc.Channel:
+    """A channel to `address`: TLS when `tls_ca` is set (a PEM file, or True for the system's roots) or a
+    client certificate is given; the API key, when given, on every call."""
+    options = [("grpc.max_receive_message_length", MAX_RECEIVE_BYTES), *options]
+    if tls_ca or tls_cert or tls_key:
+        from service.tls import channel_credentials
+
+        ca = None if tls_ca is True else tls_ca
+        channel = grpc.secure_channel(address, channel_credentials(ca, tls_cert, tls_key), options=options)
+    else:
+        channel = grpc.insecure_channel(address, options=options)
+    if api_key:
+        if any(c in api_key for c in "\r\n"):
+            raise ValueError("the API key has a line break; check how it was read")
+        channel = grpc.intercept_channel(channel, _Metadata((("authorization", f"Bearer {api_key}"),)))
+    return channel
+
+
 class HeadServeClient:
     """A connection to a headserve server.
 
     `timeout` (seconds) bounds each unary call; streaming calls (add_examples, watch, wait,
     predict_stream, export) take their own optional `timeout` and are unbounded by default. A `channel`
-    passed in is used as is and left open by `close()`.
+    passed in is used as is and left open by `close()`. `api_key` defaults to $HEADSERVE_API_KEY; for
+    TLS see `open_channel`.
     """
 
     def __init__(
@@ -147,14 +201,20 @@ class HeadServeClient:
         *,
         timeout: float | None = 30.0,
         channel: grpc.Channel | None = None,
+        api_key: str | None = None,
+        tls_ca: str | os.PathLike[str] | bool | None = None,
+        tls_cert: str | os.PathLike[str] | None = None,
+        tls_key: str | os.PathLike[str] | None = None,
     ) -> None:
         self.address = address
         self.timeout = timeout
         self._owns_channel = channel is None
-        self._channel = channel or grpc.insecure_channel(
-            address, options=[("grpc.max_receive_message_length", MAX_RECEIVE_BYTES)]
-        )
+        if channel is None:
+            key = api_key if api_key is not None else os.environ.get("HEADSERVE_API_KEY") or None
+            channel = open_channel(address, api_key=key, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key)
+        self._channel = channel
         self._stub = pb_grpc.HeadServeStub(self._channel)
+        self._admin = pb_grpc.AdminStub(self._channel)
 
     def __enter__(self) -> HeadServeClient:
         return self
@@ -317,3 +377,38 @@ class HeadServeClient:
             partial.unlink(missing_ok=True)
             raise
         return metadata
+
+    # --- Admin (keys with the admin scope) ---------------------------------------------------------------
+
+    def create_tenant(
+        self, name: str, scopes: Sequence[str] = (), *, expires_at_ms: int = 0
+    ) -> pb.CreateTenantResponse:
+        """A new tenant and its first key (`.api_key`, shown only here); scopes default to predict, train."""
+        request = pb.CreateTenantRequest(name=name, scopes=list(scopes), expires_at_ms=expires_at_ms)
+        return self._admin.CreateTenant(request, timeout=self.timeout)
+
+    def list_tenants(self) -> list[pb.Tenant]:
+        return list(self._admin.ListTenants(pb.ListTenantsRequest(), timeout=self.timeout).tenants)
+
+    def get_tenant(self, tenant: str) -> pb.Tenant:
+        return self._admin.GetTenant(pb.GetTenantRequest(tenant=tenant), timeout=self.timeout)
+
+    def delete_tenant(self, tenant: str) -> int:
+        """Deletes a tenant (by id or name) and everything it owns; returns how many tasks went with it."""
+        return self._admin.DeleteTenant(pb.DeleteTenantRequest(tenant=tenant), timeout=self.timeout).tasks_deleted
+
+    def set_quotas(self, tenant: str, quotas: pb.Quotas) -> pb.Tenant:
+        return self._admin.SetQuotas(pb.SetQuotasRequest(tenant=tenant, quotas=quotas), timeout=self.timeout)
+
+    def create_key(
+        self, tenant: str, scopes: Sequence[str], *, description: str = "", expires_at_ms: int = 0
+    ) -> pb.CreateKeyResponse:
+        request = pb.CreateKeyRequest(tenant=tenant, scopes=list(scopes), description=description,
+                                      expires_at_ms=expires_at_ms)
+        return self._admin.CreateKey(request, timeout=self.timeout)
+
+    def list_keys(self, tenant: str = "") -> list[pb.ApiKey]:
+        return list(self._admin.ListKeys(pb.ListKeysRequest(tenant=tenant), timeout=self.timeout).keys)
+
+    def revoke_key(self, key_id: str) -> pb.ApiKey:
+        return self._admin.RevokeKey(pb.RevokeKeyRequest(key_id=key_id), timeout=self.timeout)

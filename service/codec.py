@@ -3,6 +3,7 @@ touches generated types."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -13,7 +14,8 @@ from service.app import Item, TaskView
 from service.gen import headserve_pb2 as pb
 from service.predictor import Scored
 from service.registry import Entry
-from service.store import JobRecord
+from service import tenants
+from service.store import JobRecord, KeyRecord, Quotas
 
 STRATEGY_NAMES = {pb.STRATEGY_UNSPECIFIED: "auto", pb.AUTO: "auto", pb.LINEAR: "linear", pb.MLP: "mlp",
                   pb.PROTOTYPE: "prototype", pb.FINE_TUNE: "fine_tune"}
@@ -198,3 +200,31 @@ def predict_pb(results: list[Scored], multi: bool, top_k: int, request_id: str) 
     s = results[0]
     return pb.PredictResponse(predictions=predictions_pb(s, top_k), version=s.version, request_id=request_id,
                               task_id=s.task_id)
+
+
+# --- Admin ---------------------------------------------------------------------------------------------
+
+DEFAULT_SCOPES = list(tenants.DEFAULT_SCOPES)
+
+
+def quotas(q: pb.Quotas) -> Quotas:
+    return Quotas(
+        tasks=q.tasks, examples=q.examples, stored_bytes=q.stored_bytes, training_jobs=q.training_jobs,
+        predict_requests_per_second=q.predict_requests_per_second,
+        predict_inputs_per_second=q.predict_inputs_per_second,
+    )
+
+
+def tenant_pb(view: tenants.TenantView) -> pb.Tenant:
+    t = view.tenant
+    return pb.Tenant(
+        tenant_id=t.tenant_id, name=t.name, created_at_ms=t.created_at_ms,
+        quotas=pb.Quotas(**dataclasses.asdict(t.quotas)), usage=pb.Usage(**dataclasses.asdict(view.usage)),
+    )
+
+
+def key_pb(k: KeyRecord) -> pb.ApiKey:
+    return pb.ApiKey(
+        key_id=k.key_id, tenant_id=k.tenant_id, scopes=k.scopes, description=k.description,
+        created_at_ms=k.created_at_ms, expires_at_ms=k.expires_at_ms, revoked_at_ms=k.revoked_at_ms,
+    )

@@ -87,7 +87,8 @@ class Settings(BaseSettings):
         None, description="PEM CA bundle that client certificates must chain to (mTLS)"
     )
     tls_client_auth: Literal["none", "optional", "require"] = Field(
-        "none", description="client certificates: not asked for, checked when sent, or required"
+        "none", description="client certificates: not asked for, or required (mTLS). \"optional\" is refused at "
+        "start: grpc python cannot ask for a certificate without requiring it",
     )
 
     # Serving: dynamic batching per backbone (across tasks) and the LRU of loaded heads.

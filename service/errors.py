@@ -1,20 +1,14 @@
-"""The one table from domain errors to gRPC status codes, and the wrapper every RPC goes through.
+"""The one table from domain errors to gRPC status codes, and how a call is failed with it.
 
-It stamps a request id on the call (from `x-request-id` metadata or a new one), writes one access
-line per RPC, maps domain errors to their status, and turns anything unexpected into INTERNAL with
-a generic message and the request id (the traceback goes to the log, never to the caller).
+The pipeline (service/pipeline.py) applies it to every call: domain errors get their status and their
+message (cut to `MAX_MESSAGE` characters); anything unexpected gets INTERNAL with a generic message and
+the request id (the traceback goes to the log, never to the caller).
 """
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
-import functools
-import inspect
 import logging
-import time
-import uuid
-from collections.abc import Iterator
 
 import grpc
 
@@ -26,11 +20,13 @@ from adapters.errors import (
     HeadserveError,
     InvalidInput,
     NotFound,
+    PermissionDenied,
     ResourceExhausted,
+    Unauthenticated,
     Unavailable,
 )
 
-log = logging.getLogger("headserve.access")
+log = logging.getLogger("headserve.errors")
 
 STATUS: dict[type[HeadserveError], grpc.StatusCode] = {
     InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
@@ -41,7 +37,10 @@ STATUS: dict[type[HeadserveError], grpc.StatusCode] = {
     Unavailable: grpc.StatusCode.UNAVAILABLE,
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     Cancelled: grpc.StatusCode.CANCELLED,
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
 }
+MAX_MESSAGE = 1000  # characters of a status message; gRPC clients refuse trailers past 8 KiB by default
 
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 
@@ -61,70 +60,13 @@ def status_of(exc: HeadserveError) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
-def _begin(context: grpc.ServicerContext) -> str:
-    rid = dict(context.invocation_metadata()).get("x-request-id") or uuid.uuid4().hex[:16]
-    request_id.set(rid)
-    context.set_trailing_metadata((("x-request-id", rid),))
-    return rid
+def cut(message: str, limit: int = MAX_MESSAGE) -> str:
+    return message if len(message) <= limit else message[: limit - 3] + "..."
 
 
-def _fail(context: grpc.ServicerContext, exc: BaseException, rid: str) -> grpc.StatusCode:
+def abort(context: grpc.ServicerContext, exc: BaseException) -> None:
+    """Fails the call with `exc`'s status (INTERNAL, logged with its traceback, if it is not ours)."""
     if isinstance(exc, HeadserveError):
-        code = status_of(exc)
-        context.abort(code, exc.message)
-    log.exception("unexpected error")
-    context.abort(grpc.StatusCode.INTERNAL, f"internal error; quote request id {rid} to the operator")
-    return grpc.StatusCode.INTERNAL  # not reached: abort raises
-
-
-def _access(method: str, request, code: str, start: float) -> None:
-    task = getattr(request, "task_id", "") if request is not None else ""
-    log.info("rpc %s task=%s status=%s ms=%.2f", method, task or "-", code, (time.perf_counter() - start) * 1e3)
-
-
-def rpc(method):
-    """Wraps a servicer method (unary or streaming response) with the error table and access log."""
-    name = method.__name__
-
-    if inspect.isgeneratorfunction(method):
-
-        @functools.wraps(method)
-        def stream(self, request, context):
-            with _handled(name, request, context):
-                yield from method(self, request, context)
-
-        return stream
-
-    @functools.wraps(method)
-    def unary(self, request, context):
-        with _handled(name, request, context):
-            return method(self, request, context)
-
-    return unary
-
-
-@contextlib.contextmanager
-def _handled(name: str, request, context: grpc.ServicerContext) -> Iterator[None]:
-    """Request id in, access line out; domain errors to their status, anything else to INTERNAL."""
-    start, rid, code = time.perf_counter(), _begin(context), "OK"
-    try:
-        yield
-    except Exception as exc:
-        code = status_of(exc).name if isinstance(exc, HeadserveError) else _code_of(context, exc)
-        if not _aborted(exc):
-            _fail(context, exc, rid)
-        raise
-    finally:
-        _access(name, request if hasattr(request, "DESCRIPTOR") else None, code, start)
-
-
-def _aborted(exc: BaseException) -> bool:
-    # context.abort raises a bare Exception after setting the status; let it through untouched.
-    return type(exc) is Exception and not exc.args
-
-
-def _code_of(context, exc: BaseException) -> str:
-    if _aborted(exc):
-        code = context.code()
-        return code.name if code else "ABORTED"
-    return "INTERNAL"
+        context.abort(status_of(exc), cut(exc.message))
+    log.error("unexpected error", exc_info=exc)
+    context.abort(grpc.StatusCode.INTERNAL, f"internal error; quote request id {request_id.get()} to the operator")

@@ -23,7 +23,7 @@ from adapters.finetune import auto_fine_tune, fine_tune
 from adapters.heads import Augmented, LabelText, TrainingOptions, export_checked, train_head
 from adapters.runtime import HeadRuntime
 from service.registry import BackboneRegistry
-from service.store import HeadRecord, JobRecord, Store
+from service.store import HeadRecord, JobRecord, Quotas, Store, TaskRecord
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +54,13 @@ class JobRunner:
         self._live: dict[str, JobRecord] = {}  # unfinished jobs, with fine-grained status
         self._changed = threading.Condition()
 
-    def submit(self, task_id: str, options: TrainingOptions) -> JobRecord:
+    def submit(self, key: str, options: TrainingOptions, quotas: Quotas = Quotas()) -> JobRecord:
+        """Queues a job for the task with store key `key` (within the tenant's training_jobs quota)."""
         job = JobRecord(
-            job_id=f"job-{uuid.uuid4().hex[:12]}", task_id=task_id, state="QUEUED",
+            job_id=f"job-{uuid.uuid4().hex[:12]}", task_key=key, state="QUEUED",
             config=dataclasses.asdict(options), status={"phase": "queued", "progress": 0.0, "message": "waiting"},
         )
-        self.store.start_job(job)
+        self.store.start_job(job, quotas)
         self._enqueue(job)
         return job
 
@@ -115,7 +116,7 @@ class JobRunner:
             runtime = HeadRuntime(head.onnx, head.labels, 0, backbone, str(self.registry.device))
             version = self.store.finish_job(job.job_id, status, head=head)
             runtime.version = version
-            self.on_success(job.task_id, runtime)
+            self.on_success(job.task_key, runtime)
             job.state, job.version, job.status = "SUCCEEDED", version, status
             log.info("job %s: task %s version %d live in %.2fs", job.job_id, job.task_id, version, status["seconds"])
         except Exception as exc:
@@ -136,9 +137,9 @@ class JobRunner:
                 self._changed.notify_all()
 
     def _train(self, job: JobRecord) -> tuple[HeadRecord, str]:
-        task = self.store.get_task(job.task_id)
+        task = self.store.get_task(job.task_key)
         entry = self.registry.get(task.backbone)
-        refs = self.store.example_refs(task.task_id)
+        refs = self.store.example_refs(task.key)
         counts: dict[str, int] = {}
         for _, label in refs:
             counts[label] = counts.get(label, 0) + 1
@@ -156,12 +157,12 @@ class JobRunner:
         options = TrainingOptions(**job.config)
         meta = {"backbone": entry.spec.name, "backbone_digest": entry.backbone.digest, "task_id": task.task_id}
         if options.strategy == "fine_tune":
-            trained, feeds = fine_tune(entry.backbone, self._items(shas), labels, options,
+            trained, feeds = fine_tune(entry.backbone, self._items(task, shas), labels, options,
                                        lambda update: self._publish(job, **_progress(update)), shas,
                                        entry.training_trunk())
             return self._export(job, task, trained, feeds, meta)
-        xs = self._features(job, entry, shas)
-        augmented = self._augmented(job, entry, shas, options) if options.augment_views else None
+        xs = self._features(job, task, entry, shas)
+        augmented = self._augmented(job, task, entry, shas, options) if options.augment_views else None
         label_text = self._label_text(entry, sorted(counts), options)
 
         self._publish(job, persist=True, phase="validating", progress=0.5, message=f"training ({options.strategy})")
@@ -172,7 +173,7 @@ class JobRunner:
             self._publish(job, persist=True, phase="features", progress=0.0,
                           message=f"AUTO: fine-tuning too ({min(counts.values())}+ examples per label)")
             trained, tuned_feeds = auto_fine_tune(
-                entry.backbone, self._items(shas), labels, xs, trained, options,
+                entry.backbone, self._items(task, shas), labels, xs, trained, options,
                 lambda update: self._publish(job, **_progress(update)), shas, entry.training_trunk())
             if tuned_feeds is not None:
                 return self._export(job, task, trained, tuned_feeds, meta)
@@ -190,34 +191,39 @@ class JobRunner:
                       validation_accuracy=trained.evaluation["validation_accuracy"])
         onnx_bytes = export_checked(trained, feeds, meta)
         trained.evaluation["head_bytes"] = len(onnx_bytes)
-        return HeadRecord(task.task_id, 0, onnx_bytes, trained.labels, trained.evaluation), task.backbone
+        return HeadRecord(task.key, 0, onnx_bytes, trained.labels, trained.evaluation), task.backbone
 
-    def _features(self, job: JobRecord, entry, shas: list[str]) -> dict[str, np.ndarray]:
-        """Pooled trunk features of every tap for the examples (Entry.training_trunk), cached in the store."""
+    def _features(self, job: JobRecord, task: TaskRecord, entry, shas: list[str]) -> dict[str, np.ndarray]:
+        """Pooled trunk features of every tap for the examples (Entry.training_trunk), cached in the store
+        (per tenant, like the examples)."""
         unique = list(dict.fromkeys(shas))
-        cached = {tap: self.store.cached_features(entry.trunk_key(tap), unique) for tap in POOLED_TAPS}
+        tenant = task.tenant_id
+        cached = {tap: self.store.cached_features(tenant, entry.trunk_key(tap), unique) for tap in POOLED_TAPS}
         todo = [sha for sha in unique if any(sha not in cached[tap] for tap in POOLED_TAPS)]
         for start in range(0, len(todo), FEATURE_CHUNK):
             chunk = todo[start : start + FEATURE_CHUNK]
-            taps = pooled_taps(entry.training_trunk(), entry.backbone.preprocess(self._items(chunk)))
+            taps = pooled_taps(entry.training_trunk(), entry.backbone.preprocess(self._items(task, chunk)))
             for tap in POOLED_TAPS:
                 fresh = dict(zip(chunk, taps[tap]))
-                self.store.put_features(entry.trunk_key(tap), fresh)
+                self.store.put_features(tenant, entry.trunk_key(tap), fresh)
                 cached[tap].update(fresh)
             done = start + len(chunk)
             self._publish(job, progress=0.5 * done / len(todo), message=f"embedded {done}/{len(todo)} new examples")
         return {tap: np.stack([cached[tap][sha] for sha in shas]).astype(np.float32) for tap in POOLED_TAPS}
 
-    def _items(self, shas: list[str]) -> list[str | bytes]:
-        raw = self.store.blobs(shas)
+    def _items(self, task: TaskRecord, shas: list[str]) -> list[str | bytes]:
+        raw = self.store.blobs(task.tenant_id, shas)
         return [raw[sha][1].decode() if raw[sha][0] == "text" else raw[sha][1] for sha in shas]
 
-    def _augmented(self, job: JobRecord, entry, shas: list[str], options: TrainingOptions) -> Augmented | None:
+    def _augmented(
+        self, job: JobRecord, task: TaskRecord, entry, shas: list[str], options: TrainingOptions
+    ) -> Augmented | None:
         """Features of random augmented views of image examples (not cached: new views each job)."""
         if entry.spec.modality != "image":
             return None
         self._publish(job, message=f"embedding {options.augment_views} augmented views per example")
-        batch, origin = entry.backbone.preprocess.augmented(self._items(shas), options.augment_views, options.seed)
+        batch, origin = entry.backbone.preprocess.augmented(self._items(task, shas), options.augment_views,
+                                                            options.seed)
         return Augmented(pooled_taps(entry.training_trunk(), batch, FEATURE_CHUNK), origin)
 
     def _label_text(self, entry, names: list[str], options: TrainingOptions) -> LabelText | None:

@@ -27,7 +27,7 @@ from adapters.runtime import HeadRuntime
 from service.batcher import Batcher, Pending
 from service.config import Settings
 from service.registry import BackboneRegistry, Entry
-from service.store import Store
+from service.store import Store, task_of
 
 log = logging.getLogger(__name__)
 
@@ -261,7 +261,7 @@ class _Lane:
             except Exception as exc:  # only this head's requests fail
                 log.exception(
                     "head of task %s (version %d) failed",
-                    works[parts[0][0]].task_ids[parts[0][1]],
+                    task_of(works[parts[0][0]].task_ids[parts[0][1]]),
                     head.version,
                 )
                 for i, *_ in parts:
@@ -271,7 +271,7 @@ class _Lane:
             for i, j, first, end in parts:
                 n = end - first
                 results[i][j] = Scored(
-                    head.version, head.labels, probabilities[offset : offset + n], works[i].task_ids[j],
+                    head.version, head.labels, probabilities[offset : offset + n], task_of(works[i].task_ids[j]),
                     head.reject_threshold,
                 )
                 offset += n
@@ -304,15 +304,15 @@ class Predictor:
 
     # --- heads ------------------------------------------------------------------------------------------
 
-    def _load(self, task_id: str) -> HeadRuntime:
-        task = self.store.get_task(task_id)
+    def _load(self, key: str) -> HeadRuntime:
+        task = self.store.get_task(key)
         if task.live_version == 0:
             raise FailedPrecondition(
-                f"task {task_id!r} has no trained version yet (state {task.state}"
+                f"task {task.task_id!r} has no trained version yet (state {task.state}"
                 + (f": {task.error}" if task.error else "")
                 + "); wait for its training job to finish"
             )
-        record = self.store.get_head(task_id, task.live_version)
+        record = self.store.get_head(key, task.live_version)
         return HeadRuntime(
             record.onnx, record.labels, record.version, task.backbone, str(self.registry.device)
         )
@@ -349,7 +349,7 @@ class Predictor:
     def submit(
         self, task_ids: Sequence[str], items: Sequence[str | bytes], deadline: float | None = None
     ) -> Ticket:
-        """Queues `items` for the tasks' heads (all on one backbone); `deadline` is a time.monotonic() value.
+        """Queues `items` for the tasks' heads (`task_ids` are the store's task keys) (all on one backbone); `deadline` is a time.monotonic() value.
 
         Raises here (not in the ticket) for unknown or untrained tasks, bad inputs and a full queue."""
         heads = [self.heads.get(t) for t in task_ids]
@@ -357,7 +357,7 @@ class Predictor:
         for task_id, head in zip(task_ids, heads):
             if head.backbone != backbone:
                 raise InvalidInput(
-                    f"tasks {task_ids[0]!r} and {task_id!r} are on different backbones "
+                    f"tasks {task_of(task_ids[0])!r} and {task_of(task_id)!r} are on different backbones "
                     f"({backbone}, {head.backbone}); "
                     "one request serves one backbone: send one request per backbone"
                 )

@@ -20,13 +20,15 @@ from service.gen import headserve_pb2 as pb
 from service.jobs import JobRunner
 from service.predictor import Predictor
 from service.registry import BackboneRegistry
-from service import tls
+from service import pipeline, tls
 from service.servicer import add_to_server
 from service.store import Store
+from service.tenants import Authenticator, RateLimiter, TenantAdmin
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["HeadServe"].full_name
+ADMIN_NAME = pb.DESCRIPTOR.services_by_name["Admin"].full_name
 
 
 @dataclasses.dataclass
@@ -37,10 +39,12 @@ class Running:
     port: int
     app: HeadServeApp
     health: health.HealthServicer
+    admin: TenantAdmin
+    tls: bool = False
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{'localhost' if self.tls else '127.0.0.1'}:{self.port}"
 
     def stop(self, grace: float = 5.0) -> None:
         self.health.enter_graceful_shutdown()
@@ -62,9 +66,38 @@ def _warm_up() -> None:
     export_checked(trained, x, {})
 
 
+def check_exposure(settings: Settings) -> None:
+    """Refuses to serve without authentication on an address other than loopback, unless the operator
+    said so with allow_insecure (then says so in the log at every start)."""
+    if settings.auth != "none":
+        return
+    host = settings.address.rpartition(":")[0].strip("[]")
+    if host == "localhost" or _is_loopback(host):
+        return
+    if not settings.allow_insecure:
+        raise ValueError(
+            f"auth = 'none' on {settings.address}, which is not a loopback address: anyone who reaches it could "
+            "read, change and delete every task. Set auth = 'api_key' (and TLS; README \"Security\"), listen on "
+            "127.0.0.1, or set allow_insecure = true to accept the risk")
+    log.warning("auth = 'none' on %s with allow_insecure: every caller who reaches this address has every "
+                "right on every task", settings.address)
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def build_server(settings: Settings) -> Running:
     """Loads everything, binds `settings.address` (port 0 picks one) and starts serving."""
     import torch
+
+    check_exposure(settings)
+    credentials = tls.server_credentials(settings)  # unusable certificate files fail here, before the models load
 
     if settings.intra_op_threads:
         torch.set_num_threads(settings.intra_op_threads)
@@ -75,18 +108,24 @@ def build_server(settings: Settings) -> Running:
     runner = JobRunner(store, registry, predictor.install, settings.training_workers,
                        settings.auto_fine_tune_min_examples)
     app = HeadServeApp(settings, store, registry, runner, predictor)
+    authenticator = Authenticator(store, settings.auth_cache_seconds)
+    admin = TenantAdmin(store, authenticator)
     _warm_up()
 
     limits = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
     ]
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=settings.grpc_workers), options=limits)
-    add_to_server(app, server)
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=settings.grpc_workers),
+        options=limits,
+        interceptors=pipeline.interceptors(authenticator, RateLimiter(), settings.auth == "api_key"),
+    )
+    add_to_server(app, admin, server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    credentials = tls.server_credentials(settings)
+    reflection.enable_server_reflection((SERVICE_NAME, ADMIN_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
+                                        server)
     if credentials is None:
         port = server.add_insecure_port(settings.address)
     else:
@@ -95,12 +134,13 @@ def build_server(settings: Settings) -> Running:
         raise RuntimeError(f"could not bind {settings.address}")
     server.start()
     resumed = runner.resume()
-    for name in ("", SERVICE_NAME):
+    for name in ("", SERVICE_NAME, ADMIN_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     loaded = [n for n, e in registry.entries.items() if e.available]
-    log.info("headserve listening on %s (port %d); backbones: %s; device %s; %d job(s) resumed",
-             settings.address, port, ", ".join(loaded) or "none", registry.device, resumed)
-    return Running(server, port, app, health_servicer)
+    log.info("headserve listening on %s (port %d); %s, auth %s; backbones: %s; device %s; %d job(s) resumed",
+             settings.address, port, "TLS" if credentials else "plaintext", settings.auth,
+             ", ".join(loaded) or "none", registry.device, resumed)
+    return Running(server, port, app, health_servicer, admin, credentials is not None)
 
 
 def configure_logging(level: str) -> None:

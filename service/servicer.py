@@ -1,4 +1,6 @@
-"""headserve.v1.HeadServe: each method translates, delegates to HeadServeApp, translates back."""
+"""headserve.v1.HeadServe and headserve.v1.Admin: each method translates, delegates to the use cases
+(HeadServeApp, TenantAdmin) with the caller that the pipeline authenticated, and translates back.
+Errors, request ids and logging are the pipeline's (service/pipeline.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +15,8 @@ import grpc
 from adapters.errors import InvalidInput
 from service import codec
 from service.app import HeadServeApp
-from service.errors import rpc
+from service.pipeline import CallContext
+from service.tenants import TenantAdmin
 from service.gen import headserve_pb2 as pb
 from service.gen import headserve_pb2_grpc as pb_grpc
 
@@ -22,19 +25,16 @@ class HeadServeServicer(pb_grpc.HeadServeServicer):
     def __init__(self, app: HeadServeApp) -> None:
         self.app = app
 
-    @rpc
     def ListBackbones(self, request, context):
         return pb.ListBackbonesResponse(backbones=[codec.backbone_pb(e) for e in self.app.list_backbones()])
 
-    @rpc
     def CreateTask(self, request, context):
         options = codec.options(request.config)
         view = self.app.create_task(
-            request.task_id, request.backbone, codec.examples(request.examples), list(request.labels), options
+            context.caller, request.task_id, request.backbone, codec.examples(request.examples), list(request.labels), options
         )
         return codec.task_pb(view)
 
-    @rpc
     def AddExamples(self, request_iterator, context):
         task_id, batch = "", []
         for request in request_iterator:
@@ -49,66 +49,61 @@ class HeadServeServicer(pb_grpc.HeadServeServicer):
         if not task_id:
             raise InvalidInput("the AddExamples stream was empty; name a task_id and send examples")
         # All or nothing: the whole stream is validated and stored in one transaction.
-        added, duplicates, counts = self.app.add_examples(task_id, batch)
+        context.task_id = task_id
+        added, duplicates, counts = self.app.add_examples(context.caller, task_id, batch, context.is_active)
         return pb.AddExamplesResponse(
             task_id=task_id, added=added, duplicates=duplicates, num_examples=sum(counts.values()),
             examples_per_label=counts,
         )
 
-    @rpc
     def TrainTask(self, request, context):
         options = codec.options(request.config) if request.HasField("config") else None
-        return codec.job_pb(self.app.train(request.task_id, options))
+        return codec.job_pb(self.app.train(context.caller, request.task_id, options))
 
-    @rpc
     def WatchJob(self, request, context):
-        job = self.app.job(request.job_id, request.task_id)
+        job = self.app.job(context.caller, request.job_id, request.task_id)
         for snapshot in self.app.runner.watch(job.job_id, context.is_active):
             yield codec.job_pb(snapshot)
 
-    @rpc
     def GetTask(self, request, context):
-        return codec.task_pb(self.app.get_task(request.task_id))
+        return codec.task_pb(self.app.get_task(context.caller, request.task_id))
 
-    @rpc
     def ListTasks(self, request, context):
-        views, token = self.app.list_tasks(request.page_size, request.page_token, request.backbone)
+        views, token = self.app.list_tasks(context.caller, request.page_size, request.page_token, request.backbone)
         return pb.ListTasksResponse(tasks=[codec.task_pb(v) for v in views], next_page_token=token)
 
-    @rpc
     def DeleteTask(self, request, context):
-        self.app.delete_task(request.task_id)
+        self.app.delete_task(context.caller, request.task_id)
         return pb.DeleteTaskResponse()
 
-    def _submit(self, request, deadline: float | None):
+    def _submit(self, request, caller, deadline: float | None):
         task_ids, multi = codec.predict_tasks(request)
         codec.check_top_k(request.top_k)
-        return self.app.predict(task_ids, codec.items(request.inputs), deadline), multi
+        return self.app.predict(caller, task_ids, codec.items(request.inputs), deadline), multi
 
-    @rpc
     def Predict(self, request, context):
         remaining = _time_remaining(context)
-        ticket, multi = self._submit(request, None if remaining is None else time.monotonic() + remaining)
+        ticket, multi = self._submit(request, context.caller,
+                                     None if remaining is None else time.monotonic() + remaining)
         context.add_callback(ticket.cancel)  # a cancelled call leaves its batch
         return codec.predict_pb(ticket.result(remaining), multi, request.top_k, request.request_id)
 
-    @rpc
     def PredictStream(self, request_iterator, context):
         """Answers in order, reading up to STREAM_WINDOW requests ahead, so that the requests of one
         stream are batched together."""
         remaining = _time_remaining(context)
         deadline = None if remaining is None else time.monotonic() + remaining
-        started = _read_ahead(request_iterator, lambda r: (r, *self._submit(r, deadline)), STREAM_WINDOW,
+        caller = context.caller
+        started = _read_ahead(request_iterator, lambda r: (r, *self._submit(r, caller, deadline)), STREAM_WINDOW,
                               cancel=lambda item: item[1].cancel())
         for request, ticket, multi in started:
             timeout = None if deadline is None else max(deadline - time.monotonic(), 0.0)
             yield codec.predict_pb(ticket.result(timeout), multi, request.top_k, request.request_id)
 
-    @rpc
     def ExportTask(self, request, context):
         if request.format not in (pb.EXPORT_FORMAT_UNSPECIFIED, pb.HEAD_ONNX, pb.FUSED_ONNX):
             raise InvalidInput(f"unknown export format {request.format}")
-        export = self.app.export(request.task_id, request.format == pb.FUSED_ONNX, request.version)
+        export = self.app.export(context.caller, request.task_id, request.format == pb.FUSED_ONNX, request.version)
         size, step = len(export.data), self.app.settings.export_chunk_bytes
         for offset in range(0, size, step):
             chunk = pb.ExportChunk(data=export.data[offset : offset + step], offset=offset, total_size=size)
@@ -173,5 +168,45 @@ def _time_remaining(context) -> float | None:
     return None if remaining is None or remaining > 1e6 else remaining
 
 
-def add_to_server(app: HeadServeApp, server: grpc.Server) -> None:
+class AdminServicer(pb_grpc.AdminServicer):
+    """Tenants, keys and quotas; the pipeline lets only keys with the admin scope in."""
+
+    def __init__(self, admin: TenantAdmin, forget_tasks: Callable[[list[str]], None]) -> None:
+        self.admin = admin
+        self.forget_tasks = forget_tasks
+
+    def CreateTenant(self, request, context: CallContext):
+        tenant, key, secret = self.admin.create_tenant(
+            request.name, list(request.scopes) or codec.DEFAULT_SCOPES, expires_at_ms=request.expires_at_ms)
+        return pb.CreateTenantResponse(tenant=codec.tenant_pb(self.admin.tenant(tenant.tenant_id)),
+                                       key=codec.key_pb(key), api_key=secret)
+
+    def ListTenants(self, request, context: CallContext):
+        return pb.ListTenantsResponse(tenants=[codec.tenant_pb(v) for v in self.admin.list_tenants()])
+
+    def GetTenant(self, request, context: CallContext):
+        return codec.tenant_pb(self.admin.tenant(request.tenant))
+
+    def DeleteTenant(self, request, context: CallContext):
+        _, keys = self.admin.delete_tenant(request.tenant)
+        self.forget_tasks(keys)
+        return pb.DeleteTenantResponse(tasks_deleted=len(keys))
+
+    def SetQuotas(self, request, context: CallContext):
+        return codec.tenant_pb(self.admin.set_quotas(request.tenant, codec.quotas(request.quotas)))
+
+    def CreateKey(self, request, context: CallContext):
+        key, secret = self.admin.create_key(request.tenant, list(request.scopes), request.description,
+                                            request.expires_at_ms)
+        return pb.CreateKeyResponse(key=codec.key_pb(key), api_key=secret)
+
+    def ListKeys(self, request, context: CallContext):
+        return pb.ListKeysResponse(keys=[codec.key_pb(k) for k in self.admin.list_keys(request.tenant)])
+
+    def RevokeKey(self, request, context: CallContext):
+        return codec.key_pb(self.admin.revoke_key(request.key_id))
+
+
+def add_to_server(app: HeadServeApp, admin: TenantAdmin, server: grpc.Server) -> None:
     pb_grpc.add_HeadServeServicer_to_server(HeadServeServicer(app), server)
+    pb_grpc.add_AdminServicer_to_server(AdminServicer(admin, app.forget_tasks), server)

@@ -1,8 +1,17 @@
-"""The task store: tasks, labels, content-addressed examples, cached features, head versions, jobs.
+"""The store: tenants and their API keys, tasks, labels, content-addressed examples, cached features,
+head versions, jobs.
+
+Every row belongs to a tenant. A task is identified inside the service by its *key*, `TENANT/TASK_ID`
+(`task_key`), so that two tenants may both own a task called `spam` and nothing keyed by task (the head
+cache, the batcher) needs to know about tenants. Examples' contents (blobs) and their cached features
+are content-addressed *per tenant*: uploading what another tenant already stored costs the same time and
+says nothing about it.
 
 The embedded default is SQLite in WAL mode with synchronous=FULL, so whatever a call acknowledged
 survives a kill -9. Access goes through SQLAlchemy Core so another engine (PostgreSQL) can follow.
-Every write is one transaction: a failed request leaves the store as it was.
+Every write is one transaction, and quotas are checked inside it: a failed request leaves the store as
+it was. Uniqueness (task per tenant, one active job per task, version per task) is the database's job;
+its integrity errors become domain errors.
 """
 
 from __future__ import annotations
@@ -10,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import pathlib
 import threading
 import time
@@ -19,13 +29,45 @@ import numpy as np
 import sqlalchemy as sa
 from sqlalchemy import event
 
-from adapters.errors import AlreadyExists, NotFound
+from adapters.errors import AlreadyExists, FailedPrecondition, NotFound, ResourceExhausted
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 2  # 1: no tenants (before API keys); 2: every row belongs to a tenant
+DEFAULT_TENANT = "default"  # the tenant of every caller when auth = "none", and of tasks made before tenants
+ACTIVE_JOB_STATES = ("QUEUED", "RUNNING")
 
 metadata = sa.MetaData()
 
+meta = sa.Table(
+    "meta", metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("value", sa.Text, nullable=False),
+)
+tenants = sa.Table(
+    "tenants", metadata,
+    sa.Column("tenant_id", sa.String(64), primary_key=True),
+    sa.Column("name", sa.String(128), nullable=False, unique=True),
+    sa.Column("quotas", sa.Text, nullable=False, default="{}"),  # JSON of Quotas fields
+    sa.Column("created_at_ms", sa.BigInteger, nullable=False),
+)
+api_keys = sa.Table(
+    "api_keys", metadata,
+    sa.Column("key_id", sa.String(32), primary_key=True),
+    sa.Column("tenant_id", sa.String(64), sa.ForeignKey("tenants.tenant_id", ondelete="CASCADE"), nullable=False,
+              index=True),
+    sa.Column("secret_sha256", sa.String(64), nullable=False),
+    sa.Column("scopes", sa.Text, nullable=False),  # JSON list
+    sa.Column("description", sa.Text, nullable=False, default=""),
+    sa.Column("created_at_ms", sa.BigInteger, nullable=False),
+    sa.Column("expires_at_ms", sa.BigInteger, nullable=False, default=0),  # 0: never
+    sa.Column("revoked_at_ms", sa.BigInteger, nullable=False, default=0),  # 0: not revoked
+)
 tasks = sa.Table(
     "tasks", metadata,
-    sa.Column("task_id", sa.String(128), primary_key=True),
+    sa.Column("key", sa.String(200), primary_key=True),  # TENANT/TASK_ID
+    sa.Column("tenant_id", sa.String(64), sa.ForeignKey("tenants.tenant_id", ondelete="CASCADE"), nullable=False),
+    sa.Column("task_id", sa.String(128), nullable=False),
     sa.Column("backbone", sa.String(128), nullable=False),
     sa.Column("declared_labels", sa.Text, nullable=False),  # JSON list
     sa.Column("config", sa.Text, nullable=False),  # JSON of TrainingOptions fields
@@ -35,32 +77,40 @@ tasks = sa.Table(
     sa.Column("job_id", sa.String(64), nullable=False, default=""),
     sa.Column("created_at_ms", sa.BigInteger, nullable=False),
     sa.Column("updated_at_ms", sa.BigInteger, nullable=False),
+    sa.UniqueConstraint("tenant_id", "task_id", name="uq_tasks_tenant_task"),
 )
 blobs = sa.Table(
     "blobs", metadata,
+    sa.Column("tenant_id", sa.String(64), sa.ForeignKey("tenants.tenant_id", ondelete="CASCADE"), primary_key=True),
     sa.Column("sha256", sa.String(64), primary_key=True),
     sa.Column("kind", sa.String(8), nullable=False),  # text | image
+    sa.Column("size", sa.Integer, nullable=False),
     sa.Column("data", sa.LargeBinary, nullable=False),
 )
 examples = sa.Table(
     "examples", metadata,
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
-    sa.Column("task_id", sa.String(128), sa.ForeignKey("tasks.task_id", ondelete="CASCADE"), nullable=False),
-    sa.Column("sha256", sa.String(64), sa.ForeignKey("blobs.sha256"), nullable=False),
+    sa.Column("task_key", sa.String(200), sa.ForeignKey("tasks.key", ondelete="CASCADE"), nullable=False),
+    sa.Column("tenant_id", sa.String(64), nullable=False),
+    sa.Column("sha256", sa.String(64), nullable=False),
     sa.Column("label", sa.Text, nullable=False),
-    sa.UniqueConstraint("task_id", "sha256", "label"),
+    sa.UniqueConstraint("task_key", "sha256", "label"),
+    sa.ForeignKeyConstraint(["tenant_id", "sha256"], ["blobs.tenant_id", "blobs.sha256"]),
+    sa.Index("ix_examples_tenant_sha", "tenant_id", "sha256"),
 )
 features = sa.Table(
     "features", metadata,
+    sa.Column("tenant_id", sa.String(64), primary_key=True),
     sa.Column("trunk", sa.String(160), primary_key=True),  # backbone name + weights digest + tap
     sa.Column("sha256", sa.String(64), primary_key=True),
     sa.Column("vector", sa.LargeBinary, nullable=False),  # float32
 )
 heads = sa.Table(
     "heads", metadata,
-    sa.Column("task_id", sa.String(128), sa.ForeignKey("tasks.task_id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("task_key", sa.String(200), sa.ForeignKey("tasks.key", ondelete="CASCADE"), primary_key=True),
     sa.Column("version", sa.Integer, primary_key=True),
     sa.Column("onnx", sa.LargeBinary, nullable=False),
+    sa.Column("size", sa.Integer, nullable=False),
     sa.Column("labels", sa.Text, nullable=False),  # JSON list, the head's output order
     sa.Column("evaluation", sa.Text, nullable=False),  # JSON
     sa.Column("created_at_ms", sa.BigInteger, nullable=False),
@@ -68,7 +118,8 @@ heads = sa.Table(
 jobs = sa.Table(
     "jobs", metadata,
     sa.Column("job_id", sa.String(64), primary_key=True),
-    sa.Column("task_id", sa.String(128), sa.ForeignKey("tasks.task_id", ondelete="CASCADE"), nullable=False, index=True),
+    sa.Column("task_key", sa.String(200), sa.ForeignKey("tasks.key", ondelete="CASCADE"), nullable=False,
+              index=True),
     sa.Column("state", sa.String(16), nullable=False),
     sa.Column("config", sa.Text, nullable=False),
     sa.Column("status", sa.Text, nullable=False, default="{}"),  # JSON: phase, progress, epoch, loss...
@@ -77,6 +128,9 @@ jobs = sa.Table(
     sa.Column("created_at_ms", sa.BigInteger, nullable=False),
     sa.Column("updated_at_ms", sa.BigInteger, nullable=False),
 )
+# The database, not a check before the insert, keeps one unfinished job per task.
+sa.Index("uq_jobs_one_active", jobs.c.task_key, unique=True,
+         sqlite_where=jobs.c.state.in_(ACTIVE_JOB_STATES), postgresql_where=jobs.c.state.in_(ACTIVE_JOB_STATES))
 
 
 def now_ms() -> int:
@@ -85,6 +139,66 @@ def now_ms() -> int:
 
 def content_sha(kind: str, data: bytes) -> str:
     return hashlib.sha256(kind.encode() + b"\0" + data).hexdigest()
+
+
+def task_key(tenant_id: str, task_id: str) -> str:
+    """The service-wide identity of a tenant's task (task ids have no '/')."""
+    return f"{tenant_id}/{task_id}"
+
+
+def task_of(key: str) -> str:
+    """The caller's task id in a task key: what error messages and responses show."""
+    return key.partition("/")[2] or key
+
+
+def tenant_of(key: str) -> str:
+    return key.partition("/")[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class Quotas:
+    """A tenant's limits, set by an admin; 0 means unlimited. Stored bytes are examples' contents and
+    heads. The rates are token buckets (a burst of one second's worth), per server replica."""
+
+    tasks: int = 0
+    examples: int = 0
+    stored_bytes: int = 0
+    training_jobs: int = 0  # unfinished (queued or running) at once
+    predict_requests_per_second: float = 0.0
+    predict_inputs_per_second: float = 0.0
+
+    @classmethod
+    def from_json(cls, text: str) -> Quotas:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in json.loads(text or "{}").items() if k in fields})
+
+
+@dataclasses.dataclass
+class Usage:
+    tasks: int = 0
+    examples: int = 0
+    stored_bytes: int = 0
+    training_jobs: int = 0
+
+
+@dataclasses.dataclass
+class TenantRecord:
+    tenant_id: str
+    name: str
+    quotas: Quotas
+    created_at_ms: int = 0
+
+
+@dataclasses.dataclass
+class KeyRecord:
+    key_id: str
+    tenant_id: str
+    secret_sha256: str
+    scopes: list[str]
+    description: str = ""
+    created_at_ms: int = 0
+    expires_at_ms: int = 0
+    revoked_at_ms: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,6 +214,8 @@ class ExampleIn:
 
 @dataclasses.dataclass
 class TaskRecord:
+    key: str
+    tenant_id: str
     task_id: str
     backbone: str
     declared_labels: list[str]
@@ -111,11 +227,15 @@ class TaskRecord:
     created_at_ms: int = 0
     updated_at_ms: int = 0
 
+    @classmethod
+    def new(cls, tenant_id: str, task_id: str, backbone: str, declared_labels: list[str], config: dict) -> TaskRecord:
+        return cls(task_key(tenant_id, task_id), tenant_id, task_id, backbone, declared_labels, config)
+
 
 @dataclasses.dataclass
 class JobRecord:
     job_id: str
-    task_id: str
+    task_key: str
     state: str
     config: dict
     status: dict
@@ -128,10 +248,18 @@ class JobRecord:
     def finished(self) -> bool:
         return self.state in ("SUCCEEDED", "FAILED")
 
+    @property
+    def task_id(self) -> str:
+        return task_of(self.task_key)
+
+    @property
+    def tenant_id(self) -> str:
+        return tenant_of(self.task_key)
+
 
 @dataclasses.dataclass
 class HeadRecord:
-    task_id: str
+    task_key: str
     version: int
     onnx: bytes
     labels: list[str]
@@ -153,6 +281,16 @@ def _job(row) -> JobRecord:
     return JobRecord(**d)
 
 
+def _tenant(row) -> TenantRecord:
+    return TenantRecord(row.tenant_id, row.name, Quotas.from_json(row.quotas), row.created_at_ms)
+
+
+def _key(row) -> KeyRecord:
+    d = dict(row._mapping)
+    d["scopes"] = json.loads(d["scopes"])
+    return KeyRecord(**d)
+
+
 class Store:
     """SQLite-backed store. Thread-safe: writes are serialised, reads run concurrently (WAL)."""
 
@@ -160,8 +298,8 @@ class Store:
         self.engine = sa.create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
-        metadata.create_all(self.engine)
         self._write = threading.Lock()
+        self._upgrade()
 
     @classmethod
     def open(cls, data_dir: pathlib.Path) -> Store:
@@ -190,142 +328,363 @@ class Store:
 
         return _Tx()
 
+    # --- schema -------------------------------------------------------------------------------------
+
+    def _upgrade(self) -> None:
+        """Creates the schema, or brings a store written before tenants (schema 1) to schema 2: its tasks
+        become the default tenant's, unchanged."""
+        names = set(sa.inspect(self.engine).get_table_names())
+        legacy = "tasks" in names and "tenant_id" not in {
+            c["name"] for c in sa.inspect(self.engine).get_columns("tasks")}
+        if "meta" in names:
+            with self.engine.connect() as conn:
+                found = conn.execute(sa.select(meta.c.value).where(meta.c.name == "schema_version")).scalar()
+            if found and int(found) > SCHEMA_VERSION:
+                raise RuntimeError(f"the store has schema {found}, newer than this headserve's "
+                                   f"({SCHEMA_VERSION}); run the newer headserve")
+        with self._write:
+            if legacy:
+                self._upgrade_from_1()
+            metadata.create_all(self.engine)
+            with self.engine.begin() as conn:
+                if not conn.execute(sa.select(tenants.c.tenant_id).where(
+                        tenants.c.tenant_id == DEFAULT_TENANT)).first():
+                    conn.execute(tenants.insert().values(tenant_id=DEFAULT_TENANT, name=DEFAULT_TENANT,
+                                                         quotas="{}", created_at_ms=now_ms()))
+                conn.execute(meta.delete().where(meta.c.name == "schema_version"))
+                conn.execute(meta.insert().values(name="schema_version", value=str(SCHEMA_VERSION)))
+
+    def _upgrade_from_1(self) -> None:
+        old = ("tasks", "blobs", "examples", "features", "heads", "jobs")
+        d, ts = DEFAULT_TENANT, now_ms()
+        with self.engine.connect() as conn:
+            conn.exec_driver_sql("PRAGMA foreign_keys=OFF")  # (outside a transaction, or SQLite ignores it)
+            conn.commit()
+            try:
+                with conn.begin():
+                    for name in old:
+                        conn.exec_driver_sql(f"ALTER TABLE {name} RENAME TO v1_{name}")
+                    for index in ("ix_jobs_task_id",):
+                        conn.exec_driver_sql(f"DROP INDEX IF EXISTS {index}")
+                    metadata.create_all(conn)
+                    conn.execute(tenants.insert().values(tenant_id=d, name=d, quotas="{}", created_at_ms=ts))
+                    for sql in (
+                        "INSERT INTO tasks SELECT :d || '/' || task_id, :d, task_id, backbone, declared_labels, "
+                        "config, state, live_version, error, job_id, created_at_ms, updated_at_ms FROM v1_tasks",
+                        "INSERT INTO blobs SELECT :d, sha256, kind, length(data), data FROM v1_blobs",
+                        "INSERT INTO examples (id, task_key, tenant_id, sha256, label) "
+                        "SELECT id, :d || '/' || task_id, :d, sha256, label FROM v1_examples",
+                        "INSERT INTO features SELECT :d, trunk, sha256, vector FROM v1_features",
+                        "INSERT INTO heads SELECT :d || '/' || task_id, version, onnx, length(onnx), labels, "
+                        "evaluation, created_at_ms FROM v1_heads",
+                        "INSERT INTO jobs SELECT job_id, :d || '/' || task_id, state, config, status, error, "
+                        "version, created_at_ms, updated_at_ms FROM v1_jobs",
+                    ):
+                        conn.execute(sa.text(sql), {"d": d})
+                    for name in old:
+                        conn.exec_driver_sql(f"DROP TABLE v1_{name}")
+            finally:
+                conn.exec_driver_sql("PRAGMA foreign_keys=ON")
+                conn.commit()
+        log.info("store upgraded to schema %d: existing tasks belong to tenant %r", SCHEMA_VERSION, d)
+
+    # --- tenants and keys ------------------------------------------------------------------------------
+
+    def create_tenant(self, tenant: TenantRecord, key: KeyRecord | None = None) -> None:
+        """Stores a tenant (and its first key) in one transaction; a taken id or name is AlreadyExists."""
+        tenant.created_at_ms = now_ms()
+        with self._tx() as conn:
+            try:
+                conn.execute(tenants.insert().values(
+                    tenant_id=tenant.tenant_id, name=tenant.name, created_at_ms=tenant.created_at_ms,
+                    quotas=json.dumps(dataclasses.asdict(tenant.quotas))))
+            except sa.exc.IntegrityError:
+                raise AlreadyExists(f"tenant {tenant.name[:64]!r} already exists") from None
+            if key is not None:
+                self._insert_key(conn, key)
+
+    def get_tenant(self, ref: str) -> TenantRecord:
+        """A tenant by id or by name."""
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(tenants).where(
+                sa.or_(tenants.c.tenant_id == ref, tenants.c.name == ref))).first()
+        if row is None:
+            raise NotFound(f"tenant {ref[:64]!r} does not exist")
+        return _tenant(row)
+
+    def list_tenants(self) -> list[TenantRecord]:
+        with self.engine.connect() as conn:
+            return [_tenant(r) for r in conn.execute(sa.select(tenants).order_by(tenants.c.name))]
+
+    def set_quotas(self, tenant_id: str, quotas: Quotas) -> None:
+        with self._tx() as conn:
+            done = conn.execute(tenants.update().where(tenants.c.tenant_id == tenant_id).values(
+                quotas=json.dumps(dataclasses.asdict(quotas)))).rowcount
+        if not done:
+            raise NotFound(f"tenant {tenant_id[:64]!r} does not exist")
+
+    def delete_tenant(self, tenant_id: str) -> list[str]:
+        """Deletes a tenant with its keys, tasks, examples, features, heads and jobs; returns the task keys."""
+        if tenant_id == DEFAULT_TENANT:
+            raise FailedPrecondition("the default tenant cannot be deleted (it serves auth = 'none')")
+        with self._tx() as conn:
+            keys = [r[0] for r in conn.execute(sa.select(tasks.c.key).where(tasks.c.tenant_id == tenant_id))]
+            for start in range(0, len(keys), 500):
+                chunk = keys[start : start + 500]
+                for table in (examples, heads, jobs):
+                    conn.execute(table.delete().where(table.c.task_key.in_(chunk)))
+            for table in (tasks, features, blobs, api_keys):
+                conn.execute(table.delete().where(table.c.tenant_id == tenant_id))
+            if not conn.execute(tenants.delete().where(tenants.c.tenant_id == tenant_id)).rowcount:
+                raise NotFound(f"tenant {tenant_id[:64]!r} does not exist")
+        return keys
+
+    def usage(self, tenant_id: str) -> Usage:
+        with self.engine.connect() as conn:
+            return self._usage(conn, tenant_id, Quotas(1, 1, 1, 1))
+
+    @staticmethod
+    def _usage(conn, tenant_id: str, quotas: Quotas) -> Usage:
+        """What the tenant holds, counted only where `quotas` sets a limit (the rest stay 0)."""
+        usage = Usage()
+        if quotas.tasks:
+            usage.tasks = conn.execute(
+                sa.select(sa.func.count()).where(tasks.c.tenant_id == tenant_id)).scalar()
+        if quotas.examples:
+            usage.examples = conn.execute(
+                sa.select(sa.func.count()).where(examples.c.tenant_id == tenant_id)).scalar()
+        if quotas.stored_bytes:
+            usage.stored_bytes = (
+                conn.execute(sa.select(sa.func.coalesce(sa.func.sum(blobs.c.size), 0)).where(
+                    blobs.c.tenant_id == tenant_id)).scalar()
+                + conn.execute(sa.select(sa.func.coalesce(sa.func.sum(heads.c.size), 0)).select_from(
+                    heads.join(tasks, heads.c.task_key == tasks.c.key)).where(
+                    tasks.c.tenant_id == tenant_id)).scalar())
+        if quotas.training_jobs:
+            usage.training_jobs = conn.execute(sa.select(sa.func.count()).select_from(
+                jobs.join(tasks, jobs.c.task_key == tasks.c.key)).where(
+                tasks.c.tenant_id == tenant_id, jobs.c.state.in_(ACTIVE_JOB_STATES))).scalar()
+        return usage
+
+    def _check_quotas(self, conn, tenant_id: str, quotas: Quotas) -> None:
+        """(in the writing transaction, after its writes) Raises ResourceExhausted when the tenant is now
+        over a quota, which rolls the transaction back."""
+        usage = self._usage(conn, tenant_id, quotas)
+        for name, unit in (("tasks", "tasks"), ("examples", "examples"), ("stored_bytes", "bytes"),
+                           ("training_jobs", "unfinished training jobs")):
+            limit, used = getattr(quotas, name), getattr(usage, name)
+            if limit and used > limit:
+                hint = ("retry when a job has finished" if name == "training_jobs"
+                        else "delete tasks or ask an admin to raise it")
+                raise ResourceExhausted(f"over the tenant's {name} quota: this would hold {used} {unit}, "
+                                        f"the quota is {limit}; {hint}")
+
+    def _lock_tenant(self, conn, tenant_id: str) -> None:
+        """Serialises one tenant's quota-checked writes (a row lock where the engine has them; SQLite's
+        writes are serialised already) and fails when the tenant is gone."""
+        q = sa.select(tenants.c.tenant_id).where(tenants.c.tenant_id == tenant_id)
+        if self.engine.dialect.name != "sqlite":
+            q = q.with_for_update()
+        if conn.execute(q).first() is None:
+            raise NotFound(f"tenant {tenant_id[:64]!r} does not exist")
+
+    def create_key(self, key: KeyRecord) -> None:
+        with self._tx() as conn:
+            self._lock_tenant(conn, key.tenant_id)
+            self._insert_key(conn, key)
+
+    @staticmethod
+    def _insert_key(conn, key: KeyRecord) -> None:
+        key.created_at_ms = key.created_at_ms or now_ms()
+        try:
+            conn.execute(api_keys.insert().values(**{**dataclasses.asdict(key), "scopes": json.dumps(key.scopes)}))
+        except sa.exc.IntegrityError:
+            raise AlreadyExists(f"API key id {key.key_id!r} is taken; make another key") from None
+
+    def get_key(self, key_id: str) -> KeyRecord | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(api_keys).where(api_keys.c.key_id == key_id)).first()
+        return None if row is None else _key(row)
+
+    def list_keys(self, tenant_id: str = "") -> list[KeyRecord]:
+        q = sa.select(api_keys).order_by(api_keys.c.created_at_ms, api_keys.c.key_id)
+        if tenant_id:
+            q = q.where(api_keys.c.tenant_id == tenant_id)
+        with self.engine.connect() as conn:
+            return [_key(r) for r in conn.execute(q)]
+
+    def revoke_key(self, key_id: str, tenant_id: str = "") -> KeyRecord:
+        """Revokes a key (of `tenant_id`, when given) from now on; revoking twice keeps the first time."""
+        with self._tx() as conn:
+            q = sa.select(api_keys).where(api_keys.c.key_id == key_id)
+            if tenant_id:
+                q = q.where(api_keys.c.tenant_id == tenant_id)
+            row = conn.execute(q).first()
+            if row is None:
+                raise NotFound(f"API key {key_id[:64]!r} does not exist")
+            key = _key(row)
+            if not key.revoked_at_ms:
+                key.revoked_at_ms = now_ms()
+                conn.execute(api_keys.update().where(api_keys.c.key_id == key_id).values(
+                    revoked_at_ms=key.revoked_at_ms))
+            return key
+
     # --- tasks and examples ---------------------------------------------------------------------
 
-    def create_task(self, task: TaskRecord, new_examples: Sequence[ExampleIn]) -> None:
+    def create_task(self, task: TaskRecord, new_examples: Sequence[ExampleIn], quotas: Quotas = Quotas()) -> None:
         with self._tx() as conn:
-            if conn.execute(sa.select(tasks.c.task_id).where(tasks.c.task_id == task.task_id)).first():
-                raise AlreadyExists(f"task {task.task_id!r} already exists; pick another id or delete it first")
+            self._lock_tenant(conn, task.tenant_id)
             ts = now_ms()
             task.created_at_ms = task.updated_at_ms = ts
-            conn.execute(tasks.insert().values(
-                **{**dataclasses.asdict(task), "declared_labels": json.dumps(task.declared_labels),
-                   "config": json.dumps(task.config)}
-            ))
-            self._insert_examples(conn, task.task_id, new_examples)
+            try:
+                conn.execute(tasks.insert().values(
+                    **{**dataclasses.asdict(task), "declared_labels": json.dumps(task.declared_labels),
+                       "config": json.dumps(task.config)}
+                ))
+            except sa.exc.IntegrityError:
+                raise AlreadyExists(
+                    f"task {task.task_id!r} already exists; pick another id or delete it first") from None
+            self._insert_examples(conn, task.key, new_examples)
+            self._check_quotas(conn, task.tenant_id, quotas)
 
-    def add_examples(self, task_id: str, new_examples: Sequence[ExampleIn]) -> tuple[int, int]:
+    def add_examples(self, key: str, new_examples: Sequence[ExampleIn], quotas: Quotas = Quotas()) -> tuple[int, int]:
         """Stores examples; returns (added, duplicates). Same content with the same label is stored once."""
         with self._tx() as conn:
-            if not conn.execute(sa.select(tasks.c.task_id).where(tasks.c.task_id == task_id)).first():
-                raise NotFound(f"task {task_id!r} does not exist")
-            added = self._insert_examples(conn, task_id, new_examples)
-            conn.execute(tasks.update().where(tasks.c.task_id == task_id).values(updated_at_ms=now_ms()))
+            if not conn.execute(sa.select(tasks.c.key).where(tasks.c.key == key)).first():
+                raise NotFound(f"task {task_of(key)!r} does not exist")
+            self._lock_tenant(conn, tenant_of(key))
+            added = self._insert_examples(conn, key, new_examples)
+            conn.execute(tasks.update().where(tasks.c.key == key).values(updated_at_ms=now_ms()))
+            self._check_quotas(conn, tenant_of(key), quotas)
             return added, len(new_examples) - added
 
     @staticmethod
-    def _insert_examples(conn, task_id: str, new_examples: Sequence[ExampleIn]) -> int:
+    def _insert_examples(conn, key: str, new_examples: Sequence[ExampleIn]) -> int:
         if not new_examples:
             return 0
+        tenant = tenant_of(key)
         unique = {(ex.sha256, ex.label): ex for ex in new_examples}
-        blob_rows = {ex.sha256: {"sha256": ex.sha256, "kind": ex.kind, "data": ex.data} for ex in unique.values()}
-        existing_blobs = {r[0] for r in conn.execute(sa.select(blobs.c.sha256).where(blobs.c.sha256.in_(list(blob_rows))))}
+        blob_rows = {ex.sha256: {"tenant_id": tenant, "sha256": ex.sha256, "kind": ex.kind, "size": len(ex.data),
+                                 "data": ex.data} for ex in unique.values()}
+        existing_blobs = {r[0] for r in conn.execute(sa.select(blobs.c.sha256).where(
+            blobs.c.tenant_id == tenant, blobs.c.sha256.in_(list(blob_rows))))}
         new_blobs = [row for sha, row in blob_rows.items() if sha not in existing_blobs]
         if new_blobs:
             conn.execute(blobs.insert(), new_blobs)
         existing = {
             (r.sha256, r.label)
             for r in conn.execute(sa.select(examples.c.sha256, examples.c.label).where(
-                examples.c.task_id == task_id, examples.c.sha256.in_(list(blob_rows))))
+                examples.c.task_key == key, examples.c.sha256.in_(list(blob_rows))))
         }
-        rows = [{"task_id": task_id, "sha256": sha, "label": label} for (sha, label) in unique if (sha, label) not in existing]
+        rows = [{"task_key": key, "tenant_id": tenant, "sha256": sha, "label": label}
+                for (sha, label) in unique if (sha, label) not in existing]
         if rows:
             conn.execute(examples.insert(), rows)
         return len(rows)
 
-    def get_task(self, task_id: str) -> TaskRecord:
+    def get_task(self, key: str) -> TaskRecord:
         with self.engine.connect() as conn:
-            row = conn.execute(sa.select(tasks).where(tasks.c.task_id == task_id)).first()
+            row = conn.execute(sa.select(tasks).where(tasks.c.key == key)).first()
         if row is None:
-            raise NotFound(f"task {task_id!r} does not exist")
+            raise NotFound(f"task {task_of(key)!r} does not exist")
         return _task(row)
 
-    def list_tasks(self, after: str, limit: int, backbone: str = "") -> list[TaskRecord]:
-        q = sa.select(tasks).where(tasks.c.task_id > after).order_by(tasks.c.task_id).limit(limit)
+    def list_tasks(self, tenant_id: str, after: str, limit: int, backbone: str = "") -> list[TaskRecord]:
+        """The tenant's tasks in task id order, after the task id `after`."""
+        q = (sa.select(tasks).where(tasks.c.tenant_id == tenant_id, tasks.c.task_id > after)
+             .order_by(tasks.c.task_id).limit(limit))
         if backbone:
             q = q.where(tasks.c.backbone == backbone)
         with self.engine.connect() as conn:
             return [_task(r) for r in conn.execute(q)]
 
-    def delete_task(self, task_id: str) -> None:
+    def delete_task(self, key: str) -> None:
+        tenant = tenant_of(key)
         with self._tx() as conn:
-            shas = [r[0] for r in conn.execute(sa.select(examples.c.sha256).where(examples.c.task_id == task_id))]
+            shas = [r[0] for r in conn.execute(sa.select(examples.c.sha256).where(examples.c.task_key == key))]
             for table in (examples, heads, jobs):
-                conn.execute(table.delete().where(table.c.task_id == task_id))
-            if conn.execute(tasks.delete().where(tasks.c.task_id == task_id)).rowcount == 0:
-                raise NotFound(f"task {task_id!r} does not exist")
-            # Blobs (and their cached features) that no other task uses go too.
+                conn.execute(table.delete().where(table.c.task_key == key))
+            if conn.execute(tasks.delete().where(tasks.c.key == key)).rowcount == 0:
+                raise NotFound(f"task {task_of(key)!r} does not exist")
+            # Blobs (and their cached features) that no other task of the tenant uses go too.
             for start in range(0, len(shas), 500):
                 chunk = shas[start : start + 500]
-                used = {r[0] for r in conn.execute(sa.select(examples.c.sha256).where(examples.c.sha256.in_(chunk)))}
+                used = {r[0] for r in conn.execute(sa.select(examples.c.sha256).where(
+                    examples.c.tenant_id == tenant, examples.c.sha256.in_(chunk)))}
                 orphans = [s for s in chunk if s not in used]
                 if orphans:
-                    conn.execute(features.delete().where(features.c.sha256.in_(orphans)))
-                    conn.execute(blobs.delete().where(blobs.c.sha256.in_(orphans)))
+                    conn.execute(features.delete().where(features.c.tenant_id == tenant,
+                                                         features.c.sha256.in_(orphans)))
+                    conn.execute(blobs.delete().where(blobs.c.tenant_id == tenant, blobs.c.sha256.in_(orphans)))
 
-    def label_counts(self, task_id: str) -> dict[str, int]:
-        q = sa.select(examples.c.label, sa.func.count()).where(examples.c.task_id == task_id).group_by(examples.c.label)
+    def label_counts(self, key: str) -> dict[str, int]:
+        q = sa.select(examples.c.label, sa.func.count()).where(examples.c.task_key == key).group_by(examples.c.label)
         with self.engine.connect() as conn:
             return {label: n for label, n in conn.execute(q)}
 
-    def example_refs(self, task_id: str) -> list[tuple[str, str]]:
+    def example_refs(self, key: str) -> list[tuple[str, str]]:
         """(sha256, label) of every example of the task, in insertion order."""
-        q = sa.select(examples.c.sha256, examples.c.label).where(examples.c.task_id == task_id).order_by(examples.c.id)
+        q = sa.select(examples.c.sha256, examples.c.label).where(examples.c.task_key == key).order_by(examples.c.id)
         with self.engine.connect() as conn:
             return [(r.sha256, r.label) for r in conn.execute(q)]
 
-    def blobs(self, shas: Iterable[str]) -> dict[str, tuple[str, bytes]]:
+    def blobs(self, tenant_id: str, shas: Iterable[str]) -> dict[str, tuple[str, bytes]]:
         shas = list(shas)
         out: dict[str, tuple[str, bytes]] = {}
         with self.engine.connect() as conn:
             for start in range(0, len(shas), 500):
-                q = sa.select(blobs).where(blobs.c.sha256.in_(shas[start : start + 500]))
+                q = sa.select(blobs).where(blobs.c.tenant_id == tenant_id, blobs.c.sha256.in_(shas[start : start + 500]))
                 out.update({r.sha256: (r.kind, r.data) for r in conn.execute(q)})
         return out
 
-    # --- feature cache ----------------------------------------------------------------------------
+    # --- feature cache (per tenant, like the blobs it caches) -----------------------------------------
 
-    def cached_features(self, trunk: str, shas: Sequence[str]) -> dict[str, np.ndarray]:
+    def cached_features(self, tenant_id: str, trunk: str, shas: Sequence[str]) -> dict[str, np.ndarray]:
         out: dict[str, np.ndarray] = {}
         with self.engine.connect() as conn:
             for start in range(0, len(shas), 500):
                 q = sa.select(features.c.sha256, features.c.vector).where(
-                    features.c.trunk == trunk, features.c.sha256.in_(list(shas[start : start + 500])))
+                    features.c.tenant_id == tenant_id, features.c.trunk == trunk,
+                    features.c.sha256.in_(list(shas[start : start + 500])))
                 out.update({sha: np.frombuffer(vec, dtype=np.float32) for sha, vec in conn.execute(q)})
         return out
 
-    def put_features(self, trunk: str, vectors: dict[str, np.ndarray]) -> None:
+    def put_features(self, tenant_id: str, trunk: str, vectors: dict[str, np.ndarray]) -> None:
         if not vectors:
             return
-        rows = [{"trunk": trunk, "sha256": sha, "vector": np.asarray(v, np.float32).tobytes()} for sha, v in vectors.items()]
+        rows = [{"tenant_id": tenant_id, "trunk": trunk, "sha256": sha, "vector": np.asarray(v, np.float32).tobytes()}
+                for sha, v in vectors.items()]
         with self._tx() as conn:
             known = {r[0] for r in conn.execute(sa.select(features.c.sha256).where(
-                features.c.trunk == trunk, features.c.sha256.in_(list(vectors))))}
+                features.c.tenant_id == tenant_id, features.c.trunk == trunk, features.c.sha256.in_(list(vectors))))}
             rows = [r for r in rows if r["sha256"] not in known]
             if rows:
                 conn.execute(features.insert(), rows)
 
     # --- jobs and heads -----------------------------------------------------------------------------
 
-    def start_job(self, job: JobRecord) -> None:
+    def start_job(self, job: JobRecord, quotas: Quotas = Quotas()) -> None:
         """Records a queued job and marks its task TRAINING, unless the task has an unfinished job."""
-        from adapters.errors import FailedPrecondition
-
         with self._tx() as conn:
-            task = conn.execute(sa.select(tasks).where(tasks.c.task_id == job.task_id)).first()
+            task = conn.execute(sa.select(tasks).where(tasks.c.key == job.task_key)).first()
             if task is None:
                 raise NotFound(f"task {job.task_id!r} does not exist")
             active = conn.execute(sa.select(jobs.c.job_id).where(
-                jobs.c.task_id == job.task_id, jobs.c.state.in_(("QUEUED", "RUNNING")))).first()
+                jobs.c.task_key == job.task_key, jobs.c.state.in_(ACTIVE_JOB_STATES))).scalar()
+            busy = FailedPrecondition(f"task {job.task_id!r} is already training (job {active}); "
+                                      "watch that job and train again after it")
             if active:
-                raise FailedPrecondition(
-                    f"task {job.task_id!r} is already training (job {active[0]}); watch that job and train again after it"
-                )
+                raise busy
+            self._lock_tenant(conn, task.tenant_id)
             job.created_at_ms = job.updated_at_ms = now_ms()
-            conn.execute(jobs.insert().values(
-                **{**dataclasses.asdict(job), "config": json.dumps(job.config), "status": json.dumps(job.status)}))
-            conn.execute(tasks.update().where(tasks.c.task_id == job.task_id).values(
+            try:
+                conn.execute(jobs.insert().values(
+                    **{**dataclasses.asdict(job), "config": json.dumps(job.config), "status": json.dumps(job.status)}))
+            except sa.exc.IntegrityError:
+                raise busy from None
+            conn.execute(tasks.update().where(tasks.c.key == job.task_key).values(
                 state="TRAINING", job_id=job.job_id, error="", updated_at_ms=job.created_at_ms))
+            self._check_quotas(conn, task.tenant_id, quotas)
 
     def update_job(self, job_id: str, state: str, status: dict) -> None:
         with self._tx() as conn:
@@ -336,12 +695,12 @@ class Store:
         with self.engine.connect() as conn:
             row = conn.execute(sa.select(jobs).where(jobs.c.job_id == job_id)).first()
         if row is None:
-            raise NotFound(f"job {job_id!r} does not exist")
+            raise NotFound(f"job {job_id[:64]!r} does not exist")
         return _job(row)
 
     def unfinished_jobs(self) -> list[JobRecord]:
         with self.engine.connect() as conn:
-            q = sa.select(jobs).where(jobs.c.state.in_(("QUEUED", "RUNNING"))).order_by(jobs.c.created_at_ms)
+            q = sa.select(jobs).where(jobs.c.state.in_(ACTIVE_JOB_STATES)).order_by(jobs.c.created_at_ms)
             return [_job(r) for r in conn.execute(q)]
 
     def finish_job(self, job_id: str, status: dict, head: HeadRecord | None = None, error: str = "") -> int:
@@ -351,39 +710,40 @@ class Store:
         """
         with self._tx() as conn:
             job = conn.execute(sa.select(jobs).where(jobs.c.job_id == job_id)).first()
-            task = job and conn.execute(sa.select(tasks).where(tasks.c.task_id == job.task_id)).first()
+            task = job and conn.execute(sa.select(tasks).where(tasks.c.key == job.task_key)).first()
             if not task:
                 raise NotFound(f"task of job {job_id!r} was deleted")
             ts = now_ms()
             version = 0
             if head is not None:
-                latest = conn.execute(sa.select(sa.func.max(heads.c.version)).where(heads.c.task_id == task.task_id)).scalar()
+                latest = conn.execute(sa.select(sa.func.max(heads.c.version)).where(heads.c.task_key == task.key)).scalar()
                 version = (latest or 0) + 1
                 conn.execute(heads.insert().values(
-                    task_id=task.task_id, version=version, onnx=head.onnx, labels=json.dumps(head.labels),
-                    evaluation=json.dumps(head.evaluation), created_at_ms=ts))
-                conn.execute(tasks.update().where(tasks.c.task_id == task.task_id).values(
+                    task_key=task.key, version=version, onnx=head.onnx, size=len(head.onnx),
+                    labels=json.dumps(head.labels), evaluation=json.dumps(head.evaluation), created_at_ms=ts))
+                conn.execute(tasks.update().where(tasks.c.key == task.key).values(
                     state="READY", live_version=version, error="", updated_at_ms=ts))
             else:
-                conn.execute(tasks.update().where(tasks.c.task_id == task.task_id).values(
+                conn.execute(tasks.update().where(tasks.c.key == task.key).values(
                     state="FAILED", error=error, updated_at_ms=ts))
             conn.execute(jobs.update().where(jobs.c.job_id == job_id).values(
                 state="SUCCEEDED" if head is not None else "FAILED", status=json.dumps(status), error=error,
                 version=version, updated_at_ms=ts))
             return version
 
-    def get_head(self, task_id: str, version: int) -> HeadRecord:
+    def get_head(self, key: str, version: int) -> HeadRecord:
         with self.engine.connect() as conn:
-            row = conn.execute(sa.select(heads).where(heads.c.task_id == task_id, heads.c.version == version)).first()
+            row = conn.execute(sa.select(heads).where(heads.c.task_key == key, heads.c.version == version)).first()
         if row is None:
-            raise NotFound(f"task {task_id!r} has no head version {version}")
+            raise NotFound(f"task {task_of(key)!r} has no head version {version}")
         d = dict(row._mapping)
+        d.pop("size")
         return HeadRecord(**{**d, "labels": json.loads(d["labels"]), "evaluation": json.loads(d["evaluation"])})
 
-    def head_evaluation(self, task_id: str, version: int) -> dict:
+    def head_evaluation(self, key: str, version: int) -> dict:
         with self.engine.connect() as conn:
             value = conn.execute(sa.select(heads.c.evaluation).where(
-                heads.c.task_id == task_id, heads.c.version == version)).scalar()
+                heads.c.task_key == key, heads.c.version == version)).scalar()
         return json.loads(value) if value else {}
 
 

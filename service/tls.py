@@ -31,8 +31,8 @@ Client certificates (`tls_client_auth`):
   core's GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE whatever root certificates the configuration carries, so the
   server never sends a certificate request and clients never send a certificate. tests/test_tls.py checks it:
   with "optional", clients without a certificate, with one from the right CA and with one from an unrelated
-  CA all connect, and the server's auth context holds no x509 entry in any case. "optional" therefore serves
-  as "none", with a warning at start-up; use "require" to identify clients by certificate.
+  CA all connect, and the server's auth context holds no x509 entry in any case. Rather than serve a
+  security setting that silently does less than it says, the server refuses to start with "optional".
 """
 
 from __future__ import annotations
@@ -61,12 +61,12 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
     assert settings.tls_cert_file is not None and settings.tls_key_file is not None  # Settings checks both
     require = settings.tls_client_auth == "require"
     if settings.tls_client_auth == "optional":
-        log.warning(
-            "tls_client_auth = 'optional' serves as 'none': grpc python cannot ask for a client certificate "
-            "without requiring one, so none is asked for and clients are not identified by certificate; "
-            "set tls_client_auth = 'require' for mutual TLS"
+        raise ValueError(
+            "tls_client_auth = 'optional' cannot be served: grpc python cannot ask for a client certificate "
+            "without requiring one, so no client would ever be identified by its certificate. Set "
+            "tls_client_auth = 'require' for mutual TLS, or 'none' (and API keys) otherwise"
         )
-    elif settings.tls_client_auth == "none" and settings.tls_client_ca_file is not None:
+    if settings.tls_client_auth == "none" and settings.tls_client_ca_file is not None:
         log.warning("tls_client_ca_file %s is ignored: tls_client_auth is 'none'",
                     settings.tls_client_ca_file)
     files = CertificateFiles(

@@ -1,7 +1,9 @@
-"""Shared fixtures: a real headserve server on 127.0.0.1 port 0, real channels, small data we make."""
+"""Shared fixtures: a real headserve server on 127.0.0.1 port 0 with API keys on, real channels carrying a
+tenant's key, small data we make."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import uuid
 
@@ -10,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from service.client import open_channel
 from service.config import Settings
 from service.gen import headserve_pb2 as pb
 from service.gen import headserve_pb2_grpc as pb_grpc
@@ -114,13 +117,30 @@ def make_settings(data_dir, **overrides) -> Settings:
     return Settings.load(**{**base, **overrides})
 
 
-class Client:
-    """A real channel and stub to a running server."""
+@dataclasses.dataclass(frozen=True)
+class Tenant:
+    tenant_id: str
+    api_key: str
 
-    def __init__(self, address: str) -> None:
+    def key(self, task_id: str) -> str:
+        """The store's key of this tenant's task."""
+        return f"{self.tenant_id}/{task_id}"
+
+
+def make_tenant(running, name: str | None = None, scopes=("predict", "train")) -> Tenant:
+    """A new tenant on a running server's store, with a key of `scopes`."""
+    tenant, _, key = running.admin.create_tenant(name or unique_id("tenant"), list(scopes))
+    return Tenant(tenant.tenant_id, key)
+
+
+class Client:
+    """A real channel and stub to a running server, calling with `api_key` when given."""
+
+    def __init__(self, address: str, api_key: str | None = None) -> None:
         self.address = address
-        self.channel = grpc.insecure_channel(address)
+        self.channel = open_channel(address, api_key=api_key)
         self.stub = pb_grpc.HeadServeStub(self.channel)
+        self.admin = pb_grpc.AdminStub(self.channel)
 
     def wait_ready(self, task_id: str, timeout: float = 120) -> pb.Job:
         last = None
@@ -134,14 +154,20 @@ class Client:
 
 @pytest.fixture(scope="session")
 def server(tmp_path_factory):
-    running = build_server(make_settings(tmp_path_factory.mktemp("data")))
+    running = build_server(make_settings(tmp_path_factory.mktemp("data"), auth="api_key"))
     yield running
     running.stop()
 
 
 @pytest.fixture(scope="session")
-def client(server):
-    c = Client(server.address)
+def tenant(server) -> Tenant:
+    """The tenant the session's client calls as (scopes predict and train)."""
+    return make_tenant(server, "suite")
+
+
+@pytest.fixture(scope="session")
+def client(server, tenant):
+    c = Client(server.address, tenant.api_key)
     yield c
     c.close()
 

@@ -14,6 +14,7 @@ from conftest import COLOURS, HELD_OUT, TOPICS, png, text_examples, unique_id
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from service.client import open_channel
 from service.gen import headserve_pb2 as pb
 
 
@@ -223,15 +224,15 @@ def test_health_reports_serving_per_service(server):
     channel.close()
 
 
-def test_reflection_lists_the_service_and_its_file(server):
-    channel = grpc.insecure_channel(server.address)
+def test_reflection_lists_the_service_and_its_file(server, tenant):
+    channel = open_channel(server.address, api_key=tenant.api_key)
     stub = reflection_pb2_grpc.ServerReflectionStub(channel)
     responses = list(stub.ServerReflectionInfo(iter([
         reflection_pb2.ServerReflectionRequest(list_services=""),
         reflection_pb2.ServerReflectionRequest(file_containing_symbol="headserve.v1.HeadServe"),
     ])))
     names = {s.name for s in responses[0].list_services_response.service}
-    assert {"headserve.v1.HeadServe", "grpc.health.v1.Health"} <= names
+    assert {"headserve.v1.HeadServe", "headserve.v1.Admin", "grpc.health.v1.Health"} <= names
     assert responses[1].file_descriptor_response.file_descriptor_proto
     channel.close()
 
@@ -241,15 +242,16 @@ def test_request_id_is_returned_in_trailers(stub, text_task):
     assert ("x-request-id", "abc123") in call.trailing_metadata()
 
 
-def test_jobs_train_on_the_features_the_trunk_session_serves(server, image_task):
+def test_jobs_train_on_the_features_the_trunk_session_serves(server, tenant, image_task):
     """On the CPU, training jobs embed examples with the serving trunk session: the features a head was
     trained on (cached in the store) are exactly those a prediction feeds it."""
     app = server.app
     entry = app.registry.get("mobilenet_v3_small")
-    shas = list(dict.fromkeys(sha for sha, _ in app.store.example_refs(image_task)))
-    blobs = app.store.blobs(shas)
+    shas = list(dict.fromkeys(sha for sha, _ in app.store.example_refs(tenant.key(image_task))))
+    blobs = app.store.blobs(tenant.tenant_id, shas)
     batch = entry.backbone.preprocess([blobs[sha][1] for sha in shas])
-    trained = {tap: app.store.cached_features(entry.trunk_key(tap), shas) for tap in ("last", "last-1")}
+    trained = {tap: app.store.cached_features(tenant.tenant_id, entry.trunk_key(tap), shas)
+               for tap in ("last", "last-1")}
     served = entry.trunk.outputs(batch, ["features", "features_last_1"])  # one batch, as the job ran it
     for tap, name in (("last", "features"), ("last-1", "features_last_1")):
         # Bit for bit: torch's features differ from the session's in the last digits.

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from service.cli import UsageError, main, read_image_examples, read_text_examples, read_text_inputs
-from service.client import HeadServeClient
+from service.client import HeadServeClient, open_channel
 from service.gen import headserve_pb2 as pb
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -59,6 +59,14 @@ PROBES = {
     "cooking": "Bake the cookies in the oven with butter and sugar.",
     "computing": "The program crashed because of a bug in the code.",
 }
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _api_key(tenant):
+    """The suite's server wants API keys: clients and the CLI read this tenant's from the environment."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HEADSERVE_API_KEY", tenant.api_key)
+        yield
 
 
 @pytest.fixture(autouse=True)
@@ -507,7 +515,7 @@ def test_delete_then_get_is_not_found(server, cli):
     assert status == 1 and err.startswith("error: NOT_FOUND: ") and "Traceback" not in err
 
 
-def test_training_flags_reach_the_job(server, tmp_path, capsys):
+def test_training_flags_reach_the_job(server, tenant, tmp_path, capsys):
     """--strategy/--tap/--reject-threshold/--label-text/--describe become the task's TrainingConfig, and
     rejected predictions are shown as such."""
     from service.cli import main
@@ -523,7 +531,7 @@ def test_training_flags_reach_the_job(server, tmp_path, capsys):
     capsys.readouterr()
     assert main(["--address", server.address, "get", task_id]) == 0
     assert "last-1" in capsys.readouterr().out
-    with grpc.insecure_channel(server.address) as channel:
+    with open_channel(server.address, api_key=tenant.api_key) as channel:
         from service.gen import headserve_pb2_grpc as pb_grpc
 
         task = pb_grpc.HeadServeStub(channel).GetTask(pb.GetTaskRequest(task_id=task_id))

@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from service.client import (
+    open_channel,
     ExportError,
     HeadServeClient,
     example_batches,
@@ -62,6 +63,14 @@ PROBES = {
     "cooking": "Simmer the tomato sauce with garlic and basil.",
     "computing": "The compiler reported a syntax error in my Python program.",
 }
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _api_key(tenant):
+    """The suite's server wants API keys: clients and the CLI read this tenant's from the environment."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HEADSERVE_API_KEY", tenant.api_key)
+        yield
 
 
 def new_id(prefix: str) -> str:
@@ -352,13 +361,13 @@ def test_image_task_from_paths_and_bytes_predicts_and_exports_fused(headserve, t
     headserve.delete_task(task.task_id)
 
 
-def test_client_closes_only_its_own_channel(server):
+def test_client_closes_only_its_own_channel(server, tenant):
     with HeadServeClient(server.address) as owned:
         assert owned.list_backbones()
     with pytest.raises(ValueError):  # grpc refuses calls on a closed channel
         owned.list_backbones()
 
-    channel = grpc.insecure_channel(server.address)
+    channel = open_channel(server.address, api_key=tenant.api_key)
     try:
         HeadServeClient(channel=channel).close()
         assert HeadServeClient(channel=channel, timeout=10).list_backbones()

@@ -285,7 +285,7 @@ def test_server_keeps_serving_after_errors(stub, text_task):
     assert resp.predictions[0].label == "cooking"
 
 
-def test_unexpected_failure_is_internal_with_a_request_id_and_the_server_goes_on(server, client):
+def test_unexpected_failure_is_internal_with_a_request_id_and_the_server_goes_on(server, client, tenant):
     """A stored head that onnxruntime cannot load (corrupted on disk): the caller gets INTERNAL with a
     generic message naming the request id; no internals leak; other tasks keep serving."""
     import sqlite3
@@ -293,9 +293,9 @@ def test_unexpected_failure_is_internal_with_a_request_id_and_the_server_goes_on
     task_id = unique_id()
     client.stub.CreateTask(pb.CreateTaskRequest(task_id=task_id, backbone="minilm-l6", examples=text_examples()))
     assert client.wait_ready(task_id).state == pb.Job.SUCCEEDED
-    server.app.predictor.forget(task_id)  # next Predict loads the head from the store
+    server.app.predictor.forget(tenant.key(task_id))  # next Predict loads the head from the store
     with sqlite3.connect(server.app.settings.data_dir / "headserve.sqlite3") as db:
-        db.execute("UPDATE heads SET onnx = ? WHERE task_id = ?", (b"not an onnx model", task_id))
+        db.execute("UPDATE heads SET onnx = ? WHERE task_key = ?", (b"not an onnx model", tenant.key(task_id)))
     request = pb.PredictRequest(task_id=task_id, inputs=[pb.Input(text="hello")])
     with pytest.raises(grpc.RpcError) as err:
         client.stub.Predict.with_call(request, metadata=[("x-request-id", "req-42")])

@@ -535,3 +535,387 @@ class HeadServe:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class AdminStub:
+    """Tenants, their API keys and quotas. Every method needs a key with the
+    `admin` scope; an admin manages every tenant.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.CreateTenant = channel.unary_unary(
+                '/headserve.v1.Admin/CreateTenant',
+                request_serializer=headserve_dot_v1_dot_headserve__pb2.CreateTenantRequest.SerializeToString,
+                response_deserializer=headserve_dot_v1_dot_headserve__pb2.CreateTenantResponse.FromString,
+                _registered_method=True)
+        self.ListTenants = channel.unary_unary(
+                '/headserve.v1.Admin/ListTenants',
+                request_serializer=headserve_dot_v1_dot_headserve__pb2.ListTenantsRequest.SerializeToString,
+                response_deserializer=headserve_dot_v1_dot_headserve__pb2.ListTenantsResponse.FromString,
+                _registered_method=True)
+        self.GetTenant = channel.unary_unary(
+                '/headserve.v1.Admin/GetTenant',
+                request_serializer=headserve_dot_v1_dot_headserve__pb2.GetTenantRequest.SerializeToString,
+                response_deserializer=headserve_dot_v1_dot_headserve__pb2.Tenant.FromString,
+                _registered_method=True)
+        self.DeleteTenant = channel.unary_unary(
+                '/headserve.v1.Admin/DeleteTenant',
+                request_serializer=headserve_dot_v1_dot_headserve__pb2.DeleteTenantRequest.SerializeToString,
+                response_deserializer=headserve_dot_v1_dot_headserve__pb2.DeleteTenantResponse.FromString,
+                _registered_method=True)
+        self.SetQuotas = channel.unary_unary(
+                '/headserve.v1.Admin/SetQuotas',
+                request_serializer=headserve_dot_v1_dot_headserve__pb2.SetQuotasRequest.SerializeToString,
+                response_deserializer=headserve_dot_v1_dot_headserve__pb2.Tenant.FromString,
+                _registered_method=True)
+        self.CreateKey = channel.unary_unary(
+                '/headserve.v1.Admin/CreateKey',
+                request_serializer=headserve_dot_v1_dot_headserve__pb2.CreateKeyRequest.SerializeToString,
+                response_deserializer=headserve_dot_v1_dot_headserve__pb2.CreateKeyResponse.FromString,
+                _registered_method=True)
+        self.ListKeys = channel.unary_unary(
+                '/headserve.v1.Admin/ListKeys',
+                request_serializer=headserve_dot_v1_dot_headserve__pb2.ListKeysRequest.SerializeToString,
+                response_deserializer=headserve_dot_v1_dot_headserve__pb2.ListKeysResponse.FromString,
+                _registered_method=True)
+        self.RevokeKey = channel.unary_unary(
+                '/headserve.v1.Admin/RevokeKey',
+                request_serializer=headserve_dot_v1_dot_headserve__pb2.RevokeKeyRequest.SerializeToString,
+                response_deserializer=headserve_dot_v1_dot_headserve__pb2.ApiKey.FromString,
+                _registered_method=True)
+
+
+class AdminServicer:
+    """Tenants, their API keys and quotas. Every method needs a key with the
+    `admin` scope; an admin manages every tenant.
+    """
+
+    def CreateTenant(self, request, context):
+        """A new tenant and its first API key (shown in this response only).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListTenants(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetTenant(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteTenant(self, request, context):
+        """Deletes the tenant with its keys, tasks, examples and heads.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetQuotas(self, request, context):
+        """Replaces the tenant's quotas (0 = unlimited).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateKey(self, request, context):
+        """A new API key (shown in this response only).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListKeys(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeKey(self, request, context):
+        """Revokes a key at once; revoking a revoked key changes nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_AdminServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'CreateTenant': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateTenant,
+                    request_deserializer=headserve_dot_v1_dot_headserve__pb2.CreateTenantRequest.FromString,
+                    response_serializer=headserve_dot_v1_dot_headserve__pb2.CreateTenantResponse.SerializeToString,
+            ),
+            'ListTenants': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTenants,
+                    request_deserializer=headserve_dot_v1_dot_headserve__pb2.ListTenantsRequest.FromString,
+                    response_serializer=headserve_dot_v1_dot_headserve__pb2.ListTenantsResponse.SerializeToString,
+            ),
+            'GetTenant': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTenant,
+                    request_deserializer=headserve_dot_v1_dot_headserve__pb2.GetTenantRequest.FromString,
+                    response_serializer=headserve_dot_v1_dot_headserve__pb2.Tenant.SerializeToString,
+            ),
+            'DeleteTenant': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteTenant,
+                    request_deserializer=headserve_dot_v1_dot_headserve__pb2.DeleteTenantRequest.FromString,
+                    response_serializer=headserve_dot_v1_dot_headserve__pb2.DeleteTenantResponse.SerializeToString,
+            ),
+            'SetQuotas': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetQuotas,
+                    request_deserializer=headserve_dot_v1_dot_headserve__pb2.SetQuotasRequest.FromString,
+                    response_serializer=headserve_dot_v1_dot_headserve__pb2.Tenant.SerializeToString,
+            ),
+            'CreateKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateKey,
+                    request_deserializer=headserve_dot_v1_dot_headserve__pb2.CreateKeyRequest.FromString,
+                    response_serializer=headserve_dot_v1_dot_headserve__pb2.CreateKeyResponse.SerializeToString,
+            ),
+            'ListKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListKeys,
+                    request_deserializer=headserve_dot_v1_dot_headserve__pb2.ListKeysRequest.FromString,
+                    response_serializer=headserve_dot_v1_dot_headserve__pb2.ListKeysResponse.SerializeToString,
+            ),
+            'RevokeKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeKey,
+                    request_deserializer=headserve_dot_v1_dot_headserve__pb2.RevokeKeyRequest.FromString,
+                    response_serializer=headserve_dot_v1_dot_headserve__pb2.ApiKey.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'headserve.v1.Admin', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('headserve.v1.Admin', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Admin:
+    """Tenants, their API keys and quotas. Every method needs a key with the
+    `admin` scope; an admin manages every tenant.
+    """
+
+    @staticmethod
+    def CreateTenant(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/headserve.v1.Admin/CreateTenant',
+            headserve_dot_v1_dot_headserve__pb2.CreateTenantRequest.SerializeToString,
+            headserve_dot_v1_dot_headserve__pb2.CreateTenantResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTenants(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/headserve.v1.Admin/ListTenants',
+            headserve_dot_v1_dot_headserve__pb2.ListTenantsRequest.SerializeToString,
+            headserve_dot_v1_dot_headserve__pb2.ListTenantsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTenant(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/headserve.v1.Admin/GetTenant',
+            headserve_dot_v1_dot_headserve__pb2.GetTenantRequest.SerializeToString,
+            headserve_dot_v1_dot_headserve__pb2.Tenant.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteTenant(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/headserve.v1.Admin/DeleteTenant',
+            headserve_dot_v1_dot_headserve__pb2.DeleteTenantRequest.SerializeToString,
+            headserve_dot_v1_dot_headserve__pb2.DeleteTenantResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetQuotas(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/headserve.v1.Admin/SetQuotas',
+            headserve_dot_v1_dot_headserve__pb2.SetQuotasRequest.SerializeToString,
+            headserve_dot_v1_dot_headserve__pb2.Tenant.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/headserve.v1.Admin/CreateKey',
+            headserve_dot_v1_dot_headserve__pb2.CreateKeyRequest.SerializeToString,
+            headserve_dot_v1_dot_headserve__pb2.CreateKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/headserve.v1.Admin/ListKeys',
+            headserve_dot_v1_dot_headserve__pb2.ListKeysRequest.SerializeToString,
+            headserve_dot_v1_dot_headserve__pb2.ListKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/headserve.v1.Admin/RevokeKey',
+            headserve_dot_v1_dot_headserve__pb2.RevokeKeyRequest.SerializeToString,
+            headserve_dot_v1_dot_headserve__pb2.ApiKey.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

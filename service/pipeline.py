@@ -1,0 +1,302 @@
+"""The request pipeline: one chain of gRPC server interceptors that every call of every service goes
+through (HeadServe, Admin, health, reflection, and whatever is registered later).
+
+    request context -> authentication -> rate limit -> error mapping -> servicer
+
+- **Request context** wraps grpc's context in a `CallContext` that carries what the pipeline learns (request
+  id, caller, task) down to the servicer, stamps the request id on the call's trailers and on log records,
+  writes one access line per call, and an audit line for every mutating call and every denied one.
+- **Authentication** turns `authorization: Bearer <key>` metadata into a `Caller` (service/tenants.py) and
+  checks the scope the method needs, from `METHOD_SCOPES`: deny by default, so a method nobody listed is
+  PERMISSION_DENIED for everyone. Health stays open for probes. With auth = "none" every caller is the
+  default tenant with every scope.
+- **Rate limit** charges Predict requests and inputs to the tenant's token buckets (each message of a
+  PredictStream too, as it is read).
+- **Error mapping** turns domain errors into their status code (service/errors.py) and anything else into
+  INTERNAL with the request id; it also answers a request that does not parse as its protobuf message
+  with INVALID_ARGUMENT (grpc would say INTERNAL), and caps every status message, since a message that
+  quotes a huge input would otherwise exceed the client's metadata limit and hide the real error.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from collections.abc import Callable, Iterator
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from adapters.errors import HeadserveError, InvalidInput, PermissionDenied
+from service.errors import abort, request_id, status_of
+from service.tenants import ADMIN, PREDICT, TRAIN, Authenticator, Caller, RateLimiter, bearer
+
+access_log = logging.getLogger("headserve.access")
+audit_log = logging.getLogger("headserve.audit")
+
+HEALTH = "/grpc.health.v1.Health/"
+OPEN = "open"  # no key needed
+ANY = None  # any valid key
+
+METHOD_SCOPES: dict[str, str | None] = {
+    **{f"/headserve.v1.HeadServe/{m}": PREDICT
+       for m in ("ListBackbones", "Predict", "PredictStream", "GetTask", "ListTasks")},
+    **{f"/headserve.v1.HeadServe/{m}": TRAIN
+       for m in ("CreateTask", "AddExamples", "TrainTask", "WatchJob", "DeleteTask", "ExportTask")},
+    **{f"/headserve.v1.Admin/{m}": ADMIN
+       for m in ("CreateTenant", "ListTenants", "GetTenant", "DeleteTenant", "SetQuotas", "CreateKey", "ListKeys",
+                 "RevokeKey")},
+    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": ANY,
+    "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo": ANY,
+}
+MUTATING = frozenset(
+    [f"/headserve.v1.HeadServe/{m}" for m in ("CreateTask", "AddExamples", "TrainTask", "DeleteTask")]
+    + [f"/headserve.v1.Admin/{m}" for m in ("CreateTenant", "DeleteTenant", "SetQuotas", "CreateKey", "RevokeKey")]
+)
+DENIED = frozenset({"UNAUTHENTICATED", "PERMISSION_DENIED"})
+RATED = frozenset({"/headserve.v1.HeadServe/Predict", "/headserve.v1.HeadServe/PredictStream"})
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+
+
+def scope_of(method: str) -> str | None:
+    if method.startswith(HEALTH):
+        return OPEN
+    if method not in METHOD_SCOPES:
+        return "(not allowed)"  # deny by default
+    return METHOD_SCOPES[method]
+
+
+class CallContext:
+    """grpc's ServicerContext, plus what the pipeline learned about the call. The servicer reads the
+    caller from here and passes it on as an argument."""
+
+    def __init__(self, context: grpc.ServicerContext, method: str) -> None:
+        self._context = context
+        self.method = method
+        self.caller: Caller | None = None
+        self.task_id = ""
+
+    def __getattr__(self, name: str):
+        return getattr(self._context, name)
+
+
+class Malformed:
+    """Stands for a request message that did not parse; error mapping answers it INVALID_ARGUMENT."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+Behavior = Callable  # (request or request iterator, context) -> response or response iterator
+
+
+class Stage(grpc.ServerInterceptor):
+    """One step of the pipeline: wraps each method's behavior with `wrap`."""
+
+    def intercept_service(self, continuation, details):
+        handler = continuation(details)
+        if handler is None:
+            return None
+        return _rewrap(handler, lambda behavior, streaming: self.wrap(behavior, streaming, details.method),
+                       self.deserializer(handler.request_deserializer))
+
+    def wrap(self, behavior: Behavior, response_streaming: bool, method: str) -> Behavior:
+        raise NotImplementedError
+
+    def deserializer(self, parse):
+        return parse
+
+
+def _rewrap(handler, wrap, deserializer) -> grpc.RpcMethodHandler:
+    kinds = {
+        (False, False): (grpc.unary_unary_rpc_method_handler, handler.unary_unary),
+        (False, True): (grpc.unary_stream_rpc_method_handler, handler.unary_stream),
+        (True, False): (grpc.stream_unary_rpc_method_handler, handler.stream_unary),
+        (True, True): (grpc.stream_stream_rpc_method_handler, handler.stream_stream),
+    }
+    make, behavior = kinds[(handler.request_streaming, handler.response_streaming)]
+    return make(wrap(behavior, handler.response_streaming), request_deserializer=deserializer,
+                response_serializer=handler.response_serializer)
+
+
+def _around(behavior: Behavior, response_streaming: bool, before, after=None) -> Behavior:
+    """A behavior that runs `before(request, context)` (it may return replacements for both) and then,
+    when given, `after(context, request, error_or_None)` once the response (or its stream) is done."""
+    if response_streaming:
+        def stream(request, context):
+            request, context = before(request, context)
+            error = None
+            try:
+                yield from behavior(request, context)
+            except BaseException as exc:
+                error = exc
+                raise
+            finally:
+                if after is not None:
+                    after(context, request, error)
+        return stream
+
+    def unary(request, context):
+        request, context = before(request, context)
+        error = None
+        try:
+            return behavior(request, context)
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            if after is not None:
+                after(context, request, error)
+    return unary
+
+
+class RequestContext(Stage):
+    def wrap(self, behavior, response_streaming, method):
+        short = method.rsplit("/", 1)[-1]
+        quiet = method.startswith(HEALTH)
+
+        def before(request, context):
+            call = CallContext(context, short)
+            given = dict(context.invocation_metadata()).get("x-request-id", "")
+            call.request_id = given if REQUEST_ID.fullmatch(given) else uuid.uuid4().hex[:16]
+            call.start = time.perf_counter()
+            request_id.set(call.request_id)
+            context.set_trailing_metadata((("x-request-id", call.request_id),))
+            return request, call
+
+        def after(call: CallContext, request, error) -> None:
+            if error is None:
+                code = "OK"
+            elif isinstance(error, HeadserveError):
+                code = status_of(error).name
+            else:
+                found = call._context.code()
+                code = found.name if found is not None else "CANCELLED"
+            task = call.task_id or getattr(request, "task_id", "") or "-"
+            task = task if len(task) <= 64 else task[:64] + "..."
+            caller = call.caller
+            tenant, key = (caller.tenant_id, caller.key_id or "-") if caller else ("-", "-")
+            ms = (time.perf_counter() - call.start) * 1e3
+            (access_log.debug if quiet else access_log.info)(
+                "rpc %s task=%r tenant=%s key=%s status=%s ms=%.2f", short, task, tenant, key, code, ms)
+            if method in MUTATING or code in DENIED:
+                audit_log.info("audit method=%s tenant=%s key=%s task=%r outcome=%s", short, tenant, key, task,
+                               code)
+
+        return _around(behavior, response_streaming, before, after)
+
+
+class Authentication(Stage):
+    def __init__(self, authenticator: Authenticator, enabled: bool) -> None:
+        self.authenticator = authenticator
+        self.enabled = enabled
+
+    def wrap(self, behavior, response_streaming, method):
+        scope = scope_of(method)
+        if scope == OPEN:
+            return behavior
+        short = method.rsplit("/", 1)[-1]
+
+        def before(request, call: CallContext):
+            try:
+                if self.enabled:
+                    caller = self.authenticator.authenticate(bearer(call.invocation_metadata()))
+                else:
+                    caller = self.authenticator.anonymous()
+                call.caller = caller
+                if method not in METHOD_SCOPES:
+                    raise PermissionDenied(f"{short} is not open to API keys")
+                caller.require(scope, short)
+            except HeadserveError as exc:
+                abort(call, exc)
+            return request, call
+
+        return _around(behavior, response_streaming, before)
+
+
+class RateLimit(Stage):
+    def __init__(self, limiter: RateLimiter) -> None:
+        self.limiter = limiter
+
+    def wrap(self, behavior, response_streaming, method):
+        if method not in RATED:
+            return behavior
+        if method.endswith("/PredictStream"):
+            def before_stream(requests, call: CallContext):
+                return self._charged(requests, call.caller), call
+            return _around(behavior, response_streaming, before_stream)
+
+        def before(request, call: CallContext):
+            try:
+                self.limiter.charge(call.caller, len(getattr(request, "inputs", ())))
+            except HeadserveError as exc:
+                abort(call, exc)
+            return request, call
+
+        return _around(behavior, response_streaming, before)
+
+    def _charged(self, requests: Iterator, caller: Caller) -> Iterator:
+        for request in requests:
+            self.limiter.charge(caller, len(getattr(request, "inputs", ())))
+            yield request
+
+
+class ErrorMapping(Stage):
+    def deserializer(self, parse):
+        if parse is None:
+            return None
+
+        def safe(data: bytes):
+            try:
+                return parse(data)
+            except (DecodeError, ValueError, TypeError, RuntimeError) as exc:
+                return Malformed(exc)
+        return safe
+
+    def wrap(self, behavior, response_streaming, method):
+        def checked(request):
+            if isinstance(request, Malformed):
+                raise InvalidInput(f"the request is not a valid {method.rsplit('/', 1)[-1]} message "
+                                   f"({type(request.error).__name__}); check the client's protobuf definitions")
+            return request
+
+        def parsed(requests: Iterator) -> Iterator:
+            for request in requests:
+                yield checked(request)
+
+        if response_streaming:
+            def stream(request, call):
+                try:
+                    request = parsed(request) if _is_iterator(request) else checked(request)
+                    yield from behavior(request, call)
+                except Exception as exc:
+                    if not _aborted(exc):
+                        abort(call, exc)
+                    raise
+            return stream
+
+        def unary(request, call):
+            try:
+                request = parsed(request) if _is_iterator(request) else checked(request)
+                return behavior(request, call)
+            except Exception as exc:
+                if not _aborted(exc):
+                    abort(call, exc)
+                raise
+        return unary
+
+
+def _is_iterator(request) -> bool:
+    return hasattr(request, "__next__")
+
+
+def _aborted(exc: BaseException) -> bool:
+    # context.abort raises a bare Exception after setting the status; let it through untouched.
+    return type(exc) is Exception and not exc.args
+
+
+def interceptors(authenticator: Authenticator, limiter: RateLimiter, auth_enabled: bool) -> list[Stage]:
+    """The pipeline, outermost first."""
+    return [RequestContext(), Authentication(authenticator, auth_enabled), RateLimit(limiter), ErrorMapping()]

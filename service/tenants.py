@@ -1,0 +1,292 @@
+"""Tenants, API keys, scopes and per-tenant rates: who is calling, and what they may do.
+
+- A key reads `hsk_<key id>_<secret>`. The key id is public (it names the key in lists and logs); the
+  secret is 32 random bytes and is stored only as its SHA-256 (a hash of a high-entropy secret needs no
+  slow KDF), compared in constant time.
+- `Authenticator` turns the `authorization: Bearer <key>` metadata into a `Caller`. A verified key is
+  trusted for `auth_cache_seconds` (2 s by default) before the store is asked again, so a revocation made
+  through another server replica or the local CLI takes effect within that time; one made through this
+  server takes effect at once.
+- Scopes: `predict`, `train` (which includes predict) and `admin` (tenants and keys of every tenant).
+- `RateLimiter`: token buckets per tenant for Predict requests and inputs per second, per replica.
+- `TenantAdmin`: the admin use cases, shared by the Admin RPCs and the local `headserve tenants|keys`
+  commands, which work on the store with no server running.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import hmac
+import re
+import secrets
+import threading
+import time
+
+from adapters.errors import InvalidInput, NotFound, PermissionDenied, ResourceExhausted, Unauthenticated
+from service.store import DEFAULT_TENANT, KeyRecord, Quotas, Store, TenantRecord, Usage, now_ms, task_key
+
+PREDICT, TRAIN, ADMIN = "predict", "train", "admin"
+SCOPES = (PREDICT, TRAIN, ADMIN)
+IMPLIED = {TRAIN: {PREDICT}}  # a scope also grants these
+DEFAULT_SCOPES = (PREDICT, TRAIN)
+KEY_PREFIX = "hsk"
+KEY = re.compile(r"hsk_([0-9a-f]{12})_([A-Za-z0-9_-]{43})")
+TENANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def quote(text: str, limit: int = 40) -> str:
+    """`text` for an error message: repr'd, and cut to `limit` characters with an ellipsis."""
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + "..."
+
+
+@dataclasses.dataclass(frozen=True)
+class Caller:
+    """Who is calling: their tenant, the key they used ('' without auth) and what it may do."""
+
+    tenant_id: str
+    key_id: str
+    scopes: frozenset[str]
+    quotas: Quotas = Quotas()
+
+    def key(self, task_id: str) -> str:
+        """The store's key of this tenant's task `task_id`."""
+        return task_key(self.tenant_id, task_id)
+
+    def require(self, scope: str | None, method: str) -> None:
+        if scope is not None and scope not in self.scopes:
+            raise PermissionDenied(
+                f"{method} needs an API key with the {scope!r} scope; this key has "
+                f"{', '.join(sorted(self.scopes)) or 'none'}")
+
+
+def grants(scopes: list[str] | tuple[str, ...]) -> frozenset[str]:
+    out = set(scopes)
+    for scope in scopes:
+        out |= IMPLIED.get(scope, set())
+    return frozenset(out)
+
+
+def check_scopes(scopes: list[str] | tuple[str, ...]) -> list[str]:
+    if not scopes:
+        raise InvalidInput(f"a key needs at least one scope; choose from {', '.join(SCOPES)}")
+    unknown = [s for s in scopes if s not in SCOPES]
+    if unknown:
+        raise InvalidInput(f"unknown scope {quote(unknown[0])}; choose from {', '.join(SCOPES)}")
+    return sorted(set(scopes))
+
+
+def secret_hash(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def new_key(tenant_id: str, scopes: list[str], description: str = "", expires_at_ms: int = 0) -> tuple[KeyRecord, str]:
+    """A new key for `tenant_id`: its record (to store) and the key itself (shown once, never stored)."""
+    key_id, secret = secrets.token_hex(6), secrets.token_urlsafe(32)
+    record = KeyRecord(key_id, tenant_id, secret_hash(secret), check_scopes(scopes), description,
+                       expires_at_ms=expires_at_ms)
+    return record, f"{KEY_PREFIX}_{key_id}_{secret}"
+
+
+def bearer(metadata) -> str | None:
+    """The key in `authorization: Bearer <key>` metadata; None when there is no such metadata."""
+    for name, value in metadata or ():
+        if name == "authorization":
+            scheme, _, token = value.partition(" ")
+            if scheme.lower() != "bearer" or not token.strip():
+                raise Unauthenticated("malformed authorization metadata; send 'authorization: Bearer <API key>'")
+            return token.strip()
+    return None
+
+
+class Authenticator:
+    """API key -> Caller, with a short cache of verified keys (see the module docstring)."""
+
+    def __init__(self, store: Store, cache_seconds: float = 2.0) -> None:
+        self.store = store
+        self.cache_seconds = cache_seconds
+        self._cache: dict[str, tuple[float, KeyRecord, Quotas]] = {}
+        self._lock = threading.Lock()
+
+    def anonymous(self) -> Caller:
+        """The caller when auth is off: the default tenant, every scope, its quotas (cached like a key)."""
+        return Caller(DEFAULT_TENANT, "", frozenset(SCOPES), self._quotas_of(DEFAULT_TENANT))
+
+    def authenticate(self, token: str | None) -> Caller:
+        if token is None:
+            raise Unauthenticated("no API key; send metadata 'authorization: Bearer <API key>'")
+        match = KEY.fullmatch(token)
+        if match is None:
+            raise Unauthenticated("malformed API key; a key reads hsk_<key id>_<secret>")
+        key_id, secret = match.groups()
+        record, quotas = self._lookup(key_id)
+        if record is None or not hmac.compare_digest(record.secret_sha256, secret_hash(secret)):
+            raise Unauthenticated(f"API key {key_id} is not valid")
+        now = now_ms()
+        if record.revoked_at_ms and record.revoked_at_ms <= now:
+            raise Unauthenticated(f"API key {key_id} was revoked")
+        if record.expires_at_ms and record.expires_at_ms <= now:
+            raise Unauthenticated(f"API key {key_id} expired; ask an admin for a new one")
+        return Caller(record.tenant_id, key_id, grants(record.scopes), quotas)
+
+    def _lookup(self, key_id: str) -> tuple[KeyRecord | None, Quotas]:
+        now = time.monotonic()
+        with self._lock:
+            hit = self._cache.get(key_id)
+        if hit is not None and now - hit[0] < self.cache_seconds:
+            return hit[1], hit[2]
+        record = self.store.get_key(key_id)
+        if record is None:
+            return None, Quotas()
+        try:
+            quotas = self.store.get_tenant(record.tenant_id).quotas
+        except NotFound:
+            return None, Quotas()
+        with self._lock:
+            if len(self._cache) > 100_000:
+                self._cache.clear()
+            self._cache[key_id] = (now, record, quotas)
+        return record, quotas
+
+    def _quotas_of(self, tenant_id: str) -> Quotas:
+        return self._lookup_tenant(tenant_id)
+
+    def _lookup_tenant(self, tenant_id: str) -> Quotas:
+        now = time.monotonic()
+        slot = f"tenant:{tenant_id}"
+        with self._lock:
+            hit = self._cache.get(slot)
+        if hit is not None and now - hit[0] < self.cache_seconds:
+            return hit[2]
+        quotas = self.store.get_tenant(tenant_id).quotas
+        with self._lock:
+            self._cache[slot] = (now, None, quotas)  # type: ignore[assignment]
+        return quotas
+
+    def forget(self, key_id: str = "", tenant_id: str = "") -> None:
+        """Drops cached knowledge of a key or of a tenant's keys and quotas (after a change made here)."""
+        with self._lock:
+            if key_id:
+                self._cache.pop(key_id, None)
+            if tenant_id:
+                self._cache.pop(f"tenant:{tenant_id}", None)
+                for kid in [k for k, v in self._cache.items() if v[1] is not None and v[1].tenant_id == tenant_id]:
+                    del self._cache[kid]
+
+
+class _Bucket:
+    __slots__ = ("rate", "tokens", "stamp")
+
+    def __init__(self, rate: float) -> None:
+        self.rate, self.tokens, self.stamp = rate, max(rate, 1.0), time.monotonic()
+
+    def take(self, amount: float) -> float:
+        """Takes `amount` tokens and returns 0, or returns the seconds until they will be there."""
+        now = time.monotonic()
+        capacity = max(self.rate, amount, 1.0)  # a burst of one second's worth (or one request)
+        self.tokens = min(capacity, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= amount:
+            self.tokens -= amount
+            return 0.0
+        return (amount - self.tokens) / self.rate
+
+
+class RateLimiter:
+    """Per-tenant token buckets for Predict requests and inputs per second (from the tenant's quotas)."""
+
+    def __init__(self) -> None:
+        self._buckets: dict[tuple[str, str], _Bucket] = {}
+        self._lock = threading.Lock()
+
+    def charge(self, caller: Caller, inputs: int) -> None:
+        q = caller.quotas
+        for name, rate, amount in (("predict_requests_per_second", q.predict_requests_per_second, 1),
+                                   ("predict_inputs_per_second", q.predict_inputs_per_second, inputs)):
+            if rate <= 0:
+                continue
+            with self._lock:
+                bucket = self._buckets.get((caller.tenant_id, name))
+                if bucket is None or bucket.rate != rate:
+                    bucket = self._buckets[(caller.tenant_id, name)] = _Bucket(rate)
+                wait = bucket.take(amount)
+            if wait:
+                raise ResourceExhausted(f"over the tenant's {name} quota ({rate:g}/s); retry in {wait:.2f} s")
+
+
+@dataclasses.dataclass
+class TenantView:
+    tenant: TenantRecord
+    usage: Usage
+
+
+class TenantAdmin:
+    """Tenants and keys: the Admin RPCs and the local CLI both go through here."""
+
+    def __init__(self, store: Store, authenticator: Authenticator | None = None) -> None:
+        self.store = store
+        self.authenticator = authenticator
+
+    def _forget(self, **what: str) -> None:
+        if self.authenticator is not None:
+            self.authenticator.forget(**what)
+
+    def create_tenant(self, name: str, scopes: list[str] | tuple[str, ...] = DEFAULT_SCOPES,
+                      description: str = "", expires_at_ms: int = 0) -> tuple[TenantRecord, KeyRecord, str]:
+        """A new tenant and its first key (returned once, in full)."""
+        if not TENANT_NAME.fullmatch(name):
+            raise InvalidInput(f"tenant name {quote(name)} is not valid: use 1-64 letters, digits, '.', '_' or "
+                               "'-', starting with a letter or digit")
+        tenant = TenantRecord(f"tn-{secrets.token_hex(6)}", name, Quotas())
+        self._check_expiry(expires_at_ms)
+        record, key = new_key(tenant.tenant_id, list(scopes), description or "first key", expires_at_ms)
+        self.store.create_tenant(tenant, record)
+        return tenant, record, key
+
+    def tenant(self, ref: str) -> TenantView:
+        tenant = self.store.get_tenant(ref)
+        return TenantView(tenant, self.store.usage(tenant.tenant_id))
+
+    def list_tenants(self) -> list[TenantView]:
+        return [TenantView(t, self.store.usage(t.tenant_id)) for t in self.store.list_tenants()]
+
+    def delete_tenant(self, ref: str) -> tuple[TenantRecord, list[str]]:
+        """Deletes the tenant and everything it owns; returns it and its task keys."""
+        tenant = self.store.get_tenant(ref)
+        keys = self.store.delete_tenant(tenant.tenant_id)
+        self._forget(tenant_id=tenant.tenant_id)
+        return tenant, keys
+
+    def set_quotas(self, ref: str, quotas: Quotas) -> TenantView:
+        for field in dataclasses.fields(quotas):
+            if getattr(quotas, field.name) < 0:
+                raise InvalidInput(f"quota {field.name} must be 0 (unlimited) or positive")
+        tenant = self.store.get_tenant(ref)
+        self.store.set_quotas(tenant.tenant_id, quotas)
+        self._forget(tenant_id=tenant.tenant_id)
+        return self.tenant(tenant.tenant_id)
+
+    def create_key(self, ref: str, scopes: list[str], description: str = "",
+                   expires_at_ms: int = 0) -> tuple[KeyRecord, str]:
+        tenant = self.store.get_tenant(ref)
+        self._check_expiry(expires_at_ms)
+        if len(description) > 200:
+            raise InvalidInput(f"a key's description has at most 200 characters, not {len(description)}")
+        record, key = new_key(tenant.tenant_id, scopes, description, expires_at_ms)
+        self.store.create_key(record)
+        return record, key
+
+    def list_keys(self, ref: str = "") -> list[KeyRecord]:
+        tenant_id = self.store.get_tenant(ref).tenant_id if ref else ""
+        return self.store.list_keys(tenant_id)
+
+    def revoke_key(self, key_id: str, ref: str = "") -> KeyRecord:
+        tenant_id = self.store.get_tenant(ref).tenant_id if ref else ""
+        record = self.store.revoke_key(key_id, tenant_id)
+        self._forget(key_id=key_id)
+        return record
+
+    @staticmethod
+    def _check_expiry(expires_at_ms: int) -> None:
+        if expires_at_ms < 0 or (expires_at_ms and expires_at_ms <= now_ms()):
+            raise InvalidInput("a key's expiry must be in the future (or 0 for none)")
