@@ -22,6 +22,13 @@ A request whose deadline passed while queued is answered with DeadlineExceeded a
 skipped; neither reaches the model. The queue is bounded in rows: past `max_queue`, submitting raises
 ResourceExhausted (unless the queue is empty, so one large request always gets through).
 
+Fairness: a request belongs to a group (its tenant). A batch takes requests round-robin across the groups
+that have any queued, oldest group first and each group's requests in arrival order, so one group
+flooding the queue delays another's request by at most one batch. A group that holds less than its fair
+share of the queue (`max_queue` / groups queued) is admitted even when the queue is full, so a flood
+cannot turn another group's requests into ResourceExhausted either; the queue then holds at most twice
+`max_queue` rows.
+
 The module knows nothing of models; service/predictor.py gives it the function that runs a batch.
 """
 
@@ -49,6 +56,7 @@ class Pending:
     payload: Any
     rows: int
     deadline: float | None = None  # time.monotonic() value; None: no deadline
+    group: str = ""  # whose request: batches are shared fairly between groups
     future: Future = dataclasses.field(default_factory=Future)
     queued_at: float = 0.0
 
@@ -100,11 +108,11 @@ class Arrival:
         self._batcher = batcher
         self.done = False
 
-    def submit(self, payload: Any, rows: int, deadline: float | None = None) -> Pending:
+    def submit(self, payload: Any, rows: int, deadline: float | None = None, group: str = "") -> Pending:
         """Queues the request; if the batcher is idle and nothing else is coming, runs it right here, on
         the caller's thread (no hand-off to the worker and back: the idle-server latency is the model's)."""
         self.done = True
-        return self._batcher._submit(payload, rows, deadline, arrived=True, inline=True)
+        return self._batcher._submit(payload, rows, deadline, arrived=True, inline=True, group=group)
 
 
 @dataclasses.dataclass
@@ -145,6 +153,7 @@ class Batcher:
         self._run = run
         self._queue: deque[Pending] = deque()
         self._queued_rows = 0
+        self._group_rows: dict[str, int] = {}  # queued rows per group (groups with none are absent)
         self._arriving = 0
         self._busy = False  # a batch is running (on the worker or inline on a caller's thread)
         self._closed = False
@@ -173,10 +182,18 @@ class Batcher:
                     self._arriving -= 1
                     self._cond.notify()
 
-    def check_room(self, rows: int) -> None:
+    def check_room(self, rows: int, group: str = "") -> None:
         """Raises ResourceExhausted now if `rows` more would not fit (before any work is spent on them)."""
-        if self._queued_rows and self._queued_rows + rows > self.max_queue:
+        if self._full(rows, group):
             self._reject(rows)
+
+    def _full(self, rows: int, group: str) -> bool:
+        """Whether `rows` more of `group` are refused: past max_queue, unless the group is under its share."""
+        if not self._queued_rows or self._queued_rows + rows <= self.max_queue:
+            return False
+        held = self._group_rows.get(group, 0)
+        share = self.max_queue // (len(self._group_rows) + (group not in self._group_rows))
+        return held + rows > share
 
     def _reject(self, rows: int) -> None:
         self.stats.rejected += 1
@@ -185,26 +202,27 @@ class Batcher:
             f"limit {self.max_queue}); retry after a short backoff"
         )
 
-    def submit(self, payload: Any, rows: int, deadline: float | None = None) -> Pending:
+    def submit(self, payload: Any, rows: int, deadline: float | None = None, group: str = "") -> Pending:
         """Queues a request for the worker."""
-        return self._submit(payload, rows, deadline, arrived=False, inline=False)
+        return self._submit(payload, rows, deadline, arrived=False, inline=False, group=group)
 
     def _submit(
-        self, payload: Any, rows: int, deadline: float | None, arrived: bool, inline: bool
+        self, payload: Any, rows: int, deadline: float | None, arrived: bool, inline: bool, group: str = ""
     ) -> Pending:
-        pending = Pending(payload, rows, deadline)
+        pending = Pending(payload, rows, deadline, group=group)
         with self._cond:
             if arrived:
                 self._arriving -= 1
             if self._closed:
                 self._cond.notify()
                 raise Unavailable("the server is shutting down; retry on another replica")
-            if self._queued_rows and self._queued_rows + rows > self.max_queue:
+            if self._full(rows, group):
                 self._cond.notify()
                 self._reject(rows)
             pending.queued_at = time.monotonic()
             self._queue.append(pending)
             self._queued_rows += rows
+            self._group_rows[group] = self._group_rows.get(group, 0) + rows
             batch = self._take() if inline and self._may_run_now(pending) else None
             if batch:
                 self.stats.inline += 1
@@ -288,34 +306,47 @@ class Batcher:
             self._cond.wait(left)
 
     def _take(self) -> list[Pending]:
-        """(lock held) Pops the next batch in arrival order, dropping expired and cancelled requests on
-        the way; a non-empty batch marks the batcher busy until `_execute` ends."""
+        """(lock held) Pops the next batch: round-robin across groups, each group's requests in arrival
+        order, until the next request of every group would not fit; drops expired and cancelled requests
+        on the way. A non-empty batch marks the batcher busy until `_execute` ends."""
         batch: list[Pending] = []
         rows = 0
         now = time.monotonic()
         stats = self.stats
         limit = self.limit
-        while self._queue:
-            p = self._queue[0]
-            if batch and rows + p.rows > limit:
-                break
-            self._queue.popleft()
-            self._queued_rows -= p.rows
-            if not p.future.set_running_or_notify_cancel():
-                stats.cancelled += 1
-                continue
-            if p.deadline is not None and now >= p.deadline:
-                stats.expired += 1
-                p.future.set_exception(
-                    DeadlineExceeded(
-                        f"the deadline passed after {now - p.queued_at:.3f}s in the queue, "
-                        "before the model ran; "
-                        "allow more time or send fewer requests at once"
-                    )
-                )
-                continue
-            batch.append(p)
-            rows += p.rows
+        lanes: dict[str, deque[Pending]] = {}  # oldest group first
+        for p in self._queue:
+            lanes.setdefault(p.group, deque()).append(p)
+        taken: set[int] = set()
+        while lanes:
+            for group in list(lanes):
+                lane = lanes[group]
+                while lane:
+                    p = lane[0]
+                    if batch and rows + p.rows > limit:
+                        lane.clear()  # this group's next request waits for the next batch
+                        break
+                    lane.popleft()
+                    taken.add(id(p))
+                    if self._live(p, now):
+                        batch.append(p)
+                        rows += p.rows
+                        break  # one request per group per round
+                if not lane:
+                    del lanes[group]
+        if taken:
+            kept: deque[Pending] = deque()
+            for p in self._queue:
+                if id(p) in taken:
+                    self._queued_rows -= p.rows
+                    left = self._group_rows[p.group] - p.rows
+                    if left:
+                        self._group_rows[p.group] = left
+                    else:
+                        del self._group_rows[p.group]
+                else:
+                    kept.append(p)
+            self._queue = kept
         if batch:
             self._busy = True
             self._last_rows = rows
@@ -324,6 +355,23 @@ class Batcher:
             stats.rows += rows
             stats.largest = max(stats.largest, rows)
         return batch
+
+    def _live(self, p: Pending, now: float) -> bool:
+        """(lock held) Whether a request taken from the queue goes into the batch: a cancelled one is
+        skipped, and one whose deadline passed is answered DeadlineExceeded."""
+        if not p.future.set_running_or_notify_cancel():
+            self.stats.cancelled += 1
+            return False
+        if p.deadline is not None and now >= p.deadline:
+            self.stats.expired += 1
+            p.future.set_exception(
+                DeadlineExceeded(
+                    f"the deadline passed after {now - p.queued_at:.3f}s in the queue, before the model ran; "
+                    "allow more time or send fewer requests at once"
+                )
+            )
+            return False
+        return True
 
     @property
     def limit(self) -> int:

@@ -27,7 +27,7 @@ from adapters.runtime import HeadRuntime
 from service.batcher import Batcher, Pending
 from service.config import Settings
 from service.registry import BackboneRegistry, Entry
-from service.store import Store, task_of
+from service.store import Store, task_of, tenant_of
 
 log = logging.getLogger(__name__)
 
@@ -362,7 +362,8 @@ class Predictor:
                     "one request serves one backbone: send one request per backbone"
                 )
         lane = self.lane(backbone)
-        lane.batcher.check_room(len(items))
+        tenant = tenant_of(task_ids[0])  # batches are shared fairly between tenants
+        lane.batcher.check_room(len(items), tenant)
         pre = lane.entry.backbone.preprocess
         with lane.batcher.arriving() as arrival:
             if lane.deferred:
@@ -370,7 +371,7 @@ class Predictor:
                 work = _Work(list(task_ids), heads, None, len(items), items)
             else:
                 work = _Work(list(task_ids), heads, pre(items), len(items))
-            pending = arrival.submit(work, len(items), deadline)  # on an idle server, runs it here and now
+            pending = arrival.submit(work, len(items), deadline, tenant)  # on an idle server, runs it here and now
         return Ticket(pending)
 
     def predict(

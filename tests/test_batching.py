@@ -181,6 +181,42 @@ def test_a_full_queue_is_resource_exhausted():
     assert b.stats.rejected == 2
 
 
+def test_batches_take_requests_round_robin_across_groups():
+    """One tenant's flood delays another tenant's request by at most one batch; each group keeps its
+    own arrival order."""
+    rec = Recorder(hold=True)
+    with batcher(rec, max_size=4) as b:
+        plug(b, rec)
+        flood = [b.submit(f"a{i}", 1, group="A") for i in range(10)]
+        late = [b.submit("b0", 1, group="B"), b.submit("b1", 2, group="B"), b.submit("c0", 1, group="C")]
+        rec.gate.set()
+        for p in flood + late:
+            p.future.result(10)
+    # Round 1 takes a0, b0, c0; round 2 a1 and then b1 would overflow (1+1+1+1+2 > 4): B waits, A goes on.
+    assert rec.batches[1] == ["a0", "b0", "c0", "a1"]
+    assert rec.batches[2] == ["a2", "b1", "a3"]
+    assert [x for batch in rec.batches for x in batch if x.startswith("a")] == [f"a{i}" for i in range(10)]
+
+
+def test_a_group_under_its_share_is_admitted_to_a_full_queue():
+    rec = Recorder(hold=True)
+    with batcher(rec, max_queue=8) as b:
+        plug(b, rec)
+        flood = [b.submit(f"a{i}", 2, group="A") for i in range(4)]  # A fills the queue
+        with pytest.raises(ResourceExhausted):
+            b.submit("a-more", 1, group="A")
+        # B holds nothing of the queue: its share (8 / 2 groups) is 4 rows.
+        fair = [b.submit("b0", 3, group="B"), b.submit("b1", 1, group="B")]
+        with pytest.raises(ResourceExhausted):
+            b.submit("b2", 1, group="B")
+        b.check_room(2, group="C")  # a third group's share: 8 // 3 = 2 rows
+        with pytest.raises(ResourceExhausted):
+            b.check_room(3, group="C")
+        rec.gate.set()
+        assert [p.future.result(10) for p in flood + fair] == ["a0", "a1", "a2", "a3", "b0", "b1"]
+    assert b.stats.rejected == 3
+
+
 def test_expired_and_cancelled_requests_leave_their_batch():
     rec = Recorder(hold=True)
     with batcher(rec) as b:
