@@ -13,7 +13,7 @@ import unicodedata
 import uuid
 from collections.abc import Sequence
 
-from adapters.errors import Cancelled, FailedPrecondition, InvalidInput, NotFound, ResourceExhausted
+from adapters.errors import FailedPrecondition, InvalidInput, NotFound, ResourceExhausted
 from adapters.heads import TrainingOptions
 from adapters.runtime import fuse, graph_inputs
 from service.config import Settings
@@ -145,15 +145,13 @@ class HeadServeApp:
         self, caller: Caller, task_id: str, examples: Sequence[tuple[Item, str]], still_wanted=lambda: True
     ) -> tuple[int, int, dict[str, int]]:
         """Validates and stores the examples in one transaction, unless `still_wanted()` (the call is still
-        active) is false by then: an upload the client gave up on is not stored."""
+        active) is false when it commits: an upload the client gave up on is not stored."""
         key = caller.key(task_id)
         task = self.store.get_task(key)
         entry = self.registry.get(task.backbone)
         new = self._examples(entry, examples, task.declared_labels)
         self._check_capacity(key, new)
-        if not still_wanted():
-            raise Cancelled("the upload was cancelled before it was stored; nothing was added")
-        added, duplicates = self.store.add_examples(key, new, caller.quotas)
+        added, duplicates = self.store.add_examples(key, new, caller.quotas, still_wanted)
         return added, duplicates, self.store.label_counts(key)
 
     def train(self, caller: Caller, task_id: str, options: TrainingOptions | None) -> JobRecord:

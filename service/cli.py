@@ -265,8 +265,14 @@ def _serve(args: argparse.Namespace, out: Console, err: Console) -> int:
         )
     except (OSError, ValueError) as exc:
         raise UsageError(f"bad settings: {exc}") from None
-    from service.server import run  # imports torch, which client commands never need
+    from service import tls
+    from service.server import check_exposure, run  # imports torch, which client commands never need
 
+    try:  # refusals that need no model loaded: say them in one line, not a traceback
+        check_exposure(settings)
+        tls.server_credentials(settings)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     run(settings)
     return 0
 

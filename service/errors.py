@@ -68,5 +68,9 @@ def abort(context: grpc.ServicerContext, exc: BaseException) -> None:
     """Fails the call with `exc`'s status (INTERNAL, logged with its traceback, if it is not ours)."""
     if isinstance(exc, HeadserveError):
         context.abort(status_of(exc), cut(exc.message))
+    if isinstance(exc, grpc.RpcError):  # reading the request stream of a call the client has ended
+        context.abort(grpc.StatusCode.CANCELLED, "the call ended before its request stream did")
+    if isinstance(exc, NotImplementedError):  # generated servicer bases raise it for methods nobody wrote
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "this method is not implemented by this server")
     log.error("unexpected error", exc_info=exc)
     context.abort(grpc.StatusCode.INTERNAL, f"internal error; quote request id {request_id.get()} to the operator")

@@ -29,7 +29,7 @@ import numpy as np
 import sqlalchemy as sa
 from sqlalchemy import event
 
-from adapters.errors import AlreadyExists, FailedPrecondition, NotFound, ResourceExhausted
+from adapters.errors import AlreadyExists, Cancelled, FailedPrecondition, NotFound, ResourceExhausted
 
 log = logging.getLogger(__name__)
 
@@ -547,8 +547,13 @@ class Store:
             self._insert_examples(conn, task.key, new_examples)
             self._check_quotas(conn, task.tenant_id, quotas)
 
-    def add_examples(self, key: str, new_examples: Sequence[ExampleIn], quotas: Quotas = Quotas()) -> tuple[int, int]:
-        """Stores examples; returns (added, duplicates). Same content with the same label is stored once."""
+    def add_examples(
+        self, key: str, new_examples: Sequence[ExampleIn], quotas: Quotas = Quotas(), still_wanted=None
+    ) -> tuple[int, int]:
+        """Stores examples; returns (added, duplicates). Same content with the same label is stored once.
+
+        `still_wanted()`, when given, is asked last, inside the transaction: false rolls it back
+        (Cancelled), so an upload its caller gave up on while it waited to be written is not stored."""
         with self._tx() as conn:
             if not conn.execute(sa.select(tasks.c.key).where(tasks.c.key == key)).first():
                 raise NotFound(f"task {task_of(key)!r} does not exist")
@@ -556,6 +561,8 @@ class Store:
             added = self._insert_examples(conn, key, new_examples)
             conn.execute(tasks.update().where(tasks.c.key == key).values(updated_at_ms=now_ms()))
             self._check_quotas(conn, tenant_of(key), quotas)
+            if still_wanted is not None and not still_wanted():
+                raise Cancelled("the upload was cancelled before it was stored; nothing was added")
             return added, len(new_examples) - added
 
     @staticmethod
