@@ -105,12 +105,12 @@ class Authenticator:
     def __init__(self, store: Store, cache_seconds: float = 2.0) -> None:
         self.store = store
         self.cache_seconds = cache_seconds
-        self._cache: dict[str, tuple[float, KeyRecord, Quotas]] = {}
+        self._cache: dict[str, tuple[float, KeyRecord | None, Quotas]] = {}  # key id or 'tenant:ID'
         self._lock = threading.Lock()
 
     def anonymous(self) -> Caller:
         """The caller when auth is off: the default tenant, every scope, its quotas (cached like a key)."""
-        return Caller(DEFAULT_TENANT, "", frozenset(SCOPES), self._quotas_of(DEFAULT_TENANT))
+        return Caller(DEFAULT_TENANT, "", frozenset(SCOPES), self._tenant_quotas(DEFAULT_TENANT))
 
     def authenticate(self, token: str | None) -> Caller:
         if token is None:
@@ -148,10 +148,7 @@ class Authenticator:
             self._cache[key_id] = (now, record, quotas)
         return record, quotas
 
-    def _quotas_of(self, tenant_id: str) -> Quotas:
-        return self._lookup_tenant(tenant_id)
-
-    def _lookup_tenant(self, tenant_id: str) -> Quotas:
+    def _tenant_quotas(self, tenant_id: str) -> Quotas:
         now = time.monotonic()
         slot = f"tenant:{tenant_id}"
         with self._lock:
@@ -160,7 +157,7 @@ class Authenticator:
             return hit[2]
         quotas = self.store.get_tenant(tenant_id).quotas
         with self._lock:
-            self._cache[slot] = (now, None, quotas)  # type: ignore[assignment]
+            self._cache[slot] = (now, None, quotas)
         return quotas
 
     def forget(self, key_id: str = "", tenant_id: str = "") -> None:
