@@ -247,7 +247,7 @@ def test_a_key_revoked_elsewhere_stops_within_the_cache_time(server):
             except grpc.RpcError as err:
                 assert err.code() == grpc.StatusCode.UNAUTHENTICATED
                 break
-            assert time.monotonic() - revoked < server.app.settings.auth_cache_seconds + 1.0
+            assert time.monotonic() - revoked < server.app.settings.auth_cache_seconds + 3.0
             time.sleep(0.05)
     finally:
         client.close()
@@ -298,21 +298,21 @@ def test_quotas_answer_resource_exhausted_change_nothing_and_recover(server):
 def test_predict_rates_answer_resource_exhausted_with_a_retry_time_and_recover(server, two_tenants):
     a, b, ca, cb = two_tenants
     server.admin.set_quotas(b.tenant_id, server.admin.tenant(b.tenant_id).tenant.quotas.__class__(
-        predict_requests_per_second=4))
+        predict_requests_per_second=0.5))  # a burst of one request, then one every 2 s
     request = pb.PredictRequest(task_id="spam", inputs=[pb.Input(text="A goal in the last minute.")])
     try:
         refused = None
-        for _ in range(20):
+        for _ in range(3):
             try:
                 cb.stub.Predict(request, timeout=10)
             except grpc.RpcError as err:
                 refused = err
                 break
         assert refused is not None and refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert "predict_requests_per_second quota (4/s); retry in" in refused.details()
+        assert "predict_requests_per_second quota (0.5/s); retry in" in refused.details()
         ca.stub.Predict(pb.PredictRequest(task_id="spam", inputs=request.inputs), timeout=10)  # A is not limited
-        time.sleep(0.6)
-        cb.stub.Predict(request, timeout=10)  # tokens came back
+        time.sleep(float(refused.details().rsplit("retry in ", 1)[1].split()[0]) + 0.1)
+        cb.stub.Predict(request, timeout=10)  # the token came back when the message said
     finally:
         server.admin.set_quotas(b.tenant_id, server.admin.tenant(b.tenant_id).tenant.quotas.__class__())
 
