@@ -126,6 +126,7 @@ class BatchStats:
     expired: int = 0
     cancelled: int = 0
     rejected: int = 0
+    failed: int = 0  # batches whose run raised (the model failed, not one request)
     inline: int = 0  # batches run on the caller's thread (an idle server's lone requests)
 
     @property
@@ -254,6 +255,7 @@ class Batcher:
         try:
             self._run(batch)
         except BaseException as exc:  # the batch's callers get the error
+            self.stats.failed += 1
             log.exception("batch of %d request(s) on %s failed", len(batch), self.name)
             for p in batch:
                 if not p.future.done():

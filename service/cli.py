@@ -241,8 +241,18 @@ def _wait_or_hint(client: HeadServeClient, job_id: str, no_wait: bool, out: Cons
 # Commands ---------------------------------------------------------------------------------------------
 
 
-def _connect(args: argparse.Namespace) -> HeadServeClient:
+def _address(args: argparse.Namespace) -> str:
+    """The server to call: --address, else $HEADSERVE_ADDRESS, else the default; HOST:PORT only (gRPC would
+    quietly dial port 443 for an address without a port)."""
     address = getattr(args, "address", None) or os.environ.get("HEADSERVE_ADDRESS") or DEFAULT_ADDRESS
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or host.endswith(":") and not host.startswith("["):
+        raise UsageError(f"address {address!r} needs a port: give HOST:PORT, e.g. 127.0.0.1:50051")
+    return address
+
+
+def _connect(args: argparse.Namespace) -> HeadServeClient:
+    address = _address(args)
     tls = {name: getattr(args, name, None) for name in ("tls_ca", "tls_cert", "tls_key")}
     for name, path in tls.items():
         if path is not None and not path.is_file():
@@ -265,15 +275,13 @@ def _serve(args: argparse.Namespace, out: Console, err: Console) -> int:
         )
     except (OSError, ValueError) as exc:
         raise UsageError(f"bad settings: {exc}") from None
-    from service import tls
-    from service.server import check_exposure, run  # imports torch, which client commands never need
+    from service.server import StartupError, run  # imports torch, which client commands never need
 
-    try:  # refusals that need no model loaded: say them in one line, not a traceback
-        check_exposure(settings)
-        tls.server_credentials(settings)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-    run(settings)
+    try:
+        run(settings)
+    except StartupError as exc:  # one line; the traceback, if any, went to the log at debug level
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -881,6 +889,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _answered(exc: grpc.RpcError) -> bool:
+    """Whether an UNAVAILABLE came from a server (say, shutting down) rather than from not reaching one."""
+    details = exc.details() or ""
+    return not any(s in details for s in ("failed to connect", "Connection refused", "DNS resolution failed",
+                                          "errors resolving", "Socket closed", "Name or service not known",
+                                          "connection attempt"))
+
+
+def _cause(exc: grpc.RpcError) -> str:
+    details = exc.details() or ""
+    if "resolving" in details or "DNS" in details:
+        return "its host name does not resolve"
+    for cause in ("Connection refused", "Socket closed", "timed out"):
+        if cause.lower() in details.lower():
+            return cause.lower()
+    return details.splitlines()[0][:80] if details else "no answer"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs one command; returns the exit status (0 ok, 1 server or job error, 2 usage error)."""
     try:
@@ -895,6 +921,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except grpc.RpcError as exc:
+        if exc.code() == grpc.StatusCode.UNAVAILABLE and not _answered(exc):
+            address = getattr(args, "address", None) or os.environ.get("HEADSERVE_ADDRESS") or DEFAULT_ADDRESS
+            print(f"error: no headserve server answers at {address} ({_cause(exc)}); start one with "
+                  f"`headserve serve --address {address}`, or point --address or HEADSERVE_ADDRESS at one",
+                  file=sys.stderr)
+            return 1
         print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1
     except HeadserveError as exc:  # from the store, for commands that work on it directly

@@ -380,6 +380,10 @@ class Predictor:
         """submit() and wait: one Scored per task, in order."""
         return self.submit(task_ids, items).result(timeout)
 
+    def batch_failures(self) -> dict[str, int]:
+        """Batches that failed so far, per backbone in use."""
+        return {name: lane.batcher.stats.failed for name, lane in list(self._lanes.items())}
+
     def batch_stats(self) -> dict[str, dict]:
         return {name: dataclasses.asdict(lane.batcher.stats) for name, lane in self._lanes.items()}
 

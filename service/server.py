@@ -10,10 +10,12 @@ import threading
 from concurrent import futures
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from service.app import HeadServeApp
+from service.datadir import DataDirInUse, DataDirLock
+from service.health import HealthMonitor
 from service.config import Settings
 from service.errors import RequestIdFilter
 from service.gen import headserve_pb2 as pb
@@ -41,17 +43,23 @@ class Running:
     health: health.HealthServicer
     admin: TenantAdmin
     tls: bool = False
+    lock: DataDirLock | None = None
+    monitor: HealthMonitor | None = None
 
     @property
     def address(self) -> str:
         return f"{'localhost' if self.tls else '127.0.0.1'}:{self.port}"
 
     def stop(self, grace: float = 5.0) -> None:
+        if self.monitor is not None:
+            self.monitor.stop()
         self.health.enter_graceful_shutdown()
         self.server.stop(grace).wait()
         self.app.predictor.close()
         self.app.runner.close()
         self.app.store.close()
+        if self.lock is not None:
+            self.lock.release()
 
 
 def _warm_up() -> None:
@@ -92,12 +100,28 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def build_server(settings: Settings) -> Running:
-    """Loads everything, binds `settings.address` (port 0 picks one) and starts serving."""
-    import torch
+class StartupError(Exception):
+    """The server cannot start, for a reason its message gives in one line."""
 
-    check_exposure(settings)
-    credentials = tls.server_credentials(settings)  # unusable certificate files fail here, before the models load
+
+def build_server(settings: Settings) -> Running:
+    """Loads everything, binds `settings.address` (port 0 picks one) and starts serving. Refusals that
+    the operator can fix (settings, files, a port or data directory in use) raise StartupError."""
+    try:
+        check_exposure(settings)
+        credentials = tls.server_credentials(settings)  # bad certificate files fail here, before models load
+        lock = DataDirLock(pathlib.Path(settings.data_dir))
+    except (ValueError, DataDirInUse, OSError) as exc:
+        raise StartupError(str(exc)) from exc
+    try:
+        return _build(settings, credentials, lock)
+    except BaseException:
+        lock.release()
+        raise
+
+
+def _build(settings: Settings, credentials, lock: DataDirLock) -> Running:
+    import torch
 
     if settings.intra_op_threads:
         torch.set_num_threads(settings.intra_op_threads)
@@ -115,6 +139,9 @@ def build_server(settings: Settings) -> Running:
     limits = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
+        # gRPC turns SO_REUSEPORT on by default: a second server on a port in use would start, and the two
+        # would split the requests at random. Off, the second one fails to bind.
+        ("grpc.so_reuseport", 0),
     ]
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=settings.grpc_workers),
@@ -126,21 +153,29 @@ def build_server(settings: Settings) -> Running:
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, ADMIN_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
                                         server)
-    if credentials is None:
-        port = server.add_insecure_port(settings.address)
-    else:
-        port = server.add_secure_port(settings.address, credentials)
+    try:
+        if credentials is None:
+            port = server.add_insecure_port(settings.address)
+        else:
+            port = server.add_secure_port(settings.address, credentials)
+    except RuntimeError:
+        port = 0
     if port == 0:
-        raise RuntimeError(f"could not bind {settings.address}")
+        store.close()
+        predictor.close()
+        runner.close()
+        raise StartupError(f"cannot listen on {settings.address}: the port is in use (another server?) or the "
+                           "address is not one of this machine's; pick another --address")
     server.start()
     resumed = runner.resume()
-    for name in ("", SERVICE_NAME, ADMIN_NAME):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    monitor = HealthMonitor(health_servicer, (SERVICE_NAME, ADMIN_NAME), store, registry, predictor,
+                            settings.health_interval_seconds)
+    monitor.start()
     loaded = [n for n, e in registry.entries.items() if e.available]
     log.info("headserve listening on %s (port %d); %s, auth %s; backbones: %s; device %s; %d job(s) resumed",
              settings.address, port, "TLS" if credentials else "plaintext", settings.auth,
              ", ".join(loaded) or "none", registry.device, resumed)
-    return Running(server, port, app, health_servicer, admin, credentials is not None)
+    return Running(server, port, app, health_servicer, admin, credentials is not None, lock, monitor)
 
 
 def configure_logging(level: str) -> None:
@@ -155,12 +190,20 @@ def configure_logging(level: str) -> None:
 
 
 def run(settings: Settings) -> None:
-    """Serves until SIGINT or SIGTERM, then stops gracefully."""
+    """Serves until SIGINT or SIGTERM, then stops gracefully. A server that cannot start raises
+    StartupError with a one-line reason (anything unexpected is wrapped too; its traceback is logged at
+    debug level)."""
     configure_logging(settings.log_level)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    running = build_server(settings)
+    try:
+        running = build_server(settings)
+    except StartupError:
+        raise
+    except Exception as exc:
+        log.debug("start-up failed", exc_info=True)
+        raise StartupError(f"could not start: {type(exc).__name__}: {exc}".splitlines()[0]) from exc
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())

@@ -16,20 +16,25 @@ its integrity errors become domain errors.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
+import os
 import pathlib
+import shutil
+import sqlite3
 import threading
 import time
+import uuid
 from collections.abc import Iterable, Sequence
 
 import numpy as np
 import sqlalchemy as sa
 from sqlalchemy import event
 
-from adapters.errors import AlreadyExists, Cancelled, FailedPrecondition, NotFound, ResourceExhausted
+from adapters.errors import AlreadyExists, Cancelled, FailedPrecondition, InvalidInput, NotFound, ResourceExhausted
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +119,10 @@ heads = sa.Table(
     sa.Column("labels", sa.Text, nullable=False),  # JSON list, the head's output order
     sa.Column("evaluation", sa.Text, nullable=False),  # JSON
     sa.Column("created_at_ms", sa.BigInteger, nullable=False),
+    # SHA-256 of `onnx`, written with it and checked when it is read ('' for heads stored before the
+    # column existed, or by an older headserve: those are checked by `size` only). Added to schema 2
+    # stores in place by Store._upgrade; older headserves ignore it, so the schema version stays 2.
+    sa.Column("onnx_sha256", sa.String(64), nullable=False, server_default=""),
 )
 jobs = sa.Table(
     "jobs", metadata,
@@ -265,6 +274,28 @@ class HeadRecord:
     labels: list[str]
     evaluation: dict
     created_at_ms: int = 0
+    onnx_sha256: str = ""  # as stored; Store.get_head has checked `onnx` against it
+
+
+class StorageFull(ResourceExhausted):
+    """The database could not grow (disk full, or SQLite's max_page_count): the transaction was rolled back."""
+
+
+class CorruptHead(FailedPrecondition):
+    """A stored head's bytes no longer match the size and SHA-256 written with them."""
+
+
+_FULL_MESSAGE = ("the server's storage is full: the write was rolled back and nothing of it was stored; "
+                 "retry once the operator has freed space")
+
+
+def _disk_full(exc: BaseException) -> bool:
+    """Whether a database error (SQLAlchemy's wrapper or the driver's own) says the disk is full."""
+    orig = getattr(exc, "orig", None) or exc
+    if isinstance(orig, sqlite3.Error):
+        code = getattr(orig, "sqlite_errorcode", None)
+        return (code is not None and code & 0xFF == 13) or "database or disk is full" in str(orig)  # SQLITE_FULL
+    return getattr(orig, "sqlstate", None) == "53100" or getattr(orig, "pgcode", None) == "53100"  # disk_full
 
 
 def _task(row) -> TaskRecord:
@@ -299,6 +330,8 @@ class Store:
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
         self._write = threading.Lock()
+        self._reported: set[tuple[str, int]] = set()  # corrupt heads already logged
+        self._full_logged = 0.0
         self._upgrade()
 
     @classmethod
@@ -320,13 +353,30 @@ class Store:
                     self._write.release()
                     raise
 
-            def __exit__(tx, *exc):
+            def __exit__(tx, exc_type, exc, tb):
+                # A full disk (SQLITE_FULL, PostgreSQL's disk_full) is StorageFull, whichever statement or
+                # the commit hit it; the transaction is rolled back first, so nothing of it is stored.
                 try:
-                    return tx.cm.__exit__(*exc)
+                    try:
+                        done = tx.cm.__exit__(exc_type, exc, tb)
+                    except sa.exc.OperationalError as failed:
+                        if _disk_full(failed):
+                            raise self._storage_full(failed) from failed
+                        raise
+                    if isinstance(exc, sa.exc.OperationalError) and _disk_full(exc):
+                        raise self._storage_full(exc) from exc
+                    return done
                 finally:
                     self._write.release()
 
         return _Tx()
+
+    def _storage_full(self, exc: BaseException) -> StorageFull:
+        now = time.monotonic()
+        if now - self._full_logged > 10:  # the operator's line, not one per refused request
+            self._full_logged = now
+            log.error("the store cannot grow (%s): writes are refused until space is freed", getattr(exc, "orig", exc))
+        return StorageFull(_FULL_MESSAGE)
 
     # --- schema -------------------------------------------------------------------------------------
 
@@ -347,6 +397,8 @@ class Store:
                 self._upgrade_from_1()
             metadata.create_all(self.engine)
             with self.engine.begin() as conn:
+                if "onnx_sha256" not in {c["name"] for c in sa.inspect(conn).get_columns("heads")}:
+                    conn.exec_driver_sql("ALTER TABLE heads ADD COLUMN onnx_sha256 VARCHAR(64) NOT NULL DEFAULT ''")
                 if not conn.execute(sa.select(tenants.c.tenant_id).where(
                         tenants.c.tenant_id == DEFAULT_TENANT)).first():
                     conn.execute(tenants.insert().values(tenant_id=DEFAULT_TENANT, name=DEFAULT_TENANT,
@@ -375,8 +427,9 @@ class Store:
                         "INSERT INTO examples (id, task_key, tenant_id, sha256, label) "
                         "SELECT id, :d || '/' || task_id, :d, sha256, label FROM v1_examples",
                         "INSERT INTO features SELECT :d, trunk, sha256, vector FROM v1_features",
-                        "INSERT INTO heads SELECT :d || '/' || task_id, version, onnx, length(onnx), labels, "
-                        "evaluation, created_at_ms FROM v1_heads",
+                        "INSERT INTO heads (task_key, version, onnx, size, labels, evaluation, created_at_ms) "
+                        "SELECT :d || '/' || task_id, version, onnx, length(onnx), labels, evaluation, created_at_ms "
+                        "FROM v1_heads",
                         "INSERT INTO jobs SELECT job_id, :d || '/' || task_id, state, config, status, error, "
                         "version, created_at_ms, updated_at_ms FROM v1_jobs",
                     ):
@@ -387,6 +440,12 @@ class Store:
                 conn.exec_driver_sql("PRAGMA foreign_keys=ON")
                 conn.commit()
         log.info("store upgraded to schema %d: existing tasks belong to tenant %r", SCHEMA_VERSION, d)
+
+    def ping(self) -> None:
+        """Raises unless the store answers a read of its schema version (the health check)."""
+        with self.engine.connect() as conn:
+            if conn.execute(sa.select(meta.c.value).where(meta.c.name == "schema_version")).scalar() is None:
+                raise RuntimeError("the store has no schema version: not a headserve store")
 
     # --- tenants and keys ------------------------------------------------------------------------------
 
@@ -653,8 +712,19 @@ class Store:
                 q = sa.select(features.c.sha256, features.c.vector).where(
                     features.c.tenant_id == tenant_id, features.c.trunk == trunk,
                     features.c.sha256.in_(list(shas[start : start + 500])))
-                out.update({sha: np.frombuffer(vec, dtype=np.float32) for sha, vec in conn.execute(q)})
+                # (a row cut to a length that is not whole float32s reads as the whole ones: callers that
+                # know the trunk's dimension see it is short)
+                out.update({sha: np.frombuffer(vec, dtype=np.float32, count=len(vec) // 4)
+                            for sha, vec in conn.execute(q)})
         return out
+
+    def drop_features(self, tenant_id: str, trunk: str, shas: Sequence[str]) -> None:
+        """Deletes cached feature rows (found damaged), so that they are computed and stored afresh."""
+        with self._tx() as conn:
+            for start in range(0, len(shas), 500):
+                conn.execute(features.delete().where(
+                    features.c.tenant_id == tenant_id, features.c.trunk == trunk,
+                    features.c.sha256.in_(list(shas[start : start + 500]))))
 
     def put_features(self, tenant_id: str, trunk: str, vectors: dict[str, np.ndarray]) -> None:
         if not vectors:
@@ -727,7 +797,8 @@ class Store:
                 version = (latest or 0) + 1
                 conn.execute(heads.insert().values(
                     task_key=task.key, version=version, onnx=head.onnx, size=len(head.onnx),
-                    labels=json.dumps(head.labels), evaluation=json.dumps(head.evaluation), created_at_ms=ts))
+                    labels=json.dumps(head.labels), evaluation=json.dumps(head.evaluation), created_at_ms=ts,
+                    onnx_sha256=hashlib.sha256(head.onnx).hexdigest()))
                 conn.execute(tasks.update().where(tasks.c.key == task.key).values(
                     state="READY", live_version=version, error="", updated_at_ms=ts))
             else:
@@ -744,7 +815,15 @@ class Store:
         if row is None:
             raise NotFound(f"task {task_of(key)!r} has no head version {version}")
         d = dict(row._mapping)
-        d.pop("size")
+        size = d.pop("size")
+        if len(d["onnx"]) != size or (d["onnx_sha256"] and hashlib.sha256(d["onnx"]).hexdigest() != d["onnx_sha256"]):
+            if (key, version) not in self._reported:
+                self._reported.add((key, version))
+                log.error("the stored head of task %s version %d is corrupted: %d bytes, %d written, SHA-256 %s",
+                          key, version, len(d["onnx"]), size,
+                          "mismatch" if d["onnx_sha256"] else "not recorded (a head stored before digests)")
+            raise CorruptHead(f"the stored head of task {task_of(key)!r} version {version} is corrupted (its bytes "
+                              "no longer match what training wrote); train the task again to replace it")
         return HeadRecord(**{**d, "labels": json.loads(d["labels"]), "evaluation": json.loads(d["evaluation"])})
 
     def head_evaluation(self, key: str, version: int) -> dict:

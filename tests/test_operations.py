@@ -1,0 +1,147 @@
+"""What operators rely on, through real servers: health that follows the store and the trunks, one server
+per port and per data directory, start-up errors in one line, and a CLI that says what it tried."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import time
+
+import grpc
+import pytest
+from conftest import Client, make_settings, text_examples, unique_id
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from service.cli import main
+from service.gen import headserve_pb2 as pb
+from service.server import StartupError, build_server
+
+SERVICES = ("", "headserve.v1.HeadServe", "headserve.v1.Admin")
+TOPICS = {"sports": ["A late goal won the match.", "The team trained in the rain."],
+          "cooking": ["Simmer the sauce slowly.", "Knead the dough for ten minutes."]}
+
+
+@pytest.fixture(scope="module")
+def watched(tmp_path_factory):
+    """A server checking its health five times a second, with a trained text task."""
+    running = build_server(make_settings(tmp_path_factory.mktemp("health"), builtin_backbones=["minilm-l6"],
+                                         health_interval_seconds=0.2))
+    client = Client(running.address)
+    client.stub.CreateTask(pb.CreateTaskRequest(task_id="t", backbone="minilm-l6", examples=text_examples(TOPICS)))
+    assert client.wait_ready("t").state == pb.Job.SUCCEEDED
+    yield running, client
+    client.close()
+    running.stop()
+
+
+def statuses(client: Client) -> set[int]:
+    stub = health_pb2_grpc.HealthStub(client.channel)
+    return {stub.Check(health_pb2.HealthCheckRequest(service=s), timeout=10).status for s in SERVICES}
+
+
+def wait_status(client: Client, status: int, timeout: float = 15.0) -> None:
+    end = time.monotonic() + timeout
+    while statuses(client) != {status}:
+        assert time.monotonic() < end, f"health did not become {health_pb2.HealthCheckResponse.ServingStatus.Name(status)}"
+        time.sleep(0.05)
+
+
+SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def test_health_turns_not_serving_while_the_store_is_gone_and_comes_back(watched):
+    running, client = watched
+    wait_status(client, SERVING)
+    store = running.app.store
+    db = pathlib.Path(running.app.settings.data_dir) / "headserve.sqlite3"
+    moved = db.with_name("moved.sqlite3")
+    store.engine.dispose()
+    for suffix in ("", "-wal", "-shm"):
+        if db.with_name(db.name + suffix).exists():
+            os.rename(db.with_name(db.name + suffix), moved.with_name(moved.name + suffix))
+    try:
+        wait_status(client, NOT_SERVING)
+        assert any(p.startswith("store:") for p in running.monitor.problems)
+    finally:
+        store.engine.dispose()
+        for suffix in ("", "-wal", "-shm"):
+            stray = db.with_name(db.name + suffix)
+            if stray.exists():
+                stray.unlink()  # the empty database a connection made meanwhile
+            if moved.with_name(moved.name + suffix).exists():
+                os.rename(moved.with_name(moved.name + suffix), stray)
+        store.engine.dispose()
+    wait_status(client, SERVING)
+    assert client.stub.Predict(pb.PredictRequest(task_id="t", inputs=[pb.Input(text="Bake a pie.")])).predictions
+
+
+def test_health_turns_not_serving_while_a_trunk_fails_and_comes_back(watched):
+    running, client = watched
+    wait_status(client, SERVING)
+    trunk = running.app.registry.get("minilm-l6").trunk
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    trunk.outputs = trunk.features = broken  # what a failed device does to every run
+    try:
+        with pytest.raises(grpc.RpcError) as err:
+            client.stub.Predict(pb.PredictRequest(task_id="t", inputs=[pb.Input(text="Score a goal.")]))
+        assert err.value.code() == grpc.StatusCode.INTERNAL
+        wait_status(client, NOT_SERVING)
+        assert running.monitor.problems == ["backbone minilm-l6: its trunk fails"]
+    finally:
+        del trunk.outputs, trunk.features
+    wait_status(client, SERVING)
+    answer = client.stub.Predict(pb.PredictRequest(task_id="t", inputs=[pb.Input(text="Score a goal.")]))
+    assert answer.predictions[0].label == "sports"
+
+
+def test_a_second_server_on_the_same_data_directory_is_refused_naming_the_first(watched, tmp_path):
+    running, _ = watched
+    with pytest.raises(StartupError, match=rf"data directory .* is in use by another headserve server \(pid {os.getpid()}"):
+        build_server(make_settings(running.app.settings.data_dir, builtin_backbones=["minilm-l6"]))
+
+
+def test_a_second_server_on_a_port_in_use_fails_at_once(watched, tmp_path):
+    running, _ = watched
+    with pytest.raises(StartupError, match="cannot listen on 127.0.0.1:.*the port is in use"):
+        build_server(make_settings(tmp_path, builtin_backbones=["minilm-l6"], address=f"127.0.0.1:{running.port}"))
+    # Its data directory is free again: the refused server let go of its lock.
+    again = build_server(make_settings(tmp_path, builtin_backbones=["minilm-l6"]))
+    again.stop()
+
+
+def test_serve_start_up_errors_are_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HEADSERVE_DEVICE", "cuda")
+    monkeypatch.setenv("HEADSERVE_BUILTIN_BACKBONES", '["minilm-l6"]')
+    assert main(["serve", "--address", "127.0.0.1:0", "--data-dir", str(tmp_path)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: could not start:") and "cuda" in err.lower()
+    assert "Traceback" not in err and len(err.splitlines()) == 1
+
+
+def test_client_flags_go_before_or_after_the_command(watched, capsys):
+    running, _ = watched
+    assert main(["tasks", "--address", running.address]) == 0
+    after = capsys.readouterr().out
+    assert main(["--address", running.address, "tasks"]) == 0
+    assert capsys.readouterr().out == after and " t " in after
+    assert main(["get", "t", "--address", running.address]) == 0
+
+
+def test_an_address_without_a_port_is_refused(capsys):
+    assert main(["--address", "localhost", "tasks"]) == 2
+    assert "needs a port" in capsys.readouterr().err
+
+
+def test_an_unreachable_server_is_named_with_how_to_start_one(tmp_path, capsys):
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert main(["tasks", "--address", f"127.0.0.1:{port}"]) == 1
+    err = capsys.readouterr().err
+    assert f"no headserve server answers at 127.0.0.1:{port} (connection refused)" in err
+    assert "headserve serve" in err and "UNAVAILABLE" not in err
