@@ -1,13 +1,19 @@
 """Checks of the deployment files (Dockerfile, compose, Kubernetes) and scripts/fetch_weights.py.
 
 No Docker or cluster here: the files are parsed and checked against each other and against the code they
-drive (settings fields, CLI flags, health service names). The health-check commands run for real against a
-local gRPC health server.
+drive (settings fields, CLI flags, health service names). The settings a deployment gives the server are
+loaded as the server would load them (env over the TOML file), and they must turn API keys and TLS on. The
+health-check commands run for real, with the files their mounts provide, against a local gRPC health
+server: plaintext for the image's own HEALTHCHECK, TLS with a CA-issued certificate (one that names no
+loopback host) for compose and the Kubernetes probes.
 """
 
 from __future__ import annotations
 
+import argparse
 import concurrent.futures
+import dataclasses
+import datetime
 import fnmatch
 import importlib.util
 import json
@@ -15,14 +21,20 @@ import os
 import pathlib
 import re
 import shlex
+import socket
 import subprocess
 import sys
 
 import grpc
 import pytest
 import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from service import tls
 from service.cli import build_parser
 from service.config import DEFAULT_BACKBONES, Settings
 
@@ -33,6 +45,8 @@ COMPOSE = ROOT / "deploy" / "docker-compose.yml"
 K8S = ROOT / "deploy" / "k8s"
 FETCH_WEIGHTS = ROOT / "scripts" / "fetch_weights.py"
 README = ROOT / "deploy" / "README.md"
+HEALTHCHECK = ROOT / "deploy" / "healthcheck.py"
+DEPLOY = ROOT / "deploy"
 
 PORT = 50051
 SERVICE_NAME = "headserve.v1.HeadServe"  # readiness; liveness is "" (the server overall)
@@ -155,6 +169,79 @@ def container() -> dict:
     return containers[0]
 
 
+def pod_spec() -> dict:
+    return k8s_objects()["Deployment"]["spec"]["template"]["spec"]
+
+
+def compose_env() -> dict[str, str]:
+    env = compose_service().get("environment", {})
+    assert isinstance(env, dict), "write the compose environment as a mapping"
+    return {name: str(value) for name, value in env.items()}
+
+
+def k8s_env() -> dict[str, str]:
+    env = container().get("env", [])
+    hidden = [e["name"] for e in env if e["name"].startswith("HEADSERVE_") and "value" not in e]
+    assert not hidden, f"HEADSERVE_* variables set from elsewhere (valueFrom) cannot be checked: {hidden}"
+    return {e["name"]: e["value"] for e in env if "value" in e}
+
+
+def compose_mounts() -> dict[str, pathlib.Path | str]:
+    """Container path -> the host path of a bind mount (resolved) or a named volume's name."""
+    mounts: dict[str, pathlib.Path | str] = {}
+    for volume in compose_service()["volumes"]:
+        source, target = volume.split(":")[:2]
+        mounts[target] = (COMPOSE.parent / source).resolve() if source.startswith((".", "/")) else source
+    return mounts
+
+
+def k8s_mounts() -> dict[str, tuple[dict, dict]]:
+    """Mount path -> (the container's volumeMount, the pod's volume)."""
+    volumes = {v["name"]: v for v in pod_spec()["volumes"]}
+    return {m["mountPath"]: (m, volumes[m["name"]]) for m in container()["volumeMounts"]}
+
+
+def k8s_server_args() -> argparse.Namespace:
+    """The server's command line in the pod: the image's entry point plus the container's args."""
+    command = entrypoint()[entrypoint().index("headserve") + 1 :] + container().get("args", [])
+    return build_parser().parse_args(command)
+
+
+def deployed_settings(target: str, monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path) -> Settings:
+    """The settings the server would start with in `target` (compose or k8s): the entry point's flags, the
+    deployment's HEADSERVE_* variables and, in Kubernetes, the ConfigMap's TOML file."""
+    for name in [n for n in os.environ if n.startswith("HEADSERVE_")]:
+        monkeypatch.delenv(name)
+    config = None
+    if target == "compose":
+        env = compose_env()
+        args = build_parser().parse_args(entrypoint()[entrypoint().index("headserve") + 1 :]
+                                         + list(compose_service().get("command", [])))
+    else:
+        env = k8s_env()
+        args = k8s_server_args()
+    if args.config is not None:
+        assert target == "k8s", "compose passes no --config"
+        config = tmp_path / args.config.name
+        config.write_text(k8s_objects()["ConfigMap"]["data"][args.config.name])
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return Settings.load(config, address=args.listen, data_dir=args.data_dir, log_level=args.log_level)
+
+
+def _healthcheck_module():
+    spec = importlib.util.spec_from_file_location("deploy_healthcheck", HEALTHCHECK)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def healthcheck_args(command: list[str]) -> argparse.Namespace:
+    """The arguments of a `python .../healthcheck.py ...` command, parsed as the script parses them."""
+    assert command[0] == "python" and pathlib.PurePosixPath(command[1]).name == "healthcheck.py", command
+    return _healthcheck_module().build_parser().parse_args(command[2:])
+
+
 @pytest.mark.parametrize("path", yaml_files(), ids=lambda p: str(p.relative_to(ROOT)))
 def test_yaml_files_parse(path: pathlib.Path) -> None:
     docs = [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
@@ -257,23 +344,93 @@ def test_compose_reserves_an_nvidia_gpu() -> None:
     assert any(d["driver"] == "nvidia" and "gpu" in d["capabilities"] for d in devices)
 
 
-def test_compose_healthcheck_asks_the_headserve_service() -> None:
+def test_compose_healthcheck_runs_the_mounted_check_on_the_headserve_service() -> None:
     check = compose_service()["healthcheck"]
     assert check["test"][0] == "CMD"
-    assert SERVICE_NAME in check["test"][-1] and f":{PORT}" in check["test"][-1]
+    command = check["test"][1:]
+    args = healthcheck_args(command)
+    assert args.service == SERVICE_NAME and args.port == PORT
+    assert compose_mounts()[command[1]] == HEALTHCHECK, f"{command[1]} is not deploy/healthcheck.py's mount"
+    # Two steps of args.timeout each, and the interpreter's start.
+    assert int(check["timeout"].removesuffix("s")) > 2 * args.timeout
+
+
+def test_compose_tls_files_come_from_a_mounted_folder() -> None:
+    env, mounts = compose_env(), compose_mounts()
+    volumes = {v.split(":")[1]: v for v in compose_service()["volumes"]}
+    for name in ("HEADSERVE_TLS_CERT_FILE", "HEADSERVE_TLS_KEY_FILE"):
+        path = pathlib.PurePosixPath(env[name])
+        # A single-file bind mount never sees the file replaced by rename.
+        assert str(path) not in mounts, f"{path}: mount its folder, not the file"
+        folder = str(path.parent)
+        assert folder in mounts, f"{path} is in no mounted folder"
+        assert isinstance(mounts[folder], pathlib.Path), f"{folder}: bind-mount a folder"
+        assert mounts[folder].is_dir(), f"{folder}: bind-mount a folder"
+        assert volumes[folder].endswith(":ro")
+        # The folder is in the repository only to be mounted: git ignores what is put in it.
+        ignored = (mounts[folder] / ".gitignore").read_text().splitlines()
+        assert "*" in ignored and "!.gitignore" in ignored
 
 
 # Kubernetes ---------------------------------------------------------------------------------------------
 
 
-def test_k8s_probes_use_grpc_health_on_the_port() -> None:
+PROBES = ("startupProbe", "readinessProbe", "livenessProbe")
+
+
+def test_k8s_probes_run_the_mounted_check_on_the_port() -> None:
     c = container()
-    readiness, liveness, startup = c["readinessProbe"], c["livenessProbe"], c["startupProbe"]
-    assert readiness["grpc"] == {"port": PORT, "service": SERVICE_NAME}
-    assert liveness["grpc"] == {"port": PORT, "service": ""}
-    assert startup["grpc"]["port"] == PORT
+    mounts = k8s_mounts()
+    server_config = str(k8s_server_args().config)
+    services = {}
+    for name in PROBES:
+        probe = c[name]
+        # Kubernetes' own grpc probe connects in plaintext: a TLS server refuses it.
+        assert "grpc" not in probe, f"{name}: the built-in grpc probe cannot speak TLS"
+        command = probe["exec"]["command"]
+        args = healthcheck_args(command)
+        assert args.port == PORT
+        assert args.config == server_config, f"{name} must read the server's own settings file"
+        script = pathlib.PurePosixPath(command[1])
+        _, volume = mounts[str(script.parent)]
+        configmap = k8s_objects()["ConfigMap"]
+        assert volume["configMap"]["name"] == configmap["metadata"]["name"]
+        assert script.name in configmap["data"]
+        # Two steps of args.timeout each, and the interpreter's start.
+        assert probe["timeoutSeconds"] > 2 * args.timeout
+        services[name] = args.service
+    assert services == {"startupProbe": "", "readinessProbe": SERVICE_NAME, "livenessProbe": ""}
+    startup = c["startupProbe"]
     # Backbones load and trunks export at start: at least 10 minutes before liveness takes over.
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 600
+
+
+def test_k8s_configmap_holds_the_healthcheck_of_deploy() -> None:
+    assert k8s_objects()["ConfigMap"]["data"]["healthcheck.py"] == HEALTHCHECK.read_text(), (
+        "k8s/configmap.yaml's healthcheck.py differs from deploy/healthcheck.py: copy it over")
+
+
+def test_k8s_tls_files_come_from_a_tls_secret_mounted_without_subpath() -> None:
+    env, mounts = k8s_env(), k8s_mounts()
+    for name, key in (("HEADSERVE_TLS_CERT_FILE", "tls.crt"), ("HEADSERVE_TLS_KEY_FILE", "tls.key")):
+        path = pathlib.PurePosixPath(env[name])
+        assert path.name == key, f"{name}: a kubernetes.io/tls Secret holds {key}"
+        assert str(path.parent) in mounts, f"{path} is in no mounted volume"
+        mount, volume = mounts[str(path.parent)]
+        assert "secret" in volume, f"{path} does not come from a Secret"
+        # A Secret mounted through subPath never receives its updates: the certificate could not rotate.
+        assert not {"subPath", "subPathExpr"} & mount.keys()
+        assert mount.get("readOnly") is True
+        items = volume["secret"].get("items")
+        assert items is None or {"key": key, "path": key} in items
+        mode = volume["secret"].get("defaultMode", 0o644)
+        assert mode & 0o040 and not mode & 0o007, "readable by the pod's fsGroup, by no one else"
+    assert pod_spec()["securityContext"]["fsGroup"] == pod_spec()["securityContext"]["runAsUser"]
+
+
+def test_k8s_mounts_use_no_subpath() -> None:
+    for mount in container()["volumeMounts"]:
+        assert not {"subPath", "subPathExpr"} & mount.keys(), f"{mount['name']}: subPath mounts never update"
 
 
 def test_k8s_container_port_matches_service_and_image() -> None:
@@ -347,6 +504,27 @@ def test_kustomization_lists_every_manifest() -> None:
 # Across files -------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("target", ["compose", "k8s"])
+def test_deployment_requires_api_keys_and_serves_tls(
+    target: str, monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path
+) -> None:
+    settings = deployed_settings(target, monkeypatch, tmp_path)
+    host = settings.address.rpartition(":")[0]
+    assert host not in ("127.0.0.1", "localhost", "::1"), "the deployment listens for other hosts"
+    assert settings.auth == "api_key", f"{target}: every caller on {settings.address} would be tenant default"
+    assert not settings.allow_insecure, f"{target}: allow_insecure serves without auth on a public address"
+    assert settings.tls, f"{target}: API keys would travel in plaintext (set tls_cert_file and tls_key_file)"
+    assert settings.tls_client_auth in ("none", "require")  # "optional" is refused at start
+
+
+# Settings read from the environment besides the server's: the CLI's and the Python client's.
+CLIENT_VARIABLES = {
+    name
+    for path in (ROOT / "service" / "cli.py", ROOT / "service" / "client.py")
+    for name in re.findall(r"environ(?:\.get)?[\[(]\"(HEADSERVE_[A-Z0-9_]+)\"", path.read_text())
+}
+
+
 def test_every_headserve_variable_is_a_setting() -> None:
     names = set(dockerfile_env(final_stage())) | set(compose_service().get("environment", {}))
     names |= {e["name"] for e in container().get("env", [])}
@@ -354,17 +532,125 @@ def test_every_headserve_variable_is_a_setting() -> None:
     unknown = sorted(
         n for n in names if n.startswith("HEADSERVE_") and n.removeprefix("HEADSERVE_").lower() not in fields
     )
+    # Settings ignores HEADSERVE_* variables that name no field: a misspelt one would be silently lost.
     assert not unknown, f"not settings in service/config.py: {unknown}"
+
+
+def test_every_headserve_variable_in_the_docs_is_a_setting_or_the_clients() -> None:
+    assert CLIENT_VARIABLES == {"HEADSERVE_ADDRESS", "HEADSERVE_API_KEY"}
+    fields = {f"HEADSERVE_{name.upper()}" for name in Settings.model_fields}
+    texts = [p for p in DEPLOY.rglob("*") if p.is_file() and p.suffix in (".md", ".yml", ".yaml", ".py", "")]
+    texts.append(ROOT / "README.md")
+    # What Kubernetes would inject for the Service named headserve; the pod turns that off.
+    service_links = {"HEADSERVE_SERVICE_HOST", "HEADSERVE_SERVICE_PORT", "HEADSERVE_SERVICE_PORT_GRPC",
+                     "HEADSERVE_PORT"}
+    assert pod_spec()["enableServiceLinks"] is False
+    for path in texts:
+        named = set(re.findall(r"HEADSERVE_[A-Z0-9_]*[A-Z0-9]", path.read_text()))
+        unknown = sorted(named - fields - CLIENT_VARIABLES - service_links)
+        assert not unknown, f"{path.relative_to(ROOT)} names variables nothing reads: {unknown}"
+
+
+# Health checks, run for real -----------------------------------------------------------------------------
+
+
+def _builder(subject: str, issuer: x509.Name, public_key, days: float) -> x509.CertificateBuilder:
+    now = datetime.datetime.now(datetime.timezone.utc)
+    start, end = sorted([now - datetime.timedelta(days=1), now + datetime.timedelta(days=days)])
+    return (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+        .issuer_name(issuer)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start - datetime.timedelta(days=1))
+        .not_valid_after(end)
+    )
+
+
+@dataclasses.dataclass
+class Authority:
+    """A CA issuing P-256 certificates (quick to make)."""
+
+    key: ec.EllipticCurvePrivateKey
+    cert: x509.Certificate
+
+    @classmethod
+    def create(cls, name: str) -> Authority:
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = (
+            _builder(name, x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]), key.public_key(), 30)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256())
+        )
+        return cls(key, cert)
+
+    def issue(
+        self, folder: pathlib.Path, names: list[str], days: float = 1, client: bool = False
+    ) -> pathlib.Path:
+        """Writes tls.crt and tls.key into `folder` (by rename, as a tool rotating them would); returns it."""
+        key = ec.generate_private_key(ec.SECP256R1())
+        usage = ExtendedKeyUsageOID.CLIENT_AUTH if client else ExtendedKeyUsageOID.SERVER_AUTH
+        cert = (
+            _builder(names[0], self.cert.subject, key.public_key(), days)
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in names]), critical=False)
+            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+            .sign(self.key, hashes.SHA256())
+        )
+        folder.mkdir(parents=True, exist_ok=True)
+        key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                    serialization.NoEncryption())
+        for name, data in (("tls.key", key_pem), ("tls.crt", cert.public_bytes(serialization.Encoding.PEM))):
+            (folder / f"{name}.part").write_bytes(data)
+            os.replace(folder / f"{name}.part", folder / name)
+        return folder
+
+    def write(self, path: pathlib.Path) -> pathlib.Path:
+        path.write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
+        return path
+
+
+# The name a cluster's certificate carries: not localhost, not 127.0.0.1, where the checks connect.
+CLUSTER_NAME = "headserve.headserve.svc.cluster.local"
+
+
+@pytest.fixture(scope="module")
+def ca() -> Authority:
+    return Authority.create("deploy test CA")
+
+
+def _health_server(settings: Settings | None):
+    server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=2))
+    servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    credentials = tls.server_credentials(settings) if settings is not None else None
+    if credentials is None:
+        port = server.add_insecure_port("127.0.0.1:0")
+    else:
+        port = server.add_secure_port("127.0.0.1:0", credentials)
+    server.start()
+    return server, port, servicer
 
 
 @pytest.fixture
 def health_server():
-    """A gRPC health server on a free port; yields (port, servicer)."""
-    server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=2))
-    servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
+    """A plaintext gRPC health server on a free port; yields (port, servicer)."""
+    server, port, servicer = _health_server(None)
+    yield port, servicer
+    server.stop(grace=None)
+
+
+@pytest.fixture
+def tls_files(ca: Authority, tmp_path: pathlib.Path) -> pathlib.Path:
+    """A folder with tls.crt and tls.key, as the Secret (or compose's tls/ folder) provides them."""
+    return ca.issue(tmp_path / "tls", [CLUSTER_NAME])
+
+
+@pytest.fixture
+def tls_health_server(tls_files: pathlib.Path):
+    """A gRPC health server with headserve's TLS credentials (reloading) on those files."""
+    settings = Settings(tls_cert_file=tls_files / "tls.crt", tls_key_file=tls_files / "tls.key")
+    server, port, servicer = _health_server(settings)
     yield port, servicer
     server.stop(grace=None)
 
@@ -378,18 +664,154 @@ def _run_check(command: list[str], port: int) -> int:
     return result.returncode
 
 
-@pytest.mark.parametrize("source", ["Dockerfile", "compose"])
-def test_healthcheck_command_reflects_serving_status(health_server, source: str) -> None:
+def test_image_healthcheck_reflects_serving_status(health_server) -> None:
     port, servicer = health_server
-    if source == "Dockerfile":
-        command = healthcheck_command()
-    else:
-        command = compose_service()["healthcheck"]["test"][1:]
+    command = healthcheck_command()
     assert f"127.0.0.1:{PORT}" in " ".join(command)
     servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
     assert _run_check(command, port) != 0
     servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
     assert _run_check(command, port) == 0
+
+
+def test_image_healthcheck_cannot_check_a_tls_server(tls_health_server) -> None:
+    """Why compose replaces the image's HEALTHCHECK: it speaks plaintext."""
+    port, servicer = tls_health_server
+    servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+    assert _run_check(healthcheck_command(), port) != 0
+
+
+@dataclasses.dataclass
+class Check:
+    """A deployed health check, made runnable here: its command and env with the container's paths
+    mapped to local files (what each mount provides), and the port left to point at a test server."""
+
+    command: list[str]
+    env: dict[str, str]
+    paths: dict[str, pathlib.Path]  # container path (a mount point) -> local path
+
+    def local(self, text: str) -> str:
+        for prefix in sorted(self.paths, key=len, reverse=True):
+            if text == prefix or text.startswith(prefix.rstrip("/") + "/"):
+                return str(self.paths[prefix]) + text[len(prefix) :]
+        return text
+
+    def run(self, port: int, *extra: str, **env: str) -> subprocess.CompletedProcess:
+        command = [self.local(part) for part in self.command]
+        command = [str(port) if part == str(PORT) else part for part in command]
+        assert command[0] == "python"
+        environ = {k: v for k, v in os.environ.items() if not k.startswith("HEADSERVE_")}
+        environ |= {name: self.local(value) for name, value in self.env.items()} | env
+        return subprocess.run([sys.executable, *command[1:], *extra], check=False, capture_output=True,
+                              text=True, env=environ, cwd=ROOT, timeout=60)
+
+
+def deployed_check(source: str, tls_files: pathlib.Path, tmp_path: pathlib.Path) -> Check:
+    """The compose healthcheck, or a Kubernetes probe, with the files its mounts provide."""
+    if source == "compose":
+        paths = {target: src for target, src in compose_mounts().items() if isinstance(src, pathlib.Path)}
+        tls_folder = str(pathlib.PurePosixPath(compose_env()["HEADSERVE_TLS_CERT_FILE"]).parent)
+        assert paths[tls_folder] == DEPLOY / "tls"
+        paths[tls_folder] = tls_files  # the files an operator puts there
+        return Check(compose_service()["healthcheck"]["test"][1:], compose_env(), paths)
+    paths = {}
+    for mount_path, (_, volume) in k8s_mounts().items():
+        if "configMap" in volume:  # the kubelet writes each key of the ConfigMap as a file
+            folder = tmp_path / volume["name"]
+            folder.mkdir()
+            for name, text in k8s_objects()["ConfigMap"]["data"].items():
+                (folder / name).write_text(text)
+            paths[mount_path] = folder
+        elif "secret" in volume:
+            paths[mount_path] = tls_files
+    return Check(container()[source]["exec"]["command"], k8s_env(), paths)
+
+
+@pytest.mark.parametrize("source", ["compose", *PROBES])
+def test_deployed_health_check_reflects_serving_status_over_tls(
+    source: str, tls_files: pathlib.Path, tls_health_server, tmp_path: pathlib.Path
+) -> None:
+    port, servicer = tls_health_server
+    check = deployed_check(source, tls_files, tmp_path)
+    service = healthcheck_args(check.command).service
+    servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+    result = check.run(port)
+    assert result.returncode == 1 and "NOT_SERVING" in result.stdout, result.stdout + result.stderr
+    servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    result = check.run(port)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_deployed_health_check_passes_across_a_certificate_rotation(
+    ca: Authority, tls_files: pathlib.Path, tls_health_server, tmp_path: pathlib.Path
+) -> None:
+    port, _ = tls_health_server
+    check = deployed_check("livenessProbe", tls_files, tmp_path)
+    served = _healthcheck_module().served_certificate
+    before = served(port, None, None, 5)
+    assert check.run(port).returncode == 0
+    Authority.create("next CA").issue(tls_files, ["*.headserve.example"])  # another CA, a wildcard name
+    result = check.run(port)
+    assert result.returncode == 0, result.stdout + result.stderr
+    after = served(port, None, None, 5)
+    assert after != before and after == (tls_files / "tls.crt").read_bytes()
+
+
+def test_deployed_health_check_fails_when_nothing_listens(
+    tls_files: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    check = deployed_check("startupProbe", tls_files, tmp_path)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # bound, not listening: connections are refused
+        result = check.run(port)
+    assert result.returncode == 1 and result.stdout.startswith("not healthy:"), result.stdout + result.stderr
+
+
+def test_health_check_follows_the_server_without_tls(health_server) -> None:
+    port, servicer = health_server
+    servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    result = Check(["python", str(HEALTHCHECK), "--port", str(PORT)], {}, {}).run(port)
+    assert result.returncode == 0 and result.stdout.strip() == "SERVING", result.stdout + result.stderr
+
+
+def test_health_check_with_client_certificates(ca: Authority, tmp_path: pathlib.Path) -> None:
+    """tls_client_auth = "require": the check needs a client certificate of the client CA, and says so."""
+    server_files = ca.issue(tmp_path / "tls", [CLUSTER_NAME])
+    client_ca = Authority.create("client CA")
+    client_files = client_ca.issue(tmp_path / "client", ["probe"], client=True)
+    env = {"HEADSERVE_TLS_CERT_FILE": str(server_files / "tls.crt"),
+           "HEADSERVE_TLS_KEY_FILE": str(server_files / "tls.key"),
+           "HEADSERVE_TLS_CLIENT_CA_FILE": str(client_ca.write(tmp_path / "client-ca.crt")),
+           "HEADSERVE_TLS_CLIENT_AUTH": "require"}
+    settings = Settings(**{name.removeprefix("HEADSERVE_").lower(): value for name, value in env.items()})
+    server, port, _ = _health_server(settings)
+    try:
+        check = Check(["python", str(HEALTHCHECK), "--port", str(PORT)], env, {})
+        result = check.run(port)
+        assert result.returncode == 1 and "client certificate" in result.stdout, result.stdout
+        stranger = Authority.create("stranger").issue(tmp_path / "stranger", ["probe"], client=True)
+        result = check.run(port, "--tls-cert", str(stranger / "tls.crt"),
+                           "--tls-key", str(stranger / "tls.key"))
+        assert result.returncode == 1, result.stdout
+        result = check.run(port, "--tls-cert", str(client_files / "tls.crt"),
+                           "--tls-key", str(client_files / "tls.key"))
+        assert result.returncode == 0, result.stdout + result.stderr
+    finally:
+        server.stop(grace=None)
+
+
+def test_health_check_fails_on_an_expired_certificate(ca: Authority, tmp_path: pathlib.Path) -> None:
+    """The server serves an expired certificate (with a warning); clients refuse it, and so does the check."""
+    files = ca.issue(tmp_path / "tls", [CLUSTER_NAME], days=-1)
+    cert, key = files / "tls.crt", files / "tls.key"
+    env = {"HEADSERVE_TLS_CERT_FILE": str(cert), "HEADSERVE_TLS_KEY_FILE": str(key)}
+    server, port, _ = _health_server(Settings(tls_cert_file=cert, tls_key_file=key))
+    try:
+        result = Check(["python", str(HEALTHCHECK), "--port", str(PORT)], env, {}).run(port)
+        assert result.returncode == 1 and "expired" in result.stdout, result.stdout + result.stderr
+    finally:
+        server.stop(grace=None)
 
 
 # scripts/fetch_weights.py -------------------------------------------------------------------------------
