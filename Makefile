@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 ADDRESS ?= 127.0.0.1:50051
 DATA_DIR ?= ./var
 
-.PHONY: serve test install proto bench-serving bench-fewshot clean
+.PHONY: serve test install proto bench-serving bench-fewshot bench-tenants clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,12 @@ bench-serving: $(VENV)/.installed
 # Few-shot accuracy through the service on the shared sets, next to scikit-learn on the same draws.
 bench-fewshot: $(VENV)/.installed
 	$(BIN)/python bench/fewshot.py $(BENCH_ARGS)
+
+# Tenants: Predict p50 with API keys against without auth (interleaved, same run), and tenant B's p99 while
+# tenant A floods, with and without a quota on A (~5 min); writes bench/results/tenants.{json,md}.
+# BENCH_ARGS=--quick for a short run (< 2 min); --docs also rewrites the Tenants results in docs/benchmarks.md.
+bench-tenants: $(VENV)/.installed
+	$(BIN)/python bench/tenants.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) var .pytest_cache

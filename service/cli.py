@@ -714,6 +714,74 @@ def _add_admin_commands(command, commands) -> None:
     local_flags(revoke)
 
 
+def _data_dir(args: argparse.Namespace) -> pathlib.Path:
+    """The data directory of --data-dir, or of the --config settings file (one of them is required)."""
+    if args.data_dir is None and args.config is None:
+        raise UsageError("give the server's store: --data-dir DIR or --config FILE")
+    from service.config import Settings
+
+    try:
+        settings = Settings.load(args.config, data_dir=args.data_dir)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"bad settings: {exc}") from None
+    return pathlib.Path(settings.data_dir)
+
+
+def _print_store_file(out: Console, verb: str, info) -> None:
+    out.print(f"{verb} {info.path}: {info.bytes / 1e6:.1f} MB, {info.tenants} tenant(s), {info.tasks} task(s), "
+              f"{info.heads} head version(s), {info.examples} example(s); schema {info.schema_version}, "
+              f"integrity ok" + (f", in {info.seconds:.2f} s" if info.seconds else ""))
+
+
+def _backup(args: argparse.Namespace, out: Console, err: Console) -> int:
+    import dataclasses
+
+    from service.store import STORE_FILE, backup_database
+
+    info = backup_database(_data_dir(args) / STORE_FILE, args.dest)
+    if args.json:
+        _print_json(dataclasses.asdict(info))
+    else:
+        _print_store_file(out, "backed up to", info)
+    return 0
+
+
+def _restore(args: argparse.Namespace, out: Console, err: Console) -> int:
+    import dataclasses
+
+    from service.store import restore_database
+
+    info = restore_database(args.src, _data_dir(args))
+    if args.json:
+        _print_json(dataclasses.asdict(info))
+        return 0
+    _print_store_file(out, "restored", info)
+    if info.previous:
+        out.print(f"the store it replaced is kept as {info.previous} (with its -wal, if any); delete it when "
+                  "the restored store serves as it should")
+    return 0
+
+
+def _add_backup_commands(command) -> None:
+    """`backup DEST` and `restore SRC`: on the store's files (SQLite), with --data-dir or --config."""
+
+    def store_flags(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--data-dir", type=pathlib.Path, metavar="DIR", help="the server's data directory")
+        sub.add_argument("--config", type=pathlib.Path, metavar="FILE", help="the server's TOML settings file")
+        sub.add_argument("--json", action="store_true", help="print JSON")
+
+    backup = command("backup", _backup, "copy the store to a file while the server runs (SQLite; for "
+                     "PostgreSQL use pg_dump)", client=False)
+    backup.add_argument("dest", type=pathlib.Path, metavar="DEST",
+                        help="the backup file to write (replaced atomically), or a directory to put "
+                        "headserve-TIME.sqlite3 in; the trunk cache (DIR/trunks) is rebuildable and not included")
+    store_flags(backup)
+    restore = command("restore", _restore, "replace a stopped server's store with a backup (refused while "
+                      "a server or command uses the data directory)", client=False)
+    restore.add_argument("src", type=pathlib.Path, metavar="SRC", help="a file written by `headserve backup`")
+    store_flags(restore)
+
+
 # Parser -----------------------------------------------------------------------------------------------
 
 Command = Callable[[argparse.Namespace, Console, Console], int]
@@ -886,6 +954,7 @@ def build_parser() -> argparse.ArgumentParser:
     delete.add_argument("task_id", metavar="TASK_ID")
 
     _add_admin_commands(command, commands)
+    _add_backup_commands(command)
     return parser
 
 

@@ -23,7 +23,7 @@ from adapters.finetune import auto_fine_tune, fine_tune
 from adapters.heads import Augmented, LabelText, TrainingOptions, export_checked, train_head
 from adapters.runtime import HeadRuntime
 from service.registry import BackboneRegistry
-from service.store import HeadRecord, JobRecord, Quotas, Store, TaskRecord
+from service.store import HeadRecord, JobRecord, Quotas, StorageFull, Store, TaskRecord
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,7 @@ class JobRunner:
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="train")
         self._live: dict[str, JobRecord] = {}  # unfinished jobs, with fine-grained status
         self._changed = threading.Condition()
+        self._closing = threading.Event()
 
     def submit(self, key: str, options: TrainingOptions, quotas: Quotas = Quotas()) -> JobRecord:
         """Queues a job for the task with store key `key` (within the tenant's training_jobs quota)."""
@@ -109,6 +110,7 @@ class JobRunner:
     def _run(self, job: JobRecord) -> None:
         start = time.perf_counter()
         job.state = "RUNNING"
+        deferred = False
         try:
             head, backbone = self._train(job)
             status = {**job.status, "phase": "done", "progress": 1.0, "message": "ready",
@@ -126,15 +128,42 @@ class JobRunner:
                 log.exception("job %s failed", job.job_id)
                 error = f"internal error during training ({type(exc).__name__}); see the server log for job {job.job_id}"
             status = {**job.status, "phase": "failed", "message": error}
-            try:
-                self.store.finish_job(job.job_id, status, error=error)
-            except NotFound:
-                pass  # the task was deleted while training
             job.state, job.error, job.status = "FAILED", error, status
+            if not self._record_failure(job):
+                # Even the failure cannot be written (the disk is full): watchers see FAILED from here
+                # (the job stays in _live) while a thread retries the write until space returns.
+                log.error("job %s failed (%s); its failure cannot be stored yet, retrying", job.job_id, error)
+                deferred = True
+                threading.Thread(target=self._record_failure_later, args=(job,), daemon=True,
+                                 name=f"finish-{job.job_id}").start()
         finally:
-            with self._changed:
-                self._live.pop(job.job_id, None)
-                self._changed.notify_all()
+            if not deferred:
+                with self._changed:
+                    self._live.pop(job.job_id, None)
+                    self._changed.notify_all()
+
+    def _record_failure(self, job: JobRecord) -> bool:
+        """Stores the job's failure; false when the store is full (nothing was written)."""
+        try:
+            self.store.finish_job(job.job_id, job.status, error=job.error)
+        except NotFound:
+            pass  # the task was deleted while training
+        except StorageFull:
+            return False
+        return True
+
+    def _record_failure_later(self, job: JobRecord, first_delay: float = 0.5, max_delay: float = 10.0) -> None:
+        """Retries storing a failure until it is stored. If the server stops first, the store still says
+        RUNNING, and the job runs again at the next start."""
+        delay = first_delay
+        while not self._closing.wait(delay):
+            if self._record_failure(job):
+                log.info("job %s: its failure is stored", job.job_id)
+                with self._changed:
+                    self._live.pop(job.job_id, None)
+                    self._changed.notify_all()
+                return
+            delay = min(2 * delay, max_delay)
 
     def _train(self, job: JobRecord) -> tuple[HeadRecord, str]:
         task = self.store.get_task(job.task_key)
@@ -199,6 +228,15 @@ class JobRunner:
         unique = list(dict.fromkeys(shas))
         tenant = task.tenant_id
         cached = {tap: self.store.cached_features(tenant, entry.trunk_key(tap), unique) for tap in POOLED_TAPS}
+        for tap in POOLED_TAPS:  # a damaged row (cut short, or not numbers) is computed again, not trained on
+            dim = entry.backbone.tap_dims[tap]
+            bad = [sha for sha, v in cached[tap].items() if v.shape != (dim,) or not np.isfinite(v).all()]
+            if bad:
+                log.warning("job %s: %d cached %s feature row(s) of tenant %s are damaged (expected %d floats); "
+                            "recomputing them", job.job_id, len(bad), tap, tenant, dim)
+                self.store.drop_features(tenant, entry.trunk_key(tap), bad)
+                for sha in bad:
+                    del cached[tap][sha]
         todo = [sha for sha in unique if any(sha not in cached[tap] for tap in POOLED_TAPS)]
         for start in range(0, len(todo), FEATURE_CHUNK):
             chunk = todo[start : start + FEATURE_CHUNK]
@@ -236,4 +274,5 @@ class JobRunner:
         return LabelText(pooled_taps(entry.training_trunk(), batch, FEATURE_CHUNK), texts)
 
     def close(self) -> None:
+        self._closing.set()
         self._pool.shutdown(wait=True, cancel_futures=True)

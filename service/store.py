@@ -34,7 +34,14 @@ import numpy as np
 import sqlalchemy as sa
 from sqlalchemy import event
 
-from adapters.errors import AlreadyExists, Cancelled, FailedPrecondition, InvalidInput, NotFound, ResourceExhausted
+from adapters.errors import (
+    AlreadyExists,
+    Cancelled,
+    FailedPrecondition,
+    InvalidInput,
+    NotFound,
+    ResourceExhausted,
+)
 
 log = logging.getLogger(__name__)
 
@@ -398,7 +405,11 @@ class Store:
             metadata.create_all(self.engine)
             with self.engine.begin() as conn:
                 if "onnx_sha256" not in {c["name"] for c in sa.inspect(conn).get_columns("heads")}:
-                    conn.exec_driver_sql("ALTER TABLE heads ADD COLUMN onnx_sha256 VARCHAR(64) NOT NULL DEFAULT ''")
+                    try:  # heads written before their digests were (and kept by an older headserve) get ''
+                        conn.exec_driver_sql("ALTER TABLE heads ADD COLUMN onnx_sha256 VARCHAR(64) NOT NULL DEFAULT ''")
+                    except sa.exc.OperationalError as exc:  # another process added it meanwhile
+                        if "duplicate column" not in str(exc):
+                            raise
                 if not conn.execute(sa.select(tenants.c.tenant_id).where(
                         tenants.c.tenant_id == DEFAULT_TENANT)).first():
                     conn.execute(tenants.insert().values(tenant_id=DEFAULT_TENANT, name=DEFAULT_TENANT,
@@ -816,12 +827,14 @@ class Store:
             raise NotFound(f"task {task_of(key)!r} has no head version {version}")
         d = dict(row._mapping)
         size = d.pop("size")
-        if len(d["onnx"]) != size or (d["onnx_sha256"] and hashlib.sha256(d["onnx"]).hexdigest() != d["onnx_sha256"]):
+        digest = hashlib.sha256(d["onnx"]).hexdigest()
+        if len(d["onnx"]) != size or d["onnx_sha256"] not in ("", digest):
             if (key, version) not in self._reported:
                 self._reported.add((key, version))
-                log.error("the stored head of task %s version %d is corrupted: %d bytes, %d written, SHA-256 %s",
+                log.error("the stored head of task %s version %d is corrupted: %d bytes (%d written), SHA-256 %s",
                           key, version, len(d["onnx"]), size,
-                          "mismatch" if d["onnx_sha256"] else "not recorded (a head stored before digests)")
+                          "not recorded (stored before digests)" if not d["onnx_sha256"]
+                          else "as written" if d["onnx_sha256"] == digest else "not the one written")
             raise CorruptHead(f"the stored head of task {task_of(key)!r} version {version} is corrupted (its bytes "
                               "no longer match what training wrote); train the task again to replace it")
         return HeadRecord(**{**d, "labels": json.loads(d["labels"]), "evaluation": json.loads(d["evaluation"])})
@@ -831,6 +844,212 @@ class Store:
             value = conn.execute(sa.select(heads.c.evaluation).where(
                 heads.c.task_key == key, heads.c.version == version)).scalar()
         return json.loads(value) if value else {}
+
+    # --- backup ---------------------------------------------------------------------------------------
+
+    def backup(self, dest: str | os.PathLike) -> BackupInfo:
+        """A consistent snapshot of the store, taken while it serves, written to `dest` atomically and
+        verified (backup_database). SQLite only: for PostgreSQL, back up with pg_dump (e.g.
+        `pg_dump --format=custom`) and restore with pg_restore. The trunk ONNX cache (data_dir/trunks) is
+        not part of the store: it is rebuilt from the backbones' weights at start-up."""
+        if self.engine.dialect.name != "sqlite":
+            raise FailedPrecondition(f"headserve backup supports SQLite stores; back up this "
+                                     f"{self.engine.dialect.name} database with pg_dump")
+        return backup_database(pathlib.Path(self.engine.url.database), dest)
+
+
+# --- backup and restore (SQLite) --------------------------------------------------------------------------
+
+STORE_FILE = "headserve.sqlite3"  # in the data directory (Store.open)
+LOCK_FILE = "headserve.lock"  # in the data directory: flock'ed by a serving server
+
+
+@dataclasses.dataclass
+class BackupInfo:
+    """A verified store file: what it holds and, for a backup, how long it took."""
+
+    path: str
+    bytes: int
+    schema_version: int
+    tenants: int
+    tasks: int
+    heads: int
+    examples: int
+    seconds: float = 0.0
+    previous: str = ""  # restore: where the store it replaced was moved ('' when there was none)
+
+
+def backup_database(source: pathlib.Path, dest: str | os.PathLike) -> BackupInfo:
+    """Copies the SQLite store `source` to `dest` (a file, or a directory to put a timestamped file in)
+    while servers keep reading and writing it.
+
+    sqlite3's backup API copies in one step (`pages=-1`), inside one read transaction: the copy is the
+    store as of one commit, and in WAL mode writers are not blocked meanwhile. (Copying a few pages per
+    step would restart whenever another connection writes, and might never finish under load.) The copy
+    is made as a temporary file beside `dest`, switched to a self-contained rollback journal (no -wal
+    beside it), fsynced, checked (PRAGMA integrity_check, schema version; verify_store_file), then renamed
+    onto `dest`: a failed or interrupted backup leaves `dest` as it was. The trunk ONNX cache
+    (data_dir/trunks) is not included: it is rebuildable."""
+    source = pathlib.Path(source)
+    dest = pathlib.Path(dest)
+    if dest.is_dir():
+        dest = dest / f"headserve-{time.strftime('%Y%m%dT%H%M%S')}.sqlite3"
+    if not source.is_file():
+        raise NotFound(f"there is no headserve store at {source} (is the data directory right?)")
+    if dest.exists() and dest.resolve() == source.resolve():
+        raise InvalidInput(f"{dest} is the store itself; back it up to another file")
+    tmp = dest.with_name(f".{dest.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    start = time.perf_counter()
+    try:
+        src = sqlite3.connect(source, timeout=30)
+        try:
+            src.execute("PRAGMA query_only=1")
+            out = sqlite3.connect(tmp)
+            try:
+                src.backup(out)  # pages=-1: one step, one read transaction
+                out.execute("PRAGMA journal_mode=DELETE")
+            finally:
+                out.close()
+        finally:
+            src.close()
+        _fsync(tmp)
+        info = verify_store_file(tmp)
+        os.replace(tmp, dest)
+        _fsync(dest.parent)
+    except sqlite3.Error as exc:
+        raise FailedPrecondition(f"could not back up {source}: {exc}") from exc
+    finally:
+        for leftover in (tmp, tmp.with_name(tmp.name + "-journal")):
+            leftover.unlink(missing_ok=True)
+    return dataclasses.replace(info, path=str(dest), seconds=time.perf_counter() - start)
+
+
+def verify_store_file(path: pathlib.Path) -> BackupInfo:
+    """Checks that `path` is a whole headserve SQLite store that this headserve can open: SQLite's
+    integrity check passes and its schema version is known. Raises InvalidInput saying what is wrong."""
+    path = pathlib.Path(path)
+    try:
+        conn = sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True)
+    except sqlite3.Error as exc:
+        raise InvalidInput(f"{path} cannot be opened as SQLite ({exc})") from None
+    try:
+        problems = [r[0] for r in conn.execute("PRAGMA integrity_check(5)")]
+        if problems != ["ok"]:
+            raise InvalidInput(f"{path} is damaged: SQLite's integrity check says {'; '.join(problems)[:300]}")
+        names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if not {"meta", "tasks", "heads"} <= names:
+            raise InvalidInput(f"{path} is an SQLite database but not a headserve store (no meta, tasks, heads)")
+        found = conn.execute("SELECT value FROM meta WHERE name = 'schema_version'").fetchone()
+        version = int(found[0]) if found and str(found[0]).isdigit() else 0
+        if not 1 <= version <= SCHEMA_VERSION:
+            raise InvalidInput(f"{path} has store schema {found[0] if found else 'none'}; this headserve reads "
+                               f"schemas 1 to {SCHEMA_VERSION} (use the headserve that wrote it)")
+        count = {t: conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0] if t in names else 0
+                 for t in ("tenants", "tasks", "heads", "examples")}
+    except sqlite3.DatabaseError as exc:  # not a database, or damaged past reading
+        raise InvalidInput(f"{path} is not a readable headserve store ({exc})") from None
+    finally:
+        conn.close()
+    return BackupInfo(str(path), path.stat().st_size, version, **count)
+
+
+def restore_database(source: str | os.PathLike, data_dir: str | os.PathLike) -> BackupInfo:
+    """Makes the backup `source` the store of `data_dir`. No server may be using `data_dir`.
+
+    In order, with nothing changed before the last two steps: takes the data directory's lock (the one a
+    serving server holds, so no server starts meanwhile; held by one, the restore is refused); copies
+    `source` beside the store and verifies the copy (verify_store_file); checks with SQLite that no
+    other process has the store open (a server, or a local admin command); moves the current store and
+    its -wal/-shm aside to `headserve.sqlite3.pre-restore-TIME` (kept: delete it when satisfied; a
+    stale -wal must never meet another database file); renames the copy into place. The trunk cache
+    (data_dir/trunks) stays: it does not depend on the store. Jobs that were unfinished in the backup
+    run again when a server starts on the restored store."""
+    source, data_dir = pathlib.Path(source), pathlib.Path(data_dir)
+    if not source.is_file():
+        raise NotFound(f"{source} is not a file")
+    wal = source.with_name(source.name + "-wal")
+    if wal.exists() and wal.stat().st_size:
+        raise InvalidInput(f"{source} has a write-ahead log beside it ({wal.name}): it is a live database, not a "
+                           "backup; make a backup of it with `headserve backup`")
+    data_dir.mkdir(parents=True, exist_ok=True)
+    db = data_dir / STORE_FILE
+    if db.exists() and db.resolve() == source.resolve():
+        raise InvalidInput(f"{source} is the store of {data_dir} itself")
+    with _data_dir_lock(data_dir):
+        tmp = data_dir / f".restore-{os.getpid()}-{uuid.uuid4().hex[:8]}.sqlite3"
+        try:
+            shutil.copyfile(source, tmp)
+            _fsync(tmp)
+            info = verify_store_file(tmp)
+            _refuse_if_open(db)
+            previous = data_dir / f"{STORE_FILE}.pre-restore-{time.strftime('%Y%m%dT%H%M%S')}"
+            moved = False
+            for suffix in ("-wal", "-shm", ""):  # the log first: a database never meets another's -wal
+                old = data_dir / (STORE_FILE + suffix)
+                if old.exists():
+                    os.replace(old, previous.with_name(previous.name + suffix))
+                    moved = True
+            os.replace(tmp, db)
+            _fsync(data_dir)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return dataclasses.replace(info, path=str(db), previous=str(previous) if moved else "")
+
+
+@contextlib.contextmanager
+def _data_dir_lock(data_dir: pathlib.Path):
+    """Holds DATA_DIR/headserve.lock (flock, exclusive), as a serving server does; refuses when held."""
+    import fcntl
+    import socket
+
+    with open(data_dir / LOCK_FILE, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            owner = f.read().strip() or "another process"
+            raise FailedPrecondition(f"data directory {data_dir} is in use ({owner}); stop its server "
+                                     "first, then restore") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()} (headserve restore)\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _refuse_if_open(db: pathlib.Path) -> None:
+    """Raises FailedPrecondition when another connection has the store open. Leaving WAL mode needs every
+    other connection closed, so SQLite answers SQLITE_BUSY if there is one (and otherwise checkpoints the
+    log into the file, which makes the store about to be moved aside self-contained). A store too damaged
+    to open cannot be asked: the data directory's lock is then the only check."""
+    if not db.exists():
+        return
+    try:
+        conn = sqlite3.connect(db, timeout=1)
+    except sqlite3.Error:
+        return
+    try:
+        conn.execute("PRAGMA journal_mode=DELETE")
+    except sqlite3.OperationalError as exc:
+        if getattr(exc, "sqlite_errorcode", 0) & 0xFF in (5, 6):  # SQLITE_BUSY, SQLITE_LOCKED
+            raise FailedPrecondition(f"the store {db} is in use by another process (a server, or a "
+                                     "headserve command on it); stop it first, then restore") from None
+    except sqlite3.DatabaseError:
+        pass  # damaged: nothing to ask
+    finally:
+        conn.close()
+
+
+def _fsync(path: pathlib.Path) -> None:
+    """Flushes a file, or a directory's entries (after a rename), to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:
