@@ -23,8 +23,10 @@ skipped; neither reaches the model. The queue is bounded in rows: past `max_queu
 ResourceExhausted (unless the queue is empty, so one large request always gets through).
 
 Fairness: a request belongs to a group (its tenant). A batch takes requests round-robin across the groups
-that have any queued, oldest group first and each group's requests in arrival order, so one group
-flooding the queue delays another's request by at most one batch. A group that holds less than its fair
+that have any queued, each group's requests in arrival order, starting with the group served least
+recently (a group that has waited is first in the next batch, even if the flooding group's oldest request
+is older and alone fills the batch), so one group flooding the queue delays another's request by at most
+the batch already running. A group that holds less than its fair
 share of the queue (`max_queue` / groups queued) is admitted even when the queue is full, so a flood
 cannot turn another group's requests into ResourceExhausted either; the queue then holds at most twice
 `max_queue` rows.
@@ -143,18 +145,23 @@ class Batcher:
         max_delay: float,
         max_queue: int,
         adaptive: bool = False,
+        observe: Callable[[int, float, list[float]], None] | None = None,
     ) -> None:
         """run(batch) must settle every future of the batch (a result or an exception); whatever it
-        leaves unsettled, or raises, fails the rest of the batch. One batch runs at a time."""
+        leaves unsettled, or raises, fails the rest of the batch. One batch runs at a time. `observe`, when
+        given, hears of every batch run: its rows, its seconds and each request's wait in the queue."""
         self.name = name
         self.max_size = max_size
         self.tuner = SizeTuner(max_size) if adaptive else None
         self.max_delay = max_delay
         self.max_queue = max_queue
         self._run = run
+        self._observe = observe
         self._queue: deque[Pending] = deque()
         self._queued_rows = 0
         self._group_rows: dict[str, int] = {}  # queued rows per group (groups with none are absent)
+        self._served: dict[str, int] = {}  # group -> turn it last had a request taken (queued groups only)
+        self._turn = 0
         self._arriving = 0
         self._busy = False  # a batch is running (on the worker or inline on a caller's thread)
         self._closed = False
@@ -252,6 +259,7 @@ class Batcher:
 
     def _execute(self, batch: list[Pending]) -> None:
         start = time.perf_counter()
+        began = time.monotonic()
         try:
             self._run(batch)
         except BaseException as exc:  # the batch's callers get the error
@@ -266,9 +274,12 @@ class Batcher:
                     p.future.set_exception(
                         RuntimeError("the batch finished without an answer for this request")
                     )
+            seconds = time.perf_counter() - start
+            if self._observe is not None:
+                self._observe(sum(p.rows for p in batch), seconds, [began - p.queued_at for p in batch])
             with self._cond:
                 if self.tuner is not None:
-                    self.tuner.observe(sum(p.rows for p in batch), time.perf_counter() - start)
+                    self.tuner.observe(sum(p.rows for p in batch), seconds)
                 self._busy = False
                 self._free_at = time.monotonic()
                 self._free_queued = self._queued_rows
@@ -316,9 +327,12 @@ class Batcher:
         now = time.monotonic()
         stats = self.stats
         limit = self.limit
-        lanes: dict[str, deque[Pending]] = {}  # oldest group first
+        arrived: dict[str, deque[Pending]] = {}
         for p in self._queue:
-            lanes.setdefault(p.group, deque()).append(p)
+            arrived.setdefault(p.group, deque()).append(p)
+        # Least recently served group first (never served: first of all), then by oldest request.
+        order = sorted(arrived, key=lambda g: self._served.get(g, -1))
+        lanes = {g: arrived[g] for g in order}
         taken: set[int] = set()
         while lanes:
             for group in list(lanes):
@@ -333,6 +347,8 @@ class Batcher:
                     if self._live(p, now):
                         batch.append(p)
                         rows += p.rows
+                        self._turn += 1
+                        self._served[group] = self._turn
                         break  # one request per group per round
                 if not lane:
                     del lanes[group]
@@ -346,6 +362,7 @@ class Batcher:
                         self._group_rows[p.group] = left
                     else:
                         del self._group_rows[p.group]
+                        self._served.pop(p.group, None)  # a group that comes back later is new again
                 else:
                     kept.append(p)
             self._queue = kept

@@ -131,6 +131,9 @@ class Settings(BaseSettings):
         "(a minute or more on a CPU, seconds on a GPU); 0: never",
     )
     intra_op_threads: int = Field(0, ge=0, description="onnxruntime/torch threads; 0 = all cores")
+    metrics_address: str = Field(
+        "", description="HOST:PORT for Prometheus metrics at http://HOST:PORT/metrics; empty: off"
+    )
     health_interval_seconds: float = Field(
         5.0, gt=0, le=300, description="how often the store and failing trunks are checked for gRPC health"
     )

@@ -45,13 +45,17 @@ class JobRunner:
         on_success: Callable[[str, HeadRuntime], None],
         workers: int = 1,
         auto_fine_tune_min_examples: int = 0,
+        on_finished: Callable[[str, str, float, dict[str, float]], None] | None = None,
     ) -> None:
+        """`on_finished(strategy, state, seconds, seconds per phase)` hears of every job that ended."""
         self.store = store
         self.auto_fine_tune_min_examples = auto_fine_tune_min_examples
         self.registry = registry
         self.on_success = on_success
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="train")
+        self.on_finished = on_finished
         self._live: dict[str, JobRecord] = {}  # unfinished jobs, with fine-grained status
+        self._phases: dict[str, dict] = {}  # job id -> seconds per phase so far, "@": (phase now, since)
         self._changed = threading.Condition()
         self._closing = threading.Event()
 
@@ -101,6 +105,8 @@ class JobRunner:
                 self._changed.wait(interval)
 
     def _publish(self, job: JobRecord, persist: bool = False, **status) -> None:
+        if "phase" in status:
+            self._enter_phase(job.job_id, status["phase"])
         with self._changed:
             job.status.update(status)
             self._changed.notify_all()
@@ -137,10 +143,25 @@ class JobRunner:
                 threading.Thread(target=self._record_failure_later, args=(job,), daemon=True,
                                  name=f"finish-{job.job_id}").start()
         finally:
+            self._enter_phase(job.job_id, "")
+            if self.on_finished is not None:
+                self.on_finished(job.config.get("strategy", "auto"), job.state, time.perf_counter() - start,
+                                 self._phases.pop(job.job_id, {}))
+            self._phases.pop(job.job_id, None)
             if not deferred:
                 with self._changed:
                     self._live.pop(job.job_id, None)
                     self._changed.notify_all()
+
+    def _enter_phase(self, job_id: str, phase: str) -> None:
+        """Books the time since the last phase change to that phase ('' ends the last one)."""
+        now = time.perf_counter()
+        spent = self._phases.setdefault(job_id, {})
+        current, since = spent.pop("@", ("", now))
+        if current and current != phase:
+            spent[current] = spent.get(current, 0.0) + now - since
+        if phase:
+            spent["@"] = (phase, since if current == phase else now)
 
     def _record_failure(self, job: JobRecord) -> bool:
         """Stores the job's failure; false when the store is full (nothing was written)."""

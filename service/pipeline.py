@@ -153,6 +153,9 @@ def _around(behavior: Behavior, response_streaming: bool, before, after=None) ->
 
 
 class RequestContext(Stage):
+    def __init__(self, observe: Callable[[str, str, float], None] | None = None) -> None:
+        self.observe = observe  # (method, code, seconds) of every call: the metrics
+
     def wrap(self, behavior, response_streaming, method):
         short = method.rsplit("/", 1)[-1]
         quiet = method.startswith(HEALTH)
@@ -178,7 +181,10 @@ class RequestContext(Stage):
             task = task if len(task) <= 64 else task[:64] + "..."
             caller = call.caller
             tenant, key = (caller.tenant_id, caller.key_id or "-") if caller else ("-", "-")
-            ms = (time.perf_counter() - call.start) * 1e3
+            seconds = time.perf_counter() - call.start
+            ms = seconds * 1e3
+            if self.observe is not None:
+                self.observe(short, code, seconds)
             (access_log.debug if quiet else access_log.info)(
                 "rpc %s task=%r tenant=%s key=%s status=%s ms=%.2f", short, task, tenant, key, code, ms)
             if method in MUTATING or code in DENIED:
@@ -297,6 +303,10 @@ def _aborted(exc: BaseException) -> bool:
     return type(exc) is Exception and not exc.args
 
 
-def interceptors(authenticator: Authenticator, limiter: RateLimiter, auth_enabled: bool) -> list[Stage]:
+def interceptors(
+    authenticator: Authenticator, limiter: RateLimiter, auth_enabled: bool,
+    observe: Callable[[str, str, float], None] | None = None,
+) -> list[Stage]:
     """The pipeline, outermost first."""
-    return [RequestContext(), Authentication(authenticator, auth_enabled), RateLimit(limiter), ErrorMapping()]
+    return [RequestContext(observe), Authentication(authenticator, auth_enabled), RateLimit(limiter),
+            ErrorMapping()]

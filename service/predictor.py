@@ -189,7 +189,7 @@ class Ticket:
 class _Lane:
     """A backbone's batcher, with what its worker thread reuses from batch to batch."""
 
-    def __init__(self, entry: Entry, settings: Settings) -> None:
+    def __init__(self, entry: Entry, settings: Settings, observe=None) -> None:
         self.entry = entry
         # Text is validated per request (cheap) and tokenised per batch (one call: the fast tokenizer's
         # batch path, far cheaper than a call per request); images are preprocessed per request.
@@ -205,6 +205,7 @@ class _Lane:
             max_delay=settings.batch_max_delay_us / 1e6,
             max_queue=settings.batch_queue_inputs,
             adaptive=settings.batch_adaptive,
+            observe=observe,
         )
 
     def collate(self, parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -294,10 +295,14 @@ def _rows(
 
 
 class Predictor:
-    def __init__(self, store: Store, registry: BackboneRegistry, settings: Settings | None = None) -> None:
+    def __init__(
+        self, store: Store, registry: BackboneRegistry, settings: Settings | None = None, metrics=None
+    ) -> None:
+        """`metrics` (service.metrics.Metrics), when given, hears of every batch and head load."""
         self.store = store
         self.registry = registry
         self.settings = settings or Settings()
+        self.metrics = metrics
         self.heads = HeadCache(self._load, self.settings.head_cache_mb << 20, self._task_exists)
         self._lanes: dict[str, _Lane] = {}
         self._lanes_lock = threading.Lock()
@@ -305,6 +310,12 @@ class Predictor:
     # --- heads ------------------------------------------------------------------------------------------
 
     def _load(self, key: str) -> HeadRuntime:
+        if self.metrics is None:
+            return self._load_head(key)
+        with self.metrics.head_load_seconds.time():
+            return self._load_head(key)
+
+    def _load_head(self, key: str) -> HeadRuntime:
         task = self.store.get_task(key)
         if task.live_version == 0:
             raise FailedPrecondition(
@@ -343,7 +354,13 @@ class Predictor:
             with self._lanes_lock:
                 lane = self._lanes.get(backbone)
                 if lane is None:
-                    lane = self._lanes[backbone] = _Lane(entry, self.settings)
+                    observe = None
+                    if self.metrics is not None:
+                        batch = self.metrics.batch
+
+                        def observe(rows, seconds, waits, name=backbone):
+                            batch(name, rows, seconds, waits)
+                    lane = self._lanes[backbone] = _Lane(entry, self.settings, observe)
         return lane
 
     def submit(
@@ -379,6 +396,11 @@ class Predictor:
     ) -> list[Scored]:
         """submit() and wait: one Scored per task, in order."""
         return self.submit(task_ids, items).result(timeout)
+
+    @property
+    def lanes(self) -> dict[str, _Lane]:
+        """The backbones' batchers started so far (by backbone name)."""
+        return self._lanes
 
     def batch_failures(self) -> dict[str, int]:
         """Batches that failed so far, per backbone in use."""

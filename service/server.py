@@ -16,6 +16,7 @@ from grpc_reflection.v1alpha import reflection
 from service.app import HeadServeApp
 from service.datadir import DataDirInUse, DataDirLock
 from service.health import HealthMonitor
+from service.metrics import Metrics, ServerCollector
 from service.config import Settings
 from service.errors import RequestIdFilter
 from service.gen import headserve_pb2 as pb
@@ -45,6 +46,8 @@ class Running:
     tls: bool = False
     lock: DataDirLock | None = None
     monitor: HealthMonitor | None = None
+    metrics: Metrics | None = None
+    metrics_port: int = 0
 
     @property
     def address(self) -> str:
@@ -58,6 +61,8 @@ class Running:
         self.app.predictor.close()
         self.app.runner.close()
         self.app.store.close()
+        if self.metrics is not None:
+            self.metrics.close()
         if self.lock is not None:
             self.lock.release()
 
@@ -127,10 +132,13 @@ def _build(settings: Settings, credentials, lock: DataDirLock) -> Running:
         torch.set_num_threads(settings.intra_op_threads)
     data_dir = pathlib.Path(settings.data_dir)
     store = Store.open(data_dir)
+    metrics = Metrics() if settings.metrics_address else None
+    if metrics is not None:
+        metrics.instrument(store, STORE_OPERATIONS)
     registry = BackboneRegistry.load(settings)
-    predictor = Predictor(store, registry, settings)
+    predictor = Predictor(store, registry, settings, metrics)
     runner = JobRunner(store, registry, predictor.install, settings.training_workers,
-                       settings.auto_fine_tune_min_examples)
+                       settings.auto_fine_tune_min_examples, metrics.job if metrics else None)
     app = HeadServeApp(settings, store, registry, runner, predictor)
     authenticator = Authenticator(store, settings.auth_cache_seconds)
     admin = TenantAdmin(store, authenticator)
@@ -146,7 +154,8 @@ def _build(settings: Settings, credentials, lock: DataDirLock) -> Running:
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=settings.grpc_workers),
         options=limits,
-        interceptors=pipeline.interceptors(authenticator, RateLimiter(), settings.auth == "api_key"),
+        interceptors=pipeline.interceptors(authenticator, RateLimiter(), settings.auth == "api_key",
+                                           metrics.rpc if metrics else None),
     )
     add_to_server(app, admin, server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
@@ -167,6 +176,17 @@ def _build(settings: Settings, credentials, lock: DataDirLock) -> Running:
         raise StartupError(f"cannot listen on {settings.address}: the port is in use (another server?) or the "
                            "address is not one of this machine's; pick another --address")
     server.start()
+    metrics_port = 0
+    if metrics is not None:
+        metrics.watch(ServerCollector(predictor))
+        metrics.build.info({"version": _version(), "device": str(registry.device),
+                            "backbones": ",".join(n for n, e in registry.entries.items() if e.available)})
+        try:
+            metrics_port = metrics.serve(settings.metrics_address)
+        except OSError as exc:
+            server.stop(0)
+            store.close()
+            raise StartupError(f"cannot serve metrics on {settings.metrics_address}: {exc.strerror or exc}") from exc
     resumed = runner.resume()
     monitor = HealthMonitor(health_servicer, (SERVICE_NAME, ADMIN_NAME), store, registry, predictor,
                             settings.health_interval_seconds)
@@ -175,7 +195,24 @@ def _build(settings: Settings, credentials, lock: DataDirLock) -> Running:
     log.info("headserve listening on %s (port %d); %s, auth %s; backbones: %s; device %s; %d job(s) resumed",
              settings.address, port, "TLS" if credentials else "plaintext", settings.auth,
              ", ".join(loaded) or "none", registry.device, resumed)
-    return Running(server, port, app, health_servicer, admin, credentials is not None, lock, monitor)
+    return Running(server, port, app, health_servicer, admin, credentials is not None, lock, monitor, metrics,
+                   metrics_port)
+
+
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("headserve")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+# Every store operation but opening and closing, timed when metrics are on (bounded: the method names).
+STORE_OPERATIONS = sorted(
+    name for name, value in vars(Store).items()
+    if callable(value) and not name.startswith("_") and name not in ("open", "close")
+)
 
 
 def configure_logging(level: str) -> None:

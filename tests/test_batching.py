@@ -194,8 +194,24 @@ def test_batches_take_requests_round_robin_across_groups():
             p.future.result(10)
     # Round 1 takes a0, b0, c0; round 2 a1 and then b1 would overflow (1+1+1+1+2 > 4): B waits, A goes on.
     assert rec.batches[1] == ["a0", "b0", "c0", "a1"]
-    assert rec.batches[2] == ["a2", "b1", "a3"]
+    # The next batch starts with B, served less recently than A.
+    assert rec.batches[2] == ["b1", "a2", "a3"]
     assert [x for batch in rec.batches for x in batch if x.startswith("a")] == [f"a{i}" for i in range(10)]
+
+
+def test_a_flooding_group_whose_request_fills_a_batch_does_not_keep_another_waiting():
+    """A's requests each fill the batch limit; B's lone request must run in the very next batch, not
+    after every earlier request of A."""
+    rec = Recorder(hold=True)
+    with batcher(rec, max_size=4) as b:
+        plug(b, rec)
+        flood = [b.submit(f"a{i}", 4, group="A") for i in range(5)]
+        lone = b.submit("b", 1, group="B")
+        rec.gate.set()
+        for p in [*flood, lone]:
+            p.future.result(10)
+    # a0 came first; then B, served less recently than A, goes before the rest of A's flood.
+    assert rec.batches[1:4] == [["a0"], ["b"], ["a1"]]
 
 
 def test_a_group_under_its_share_is_admitted_to_a_full_queue():

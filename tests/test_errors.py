@@ -288,6 +288,7 @@ def test_server_keeps_serving_after_errors(stub, text_task):
 def test_unexpected_failure_is_internal_with_a_request_id_and_the_server_goes_on(server, client, tenant):
     """A stored head that onnxruntime cannot load (corrupted on disk): the caller gets INTERNAL with a
     generic message naming the request id; no internals leak; other tasks keep serving."""
+    import hashlib
     import sqlite3
 
     task_id = unique_id()
@@ -295,7 +296,9 @@ def test_unexpected_failure_is_internal_with_a_request_id_and_the_server_goes_on
     assert client.wait_ready(task_id).state == pb.Job.SUCCEEDED
     server.app.predictor.forget(tenant.key(task_id))  # next Predict loads the head from the store
     with sqlite3.connect(server.app.settings.data_dir / "headserve.sqlite3") as db:
-        db.execute("UPDATE heads SET onnx = ? WHERE task_key = ?", (b"not an onnx model", tenant.key(task_id)))
+        bad = b"not an onnx model"  # with a matching size and digest: stored intact, unusable all the same
+        db.execute("UPDATE heads SET onnx = ?, size = ?, onnx_sha256 = ? WHERE task_key = ?",
+                   (bad, len(bad), hashlib.sha256(bad).hexdigest(), tenant.key(task_id)))
     request = pb.PredictRequest(task_id=task_id, inputs=[pb.Input(text="hello")])
     with pytest.raises(grpc.RpcError) as err:
         client.stub.Predict.with_call(request, metadata=[("x-request-id", "req-42")])

@@ -398,7 +398,7 @@ def test_no_auth_on_a_public_address_is_refused_unless_allowed(tmp_path, caplog)
 
 
 def test_serve_refuses_a_public_address_without_auth_in_one_line(tmp_path, capsys):
-    assert main(["serve", "--address", "0.0.0.0:0", "--data-dir", str(tmp_path)]) == 2
+    assert main(["serve", "--address", "0.0.0.0:0", "--data-dir", str(tmp_path)]) == 1
     err = capsys.readouterr().err
     assert "not a loopback address" in err and "Traceback" not in err
 
