@@ -22,6 +22,7 @@ from service.predictor import Predictor, Ticket
 from service.registry import BackboneRegistry, Entry
 from service.store import ExampleIn, JobRecord, Store, TaskRecord
 from service.tenants import Caller, quote
+from service.usage import UsageRecorder
 
 TASK_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 Item = str | bytes  # text or an encoded image
@@ -46,8 +47,10 @@ class Export:
 
 class HeadServeApp:
     def __init__(
-        self, settings: Settings, store: Store, registry: BackboneRegistry, runner: JobRunner, predictor: Predictor
+        self, settings: Settings, store: Store, registry: BackboneRegistry, runner: JobRunner, predictor: Predictor,
+        usage: UsageRecorder | None = None,
     ) -> None:
+        self.usage = usage
         self.settings = settings
         self.store = store
         self.registry = registry
@@ -231,7 +234,11 @@ class HeadServeApp:
         if len(set(task_ids)) != len(task_ids):
             twice = next(t for t in task_ids if task_ids.count(t) > 1)
             raise InvalidInput(f"task {quote(twice)} is named more than once; name each task once")
-        return self.predictor.submit([caller.key(t) for t in task_ids], items, deadline)
+        keys = [caller.key(t) for t in task_ids]
+        ticket = self.predictor.submit(keys, items, deadline)
+        if self.usage is not None:
+            self.usage.record(keys, len(items))
+        return ticket
 
     def export(self, caller: Caller, task_id: str, fused: bool, version: int) -> Export:
         task = self.store.get_task(caller.key(task_id))

@@ -661,6 +661,32 @@ def _keys_revoke(args: argparse.Namespace, out: Console, err: Console) -> int:
     return 0
 
 
+def _usage(args: argparse.Namespace, out: Console, err: Console) -> int:
+    local = _local_admin(args)
+    if local is not None:
+        view, rows = local.task_usage(args.tenant)
+        tenant = _tenant_dict(view)
+    else:
+        with _connect(args) as client:
+            report = client.get_usage(args.tenant)
+        tenant = _tenant_dict(report.tenant)
+        rows = [(t.task_id, t.requests, t.inputs, t.last_used_ms) for t in report.tasks]
+    if args.json:
+        _print_json({"tenant": tenant["tenant_id"], "name": tenant["name"],
+                     "requests": sum(r[1] for r in rows), "inputs": sum(r[2] for r in rows),
+                     "tasks": [{"task_id": t, "requests": r, "inputs": i, "last_used_ms": ms}
+                               for t, r, i, ms in rows]})
+        return 0
+    table = Table(box=box.SIMPLE, caption=f"tenant {tenant['name']} ({tenant['tenant_id']}): "
+                  f"{sum(r[1] for r in rows)} requests, {sum(r[2] for r in rows)} inputs")
+    for name in ("task", "requests", "inputs", "last used"):
+        table.add_column(name, no_wrap=name != "task", overflow="fold")
+    for task_id, requests, inputs, last in rows:
+        table.add_row(task_id, str(requests), str(inputs), _timestamp(last))
+    out.print(table if rows else f"no Predict traffic recorded for tenant {tenant['name']} yet")
+    return 0
+
+
 def _add_admin_commands(command, commands) -> None:
     """`tenants create|list|delete|quota` and `keys create|list|revoke`: local with --data-dir/--config."""
 
@@ -712,6 +738,10 @@ def _add_admin_commands(command, commands) -> None:
     revoke = command("revoke", _keys_revoke, "revoke an API key at once", group=key_commands)
     revoke.add_argument("key_id", metavar="KEY_ID")
     local_flags(revoke)
+
+    usage = command("usage", _usage, "Predict traffic per task of a tenant (admin)")
+    usage.add_argument("tenant", metavar="TENANT", help="id or name")
+    local_flags(usage)
 
 
 def _data_dir(args: argparse.Namespace) -> pathlib.Path:

@@ -410,5 +410,9 @@ class HeadServeClient:
     def list_keys(self, tenant: str = "") -> list[pb.ApiKey]:
         return list(self._admin.ListKeys(pb.ListKeysRequest(tenant=tenant), timeout=self.timeout).keys)
 
+    def get_usage(self, tenant: str) -> pb.UsageReport:
+        """Predict traffic of a tenant's tasks (stored every few seconds by each replica)."""
+        return self._admin.GetUsage(pb.GetUsageRequest(tenant=tenant), timeout=self.timeout)
+
     def revoke_key(self, key_id: str) -> pb.ApiKey:
         return self._admin.RevokeKey(pb.RevokeKeyRequest(key_id=key_id), timeout=self.timeout)

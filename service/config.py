@@ -134,11 +134,22 @@ class Settings(BaseSettings):
     metrics_address: str = Field(
         "", description="HOST:PORT for Prometheus metrics at http://HOST:PORT/metrics; empty: off"
     )
+    otel_endpoint: str = Field(
+        "", description="OTLP/gRPC endpoint that OpenTelemetry traces go to, e.g. http://collector:4317 (needs "
+        "pip install 'headserve[otel]'); empty: no tracing",
+    )
+    usage_flush_seconds: float = Field(
+        10.0, gt=0, le=3600, description="how often Predict usage per task is added to the store"
+    )
     health_interval_seconds: float = Field(
         5.0, gt=0, le=300, description="how often the store and failing trunks are checked for gRPC health"
     )
     export_chunk_bytes: int = Field(1 << 20, ge=1024, le=4 << 20)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["text", "json"] = Field(
+        "text", description="json: one JSON object per line (time, level, logger, message, request_id, tenant, "
+        "task, job, exc_info)",
+    )
 
     @field_validator("address")
     @classmethod

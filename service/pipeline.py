@@ -47,7 +47,7 @@ METHOD_SCOPES: dict[str, str | None] = {
        for m in ("CreateTask", "AddExamples", "TrainTask", "WatchJob", "DeleteTask", "ExportTask")},
     **{f"/headserve.v1.Admin/{m}": ADMIN
        for m in ("CreateTenant", "ListTenants", "GetTenant", "DeleteTenant", "SetQuotas", "CreateKey", "ListKeys",
-                 "RevokeKey")},
+                 "RevokeKey", "GetUsage")},
     "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": ANY,
     "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo": ANY,
 }

@@ -17,6 +17,7 @@ from service.app import HeadServeApp
 from service.datadir import DataDirInUse, DataDirLock
 from service.health import HealthMonitor
 from service.metrics import Metrics, ServerCollector
+from service.usage import UsageRecorder
 from service.config import Settings
 from service.errors import RequestIdFilter
 from service.gen import headserve_pb2 as pb
@@ -60,6 +61,8 @@ class Running:
         self.server.stop(grace).wait()
         self.app.predictor.close()
         self.app.runner.close()
+        if self.app.usage is not None:
+            self.app.usage.close()
         self.app.store.close()
         if self.metrics is not None:
             self.metrics.close()
@@ -139,7 +142,8 @@ def _build(settings: Settings, credentials, lock: DataDirLock) -> Running:
     predictor = Predictor(store, registry, settings, metrics)
     runner = JobRunner(store, registry, predictor.install, settings.training_workers,
                        settings.auto_fine_tune_min_examples, metrics.job if metrics else None)
-    app = HeadServeApp(settings, store, registry, runner, predictor)
+    app = HeadServeApp(settings, store, registry, runner, predictor,
+                       UsageRecorder(store, settings.usage_flush_seconds))
     authenticator = Authenticator(store, settings.auth_cache_seconds)
     admin = TenantAdmin(store, authenticator)
     _warm_up()

@@ -206,6 +206,12 @@ class AdminServicer(pb_grpc.AdminServicer):
     def RevokeKey(self, request, context: CallContext):
         return codec.key_pb(self.admin.revoke_key(request.key_id))
 
+    def GetUsage(self, request, context: CallContext):
+        view, rows = self.admin.task_usage(request.tenant)
+        tasks = [pb.TaskUsage(task_id=t, requests=r, inputs=i, last_used_ms=ms) for t, r, i, ms in rows]
+        return pb.UsageReport(tenant=codec.tenant_pb(view), tasks=tasks, requests=sum(t.requests for t in tasks),
+                              inputs=sum(t.inputs for t in tasks))
+
 
 def add_to_server(app: HeadServeApp, admin: TenantAdmin, server: grpc.Server) -> None:
     pb_grpc.add_HeadServeServicer_to_server(HeadServeServicer(app), server)

@@ -144,6 +144,14 @@ jobs = sa.Table(
     sa.Column("created_at_ms", sa.BigInteger, nullable=False),
     sa.Column("updated_at_ms", sa.BigInteger, nullable=False),
 )
+usage = sa.Table(  # Predict traffic per task, summarised (service/usage.py flushes it every few seconds)
+    "usage", metadata,
+    sa.Column("task_key", sa.String(200), sa.ForeignKey("tasks.key", ondelete="CASCADE"), primary_key=True),
+    sa.Column("tenant_id", sa.String(64), nullable=False, index=True),
+    sa.Column("requests", sa.BigInteger, nullable=False, default=0),
+    sa.Column("inputs", sa.BigInteger, nullable=False, default=0),
+    sa.Column("last_used_ms", sa.BigInteger, nullable=False, default=0),
+)
 # The database, not a check before the insert, keeps one unfinished job per task.
 sa.Index("uq_jobs_one_active", jobs.c.task_key, unique=True,
          sqlite_where=jobs.c.state.in_(ACTIVE_JOB_STATES), postgresql_where=jobs.c.state.in_(ACTIVE_JOB_STATES))
@@ -503,11 +511,44 @@ class Store:
                 chunk = keys[start : start + 500]
                 for table in (examples, heads, jobs):
                     conn.execute(table.delete().where(table.c.task_key.in_(chunk)))
-            for table in (tasks, features, blobs, api_keys):
+            for table in (usage, tasks, features, blobs, api_keys):
                 conn.execute(table.delete().where(table.c.tenant_id == tenant_id))
             if not conn.execute(tenants.delete().where(tenants.c.tenant_id == tenant_id)).rowcount:
                 raise NotFound(f"tenant {tenant_id[:64]!r} does not exist")
         return keys
+
+    def add_usage(self, counts: dict[str, tuple[int, int, int]]) -> None:
+        """Adds Predict traffic per task key: (requests, inputs, last used ms). Tasks deleted meanwhile are
+        skipped."""
+        if not counts:
+            return
+        with self._tx() as conn:
+            live = set()
+            keys = list(counts)
+            for start in range(0, len(keys), 500):
+                live |= {r[0] for r in conn.execute(sa.select(tasks.c.key).where(
+                    tasks.c.key.in_(keys[start : start + 500])))}
+            known = set()
+            for start in range(0, len(keys), 500):
+                known |= {r[0] for r in conn.execute(sa.select(usage.c.task_key).where(
+                    usage.c.task_key.in_(keys[start : start + 500])))}
+            for key in sorted(live):
+                requests, inputs, last = counts[key]
+                if key in known:
+                    conn.execute(usage.update().where(usage.c.task_key == key).values(
+                        requests=usage.c.requests + requests, inputs=usage.c.inputs + inputs,
+                        last_used_ms=sa.func.max(usage.c.last_used_ms, last)
+                        if self.engine.dialect.name == "sqlite" else sa.func.greatest(usage.c.last_used_ms, last)))
+                else:
+                    conn.execute(usage.insert().values(task_key=key, tenant_id=tenant_of(key), requests=requests,
+                                                       inputs=inputs, last_used_ms=last))
+
+    def task_usage(self, tenant_id: str) -> list[tuple[str, int, int, int]]:
+        """(task id, requests, inputs, last used ms) of the tenant's tasks that served any, busiest first."""
+        q = (sa.select(usage.c.task_key, usage.c.requests, usage.c.inputs, usage.c.last_used_ms)
+             .where(usage.c.tenant_id == tenant_id).order_by(usage.c.inputs.desc(), usage.c.task_key))
+        with self.engine.connect() as conn:
+            return [(task_of(r.task_key), r.requests, r.inputs, r.last_used_ms) for r in conn.execute(q)]
 
     def usage(self, tenant_id: str) -> Usage:
         with self.engine.connect() as conn:
@@ -679,7 +720,7 @@ class Store:
         tenant = tenant_of(key)
         with self._tx() as conn:
             shas = [r[0] for r in conn.execute(sa.select(examples.c.sha256).where(examples.c.task_key == key))]
-            for table in (examples, heads, jobs):
+            for table in (examples, heads, jobs, usage):
                 conn.execute(table.delete().where(table.c.task_key == key))
             if conn.execute(tasks.delete().where(tasks.c.key == key)).rowcount == 0:
                 raise NotFound(f"task {task_of(key)!r} does not exist")

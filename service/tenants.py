@@ -256,12 +256,17 @@ class TenantAdmin:
 
     def set_quotas(self, ref: str, quotas: Quotas) -> TenantView:
         for field in dataclasses.fields(quotas):
-            if getattr(quotas, field.name) < 0:
+            if not getattr(quotas, field.name) >= 0:  # NaN too: stored, it would refuse every Predict
                 raise InvalidInput(f"quota {field.name} must be 0 (unlimited) or positive")
         tenant = self.store.get_tenant(ref)
         self.store.set_quotas(tenant.tenant_id, quotas)
         self._forget(tenant_id=tenant.tenant_id)
         return self.tenant(tenant.tenant_id)
+
+    def task_usage(self, ref: str) -> tuple[TenantView, list[tuple[str, int, int, int]]]:
+        """The tenant and its tasks' Predict traffic: (task id, requests, inputs, last used ms)."""
+        view = self.tenant(ref)
+        return view, self.store.task_usage(view.tenant.tenant_id)
 
     def create_key(self, ref: str, scopes: list[str], description: str = "",
                    expires_at_ms: int = 0) -> tuple[KeyRecord, str]:

@@ -616,3 +616,33 @@ class RevokeKeyRequest(_message.Message):
     KEY_ID_FIELD_NUMBER: _ClassVar[int]
     key_id: str
     def __init__(self, key_id: _Optional[str] = ...) -> None: ...
+
+class GetUsageRequest(_message.Message):
+    __slots__ = ("tenant",)
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    def __init__(self, tenant: _Optional[str] = ...) -> None: ...
+
+class TaskUsage(_message.Message):
+    __slots__ = ("task_id", "requests", "inputs", "last_used_ms")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    LAST_USED_MS_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    requests: int
+    inputs: int
+    last_used_ms: int
+    def __init__(self, task_id: _Optional[str] = ..., requests: _Optional[int] = ..., inputs: _Optional[int] = ..., last_used_ms: _Optional[int] = ...) -> None: ...
+
+class UsageReport(_message.Message):
+    __slots__ = ("tenant", "tasks", "requests", "inputs")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    TASKS_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    tenant: Tenant
+    tasks: _containers.RepeatedCompositeFieldContainer[TaskUsage]
+    requests: int
+    inputs: int
+    def __init__(self, tenant: _Optional[_Union[Tenant, _Mapping]] = ..., tasks: _Optional[_Iterable[_Union[TaskUsage, _Mapping]]] = ..., requests: _Optional[int] = ..., inputs: _Optional[int] = ...) -> None: ...

@@ -588,6 +588,11 @@ class AdminStub:
                 request_serializer=headserve_dot_v1_dot_headserve__pb2.RevokeKeyRequest.SerializeToString,
                 response_deserializer=headserve_dot_v1_dot_headserve__pb2.ApiKey.FromString,
                 _registered_method=True)
+        self.GetUsage = channel.unary_unary(
+                '/headserve.v1.Admin/GetUsage',
+                request_serializer=headserve_dot_v1_dot_headserve__pb2.GetUsageRequest.SerializeToString,
+                response_deserializer=headserve_dot_v1_dot_headserve__pb2.UsageReport.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -648,6 +653,14 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetUsage(self, request, context):
+        """Predict traffic of a tenant's tasks (summed over replicas, stored every
+        few seconds).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -690,6 +703,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.RevokeKey,
                     request_deserializer=headserve_dot_v1_dot_headserve__pb2.RevokeKeyRequest.FromString,
                     response_serializer=headserve_dot_v1_dot_headserve__pb2.ApiKey.SerializeToString,
+            ),
+            'GetUsage': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetUsage,
+                    request_deserializer=headserve_dot_v1_dot_headserve__pb2.GetUsageRequest.FromString,
+                    response_serializer=headserve_dot_v1_dot_headserve__pb2.UsageReport.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -910,6 +928,33 @@ class Admin:
             '/headserve.v1.Admin/RevokeKey',
             headserve_dot_v1_dot_headserve__pb2.RevokeKeyRequest.SerializeToString,
             headserve_dot_v1_dot_headserve__pb2.ApiKey.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/headserve.v1.Admin/GetUsage',
+            headserve_dot_v1_dot_headserve__pb2.GetUsageRequest.SerializeToString,
+            headserve_dot_v1_dot_headserve__pb2.UsageReport.FromString,
             options,
             channel_credentials,
             insecure,
