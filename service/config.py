@@ -66,6 +66,10 @@ class Settings(BaseSettings):
     max_label_length: int = Field(100, ge=1, le=10_000, description="characters")
     max_text_length: int = Field(20_000, ge=1, description="characters in one text input")
     max_image_pixels: int = Field(40_000_000, ge=1, description="decoded width*height of one image")
+    max_image_aspect_ratio: float = Field(
+        50.0, ge=1, le=10_000, description="long side over short side of one image, checked from its header "
+        "before decoding (receipts and panoramas stay under 30; a 1x12000 strip would cost gigabytes to resize)",
+    )
 
     grpc_workers: int = Field(32, ge=1, description="threads serving RPCs")
 

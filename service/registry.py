@@ -76,7 +76,7 @@ class BackboneRegistry:
             transform = ImageTransform(custom.image_size, custom.resize, custom.mean, custom.std, custom.interpolation)
             specs[name] = custom_spec(name, custom.arch, custom.weights, transform)
 
-        limits = InputLimits(settings.max_text_length, settings.max_image_pixels)
+        limits = InputLimits(settings.max_text_length, settings.max_image_pixels, settings.max_image_aspect_ratio)
         cache = pathlib.Path(settings.data_dir) / "trunks"
         entries: dict[str, Entry] = {}
         for name, spec in specs.items():

@@ -254,7 +254,8 @@ def test_over_long_text(stub, text_task):
 def test_limits_from_config(tmp_path):
     """Oversized messages and per-task limits come from the settings."""
     running = build_server(make_settings(tmp_path, builtin_backbones=["mobilenet_v3_small"], max_message_bytes=1 << 16,
-                                         max_examples_per_task=3, max_image_pixels=100 * 100))
+                                         max_examples_per_task=3, max_image_pixels=100 * 100,
+                                         max_image_aspect_ratio=2.0))
     client = Client(running.address)
     try:
         stub = client.stub
@@ -269,6 +270,9 @@ def test_limits_from_config(tmp_path):
         huge = [ex(image=png((0, 0, 0), size=(200, 200)), label="a"), ex(image=png((9, 9, 9)), label="b")]
         expect(grpc.StatusCode.INVALID_ARGUMENT, create(stub, task_id=task_id, backbone="mobilenet_v3_small",
                                                         examples=huge), "pixels")
+        strip = [ex(image=png((0, 0, 0), size=(90, 30)), label="a"), ex(image=png((9, 9, 9)), label="b")]
+        expect(grpc.StatusCode.INVALID_ARGUMENT, create(stub, task_id=task_id, backbone="mobilenet_v3_small",
+                                                        examples=strip), "more elongated than the limit of 2:1")
         # Still serving after all of that.
         stub.CreateTask(pb.CreateTaskRequest(task_id=task_id, backbone="mobilenet_v3_small", examples=examples[:3]))
         assert client.wait_ready(task_id).state == pb.Job.SUCCEEDED
