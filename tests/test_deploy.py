@@ -5,7 +5,9 @@ drive (settings fields, CLI flags, health service names). The settings a deploym
 loaded as the server would load them (env over the TOML file), and they must turn API keys and TLS on. The
 health-check commands run for real, with the files their mounts provide, against a local gRPC health
 server: plaintext for the image's own HEALTHCHECK, TLS with a CA-issued certificate (one that names no
-loopback host) for compose and the Kubernetes probes.
+loopback host) for compose and the Kubernetes probes. The monitoring manifests (ServiceMonitor,
+PrometheusRule) and the Grafana dashboard may name only series, labels and label values that a real
+server's /metrics holds.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ HEALTHCHECK = ROOT / "deploy" / "healthcheck.py"
 DEPLOY = ROOT / "deploy"
 
 PORT = 50051
+METRICS_PORT = 9090  # Prometheus /metrics, plain HTTP
 SERVICE_NAME = "headserve.v1.HeadServe"  # readiness; liveness is "" (the server overall)
 DATA_DIR = "/data"
 
@@ -252,6 +255,8 @@ def test_yaml_files_found() -> None:
     names = {str(p.relative_to(ROOT)) for p in yaml_files()}
     assert {"deploy/docker-compose.yml", "deploy/k8s/deployment.yaml", "deploy/k8s/service.yaml"} <= names
     assert {"deploy/k8s/pvc.yaml", "deploy/k8s/configmap.yaml"} <= names
+    assert {"deploy/k8s/monitoring/servicemonitor.yaml", "deploy/k8s/monitoring/prometheusrule.yaml",
+            "deploy/k8s/monitoring/kustomization.yaml"} <= names
 
 
 # Dockerfile ---------------------------------------------------------------------------------------------
@@ -331,7 +336,7 @@ def test_dockerignore_keeps_sources_and_drops_local_state() -> None:
 def test_compose_maps_the_port_and_the_data_volume() -> None:
     service = compose_service()
     containers_ports = [int(str(p).split(":")[-1].split("/")[0]) for p in service["ports"]]
-    assert containers_ports == [PORT]
+    assert containers_ports == [PORT, METRICS_PORT]
     mounts = {v.split(":")[1]: v.split(":")[0] for v in service["volumes"]}
     assert DATA_DIR in mounts
     assert mounts[DATA_DIR] in yaml.safe_load(COMPOSE.read_text())["volumes"], "use a named volume for /data"
@@ -436,11 +441,13 @@ def test_k8s_mounts_use_no_subpath() -> None:
 def test_k8s_container_port_matches_service_and_image() -> None:
     objects = k8s_objects()
     ports = {p["name"]: p["containerPort"] for p in container()["ports"]}
-    assert ports == {"grpc": PORT}
-    (service_port,) = objects["Service"]["spec"]["ports"]
-    assert service_port["name"] == "grpc" and service_port["port"] == PORT
-    target = service_port["targetPort"]
-    assert (ports[target] if isinstance(target, str) else target) == PORT
+    assert ports == {"grpc": PORT, "metrics": METRICS_PORT}
+    service_ports = {p["name"]: p for p in objects["Service"]["spec"]["ports"]}
+    assert set(service_ports) == {"grpc", "metrics"}
+    for name, number in (("grpc", PORT), ("metrics", METRICS_PORT)):
+        assert service_ports[name]["port"] == number
+        target = service_ports[name]["targetPort"]
+        assert (ports[target] if isinstance(target, str) else target) == number
     assert objects["Service"]["spec"].get("type", "ClusterIP") == "ClusterIP"
     pod_labels = objects["Deployment"]["spec"]["template"]["metadata"]["labels"]
     assert objects["Service"]["spec"]["selector"].items() <= pod_labels.items()
@@ -549,6 +556,412 @@ def test_every_headserve_variable_in_the_docs_is_a_setting_or_the_clients() -> N
         named = set(re.findall(r"HEADSERVE_[A-Z0-9_]*[A-Z0-9]", path.read_text()))
         unknown = sorted(named - fields - CLIENT_VARIABLES - service_links)
         assert not unknown, f"{path.relative_to(ROOT)} names variables nothing reads: {unknown}"
+
+
+# Metrics and monitoring --------------------------------------------------------------------------------
+#
+# The names the manifests use are checked against what a real server exposes: a server with metrics on
+# answers a few RPCs and trains a task, then its /metrics is scraped over HTTP. Every series and label an
+# alert or a dashboard panel names must be in that scrape (or be one of the few series Prometheus and
+# kube-state-metrics provide), so a misspelt name, which would leave an alert silent forever, fails here.
+
+MONITORING = K8S / "monitoring"
+DASHBOARD = DEPLOY / "grafana" / "headserve.json"
+
+# Labels Prometheus adds to every scraped series (the Prometheus Operator's ServiceMonitor targets).
+TARGET_LABELS = {"job", "instance", "namespace", "pod", "service", "endpoint", "container"}
+# Series the alerts read that headserve does not expose: Prometheus' own and kube-state-metrics'.
+EXTERNAL_SERIES = {
+    "up": TARGET_LABELS,
+    "kube_pod_status_ready": {"namespace", "pod", "uid", "condition", "job", "instance"},
+    "kube_pod_container_status_restarts_total": {"namespace", "pod", "uid", "container", "job", "instance"},
+}
+PROMQL_FUNCTIONS = {
+    "sum", "avg", "min", "max", "count", "topk", "bottomk", "quantile", "stddev", "group", "count_values",
+    "rate", "irate", "increase", "delta", "idelta", "deriv", "histogram_quantile", "absent",
+    "absent_over_time", "avg_over_time", "max_over_time", "min_over_time", "sum_over_time",
+    "count_over_time", "last_over_time", "quantile_over_time", "clamp_min", "clamp_max", "abs", "ceil",
+    "floor", "round", "scalar", "vector", "time", "timestamp", "label_replace", "label_join", "changes",
+    "resets", "sort", "sort_desc",
+}
+PROMQL_GROUPING = {"by", "without", "on", "ignoring", "group_left", "group_right"}
+AGGREGATION_CLAUSES = (("ident", "by"), ("ident", "without"))  # sum by (...) (...)
+PROMQL_KEYWORDS = {"and", "or", "unless", "bool", "offset"}
+_PROMQL_TOKEN = re.compile(
+    r"""\s*(?:(?P<string>"(?:\\.|[^"\\])*")|(?P<range>\[[0-9smhdwy:]+\])"""
+    r"""|(?P<number>\d+(?:\.\d+)?(?:e[+-]?\d+)?)"""
+    r"""|(?P<ident>[A-Za-z_:][A-Za-z0-9_:]*)|(?P<op>=~|!~|!=|==|>=|<=|[-+*/%^<>=,(){}]))"""
+)
+# Grafana's variables, as a query would have them filled in.
+GRAFANA_VARIABLES = {"$__rate_interval": "5m", "$__interval": "1m", "$__range": "1h"}
+
+
+@dataclasses.dataclass
+class Exposed:
+    """What a real server's /metrics holds: series name (as PromQL names it) -> its label names."""
+
+    series: dict[str, set[str]]
+    families: dict[str, str]  # family name -> type, as the exposition declares it
+
+
+def _series_names(family: str, kind: str) -> list[str]:
+    """The series names a family of `kind` puts in the text exposition (what PromQL selects)."""
+    return {"counter": [f"{family}_total", f"{family}_created"],
+            "histogram": [f"{family}_bucket", f"{family}_count", f"{family}_sum", f"{family}_created"],
+            "summary": [family, f"{family}_count", f"{family}_sum", f"{family}_created"],
+            "info": [f"{family}_info"]}.get(kind, [family])
+
+
+@pytest.fixture(scope="module")
+def exposed(tmp_path_factory) -> Exposed:
+    """A real server with metrics on, after a trained task, a Predict and a failed call, scraped over HTTP."""
+    import urllib.request
+
+    from conftest import TOPICS, Client, make_settings, text_examples
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from service.gen import headserve_pb2 as pb
+    from service.server import build_server
+
+    running = build_server(make_settings(tmp_path_factory.mktemp("metrics"), builtin_backbones=["minilm-l6"],
+                                         metrics_address="127.0.0.1:0"))
+    client = Client(running.address)
+    try:
+        client.stub.CreateTask(pb.CreateTaskRequest(task_id="t", backbone="minilm-l6",
+                                                    examples=text_examples(TOPICS)))
+        assert client.wait_ready("t").state == pb.Job.SUCCEEDED
+        client.stub.Predict(pb.PredictRequest(task_id="t", inputs=[pb.Input(text="a penalty in extra time")]))
+        with pytest.raises(grpc.RpcError):
+            client.stub.GetTask(pb.GetTaskRequest(task_id="ghost"))
+        url = f"http://127.0.0.1:{running.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as answer:
+            assert answer.status == 200
+            text = answer.read().decode()
+    finally:
+        client.close()
+        running.stop()
+    series: dict[str, set[str]] = {}
+    families: dict[str, str] = {}
+    for family in text_string_to_metric_families(text):
+        families[family.name] = family.type
+        for name in _series_names(family.name, family.type):
+            series.setdefault(name, set())
+        for sample in family.samples:
+            series.setdefault(sample.name, set()).update(sample.labels)
+    return Exposed(series, families)
+
+
+def promql_tokens(expr: str) -> list[tuple[str, str]]:
+    """(kind, text) tokens of a PromQL expression; raises on text it cannot read or unbalanced brackets."""
+    for variable, value in GRAFANA_VARIABLES.items():
+        expr = expr.replace(variable, value)
+    tokens: list[tuple[str, str]] = []
+    position = 0
+    expr = expr.rstrip()
+    while position < len(expr):
+        match = _PROMQL_TOKEN.match(expr, position)
+        assert match and match.end() > position, f"cannot read {expr[position:position + 30]!r} in {expr!r}"
+        kind = match.lastgroup
+        tokens.append((kind, match.group(kind)))
+        position = match.end()
+    depth: list[str] = []
+    pairs = {")": "(", "}": "{"}
+    for kind, text in tokens:
+        if kind == "op" and text in "({":
+            depth.append(text)
+        elif kind == "op" and text in ")}":
+            assert depth and depth.pop() == pairs[text], f"unbalanced {text!r} in {expr!r}"
+    assert not depth, f"unclosed {depth} in {expr!r}"
+    return tokens
+
+
+@dataclasses.dataclass
+class Query:
+    selectors: list[tuple[str, list[tuple[str, str, str]]]]  # (series, [(label, op, value)])
+    grouping: set[str]  # labels named in by/without/on/ignoring/group_*
+    functions: set[str]
+
+
+def parse_promql(expr: str) -> Query:
+    tokens = promql_tokens(expr)
+    query = Query([], set(), set())
+    i = 0
+    while i < len(tokens):
+        kind, text = tokens[i]
+        following = tokens[i + 1] if i + 1 < len(tokens) else ("", "")
+        if kind == "ident" and text in PROMQL_GROUPING:
+            if following == ("op", "("):
+                i += 2
+                while tokens[i] != ("op", ")"):
+                    if tokens[i][0] == "ident":
+                        query.grouping.add(tokens[i][1])
+                    else:
+                        assert tokens[i] == ("op", ","), f"{text} (...) holds {tokens[i][1]!r}: {expr!r}"
+                    i += 1
+        elif kind == "ident" and (following == ("op", "(") or following in AGGREGATION_CLAUSES):
+            assert text in PROMQL_FUNCTIONS, f"{text!r} is no PromQL function: {expr!r}"
+            query.functions.add(text)
+        elif kind == "ident" and text not in PROMQL_KEYWORDS:
+            matchers = []
+            if following == ("op", "{"):
+                i += 2
+                while tokens[i] != ("op", "}"):
+                    (lkind, label), (okind, op), (vkind, value) = tokens[i : i + 3]
+                    assert lkind == "ident" and okind == "op" and vkind == "string", f"bad matcher: {expr!r}"
+                    assert op in ("=", "!=", "=~", "!~"), f"bad matcher operator {op!r}: {expr!r}"
+                    matchers.append((label, op, json.loads(value)))
+                    i += 3
+                    if tokens[i] == ("op", ","):
+                        i += 1
+            query.selectors.append((text, matchers))
+        elif kind == "op" and text == "{":
+            raise AssertionError(f"a selector without a metric name: {expr!r}")
+        i += 1
+    return query
+
+
+def known_label_values() -> dict[str, set[str]]:
+    """Values that labels with a fixed vocabulary can take, from the code (what matchers may name)."""
+    from grpc_health.v1 import health_pb2 as health_messages
+
+    from service.gen import headserve_pb2 as pb
+
+    methods = {m.name for s in pb.DESCRIPTOR.services_by_name.values() for m in s.methods}
+    methods |= {m.name for m in health_messages.DESCRIPTOR.services_by_name["Health"].methods}
+    return {"code": {c.name for c in grpc.StatusCode},
+            "method": methods,
+            "state": set(pb.Job.State.keys()) - {"STATE_UNSPECIFIED"}}
+
+
+def check_promql(expr: str, exposed: Exposed) -> Query:
+    """Asserts that `expr` reads, and names only series, labels and label values that exist."""
+    query = parse_promql(expr)
+    assert query.selectors, f"no series in {expr!r}"
+    values = known_label_values()
+    labels_in_query: set[str] = set()
+    for name, matchers in query.selectors:
+        if name.startswith("headserve_"):
+            assert name in exposed.series, (
+                f"{name} is not a series of service/metrics.py (a real server's /metrics has "
+                f"{sorted(n for n in exposed.series if not n.endswith('_created'))})")
+            labels = exposed.series[name] | TARGET_LABELS
+        else:
+            assert name in EXTERNAL_SERIES, f"{name}: neither headserve's nor a known external series"
+            labels = EXTERNAL_SERIES[name]
+        labels_in_query |= labels
+        for label, op, value in matchers:
+            assert label in labels, f"{name} has no label {label!r} (it has {sorted(labels)}): {expr!r}"
+            if label in values and name.startswith("headserve_") and "$" not in value:
+                named = set(value.split("|")) if op in ("=~", "!~") else {value}
+                unknown = named - values[label]
+                assert not unknown, f"{label} is never {sorted(unknown)}: {expr!r}"
+    unknown = query.grouping - labels_in_query
+    assert not unknown, f"grouping by labels no series here has: {sorted(unknown)}: {expr!r}"
+    if "histogram_quantile" in query.functions:
+        assert any(name.endswith("_bucket") for name, _ in query.selectors), expr
+        assert "le" in query.grouping, f"histogram_quantile over buckets must keep le: {expr!r}"
+    return query
+
+
+def monitoring_objects() -> dict[str, dict]:
+    """kind -> object, from deploy/k8s/monitoring/ except its kustomization."""
+    objects: dict[str, dict] = {}
+    for path in sorted(MONITORING.glob("*.yaml")):
+        if path.name == "kustomization.yaml":
+            continue
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc:
+                assert doc["kind"] not in objects, f"two {doc['kind']} objects"
+                objects[doc["kind"]] = doc
+    return objects
+
+
+def alert_rules() -> list[dict]:
+    rule = monitoring_objects()["PrometheusRule"]
+    return [r for group in rule["spec"]["groups"] for r in group["rules"]]
+
+
+def dashboard_queries() -> list[tuple[str, str]]:
+    """(panel title, expr) of every target of every panel, rows' panels included."""
+    board = json.loads(DASHBOARD.read_text())
+    queries = []
+    panels = list(board["panels"])
+    while panels:
+        panel = panels.pop(0)
+        panels += panel.get("panels", [])
+        queries += [(panel["title"], t["expr"]) for t in panel.get("targets", [])]
+    return queries
+
+
+def test_deployments_serve_metrics_inside_the_pod_or_container_only(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path
+) -> None:
+    for target in ("compose", "k8s"):
+        settings = deployed_settings(target, monkeypatch, tmp_path)
+        host, _, port = settings.metrics_address.rpartition(":")
+        # Every interface of the container (Prometheus, or the port mapping, reaches it from outside).
+        assert host == "0.0.0.0" and int(port) == METRICS_PORT, f"{target}: {settings.metrics_address!r}"
+    # Compose publishes it on the host's loopback only: plain HTTP, no auth.
+    published = [str(p) for p in compose_service()["ports"] if str(p).split(":")[-1] == str(METRICS_PORT)]
+    assert published == [f"127.0.0.1:{METRICS_PORT}:{METRICS_PORT}"]
+
+
+def test_k8s_metrics_port_is_named_and_scraped_by_the_service_monitor() -> None:
+    objects, monitoring = k8s_objects(), monitoring_objects()
+    service = objects["Service"]
+    monitor = monitoring["ServiceMonitor"]
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    (endpoint,) = monitor["spec"]["endpoints"]
+    service_ports = {p["name"]: p for p in service["spec"]["ports"]}
+    assert endpoint["port"] in service_ports, f"the Service has no port named {endpoint['port']!r}"
+    target = service_ports[endpoint["port"]]["targetPort"]
+    container_ports = {p["name"]: p["containerPort"] for p in container()["ports"]}
+    assert container_ports[target] == METRICS_PORT
+    assert endpoint.get("path", "/metrics") == "/metrics" and endpoint.get("scheme", "http") == "http"
+    interval = int(endpoint["interval"].removesuffix("s"))
+    assert int(endpoint.get("scrapeTimeout", "10s").removesuffix("s")) < interval
+    # job = the Service's name (no jobLabel): what the alerts' up{job=...} selects.
+    assert "jobLabel" not in monitor["spec"]
+    jobs = {value for rule in alert_rules() for name, matchers in parse_promql(rule["expr"]).selectors
+            if name == "up" for label, _, value in matchers if label == "job"}
+    assert jobs == {service["metadata"]["name"]}
+
+
+def test_monitoring_kustomization_is_separate_and_lists_every_manifest() -> None:
+    kustomization = yaml.safe_load((MONITORING / "kustomization.yaml").read_text())
+    manifests = {p.name for p in MONITORING.glob("*.yaml")} - {"kustomization.yaml"}
+    assert set(kustomization["resources"]) == manifests == {"servicemonitor.yaml", "prometheusrule.yaml"}
+    # The CRDs may not exist: deploy/k8s must apply without them.
+    main = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    assert not any("monitoring" in resource for resource in main["resources"])
+    for kind in ("ServiceMonitor", "PrometheusRule"):
+        assert kind not in k8s_objects()
+
+
+def test_alert_rules_are_complete() -> None:
+    rules = alert_rules()
+    names = [rule["alert"] for rule in rules]
+    assert len(names) == len(set(names)), "two alerts with one name"
+    for rule in rules:
+        assert re.fullmatch(r"Headserve[A-Z][A-Za-z]+", rule["alert"]), rule["alert"]
+        assert set(rule) <= {"alert", "expr", "for", "labels", "annotations"}, rule["alert"]
+        assert rule["labels"]["severity"] in ("critical", "warning", "info"), rule["alert"]
+        assert {"summary", "description"} <= rule["annotations"].keys(), rule["alert"]
+        if "for" in rule:
+            assert re.fullmatch(r"\d+[smh]", rule["for"]), rule["for"]
+    # The alerts that matter: errors, latency, saturation, failing jobs, not serving.
+    expected = {"HeadserveHighErrorRatio", "HeadservePredictLatencyHigh", "HeadserveBatchQueueSaturated",
+                "HeadservePredictRejected", "HeadserveTrainingJobsFailing", "HeadserveNotReady",
+                "HeadserveDown"}
+    assert expected <= set(names)
+
+
+def test_alert_expressions_name_existing_series_and_labels(exposed: Exposed) -> None:
+    for rule in alert_rules():
+        try:
+            check_promql(rule["expr"], exposed)
+        except AssertionError as exc:
+            raise AssertionError(f"alert {rule['alert']}: {exc}") from None
+
+
+def test_alert_expressions_say_what_they_mean(tmp_path: pathlib.Path) -> None:
+    from grpc_health.v1 import health_pb2 as health_messages
+
+    rules = {rule["alert"]: rule["expr"] for rule in alert_rules()}
+    server_side = {"INTERNAL", "UNAVAILABLE", "UNKNOWN", "DEADLINE_EXCEEDED"}
+    health = {m.name for m in health_messages.DESCRIPTOR.services_by_name["Health"].methods}
+    selectors = parse_promql(rules["HeadserveHighErrorRatio"]).selectors
+    codes = [set(v.split("|")) for _, matchers in selectors for label, op, v in matchers if label == "code"]
+    assert codes == [server_side], "the error ratio counts exactly the server-side codes, over all codes"
+    for _, matchers in selectors:  # the probes' Health calls on neither side
+        assert any(label == "method" and op == "!~" and set(v.split("|")) == health
+                   for label, op, v in matchers)
+    latency = parse_promql(rules["HeadservePredictLatencyHigh"])
+    assert "histogram_quantile" in latency.functions and "rate" in latency.functions
+    assert latency.selectors == [("headserve_rpc_duration_seconds_bucket", [("method", "=", "Predict")])]
+    # The queue alert fires below the configured queue size (it names the number: keep them together).
+    threshold = re.search(r">\s*([0-9.]+)\s*\*\s*(\d+)", rules["HeadserveBatchQueueSaturated"])
+    config = tmp_path / "headserve.toml"
+    config.write_text(k8s_objects()["ConfigMap"]["data"]["headserve.toml"])
+    assert threshold and int(threshold.group(2)) == Settings.load(config).batch_queue_inputs
+    assert 0 < float(threshold.group(1)) < 1
+    failed = parse_promql(rules["HeadserveTrainingJobsFailing"]).selectors
+    assert ("state", "=", "FAILED") in failed[0][1]
+
+
+@pytest.mark.parametrize("wrong", [("headserve_rpcs_total", "headserve_rpc_total"),
+                                   ("headserve_batch_rejected_total", "headserve_batch_rejected"),
+                                   ('state="FAILED"', 'state="FAIL"'),
+                                   ('code=~"INTERNAL', 'status=~"INTERNAL'),
+                                   ("histogram_quantile(0.99,\n  sum by (namespace, job, le)",
+                                    "histogram_quantile(0.99,\n  sum by (namespace, job)"),
+                                   ("rate(", "rate((")])
+def test_a_misspelt_alert_fails_the_check(wrong: tuple[str, str], exposed: Exposed) -> None:
+    """The check above is not vacuous: each mistake, put into the real rules, is caught."""
+    changed = 0
+    for rule in alert_rules():
+        if wrong[0] in rule["expr"]:
+            changed += 1
+            with pytest.raises(AssertionError):
+                check_promql(rule["expr"].replace(wrong[0], wrong[1], 1), exposed)
+    assert changed, f"no rule holds {wrong[0]!r}"
+
+
+def test_dashboard_panels_query_existing_series(exposed: Exposed) -> None:
+    board = json.loads(DASHBOARD.read_text())
+    assert board["title"] and board["uid"] and isinstance(board["schemaVersion"], int)
+    variables = {v["name"]: v for v in board["templating"]["list"]}
+    source = variables["datasource"]
+    assert source["type"] == "datasource" and source["query"] == "prometheus"
+    panels = board["panels"]
+    ids = [p["id"] for p in panels]
+    assert len(ids) == len(set(ids)), "two panels with one id"
+    cells: set[tuple[int, int]] = set()
+    for panel in panels:
+        grid = panel["gridPos"]
+        assert grid["x"] + grid["w"] <= 24, panel["title"]
+        mine = {(grid["x"] + dx, grid["y"] + dy) for dx in range(grid["w"]) for dy in range(grid["h"])}
+        assert not mine & cells, f"panel {panel['title']!r} overlaps another"
+        cells |= mine
+        if panel["type"] == "row":
+            continue
+        assert panel["targets"], f"panel {panel['title']!r} has no query"
+        assert panel["datasource"]["uid"] == "${datasource}"
+        refs = [t["refId"] for t in panel["targets"]]
+        assert len(refs) == len(set(refs)), panel["title"]
+    for variable in variables.values():
+        if variable["type"] == "query":
+            series = re.fullmatch(r"label_values\((\w+), (\w+)\)", variable["query"]["query"])
+            assert series and series.group(1) in exposed.series, variable["name"]
+    used: set[str] = set()
+    for title, expr in dashboard_queries():
+        for name in re.findall(r"\$(\w+)", expr):
+            assert name in variables or f"${name}" in GRAFANA_VARIABLES, f"{title}: no variable ${name}"
+        try:
+            query = check_promql(expr, exposed)
+        except AssertionError as exc:
+            raise AssertionError(f"panel {title!r}: {exc}") from None
+        used |= {name for name, _ in query.selectors}
+    # Built from every metric the server has (a new metric gets a panel).
+    families = {f for f in exposed.families if f.startswith("headserve_") and not f.endswith("_created")}
+    unused = sorted(f for f in families if not {*_series_names(f, exposed.families[f])} & used)
+    assert not unused, f"no dashboard panel shows {unused}"
+
+
+def test_dashboard_check_catches_a_misspelt_series(exposed: Exposed) -> None:
+    expr = next(e for _, e in dashboard_queries() if "headserve_batch_queue_inputs" in e)
+    check_promql(expr, exposed)
+    with pytest.raises(AssertionError):
+        check_promql(expr.replace("headserve_batch_queue_inputs", "headserve_batch_queue_input"), exposed)
+    with pytest.raises(AssertionError):
+        check_promql(expr.replace("by (backbone)", "by (model)"), exposed)
+
+
+def test_metrics_hold_no_task_or_tenant_label(exposed: Exposed) -> None:
+    """What deploy/README.md promises about the unauthenticated endpoint."""
+    labels = set().union(*exposed.series.values())
+    assert not {label for label in labels if "task" in label or "tenant" in label or "key" in label}
 
 
 # Health checks, run for real -----------------------------------------------------------------------------
