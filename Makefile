@@ -21,6 +21,13 @@ serve: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest -q
 
+# Property-based fuzzing through a real server (tests/test_fuzz.py): 20x the examples `make test` runs, with
+# fresh randomness each run (a failure prints how to reproduce it); FUZZ_SCALE=N multiplies them again.
+FUZZ_SCALE ?= 1
+.PHONY: fuzz
+fuzz: $(VENV)/.installed
+	HEADSERVE_FUZZ=long HEADSERVE_FUZZ_SCALE=$(FUZZ_SCALE) $(BIN)/python -m pytest -q tests/test_fuzz.py
+
 proto: $(VENV)/.installed
 	$(BIN)/python scripts/gen_proto.py
 

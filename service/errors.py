@@ -1,8 +1,8 @@
 """The one table from domain errors to gRPC status codes, and how a call is failed with it.
 
 The pipeline (service/pipeline.py) applies it to every call: domain errors get their status and their
-message (cut to `MAX_MESSAGE` characters); anything unexpected gets INTERNAL with a generic message and
-the request id (the traceback goes to the log, never to the caller).
+message (cut to `MAX_MESSAGE` characters and `MAX_MESSAGE_WIRE_BYTES` bytes as sent); anything unexpected
+gets INTERNAL with a generic message and the request id (the traceback goes to the log, never to the caller).
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ STATUS: dict[type[HeadserveError], grpc.StatusCode] = {
     PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
 }
 MAX_MESSAGE = 1000  # characters of a status message; gRPC clients refuse trailers past 8 KiB by default
+MAX_MESSAGE_WIRE_BYTES = 3000  # ... and its bytes as sent (percent-encoded UTF-8), well within those 8 KiB
 
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 
@@ -60,8 +61,26 @@ def status_of(exc: HeadserveError) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
-def cut(message: str, limit: int = MAX_MESSAGE) -> str:
-    return message if len(message) <= limit else message[: limit - 3] + "..."
+def wire_size(text: str) -> int:
+    """Bytes `text` takes as a grpc-message trailer: UTF-8, percent-encoded outside printable ASCII (and
+    '%' itself), so a non-ASCII character costs 6 to 12 bytes."""
+    return sum(1 if 0x20 <= b <= 0x7E and b != 0x25 else 3 for b in text.encode("utf-8", "surrogatepass"))
+
+
+def cut(message: str, limit: int = MAX_MESSAGE, wire_limit: int = MAX_MESSAGE_WIRE_BYTES) -> str:
+    """At most `limit` characters and `wire_limit` bytes on the wire (see wire_size), with an ellipsis
+    where it was cut: 1000 characters of emoji would be 12 KB of trailer."""
+    if len(message) > limit:
+        message = message[: limit - 3] + "..."
+    if len(message) * 12 <= wire_limit or wire_size(message) <= wire_limit:
+        return message
+    size, end = 3, 0  # the ellipsis
+    for i, ch in enumerate(message):
+        size += wire_size(ch)
+        if size > wire_limit:
+            break
+        end = i + 1
+    return message[:end] + "..."
 
 
 def abort(context: grpc.ServicerContext, exc: BaseException) -> None:
