@@ -309,7 +309,8 @@ def fine_tune(
             progress({"phase": "training", "message": f"tuning again on all {len(y)} examples"})
             trained_on, evaluation["refit"] = np.arange(len(y)), True
             again = epochs if best_epoch else 0  # the linear probe, when no epoch of tuning matched it
-            model = tune(trained_on, val_idx[:0], again, (ran, ran + again))[0]
+            model, _, ran_again = tune(trained_on, val_idx[:0], again, (ran, ran + again))
+            ran += ran_again
             evaluation["augmented_rows"] = len(origin)
             evaluation["validation_method"] += (
                 f"; then tuned again on all {len(y)} examples for {epochs} epochs" if again else
@@ -317,6 +318,9 @@ def fine_tune(
         model.inv_temperature.fill_(1.0 / evaluation["temperature"])
     else:
         evaluation.update(NOT_VALIDATED, baseline_accuracy=float(np.bincount(y).max() / len(y)))
+    # Progress counted 2 x epochs while a holdout left room for the second pass; early stopping, or no
+    # second pass, ends sooner: the last report says how many epochs ran in all, and that tuning is over.
+    progress({"phase": "training", "epoch": max(ran, 1), "epochs": max(ran, 1)})
     train_logits = logits_of(model, trained_on)
     train_report = classification_metrics(y[trained_on], train_logits.argmax(1), names)
     evaluation["train_accuracy"] = train_report["accuracy"]

@@ -246,18 +246,24 @@ def train_linear(x, y, k, opts: TrainingOptions, progress: Progress = _noop, C: 
     optim = torch.optim.LBFGS([w, b], lr=opts.learning_rate or 1.0, max_iter=epochs,
                               tolerance_grad=1e-5, tolerance_change=1e-7, history_size=20,
                               line_search_fn="strong_wolfe")
-    steps = [0]
+    steps, last = [0], [float("nan")]
+    state = optim.state[w]  # LBFGS keeps its iteration count here
 
     def closure():
         optim.zero_grad()
         loss = torch.nn.functional.cross_entropy(xt @ w.T + b, yt, weight=cw) + 0.5 * l2 * (w * w).sum()
         loss.backward()
         steps[0] += 1
+        last[0] = loss.item()
         if steps[0] % 10 == 0:
-            progress({"epoch": min(steps[0], epochs), "epochs": epochs, "loss": loss.item()})
+            progress({"epoch": min(state.get("n_iter", 0), epochs), "epochs": epochs, "loss": loss.item()})
         return loss
 
     optim.step(closure)
+    # LBFGS stops once it has converged, mostly well before `epochs` iterations: the last report says how
+    # many ran, and that the fit is complete (not "epoch 10/100" forever).
+    ran = max(1, min(state.get("n_iter", 0), epochs))
+    progress({"epoch": ran, "epochs": ran, "loss": last[0]})
     return DenseHead("linear", [((w.detach().numpy() / scale).astype(np.float32), b.detach().numpy().astype(np.float32))])
 
 

@@ -156,6 +156,52 @@ def fuse(trunk: onnx.ModelProto, head_bytes: bytes, metadata: dict[str, str]) ->
     return fused.SerializeToString()
 
 
+PREPROCESSING_KEY = "headserve.preprocessing"  # metadata_props key of an exported model's input recipe
+
+
+def with_metadata(model_bytes: bytes, metadata: dict[str, str]) -> bytes:
+    """The model with `metadata` added to its metadata_props (a key already there takes the new value)."""
+    model = onnx.load_model_from_string(model_bytes)
+    onnx.helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props}, **metadata})
+    return model.SerializeToString()
+
+
+def preprocessing_metadata(description: dict) -> dict:
+    """A backbone's preprocessing (Preprocessor.describe()) spelt out for a client that has to reproduce
+    it without headserve: every step, the tensors' names, layout, dtype and shape. Stored as JSON under
+    PREPROCESSING_KEY in exported models (see the README's "Exported models")."""
+    d = dict(description)
+    if d.get("modality") == "image":
+        size, resize = d["image_size"], d["resize"]
+        d.update({
+            "channel_order": "RGB",
+            "input_layout": "NCHW",
+            "dtype": "float32",
+            "input_shape": ["batch", 3, size, size],
+            "antialias": True,
+            "steps": [
+                "decode; apply the EXIF orientation; convert to RGB (8 bits per channel)",
+                f"resize so the shorter side is {resize} pixels and the longer int({resize} * long / short) "
+                f"({d['interpolation']}, antialiased, as PIL's Image.resize)",
+                f"crop the centre {size}x{size} (left and top offsets round((side - {size}) / 2))",
+                "to float32 in [0, 1] (divide by 255), channels first (HWC -> CHW)",
+                "normalise each channel: (x - mean) / std",
+                "stack images along a new first (batch) axis",
+            ],
+        })
+    elif d.get("modality") == "text":
+        d.update({
+            "dtype": "int64",
+            "input_shape": {name: ["batch", "sequence"] for name in d.get("inputs", ())},
+            "steps": [
+                f"tokenise with the backbone's own tokenizer ({d.get('tokenizer', '?')}: its vocabulary and "
+                f"normalisation), adding its special tokens, truncating to {d.get('max_length')} tokens",
+                "pad the batch to its longest sequence; attention_mask is 1 on tokens, 0 on padding",
+            ],
+        })
+    return d
+
+
 def graph_inputs(model_bytes: bytes) -> dict[str, list[int | str]]:
     """Input name -> shape (a dimension's name where it is dynamic) of a serialised ONNX model."""
     graph = onnx.load_model_from_string(model_bytes).graph

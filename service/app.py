@@ -260,9 +260,26 @@ class HeadServeApp:
             "preprocessing": backbone.preprocess.describe(),
             "evaluation": head.evaluation,
         }
-        data = head.onnx
+        # What a client needs in the model itself (ONNX metadata_props): which version of which task and
+        # labels, which inputs, and how to preprocess what the fused model reads.
+        from adapters.runtime import PREPROCESSING_KEY, preprocessing_metadata, with_metadata
+
+        props = {
+            "task_id": task_id,
+            "version": str(version),
+            "backbone": backbone.name,
+            "backbone_digest": backbone.digest,
+            "labels": json.dumps(head.labels),
+            "format": metadata["format"],
+            "inputs": json.dumps(metadata["inputs"]),
+            "output": "probabilities",
+        }
+        metadata["preprocessing"] = preprocessing_metadata(metadata["preprocessing"])
+        props[PREPROCESSING_KEY] = json.dumps(metadata["preprocessing"], sort_keys=True)
         if fused:
-            data = fuse(entry.trunk.model(), head.onnx, {"task_id": task_id, "version": str(version)})
+            data = fuse(entry.trunk.model(), head.onnx, props)
+        else:
+            data = with_metadata(head.onnx, props)
         metadata["sha256"] = hashlib.sha256(data).hexdigest()
         metadata["size"] = len(data)
         json.dumps(metadata)  # fail here, not mid-stream, if something is not serialisable

