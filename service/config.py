@@ -61,7 +61,10 @@ class Settings(BaseSettings):
 
     max_message_bytes: int = Field(64 << 20, ge=1 << 16, description="largest gRPC message accepted")
     max_inputs_per_request: int = Field(256, ge=1, description="inputs in one Predict request")
-    max_examples_per_task: int = Field(100_000, ge=2)
+    max_examples_per_task: int = Field(
+        20_000, ge=2, description="examples one task may hold; 20,000 was measured to train (AUTO, minilm-l6) in "
+        "about 6 minutes and 1.9 GB on a 2-core CPU (docs/benchmarks.md, Limits); time grows linearly past it",
+    )
     max_labels_per_task: int = Field(1000, ge=2)
     max_label_length: int = Field(100, ge=1, le=10_000, description="characters")
     max_text_length: int = Field(20_000, ge=1, description="characters in one text input")
