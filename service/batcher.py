@@ -47,6 +47,7 @@ from concurrent.futures import Future
 from typing import Any
 
 from adapters.errors import DeadlineExceeded, ResourceExhausted, Unavailable
+from service import errors
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,21 @@ class Pending:
     group: str = ""  # whose request: batches are shared fairly between groups
     future: Future = dataclasses.field(default_factory=Future)
     queued_at: float = 0.0
+    trace: Any = None  # the request's span context, when tracing is on (service/tracing.py)
+    request_id: str = "-"  # for the log lines of its batch
+
+
+@contextlib.contextmanager
+def log_context(batch: list[Pending]) -> Iterator[None]:
+    """Log lines written inside concern these requests: their request ids and tenants (groups), comma
+    separated, stand in the records' request_id and tenant (service/errors.py)."""
+    ids = errors.request_id.set(",".join(p.request_id for p in batch))
+    tenants = errors.tenant.set(",".join(dict.fromkeys(p.group or "-" for p in batch)))
+    try:
+        yield
+    finally:
+        errors.tenant.reset(tenants)
+        errors.request_id.reset(ids)
 
 
 class SizeTuner:
@@ -110,11 +126,14 @@ class Arrival:
         self._batcher = batcher
         self.done = False
 
-    def submit(self, payload: Any, rows: int, deadline: float | None = None, group: str = "") -> Pending:
+    def submit(
+        self, payload: Any, rows: int, deadline: float | None = None, group: str = "", trace: Any = None
+    ) -> Pending:
         """Queues the request; if the batcher is idle and nothing else is coming, runs it right here, on
         the caller's thread (no hand-off to the worker and back: the idle-server latency is the model's)."""
         self.done = True
-        return self._batcher._submit(payload, rows, deadline, arrived=True, inline=True, group=group)
+        return self._batcher._submit(payload, rows, deadline, arrived=True, inline=True, group=group,
+                                     trace=trace)
 
 
 @dataclasses.dataclass
@@ -210,14 +229,18 @@ class Batcher:
             f"limit {self.max_queue}); retry after a short backoff"
         )
 
-    def submit(self, payload: Any, rows: int, deadline: float | None = None, group: str = "") -> Pending:
-        """Queues a request for the worker."""
-        return self._submit(payload, rows, deadline, arrived=False, inline=False, group=group)
+    def submit(
+        self, payload: Any, rows: int, deadline: float | None = None, group: str = "", trace: Any = None
+    ) -> Pending:
+        """Queues a request for the worker. `trace`: the request's span context, for the batch's spans."""
+        return self._submit(payload, rows, deadline, arrived=False, inline=False, group=group, trace=trace)
 
     def _submit(
-        self, payload: Any, rows: int, deadline: float | None, arrived: bool, inline: bool, group: str = ""
+        self, payload: Any, rows: int, deadline: float | None, arrived: bool, inline: bool, group: str = "",
+        trace: Any = None,
     ) -> Pending:
-        pending = Pending(payload, rows, deadline, group=group)
+        pending = Pending(payload, rows, deadline, group=group, trace=trace,
+                          request_id=errors.request_id.get())
         with self._cond:
             if arrived:
                 self._arriving -= 1
@@ -264,7 +287,9 @@ class Batcher:
             self._run(batch)
         except BaseException as exc:  # the batch's callers get the error
             self.stats.failed += 1
-            log.exception("batch of %d request(s) on %s failed", len(batch), self.name)
+            with log_context(batch):
+                log.exception("batch of %d request(s) on %s failed (request ids %s)", len(batch), self.name,
+                              ", ".join(p.request_id for p in batch))
             for p in batch:
                 if not p.future.done():
                     p.future.set_exception(exc)

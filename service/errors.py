@@ -43,14 +43,22 @@ STATUS: dict[type[HeadserveError], grpc.StatusCode] = {
 MAX_MESSAGE = 1000  # characters of a status message; gRPC clients refuse trailers past 8 KiB by default
 MAX_MESSAGE_WIRE_BYTES = 3000  # ... and its bytes as sent (percent-encoded UTF-8), well within those 8 KiB
 
+# Who and what a log line is about. The pipeline sets the first three per call (service/pipeline.py); they
+# cross into the training threads with the job's context (service/jobs.py), where `job` is set too; a
+# batch's log lines name the request ids and tenants of the batch (service/batcher.py).
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+tenant: contextvars.ContextVar[str] = contextvars.ContextVar("tenant", default="-")
+task: contextvars.ContextVar[str] = contextvars.ContextVar("task", default="-")
+job: contextvars.ContextVar[str] = contextvars.ContextVar("job", default="-")
+LOG_CONTEXT = (("request_id", request_id), ("tenant", tenant), ("task", task), ("job", job))
 
 
 class RequestIdFilter(logging.Filter):
-    """Stamps the current request id on every log record."""
+    """Stamps the current request id, tenant, task and job on every log record ("-" where none)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        record.request_id = request_id.get()
+        for name, var in LOG_CONTEXT:
+            setattr(record, name, var.get())
         return True
 
 

@@ -7,6 +7,7 @@ Jobs still queued or running when the server stopped are run again at start-up.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import logging
 import threading
@@ -22,8 +23,9 @@ from adapters.errors import HeadserveError, InvalidInput, NotFound
 from adapters.finetune import auto_fine_tune, fine_tune
 from adapters.heads import Augmented, LabelText, TrainingOptions, export_checked, train_head
 from adapters.runtime import HeadRuntime
+from service import errors
 from service.registry import BackboneRegistry
-from service.store import HeadRecord, JobRecord, Quotas, StorageFull, Store, TaskRecord
+from service.store import HeadRecord, JobRecord, Quotas, StorageFull, Store, TaskRecord, tenant_of
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +83,15 @@ class JobRunner:
         with self._changed:
             self._live[job.job_id] = job
             self._changed.notify_all()
-        self._pool.submit(self._run, job)
+        # The job runs in a copy of the submitting call's context (its request id, and its trace when tracing
+        # is on), with the job's id, tenant and task set, so every log line of the job carries them.
+        self._pool.submit(contextvars.copy_context().run, self._run_in_context, job)
+
+    def _run_in_context(self, job: JobRecord) -> None:
+        errors.job.set(job.job_id)
+        errors.tenant.set(tenant_of(job.task_key) or "-")
+        errors.task.set(job.task_id or "-")
+        self._run(job)
 
     def get(self, job_id: str) -> JobRecord:
         with self._changed:
@@ -140,7 +150,8 @@ class JobRunner:
                 # (the job stays in _live) while a thread retries the write until space returns.
                 log.error("job %s failed (%s); its failure cannot be stored yet, retrying", job.job_id, error)
                 deferred = True
-                threading.Thread(target=self._record_failure_later, args=(job,), daemon=True,
+                threading.Thread(target=contextvars.copy_context().run,  # in the job's context, as it runs
+                                 args=(self._record_failure_later, job), daemon=True,
                                  name=f"finish-{job.job_id}").start()
         finally:
             self._enter_phase(job.job_id, "")

@@ -31,6 +31,8 @@ from google.protobuf.message import DecodeError
 
 from adapters.errors import HeadserveError, InvalidInput, PermissionDenied
 from service.errors import abort, request_id, status_of
+from service.errors import task as task_var
+from service.errors import tenant as tenant_var
 from service.tenants import ADMIN, PREDICT, TRAIN, Authenticator, Caller, RateLimiter, bearer
 
 access_log = logging.getLogger("headserve.access")
@@ -76,7 +78,19 @@ class CallContext:
         self._context = context
         self.method = method
         self.caller: Caller | None = None
-        self.task_id = ""
+        self._task_id = ""
+
+    @property
+    def task_id(self) -> str:
+        """The task the call is about, where the servicer learns it later than the pipeline (a stream's
+        first message); setting it also sets it for the call's log lines."""
+        return self._task_id
+
+    @task_id.setter
+    def task_id(self, value: str) -> None:
+        self._task_id = value
+        if value:
+            task_var.set(_cap(value))
 
     def __getattr__(self, name: str):
         return getattr(self._context, name)
@@ -166,6 +180,8 @@ class RequestContext(Stage):
             call.request_id = given if REQUEST_ID.fullmatch(given) else uuid.uuid4().hex[:16]
             call.start = time.perf_counter()
             request_id.set(call.request_id)
+            tenant_var.set("-")  # until Authentication knows the caller
+            task_var.set(_task_of(request))
             context.set_trailing_metadata((("x-request-id", call.request_id),))
             return request, call
 
@@ -212,6 +228,7 @@ class Authentication(Stage):
                 else:
                     caller = self.authenticator.anonymous()
                 call.caller = caller
+                tenant_var.set(caller.tenant_id)
                 if method not in METHOD_SCOPES:
                     raise PermissionDenied(f"{short} is not open to API keys")
                 caller.require(scope, short)
@@ -292,6 +309,18 @@ class ErrorMapping(Stage):
                     abort(call, exc)
                 raise
         return unary
+
+
+def _task_of(request) -> str:
+    """The task(s) a request names, for its log lines ("-": none, or not known before the stream is read)."""
+    task_id = getattr(request, "task_id", "")
+    if not task_id and getattr(request, "task_ids", None):
+        task_id = ",".join(request.task_ids)
+    return _cap(task_id) if isinstance(task_id, str) and task_id else "-"
+
+
+def _cap(text: str, limit: int = 64) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _is_iterator(request) -> bool:

@@ -14,9 +14,11 @@ then each task's rows go through that task's ONNX head.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import logging
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
@@ -24,12 +26,14 @@ import numpy as np
 
 from adapters.errors import Cancelled, DeadlineExceeded, FailedPrecondition, InvalidInput, NotFound
 from adapters.runtime import HeadRuntime
-from service.batcher import Batcher, Pending
+from service.batcher import Batcher, Pending, log_context
 from service.config import Settings
 from service.registry import BackboneRegistry, Entry
 from service.store import Store, task_of, tenant_of
 
 log = logging.getLogger(__name__)
+
+_NO_SPAN = contextlib.nullcontext()  # where a span would be, with tracing off
 
 
 @dataclasses.dataclass
@@ -189,8 +193,9 @@ class Ticket:
 class _Lane:
     """A backbone's batcher, with what its worker thread reuses from batch to batch."""
 
-    def __init__(self, entry: Entry, settings: Settings, observe=None) -> None:
+    def __init__(self, entry: Entry, settings: Settings, observe=None, tracer=None) -> None:
         self.entry = entry
+        self.tracer = tracer  # service.tracing.Tracer, or None: tracing off
         # Text is validated per request (cheap) and tokenised per batch (one call: the fast tokenizer's
         # batch path, far cheaper than a call per request); images are preprocessed per request.
         self.deferred = entry.backbone.preprocess.modality == "text"
@@ -235,16 +240,34 @@ class _Lane:
         return out
 
     def run(self, batch: list[Pending]) -> None:
+        tracer = self.tracer
+        if tracer is None or all(p.trace is None for p in batch):  # tracing off, or no request sampled
+            return self._run(batch, None)
+        began = time.monotonic()
+        name = self.entry.spec.name
+        tracer.queue_waits(((p.trace, p.queued_at) for p in batch), began, {"headserve.backbone": name})
+        attributes = {"headserve.backbone": name, "headserve.requests": len(batch),
+                      "headserve.inputs": sum(p.rows for p in batch)}
+        with tracer.batch([p.trace for p in batch], attributes) as span:
+            return self._run(batch, span)
+
+    def _run(self, batch: list[Pending], span) -> None:
+        """Runs the batch; `span` (service.tracing.Span), when the batch is traced, gets children for the
+        trunk pass and each head."""
         works: list[_Work] = [p.payload for p in batch]
         names: dict[str, None] = {}
         for w in works:
             for head in w.heads:
                 names.update(dict.fromkeys(head.inputs))
         if self.deferred:
+            start = time.perf_counter()
             inputs = self.entry.backbone.preprocess([x for w in works for x in w.items])
+            if span is not None:
+                span.set("headserve.tokenize_ms", (time.perf_counter() - start) * 1e3)
         else:
             inputs = self.collate([w.inputs for w in works])
-        outputs = self.entry.trunk.outputs(inputs, list(names))
+        with _NO_SPAN if span is None else span.child("trunk pass"):
+            outputs = self.entry.trunk.outputs(inputs, list(names))
 
         # Rows of each head: (request, task index, first row, end row) in batch order.
         groups: dict[int, tuple[HeadRuntime, list[tuple[int, int, int, int]]]] = {}
@@ -258,13 +281,18 @@ class _Lane:
         failed: dict[int, BaseException] = {}
         for head, parts in groups.values():
             try:
-                probabilities = head.run(_rows(outputs, head.inputs, parts))
+                with _NO_SPAN if span is None else span.child("head", {
+                    "headserve.task": task_of(works[parts[0][0]].task_ids[parts[0][1]]),
+                    "headserve.version": head.version,
+                    "headserve.inputs": sum(end - first for _, _, first, end in parts)}):
+                    probabilities = head.run(_rows(outputs, head.inputs, parts))
             except Exception as exc:  # only this head's requests fail
-                log.exception(
-                    "head of task %s (version %d) failed",
-                    task_of(works[parts[0][0]].task_ids[parts[0][1]]),
-                    head.version,
-                )
+                with log_context([batch[i] for i in dict.fromkeys(i for i, *_ in parts)]):
+                    log.exception(
+                        "head of task %s (version %d) failed",
+                        task_of(works[parts[0][0]].task_ids[parts[0][1]]),
+                        head.version,
+                    )
                 for i, *_ in parts:
                     failed[i] = exc
                 continue
@@ -296,13 +324,16 @@ def _rows(
 
 class Predictor:
     def __init__(
-        self, store: Store, registry: BackboneRegistry, settings: Settings | None = None, metrics=None
+        self, store: Store, registry: BackboneRegistry, settings: Settings | None = None, metrics=None,
+        tracer=None,
     ) -> None:
-        """`metrics` (service.metrics.Metrics), when given, hears of every batch and head load."""
+        """`metrics` (service.metrics.Metrics), when given, hears of every batch and head load; `tracer`
+        (service.tracing.Tracer), when given, makes spans of preprocessing, queue waits, batches and heads."""
         self.store = store
         self.registry = registry
         self.settings = settings or Settings()
         self.metrics = metrics
+        self.tracer = tracer
         self.heads = HeadCache(self._load, self.settings.head_cache_mb << 20, self._task_exists)
         self._lanes: dict[str, _Lane] = {}
         self._lanes_lock = threading.Lock()
@@ -360,7 +391,7 @@ class Predictor:
 
                         def observe(rows, seconds, waits, name=backbone):
                             batch(name, rows, seconds, waits)
-                    lane = self._lanes[backbone] = _Lane(entry, self.settings, observe)
+                    lane = self._lanes[backbone] = _Lane(entry, self.settings, observe, self.tracer)
         return lane
 
     def submit(
@@ -382,13 +413,18 @@ class Predictor:
         tenant = tenant_of(task_ids[0])  # batches are shared fairly between tenants
         lane.batcher.check_room(len(items), tenant)
         pre = lane.entry.backbone.preprocess
+        # The request's span context, when tracing is on and the request is sampled.
+        traced = None if self.tracer is None else self.tracer.current()
         with lane.batcher.arriving() as arrival:
-            if lane.deferred:
-                pre.check(items)
-                work = _Work(list(task_ids), heads, None, len(items), items)
-            else:
-                work = _Work(list(task_ids), heads, pre(items), len(items))
-            pending = arrival.submit(work, len(items), deadline, tenant)  # on an idle server, runs it here and now
+            with _NO_SPAN if traced is None else self.tracer.span("preprocess",
+                                                                  {"headserve.inputs": len(items)}):
+                if lane.deferred:
+                    pre.check(items)
+                    work = _Work(list(task_ids), heads, None, len(items), items)
+                else:
+                    work = _Work(list(task_ids), heads, pre(items), len(items))
+            # On an idle server, this runs the request here and now.
+            pending = arrival.submit(work, len(items), deadline, tenant, traced)
         return Ticket(pending)
 
     def predict(

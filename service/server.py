@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime
+import json
 import logging
 import pathlib
 import signal
 import threading
 from concurrent import futures
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2_grpc
@@ -19,7 +22,7 @@ from service.health import HealthMonitor
 from service.metrics import Metrics, ServerCollector
 from service.usage import UsageRecorder
 from service.config import Settings
-from service.errors import RequestIdFilter
+from service.errors import LOG_CONTEXT, RequestIdFilter
 from service.gen import headserve_pb2 as pb
 from service.jobs import JobRunner
 from service.predictor import Predictor
@@ -49,6 +52,7 @@ class Running:
     monitor: HealthMonitor | None = None
     metrics: Metrics | None = None
     metrics_port: int = 0
+    tracer: Any = None  # service.tracing.Tracer when tracing is on
 
     @property
     def address(self) -> str:
@@ -66,6 +70,8 @@ class Running:
         self.app.store.close()
         if self.metrics is not None:
             self.metrics.close()
+        if self.tracer is not None:
+            self.tracer.shutdown()
         if self.lock is not None:
             self.lock.release()
 
@@ -112,23 +118,42 @@ class StartupError(Exception):
     """The server cannot start, for a reason its message gives in one line."""
 
 
-def build_server(settings: Settings) -> Running:
+def build_server(settings: Settings, span_exporter=None) -> Running:
     """Loads everything, binds `settings.address` (port 0 picks one) and starts serving. Refusals that
-    the operator can fix (settings, files, a port or data directory in use) raise StartupError."""
+    the operator can fix (settings, files, a port or data directory in use) raise StartupError.
+
+    Tracing is on when `settings.otel_endpoint` is set, or when `span_exporter` (an OpenTelemetry
+    SpanExporter, e.g. the SDK's InMemorySpanExporter in tests) is given; it then receives the spans."""
     try:
         check_exposure(settings)
         credentials = tls.server_credentials(settings)  # bad certificate files fail here, before models load
         lock = DataDirLock(pathlib.Path(settings.data_dir))
     except (ValueError, DataDirInUse, OSError) as exc:
         raise StartupError(str(exc)) from exc
+    tracer = None
     try:
-        return _build(settings, credentials, lock)
+        tracer = _start_tracing(settings, span_exporter)
+        return _build(settings, credentials, lock, tracer)
     except BaseException:
+        if tracer is not None:
+            tracer.shutdown()
         lock.release()
         raise
 
 
-def _build(settings: Settings, credentials, lock: DataDirLock) -> Running:
+def _start_tracing(settings: Settings, span_exporter=None):
+    """The tracer (service/tracing.py), or None when tracing is off: then OpenTelemetry is not imported."""
+    if not settings.otel_endpoint and span_exporter is None:
+        return None
+    from service import tracing
+
+    try:
+        return tracing.setup(settings.otel_endpoint, span_exporter, version=_version())
+    except tracing.TracingUnavailable as exc:
+        raise StartupError(str(exc)) from exc
+
+
+def _build(settings: Settings, credentials, lock: DataDirLock, tracer=None) -> Running:
     import torch
 
     if settings.intra_op_threads:
@@ -138,8 +163,10 @@ def _build(settings: Settings, credentials, lock: DataDirLock) -> Running:
     metrics = Metrics() if settings.metrics_address else None
     if metrics is not None:
         metrics.instrument(store, STORE_OPERATIONS)
+    if tracer is not None:
+        tracer.instrument(store, STORE_OPERATIONS)
     registry = BackboneRegistry.load(settings)
-    predictor = Predictor(store, registry, settings, metrics)
+    predictor = Predictor(store, registry, settings, metrics, tracer)
     runner = JobRunner(store, registry, predictor.install, settings.training_workers,
                        settings.auto_fine_tune_min_examples, metrics.job if metrics else None)
     app = HeadServeApp(settings, store, registry, runner, predictor,
@@ -158,8 +185,10 @@ def _build(settings: Settings, credentials, lock: DataDirLock) -> Running:
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=settings.grpc_workers),
         options=limits,
-        interceptors=pipeline.interceptors(authenticator, RateLimiter(), settings.auth == "api_key",
-                                           metrics.rpc if metrics else None),
+        # With tracing on, OpenTelemetry's interceptor is the outermost: the whole pipeline is in the span.
+        interceptors=[*([tracer.server_interceptor()] if tracer is not None else []),
+                      *pipeline.interceptors(authenticator, RateLimiter(), settings.auth == "api_key",
+                                             metrics.rpc if metrics else None)],
     )
     add_to_server(app, admin, server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
@@ -200,7 +229,7 @@ def _build(settings: Settings, credentials, lock: DataDirLock) -> Running:
              settings.address, port, "TLS" if credentials else "plaintext", settings.auth,
              ", ".join(loaded) or "none", registry.device, resumed)
     return Running(server, port, app, health_servicer, admin, credentials is not None, lock, monitor, metrics,
-                   metrics_port)
+                   metrics_port, tracer=tracer)
 
 
 def _version() -> str:
@@ -219,10 +248,54 @@ STORE_OPERATIONS = sorted(
 )
 
 
-def configure_logging(level: str) -> None:
+class TextFormatter(logging.Formatter):
+    """`time level logger [request_id tenant=.. task=.. job=..] message`; the context parts that are not
+    set ("-") are left out."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s [%(context)s] %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        values = _log_context(record)
+        parts = [values["request_id"]]
+        parts += [f"{name}={values[name]}" for name in ("tenant", "task", "job") if values[name] != "-"]
+        record.context = " ".join(parts)
+        return super().format(record)
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time (UTC, ISO 8601), level, logger, message, request_id, tenant, task,
+    job, and exc_info (the formatted traceback) when there is one."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = {
+            "time": datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc)
+            .isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+            **_log_context(record),
+        }
+        if record.exc_info:
+            line["exc_info"] = self.formatException(record.exc_info)
+        elif record.exc_text:
+            line["exc_info"] = record.exc_text
+        if record.stack_info:
+            line["stack_info"] = self.formatStack(record.stack_info)
+        return json.dumps(line, ensure_ascii=False, default=str)
+
+
+def _log_context(record: logging.LogRecord) -> dict[str, str]:
+    """What RequestIdFilter stamped on the record; the context variables themselves if it did not run."""
+    return {name: str(getattr(record, name, None) or var.get()) for name, var in LOG_CONTEXT}
+
+
+def configure_logging(level: str, fmt: str = "text") -> None:
+    """Logs to stderr at `level`, as text or, with fmt = "json", one JSON object per line; every line carries
+    the request id, tenant, task and job it concerns (service/errors.py)."""
     handler = logging.StreamHandler()
     handler.addFilter(RequestIdFilter())
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"))
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
@@ -234,7 +307,7 @@ def run(settings: Settings) -> None:
     """Serves until SIGINT or SIGTERM, then stops gracefully. A server that cannot start raises
     StartupError with a one-line reason (anything unexpected is wrapped too; its traceback is logged at
     debug level)."""
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
