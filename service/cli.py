@@ -10,6 +10,7 @@ or input files exit with status 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import datetime
 import io
@@ -505,10 +506,86 @@ def _delete(args: argparse.Namespace, out: Console, err: Console) -> int:
 # Tenants and keys -------------------------------------------------------------------------------------
 
 
-def _local_admin(args: argparse.Namespace):
-    """The store's TenantAdmin when --data-dir or --config is given (no server needed), else None."""
+class _LocalAdmin:
+    """Tenants and keys on the store itself (--data-dir / --config): no server needed. Plain data out."""
+
+    def __init__(self, admin) -> None:
+        self.admin = admin
+
+    def create_tenant(self, name: str, scopes: list[str], expires: int) -> tuple[dict, dict, str]:
+        tenant, record, secret = self.admin.create_tenant(name, scopes, expires_at_ms=expires)
+        return _tenant_dict(self.admin.tenant(tenant.tenant_id)), _key_dict(record), secret
+
+    def list_tenants(self) -> list[dict]:
+        return [_tenant_dict(v) for v in self.admin.list_tenants()]
+
+    def delete_tenant(self, ref: str) -> int:
+        return len(self.admin.delete_tenant(ref)[1])
+
+    def set_quotas(self, ref: str, given: dict) -> dict:
+        import dataclasses
+
+        current = self.admin.tenant(ref).tenant.quotas
+        return _tenant_dict(self.admin.set_quotas(ref, dataclasses.replace(current, **given)))
+
+    def create_key(self, ref: str, scopes: list[str], description: str, expires: int) -> tuple[dict, str]:
+        record, secret = self.admin.create_key(ref, scopes, description, expires)
+        return _key_dict(record), secret
+
+    def list_keys(self, ref: str) -> list[dict]:
+        return [_key_dict(k) for k in self.admin.list_keys(ref)]
+
+    def revoke_key(self, key_id: str) -> dict:
+        return _key_dict(self.admin.revoke_key(key_id))
+
+    def usage(self, ref: str) -> tuple[dict, list[tuple[str, int, int, int]]]:
+        view, rows = self.admin.task_usage(ref)
+        return _tenant_dict(view), rows
+
+
+class _RemoteAdmin:
+    """The same over the Admin API, with an admin key."""
+
+    def __init__(self, client: HeadServeClient) -> None:
+        self.client = client
+
+    def create_tenant(self, name: str, scopes: list[str], expires: int) -> tuple[dict, dict, str]:
+        made = self.client.create_tenant(name, scopes, expires_at_ms=expires)
+        return _tenant_dict(made.tenant), _key_dict(made.key), made.api_key
+
+    def list_tenants(self) -> list[dict]:
+        return [_tenant_dict(t) for t in self.client.list_tenants()]
+
+    def delete_tenant(self, ref: str) -> int:
+        return self.client.delete_tenant(ref)
+
+    def set_quotas(self, ref: str, given: dict) -> dict:
+        current = self.client.get_tenant(ref).quotas
+        merged = pb.Quotas(**{**{n: getattr(current, n) for n in _quota_fields()}, **given})
+        return _tenant_dict(self.client.set_quotas(ref, merged))
+
+    def create_key(self, ref: str, scopes: list[str], description: str, expires: int) -> tuple[dict, str]:
+        made = self.client.create_key(ref, scopes, description=description, expires_at_ms=expires)
+        return _key_dict(made.key), made.api_key
+
+    def list_keys(self, ref: str) -> list[dict]:
+        return [_key_dict(k) for k in self.client.list_keys(ref)]
+
+    def revoke_key(self, key_id: str) -> dict:
+        return _key_dict(self.client.revoke_key(key_id))
+
+    def usage(self, ref: str) -> tuple[dict, list[tuple[str, int, int, int]]]:
+        report = self.client.get_usage(ref)
+        return _tenant_dict(report.tenant), [(t.task_id, t.requests, t.inputs, t.last_used_ms) for t in report.tasks]
+
+
+@contextlib.contextmanager
+def _admin(args: argparse.Namespace):
+    """The store's tenants and keys when --data-dir or --config is given, else the server's Admin API."""
     if args.data_dir is None and args.config is None:
-        return None
+        with _connect(args) as client:
+            yield _RemoteAdmin(client)
+        return
     from service.config import Settings
     from service.store import Store
     from service.tenants import TenantAdmin
@@ -517,7 +594,11 @@ def _local_admin(args: argparse.Namespace):
         settings = Settings.load(args.config, data_dir=args.data_dir)
     except (OSError, ValueError) as exc:
         raise UsageError(f"bad settings: {exc}") from None
-    return TenantAdmin(Store.open(pathlib.Path(settings.data_dir)))
+    store = Store.open(pathlib.Path(settings.data_dir))
+    try:
+        yield _LocalAdmin(TenantAdmin(store))
+    finally:
+        store.close()
 
 
 def _quota_fields() -> list[str]:
@@ -591,14 +672,8 @@ def _print_new_key(out: Console, key: dict, secret: str) -> None:
 
 def _tenants_create(args: argparse.Namespace, out: Console, err: Console) -> int:
     expires = _parse_expiry(args.expires)
-    local = _local_admin(args)
-    if local is not None:
-        tenant, record, secret = local.create_tenant(args.name, _scopes(args.scopes), expires_at_ms=expires)
-        t, key = _tenant_dict(local.tenant(tenant.tenant_id)), _key_dict(record)
-    else:
-        with _connect(args) as client:
-            made = client.create_tenant(args.name, _scopes(args.scopes), expires_at_ms=expires)
-        t, key, secret = _tenant_dict(made.tenant), _key_dict(made.key), made.api_key
+    with _admin(args) as admin:
+        t, key, secret = admin.create_tenant(args.name, _scopes(args.scopes), expires)
     if args.json:
         _print_json({"tenant": t["tenant_id"], "name": t["name"], "api_key": secret, "key_id": key["key_id"],
                      "scopes": key["scopes"]})
@@ -609,12 +684,8 @@ def _tenants_create(args: argparse.Namespace, out: Console, err: Console) -> int
 
 
 def _tenants_list(args: argparse.Namespace, out: Console, err: Console) -> int:
-    local = _local_admin(args)
-    if local is not None:
-        tenants = [_tenant_dict(v) for v in local.list_tenants()]
-    else:
-        with _connect(args) as client:
-            tenants = [_tenant_dict(t) for t in client.list_tenants()]
+    with _admin(args) as admin:
+        tenants = admin.list_tenants()
     if args.json:
         _print_json(tenants)
     else:
@@ -623,31 +694,16 @@ def _tenants_list(args: argparse.Namespace, out: Console, err: Console) -> int:
 
 
 def _tenants_delete(args: argparse.Namespace, out: Console, err: Console) -> int:
-    local = _local_admin(args)
-    if local is not None:
-        _, keys = local.delete_tenant(args.tenant)
-        deleted = len(keys)
-    else:
-        with _connect(args) as client:
-            deleted = client.delete_tenant(args.tenant)
+    with _admin(args) as admin:
+        deleted = admin.delete_tenant(args.tenant)
     out.print(f"deleted tenant {args.tenant} with its keys and {deleted} task(s)")
     return 0
 
 
 def _tenants_quota(args: argparse.Namespace, out: Console, err: Console) -> int:
     given = {name: getattr(args, name) for name in _quota_fields() if getattr(args, name) is not None}
-    local = _local_admin(args)
-    if local is not None:
-        import dataclasses
-
-        current = local.tenant(args.tenant).tenant.quotas
-        view = local.set_quotas(args.tenant, dataclasses.replace(current, **given))
-        t = _tenant_dict(view)
-    else:
-        with _connect(args) as client:
-            current = client.get_tenant(args.tenant).quotas
-            merged = pb.Quotas(**{**{n: getattr(current, n) for n in _quota_fields()}, **given})
-            t = _tenant_dict(client.set_quotas(args.tenant, merged))
+    with _admin(args) as admin:
+        t = admin.set_quotas(args.tenant, given)
     if args.json:
         _print_json(t)
     else:
@@ -657,15 +713,8 @@ def _tenants_quota(args: argparse.Namespace, out: Console, err: Console) -> int:
 
 def _keys_create(args: argparse.Namespace, out: Console, err: Console) -> int:
     expires = _parse_expiry(args.expires)
-    local = _local_admin(args)
-    if local is not None:
-        record, secret = local.create_key(args.tenant, _scopes(args.scopes), args.description or "", expires)
-        key = _key_dict(record)
-    else:
-        with _connect(args) as client:
-            made = client.create_key(args.tenant, _scopes(args.scopes), description=args.description or "",
-                                     expires_at_ms=expires)
-        key, secret = _key_dict(made.key), made.api_key
+    with _admin(args) as admin:
+        key, secret = admin.create_key(args.tenant, _scopes(args.scopes), args.description or "", expires)
     if args.json:
         _print_json({**key, "api_key": secret})
     else:
@@ -674,12 +723,8 @@ def _keys_create(args: argparse.Namespace, out: Console, err: Console) -> int:
 
 
 def _keys_list(args: argparse.Namespace, out: Console, err: Console) -> int:
-    local = _local_admin(args)
-    if local is not None:
-        keys = [_key_dict(k) for k in local.list_keys(args.tenant or "")]
-    else:
-        with _connect(args) as client:
-            keys = [_key_dict(k) for k in client.list_keys(args.tenant or "")]
+    with _admin(args) as admin:
+        keys = admin.list_keys(args.tenant or "")
     if args.json:
         _print_json(keys)
         return 0
@@ -697,27 +742,16 @@ def _keys_list(args: argparse.Namespace, out: Console, err: Console) -> int:
 
 
 def _keys_revoke(args: argparse.Namespace, out: Console, err: Console) -> int:
-    local = _local_admin(args)
-    if local is not None:
-        key = _key_dict(local.revoke_key(args.key_id))
-    else:
-        with _connect(args) as client:
-            key = _key_dict(client.revoke_key(args.key_id))
+    with _admin(args) as admin:
+        key = admin.revoke_key(args.key_id)
     out.print(f"revoked API key {key['key_id']} of tenant {key['tenant_id']} "
               f"(at {_timestamp(key['revoked_at_ms'])}; other replicas stop accepting it within seconds)")
     return 0
 
 
 def _usage(args: argparse.Namespace, out: Console, err: Console) -> int:
-    local = _local_admin(args)
-    if local is not None:
-        view, rows = local.task_usage(args.tenant)
-        tenant = _tenant_dict(view)
-    else:
-        with _connect(args) as client:
-            report = client.get_usage(args.tenant)
-        tenant = _tenant_dict(report.tenant)
-        rows = [(t.task_id, t.requests, t.inputs, t.last_used_ms) for t in report.tasks]
+    with _admin(args) as admin:
+        tenant, rows = admin.usage(args.tenant)
     if args.json:
         _print_json({"tenant": tenant["tenant_id"], "name": tenant["name"],
                      "requests": sum(r[1] for r in rows), "inputs": sum(r[2] for r in rows),
