@@ -47,5 +47,13 @@ bench-fewshot: $(VENV)/.installed
 bench-tenants: $(VENV)/.installed
 	$(BIN)/python bench/tenants.py $(BENCH_ARGS)
 
+# Soak: a real server (API keys) under 16 clients' mix of Predict, PredictStream, task churn, training and
+# ExportTask over 200 tasks for SOAK_MINUTES (default 20), watched for unexpected errors, RSS growth, open fds,
+# threads and the SQLite WAL; writes bench/results/soak.json. SOAK_ARGS for more flags (bench/README.md).
+SOAK_MINUTES ?= 20
+.PHONY: soak
+soak: $(VENV)/.installed
+	$(BIN)/python bench/soak.py --minutes $(SOAK_MINUTES) $(SOAK_ARGS)
+
 clean:
 	rm -rf $(VENV) var .pytest_cache

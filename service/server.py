@@ -6,9 +6,11 @@ import dataclasses
 import datetime
 import json
 import logging
+import os
 import pathlib
 import signal
 import threading
+import time
 from concurrent import futures
 from typing import Any
 
@@ -58,22 +60,36 @@ class Running:
     def address(self) -> str:
         return f"{'localhost' if self.tls else '127.0.0.1'}:{self.port}"
 
-    def stop(self, grace: float = 5.0) -> None:
+    def stop(self, grace: float = 5.0, wait_for_jobs: bool = True) -> bool:
+        """New calls are refused (UNAVAILABLE) at once; calls in flight get up to `grace` seconds to finish
+        (then grpc cancels them). Queued training jobs stay queued in the store, and the next start runs them.
+        A running job is waited for; with wait_for_jobs=False only until `grace` seconds after stop began.
+        One still running then is left as it is: the store keeps it RUNNING (the next start runs it again),
+        the store is not closed under it, and stop returns False; the caller should then end the process."""
+        began = time.monotonic()
         if self.monitor is not None:
             self.monitor.stop()
         self.health.enter_graceful_shutdown()
         self.server.stop(grace).wait()
         self.app.predictor.close()
-        self.app.runner.close()
+        closing = threading.Thread(target=self.app.runner.close, name="close-jobs", daemon=True)
+        closing.start()
+        closing.join(None if wait_for_jobs else max(0.0, grace - (time.monotonic() - began)))
+        finished = not closing.is_alive()
+        if not finished:
+            log.warning("a training job is still running after the grace period; it is left unfinished and runs "
+                        "again at the next start")
         if self.app.usage is not None:
             self.app.usage.close()
-        self.app.store.close()
+        if finished:
+            self.app.store.close()
         if self.metrics is not None:
             self.metrics.close()
         if self.tracer is not None:
             self.tracer.shutdown()
-        if self.lock is not None:
+        if finished and self.lock is not None:
             self.lock.release()
+        return finished
 
 
 def _warm_up() -> None:
@@ -303,6 +319,9 @@ def configure_logging(level: str, fmt: str = "text") -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+SHUTDOWN_GRACE = 5.0  # seconds from SIGTERM to exit, for the calls in flight and then a running training job
+
+
 def run(settings: Settings) -> None:
     """Serves until SIGINT or SIGTERM, then stops gracefully. A server that cannot start raises
     StartupError with a one-line reason (anything unexpected is wrapped too; its traceback is logged at
@@ -323,4 +342,9 @@ def run(settings: Settings) -> None:
         signal.signal(sig, lambda *_: done.set())
     done.wait()
     log.info("shutting down")
-    running.stop()
+    if not running.stop(SHUTDOWN_GRACE, wait_for_jobs=False):
+        # A training job is still running (a thread that cannot be interrupted, which the interpreter would
+        # wait for): end here. Its store rows are committed or not, never half-written (SQLite, synchronous
+        # FULL), and the next start runs the job again; the kernel releases the data directory's lock.
+        logging.shutdown()
+        os._exit(0)
