@@ -85,7 +85,13 @@ class JobRunner:
             self._changed.notify_all()
         # The job runs in a copy of the submitting call's context (its request id, and its trace when tracing
         # is on), with the job's id, tenant and task set, so every log line of the job carries them.
-        self._pool.submit(contextvars.copy_context().run, self._run_in_context, job)
+        try:
+            self._pool.submit(contextvars.copy_context().run, self._run_in_context, job)
+        except RuntimeError:  # the server is stopping: the job is queued in the store and runs at the next start
+            with self._changed:
+                self._live.pop(job.job_id, None)
+                self._changed.notify_all()
+            log.info("job %s stays queued for the next start (the server is stopping)", job.job_id)
 
     def _run_in_context(self, job: JobRecord) -> None:
         errors.job.set(job.job_id)

@@ -164,7 +164,8 @@ def _start_tracing(settings: Settings, span_exporter=None):
     from service import tracing
 
     try:
-        return tracing.setup(settings.otel_endpoint, span_exporter, version=_version())
+        return tracing.setup(settings.otel_endpoint, span_exporter, version=_version(),
+                             sample_ratio=1.0 if span_exporter is not None else settings.otel_sample_ratio)
     except tracing.TracingUnavailable as exc:
         raise StartupError(str(exc)) from exc
 

@@ -4,6 +4,7 @@ Errors, request ids and logging are the pipeline's (service/pipeline.py)."""
 
 from __future__ import annotations
 
+import contextvars
 import json
 import queue
 import threading
@@ -142,7 +143,8 @@ def _read_ahead(items: Iterator, start: Callable, window: int, cancel: Callable)
             return
         offer(("end", None))
 
-    threading.Thread(target=read, name="read-ahead", daemon=True).start()
+    # In the request's context, so that its log lines and spans carry the request id, tenant and task.
+    threading.Thread(target=contextvars.copy_context().run, args=(read,), name="read-ahead", daemon=True).start()
     try:
         while True:
             kind, value = ahead.get()

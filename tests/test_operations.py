@@ -145,3 +145,26 @@ def test_an_unreachable_server_is_named_with_how_to_start_one(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"no headserve server answers at 127.0.0.1:{port} (connection refused)" in err
     assert "headserve serve" in err and "UNAVAILABLE" not in err
+
+
+def test_a_job_submitted_while_the_server_stops_stays_queued_for_the_next_start(tmp_path):
+    running = build_server(make_settings(tmp_path, builtin_backbones=["minilm-l6"]))
+    client = Client(running.address)
+    try:
+        client.stub.CreateTask(pb.CreateTaskRequest(task_id="late", backbone="minilm-l6",
+                                                    examples=text_examples(TOPICS)))
+        assert client.wait_ready("late").state == pb.Job.SUCCEEDED
+        running.app.runner.close()  # what stop() does first; a TrainTask still in flight then arrives
+        job = client.stub.TrainTask(pb.TrainTaskRequest(task_id="late"))
+        assert job.state == pb.Job.QUEUED
+    finally:
+        client.close()
+        running.stop()
+    again = build_server(make_settings(tmp_path, builtin_backbones=["minilm-l6"]))
+    client = Client(again.address)
+    try:
+        final = client.wait_ready("late")
+        assert final.job_id == job.job_id and final.state == pb.Job.SUCCEEDED and final.version == 2
+    finally:
+        client.close()
+        again.stop()

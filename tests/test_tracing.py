@@ -188,3 +188,31 @@ def test_tracing_off_imports_no_opentelemetry():
             "print(sorted(m for m in sys.modules if m.startswith('opentelemetry')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_without_otel_traces_sampler_a_share_of_new_traces_is_kept(monkeypatch):
+    """otel_sample_ratio (default 0.1) applies when OTEL_TRACES_SAMPLER is unset; a caller's sampled trace
+    is always continued (parent-based)."""
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from service import tracing
+
+    monkeypatch.delenv("OTEL_TRACES_SAMPLER", raising=False)
+    kept = []
+    for ratio in (0.0, 0.1, 1.0):
+        exporter = InMemorySpanExporter()
+        tracer = tracing.setup("http://127.0.0.1:1", exporter, sample_ratio=ratio)
+        otel = tracer.provider.get_tracer("t")
+        for _ in range(2000):
+            otel.start_span("root").end()
+        tracer.provider.force_flush()
+        kept.append(len(exporter.get_finished_spans()))
+        tracer.provider.shutdown()
+    assert kept[0] == 0 and 100 < kept[1] < 300 and kept[2] == 2000
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "always_on")
+    exporter = InMemorySpanExporter()
+    tracer = tracing.setup("http://127.0.0.1:1", exporter, sample_ratio=0.0)
+    tracer.provider.get_tracer("t").start_span("root").end()
+    tracer.provider.force_flush()
+    assert len(exporter.get_finished_spans()) == 1  # the operator's OpenTelemetry settings win
+    tracer.provider.shutdown()
