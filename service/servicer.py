@@ -51,7 +51,11 @@ class HeadServeServicer(pb_grpc.HeadServeServicer):
             raise InvalidInput("the AddExamples stream was empty; name a task_id and send examples")
         # All or nothing: the whole stream is validated and stored in one transaction.
         context.task_id = task_id
-        added, duplicates, counts = self.app.add_examples(context.caller, task_id, batch, context.is_active)
+        ended = threading.Event()  # the call was cancelled or ran past its deadline
+        if not context.add_callback(ended.set):
+            ended.set()
+        added, duplicates, counts = self.app.add_examples(
+            context.caller, task_id, batch, lambda: context.is_active() and not ended.is_set())
         return pb.AddExamplesResponse(
             task_id=task_id, added=added, duplicates=duplicates, num_examples=sum(counts.values()),
             examples_per_label=counts,

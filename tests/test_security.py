@@ -367,19 +367,33 @@ def test_an_upload_the_client_abandons_is_not_stored(server, client):
     client.stub.CreateTask(pb.CreateTaskRequest(task_id=task_id, backbone="minilm-l6"))
     upload = [pb.AddExamplesRequest(task_id=task_id, examples=text_examples(MINUTE_TOPICS))]
     store = server.app.store
-    for abandon in ("cancel", "deadline"):
-        with store._write:  # the server reads and checks the whole stream, then waits here to write
-            if abandon == "cancel":
-                future = client.stub.AddExamples.future(iter(upload))
-                time.sleep(0.5)
-                future.cancel()
-            else:
-                future = client.stub.AddExamples.future(iter(upload), timeout=0.5)
-                time.sleep(0.8)
-            with pytest.raises((grpc.RpcError, grpc.FutureCancelledError)):
-                future.result(timeout=10)
-        time.sleep(0.3)  # the server takes the lock now and must not commit
-        assert client.stub.GetTask(pb.GetTaskRequest(task_id=task_id)).num_examples == 0, abandon
+    writing = threading.Event()
+    add_examples = store.add_examples
+
+    def entered(*args, **kwargs):  # the server has read and checked the whole stream
+        writing.set()
+        return add_examples(*args, **kwargs)
+
+    store.add_examples = entered
+    try:
+        for abandon in ("cancel", "deadline"):
+            writing.clear()
+            with store._write:  # ... and now waits here to write
+                if abandon == "cancel":
+                    future = client.stub.AddExamples.future(iter(upload))
+                    assert writing.wait(30), "the server never came to store the upload"
+                    future.cancel()
+                else:
+                    future = client.stub.AddExamples.future(iter(upload), timeout=2.0)
+                    assert writing.wait(30), "the server never came to store the upload"
+                    time.sleep(2.2)
+                with pytest.raises((grpc.RpcError, grpc.FutureCancelledError)):
+                    future.result(timeout=10)
+                time.sleep(0.2)  # the server learns the call ended
+            time.sleep(0.3)  # the server takes the lock now and must not commit
+            assert client.stub.GetTask(pb.GetTaskRequest(task_id=task_id)).num_examples == 0, abandon
+    finally:
+        del store.add_examples
     assert client.stub.AddExamples(iter(upload)).added == 9  # a client that waits gets its examples stored
 
 

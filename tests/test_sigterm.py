@@ -162,13 +162,19 @@ def test_sigterm_under_load_drains_refuses_and_resumes(tmp_path):
         assert code == 0, log[-3000:]
         assert took < GRACE + EXIT_SLACK, f"exit took {took:.1f}s\n{log[-3000:]}"
         assert before >= CLIENTS, f"only {before} calls before SIGTERM"
+        # A call still running when the grace period ends is cancelled by grpc (on a loaded machine a Predict
+        # queued behind the training job can take that long); any other failure is wrong.
+        cut_off = [c for s, e, c, _ in calls if c == grpc.StatusCode.CANCELLED and e >= sigterm + GRACE - 0.5]
         codes = {c for _, _, c, _ in calls}
-        assert codes <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE}, \
+        assert codes <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}, \
             sorted({(c.name, d) for _, _, c, d in calls if c not in (grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE)})
+        assert len(cut_off) == sum(1 for _, _, c, _ in calls if c == grpc.StatusCode.CANCELLED), \
+            "calls were cancelled before the grace period ended"
         # Calls that ended before the signal, and calls that had been running for a while when it came
         # (the server had them): OK. Calls running across the signal that finished OK: the drain happened.
         failed = [(round(s - sigterm, 2), round(e - sigterm, 2), c.name, d) for s, e, c, d in calls
-                  if s < sigterm - 1.0 and c != grpc.StatusCode.OK]
+                  if s < sigterm - 1.0 and c != grpc.StatusCode.OK
+                  and not (c == grpc.StatusCode.CANCELLED and e >= sigterm + GRACE - 0.5)]
         assert not failed, f"accepted calls failed: {failed[:5]}"
         drained = [1 for s, e, c, _ in calls if s < sigterm < e and c == grpc.StatusCode.OK]
         assert drained, "no call was in flight across the signal"
