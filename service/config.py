@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+import os
 import pathlib
 from typing import Any, Literal
 
@@ -200,12 +202,31 @@ class Settings(BaseSettings):
         return tuple(sources)
 
     @classmethod
+    def check_environment(cls, environ) -> None:
+        """Refuses HEADSERVE_* variables that name no setting: a misspelt HEADSERVE_TLS_CERT_FILE would
+        otherwise start a plaintext server without a word. Allowed besides the settings: the clients'
+        HEADSERVE_API_KEY, the test suite's HEADSERVE_FUZZ*, and the variables Kubernetes makes for a
+        Service named headserve (HEADSERVE_SERVICE_*, HEADSERVE_PORT*)."""
+        unknown = sorted(
+            name for name in environ
+            if name.startswith("HEADSERVE_") and name[len("HEADSERVE_"):].lower() not in cls.model_fields
+            and name != "HEADSERVE_API_KEY" and not name.startswith(("HEADSERVE_FUZZ", "HEADSERVE_SERVICE_"))
+            and not (name == "HEADSERVE_PORT" or name.startswith("HEADSERVE_PORT_"))
+        )
+        if unknown:
+            close = difflib.get_close_matches(unknown[0][len("HEADSERVE_"):].lower(), list(cls.model_fields), 1)
+            hint = f" (did you mean HEADSERVE_{close[0].upper()}?)" if close else ""
+            raise ValueError(f"environment variable {unknown[0]} names no setting{hint}; "
+                             "the settings are listed in README's Configuration")
+
+    @classmethod
     def load(cls, config_file: pathlib.Path | str | None = None, **overrides: Any) -> Settings:
         """Reads settings; `overrides` (e.g. from CLI flags) win over env and the TOML file.
 
         Keys of `overrides` whose value is None are ignored, so flags left unset do not mask env or file.
         """
         given = {k: v for k, v in overrides.items() if v is not None}
+        cls.check_environment(os.environ)
         if config_file is None:
             return cls(**given)
         path = pathlib.Path(config_file)

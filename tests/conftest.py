@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import logging
 import uuid
 
 import grpc
@@ -196,3 +197,14 @@ def image_task(client):
     job = client.wait_ready(task_id)
     assert job.state == pb.Job.SUCCEEDED, job.error
     return task_id
+
+
+@pytest.fixture(autouse=True)
+def _root_logging_restored():
+    """`headserve serve` run in-process (main(["serve", ...])) configures the root logger for the process,
+    on the stream that test captured; put it back after each test so later tests log as before."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)

@@ -168,3 +168,17 @@ def test_a_job_submitted_while_the_server_stops_stays_queued_for_the_next_start(
     finally:
         client.close()
         again.stop()
+
+
+def test_a_misspelt_setting_in_the_environment_is_refused(tmp_path, capsys, monkeypatch):
+    from service.config import Settings
+
+    monkeypatch.setenv("HEADSERVE_TLS_CERT_FLE", "/etc/tls/tls.crt")
+    with pytest.raises(ValueError, match="HEADSERVE_TLS_CERT_FLE names no setting .*HEADSERVE_TLS_CERT_FILE"):
+        Settings.load()
+    assert main(["serve", "--address", "127.0.0.1:0", "--data-dir", str(tmp_path)]) == 2
+    assert "did you mean HEADSERVE_TLS_CERT_FILE" in capsys.readouterr().err
+    monkeypatch.delenv("HEADSERVE_TLS_CERT_FLE")
+    for allowed in ("HEADSERVE_API_KEY", "HEADSERVE_SERVICE_HOST", "HEADSERVE_PORT", "HEADSERVE_PORT_50051_TCP"):
+        monkeypatch.setenv(allowed, "x")
+    Settings.load(data_dir=tmp_path)
