@@ -66,6 +66,7 @@ sys.path.insert(0, str(ROOT))
 
 import grpc
 
+from bench.serving import busy_jiffies, children_cpu, own_cpu  # the same CPU counters
 from service.gen import headserve_pb2 as pb
 from service.gen import headserve_pb2_grpc as pb_grpc
 
@@ -373,23 +374,6 @@ def worker_main(path: str) -> None:
 
 
 # --- the parent: servers, phases, measurements -------------------------------------------------------------
-
-
-def busy_jiffies() -> int:
-    with open("/proc/stat") as f:
-        fields = [int(v) for v in f.readline().split()[1:]]
-    return sum(fields) - fields[3] - fields[4]  # all but idle and iowait
-
-
-def own_cpu() -> float:
-    t = os.times()
-    return t.user + t.system
-
-
-def children_cpu() -> float:
-    """CPU of the client processes that have ended (and been waited for)."""
-    t = os.times()
-    return t.children_user + t.children_system
 
 
 class Workers:
