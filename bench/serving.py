@@ -518,16 +518,22 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def settings_for(args, data_dir: pathlib.Path):
-    from service.config import Settings
-
-    overrides = {}
+def set_overrides(args) -> dict:
+    """--set KEY=VALUE settings: VALUE read as JSON where it parses, else as a string."""
+    out = {}
     for kv in args.set:
         key, _, value = kv.partition("=")
         try:
-            overrides[key] = json.loads(value)
+            out[key] = json.loads(value)
         except json.JSONDecodeError:
-            overrides[key] = value
+            out[key] = value
+    return out
+
+
+def settings_for(args, data_dir: pathlib.Path):
+    from service.config import Settings
+
+    overrides = set_overrides(args)
     backbones = {}
     image = args.image_backbone
     builtin = ["minilm-l6"]

@@ -66,7 +66,7 @@ sys.path.insert(0, str(ROOT))
 
 import grpc
 
-from bench.serving import busy_jiffies, children_cpu, own_cpu  # the same CPU counters
+from bench.serving import busy_jiffies, children_cpu, own_cpu, set_overrides  # shared with the serving bench
 from service.gen import headserve_pb2 as pb
 from service.gen import headserve_pb2_grpc as pb_grpc
 
@@ -880,17 +880,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def overrides(args) -> dict:
-    out = {}
-    for kv in args.set:
-        key, _, value = kv.partition("=")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
-
-
 def git(*argv: str) -> str:
     try:
         done = subprocess.run(["git", *argv], check=False, cwd=ROOT, capture_output=True, text=True, timeout=30)
@@ -1118,7 +1107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def settings(name: str, auth: str):
         return Settings.load(**{"address": "127.0.0.1:0", "data_dir": workdir / name, "builtin_backbones": [BACKBONE],
-                                "log_level": "WARNING", **overrides(args), "auth": auth})
+                                "log_level": "WARNING", **set_overrides(args), "auth": auth})
 
     auth_settings = settings("main", "api_key")
     servers: list = []

@@ -115,7 +115,6 @@ def test_every_method_outside_the_keys_scopes_is_permission_denied(server, regis
 ])
 def test_bad_keys_are_unauthenticated(server, metadata, says):
     channel = grpc.insecure_channel(server.address)
-    stub = Client.__new__(Client)
     try:
         from service.gen import headserve_pb2_grpc as pb_grpc
 
@@ -124,7 +123,6 @@ def test_bad_keys_are_unauthenticated(server, metadata, says):
         assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED and says in err.value.details()
     finally:
         channel.close()
-    del stub
 
 
 def test_a_wrong_secret_for_a_real_key_id_is_unauthenticated(server, tenant):
