@@ -17,7 +17,7 @@ from adapters.errors import FailedPrecondition, InvalidInput, NotFound, Resource
 from adapters.heads import TrainingOptions
 from adapters.runtime import fuse, graph_inputs
 from service.config import Settings
-from service.jobs import JobRunner
+from service.jobs import JobRunner, new_job
 from service.predictor import Predictor, Ticket
 from service.registry import BackboneRegistry, Entry
 from service.store import ExampleIn, JobRecord, Store, TaskRecord
@@ -139,9 +139,10 @@ class HeadServeApp:
         self._check_label_text(entry, options, {ex.label for ex in new} | set(declared_labels))
         record = TaskRecord.new(caller.tenant_id, task_id, backbone, list(declared_labels),
                                 dataclasses.asdict(options))
-        self.store.create_task(record, new, caller.quotas)
-        if new:
-            self.runner.submit(record.key, options, caller.quotas)
+        job = new_job(record.key, options) if new else None
+        self.store.create_task(record, new, caller.quotas, job=job)  # the task and its job, or neither
+        if job is not None:
+            self.runner.queued()
         return self.get_task(caller, task_id)
 
     def add_examples(

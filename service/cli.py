@@ -285,6 +285,7 @@ def _serve(args: argparse.Namespace, out: Console, err: Console) -> int:
             address=args.listen or getattr(args, "address", None),
             data_dir=args.data_dir,
             log_level=args.log_level,
+            store_url=args.store_url,
         )
     except (OSError, ValueError) as exc:
         raise UsageError(f"bad settings: {exc}") from None
@@ -296,6 +297,72 @@ def _serve(args: argparse.Namespace, out: Console, err: Console) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _settings(args: argparse.Namespace, **flags):
+    from service.config import Settings
+
+    try:
+        return Settings.load(args.config, data_dir=args.data_dir, store_url=args.store_url, **flags)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"bad settings: {exc}") from None
+
+
+def _worker(args: argparse.Namespace, out: Console, err: Console) -> int:
+    settings = _settings(args, log_level=args.log_level, training_workers=args.workers)
+    import signal
+    import threading
+
+    from service.server import configure_logging
+    from service.worker import run_worker
+
+    configure_logging(settings.log_level, settings.log_format)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    from service.migrate import SchemaError
+
+    try:
+        return run_worker(settings, stop=stop)
+    except SchemaError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _db(args: argparse.Namespace, out: Console, err: Console) -> int:
+    settings = _settings(args)
+    import sqlalchemy as sa
+
+    from service import migrate
+    from service.worker import store_url
+
+    url = store_url(settings)
+    if url.startswith("sqlite:"):
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+    engine = sa.create_engine(url)
+    where = sa.engine.make_url(url).render_as_string(hide_password=True)
+    try:
+        if args.db_command == "upgrade":
+            before, after = migrate.upgrade(engine)
+            if args.json:
+                _print_json({"store": where, "before": before, "after": after})
+            elif before == after:
+                out.print(f"{where}: already at schema revision {after}")
+            else:
+                out.print(f"{where}: upgraded from {before or 'an empty database'} to schema revision {after}")
+            return 0
+        found, head = migrate.current(engine), migrate.head()
+        if args.json:
+            _print_json({"store": where, "current": found, "head": head, "up_to_date": found == head})
+        else:
+            out.print(f"{where}: schema revision {found or 'none (empty)'}; this headserve runs {head}"
+                      + ("" if found == head else " - run `headserve db upgrade`"))
+        return 0 if found == head else 3
+    except sa.exc.OperationalError as exc:
+        print(f"error: cannot reach the store {where}: {str(exc.orig).splitlines()[0][:300]}", file=sys.stderr)
+        return 1
+    finally:
+        engine.dispose()
 
 
 def _short_source(backbone: pb.Backbone) -> str:
@@ -594,7 +661,9 @@ def _admin(args: argparse.Namespace):
         settings = Settings.load(args.config, data_dir=args.data_dir)
     except (OSError, ValueError) as exc:
         raise UsageError(f"bad settings: {exc}") from None
-    store = Store.open(pathlib.Path(settings.data_dir))
+    from service.worker import store_url
+
+    store = Store(store_url(settings))
     try:
         yield _LocalAdmin(TenantAdmin(store))
     finally:
@@ -1007,6 +1076,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--config", type=pathlib.Path, metavar="FILE", help="TOML settings file")
     serve.add_argument("--log-level", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    serve.add_argument("--store-url", metavar="URL", help="the store (default: SQLite in the data directory); "
+                       "postgresql+psycopg://USER:PASSWORD@HOST/DB for replicas")
+
+    def store_flags(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--data-dir", type=pathlib.Path, metavar="DIR", help="data directory (default: ./var)")
+        sub.add_argument("--config", type=pathlib.Path, metavar="FILE", help="TOML settings file")
+        sub.add_argument("--store-url", metavar="URL", help="the store (default: SQLite in the data directory)")
+
+    worker = command("worker", _worker, "train jobs from the store's queue, without serving (a training-only "
+                     "replica); until SIGINT/SIGTERM", client=False)
+    store_flags(worker)
+    worker.add_argument("--workers", type=int, metavar="N", help="jobs trained at once (training_workers)")
+    worker.add_argument("--log-level", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    db = command("db", None, "the store's schema", client=False)
+    db_commands = db.add_subparsers(dest="db_command", metavar="ACTION", required=True)
+    for action, text in (("upgrade", "bring the store's schema to this headserve's (run before new servers "
+                                      "start; safe to run again)"),
+                         ("current", "print the store's schema revision; exit 3 when it needs `db upgrade`")):
+        sub = command(action, _db, text, client=False, group=db_commands)
+        store_flags(sub)
+        sub.add_argument("--json", action="store_true", help="print JSON")
 
     backbones = command("backbones", _backbones, "list the server's backbones, with the device they run on")
     shown = backbones.add_mutually_exclusive_group()

@@ -45,6 +45,10 @@ class Settings(BaseSettings):
 
     address: str = Field("127.0.0.1:50051", description="HOST:PORT to listen on; port 0 picks a free one")
     data_dir: pathlib.Path = Field(pathlib.Path("./var"), description="SQLite store and trunk ONNX cache")
+    store_url: str = Field(
+        "", description="the store: '' for SQLite in data_dir (one server); postgresql+psycopg://USER:PASSWORD@"
+        "HOST/DB for several replicas on one PostgreSQL (run `headserve db upgrade` first)",
+    )
     builtin_backbones: list[str] = Field(
         list(DEFAULT_BACKBONES), description="built-in backbones to load at start-up"
     )
@@ -133,7 +137,25 @@ class Settings(BaseSettings):
         False, description="on a GPU, run trunks with TensorRT before CUDA (engines built on first use and "
         "cached in data_dir/trunks/tensorrt)",
     )
-    training_workers: int = Field(1, ge=1, le=64, description="training jobs run at once")
+    training_workers: int = Field(
+        1, ge=0, le=64, description="training workers of this replica, each training one job at a time; 0: "
+        "this replica trains nothing (a `headserve worker` replica does)",
+    )
+    training_isolation: Literal["process", "thread"] = Field(
+        "process", description="where training workers run: 'process' (worker processes, so training never "
+        "holds the serving process's GIL) or 'thread' (inside the server: less memory, for small machines)",
+    )
+    job_lease_seconds: float = Field(
+        30.0, ge=2, le=3600, description="a worker renews its claim on a job this often x3; a job whose worker "
+        "stopped renewing is taken over by another worker once its lease runs out",
+    )
+    job_max_attempts: int = Field(
+        3, ge=1, le=100, description="a job whose worker died this many times is failed, not claimed again",
+    )
+    sync_interval_seconds: float = Field(
+        0.5, gt=0, le=60, description="how often a replica reads the store's change feed for new versions, "
+        "deletes and revoked keys (PostgreSQL also notifies at once; this is its fallback)",
+    )
     auto_fine_tune_min_examples: int = Field(
         10, ge=0, description="AUTO also fine-tunes image tasks whose every label has at least this many "
         "examples, and keeps the tuned head when it does at least as well as the feature head on a holdout "

@@ -38,12 +38,15 @@ class HealthMonitor:
         registry: BackboneRegistry,
         predictor: Predictor,
         interval: float,
+        runner=None,
     ) -> None:
+        """`runner` (service.jobs.JobRunner), when given, reports training workers that should run and do not."""
         self.servicer = servicer
         self.services = ("", *services)
         self.store = store
         self.registry = registry
         self.predictor = predictor
+        self.runner = runner
         self.interval = interval
         self.problems: list[str] = []
         self._failures_seen: dict[str, int] = {}
@@ -72,6 +75,8 @@ class HealthMonitor:
                 self._failures_seen[name] = failures
                 self._probe(name)
         problems += [f"backbone {name}: its trunk fails" for name in sorted(self._broken)]
+        if self.runner is not None:
+            problems += self.runner.problems()
         return problems
 
     def _probe(self, name: str) -> None:

@@ -1,8 +1,14 @@
-"""Training jobs: queued durably, run in the background, progress published to watchers.
+"""Training jobs: a queue in the store, worked by workers that hold a lease on the job they train.
 
-A job computes (or reuses cached) trunk features for the task's examples, trains a head, exports
-and checks its ONNX, then stores it as the next version and makes it live in one transaction.
-Jobs still queued or running when the server stopped are run again at start-up.
+- `JobRunner` is the serving side: it queues jobs (a row in the store's jobs table), answers GetJob and
+  WatchJob from the store (so any replica can watch any job), and runs this replica's workers: threads,
+  or worker processes (service/worker.py) so that training never holds the serving process's GIL.
+- `Worker` is one training loop: claim the oldest queued job (or one whose worker stopped renewing its
+  lease), renew the lease while training, publish progress to the store, and store the head as the next
+  version only while it still holds the job. A job that runs twice (its first worker died, another took
+  over) therefore publishes one version. A worker that is stopped puts its job back in the queue.
+
+What a job computes is service/training.py's.
 """
 
 from __future__ import annotations
@@ -10,92 +16,287 @@ from __future__ import annotations
 import contextvars
 import dataclasses
 import logging
+import os
+import socket
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-
 
 from adapters.errors import HeadserveError, NotFound
 from adapters.heads import TrainingOptions
 from adapters.runtime import HeadRuntime
 from service import errors
 from service.registry import BackboneRegistry
-from service.store import JobRecord, Quotas, StorageFull, Store, tenant_of
+from service.store import JobRecord, LeaseLost, Quotas, StorageFull, Store, tenant_of
 from service.training import Trainer
 
 log = logging.getLogger(__name__)
 
-class JobRunner:
+PERSIST_EVERY = 0.25  # seconds between two stored progress updates of one job (phase changes are stored at once)
+
+# on_finished(strategy, final state, seconds, seconds per phase): hears of every job a worker ended.
+Finished = Callable[[str, str, float, dict[str, float]], None]
+
+
+class Stopping(Exception):
+    """The worker is being stopped: its job goes back to the queue."""
+
+
+def worker_name(index: int = 0) -> str:
+    """A name unique to this worker among all replicas: host, process, index and a random part."""
+    return f"{socket.gethostname()[:64]}:{os.getpid()}:{index}:{uuid.uuid4().hex[:6]}"
+
+
+def new_job(key: str, options: TrainingOptions) -> JobRecord:
+    return JobRecord(
+        job_id=f"job-{uuid.uuid4().hex[:12]}", task_key=key, state="QUEUED",
+        config=dataclasses.asdict(options), status={"phase": "queued", "progress": 0.0, "message": "waiting"},
+    )
+
+
+class Worker:
+    """Claims jobs from the store and trains them, one at a time, until `stop` is set."""
+
     def __init__(
-        self,
-        store: Store,
-        registry: BackboneRegistry,
-        on_success: Callable[[str, HeadRuntime], None],
-        workers: int = 1,
-        auto_fine_tune_min_examples: int = 0,
-        on_finished: Callable[[str, str, float, dict[str, float]], None] | None = None,
+        self, store: Store, registry: BackboneRegistry, name: str, *, lease_seconds: float = 30.0,
+        max_attempts: int = 3, poll_seconds: float = 0.25, auto_fine_tune_min_examples: int = 0,
+        on_success: Callable[[str, HeadRuntime], None] | None = None, on_finished: Finished | None = None,
+        on_progress: Callable[[], None] | None = None,
     ) -> None:
-        """`on_finished(strategy, state, seconds, seconds per phase)` hears of every job that ended."""
         self.store = store
         self.registry = registry
-        self.trainer = Trainer(store, registry, self._publish, auto_fine_tune_min_examples)
+        self.name = name
+        self.lease_ms = int(lease_seconds * 1000)
+        self.max_attempts = max_attempts
+        self.poll_seconds = poll_seconds
         self.on_success = on_success
-        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="train")
         self.on_finished = on_finished
-        self._live: dict[str, JobRecord] = {}  # unfinished jobs, with fine-grained status
-        self._phases: dict[str, dict] = {}  # job id -> seconds per phase so far, "@": (phase now, since)
-        self._changed = threading.Condition()
-        self._closing = threading.Event()
+        self.on_progress = on_progress
+        self.trainer = Trainer(store, registry, self._publish, auto_fine_tune_min_examples)
+        self.current: JobRecord | None = None
+        self._persisted = 0.0
+        self._lost = threading.Event()
+        self._phases: dict = {}
+        self.stop = threading.Event()
 
-    def submit(self, key: str, options: TrainingOptions, quotas: Quotas = Quotas()) -> JobRecord:
-        """Queues a job for the task with store key `key` (within the tenant's training_jobs quota)."""
-        job = JobRecord(
-            job_id=f"job-{uuid.uuid4().hex[:12]}", task_key=key, state="QUEUED",
-            config=dataclasses.asdict(options), status={"phase": "queued", "progress": 0.0, "message": "waiting"},
-        )
-        self.store.start_job(job, quotas)
-        self._enqueue(job)
-        return job
-
-    def resume(self) -> int:
-        """Re-queues the jobs a previous run of the server left unfinished."""
-        pending = self.store.unfinished_jobs()
-        for job in pending:
-            log.info("resuming job %s of task %s", job.job_id, job.task_id)
-            self._enqueue(job)
-        return len(pending)
-
-    def _enqueue(self, job: JobRecord) -> None:
-        with self._changed:
-            self._live[job.job_id] = job
-            self._changed.notify_all()
-        # The job runs in a copy of the submitting call's context (its request id, and its trace when tracing
-        # is on), with the job's id, tenant and task set, so every log line of the job carries them.
-        try:
-            self._pool.submit(contextvars.copy_context().run, self._run_in_context, job)
-        except RuntimeError:  # the server is stopping: the job is queued in the store and runs at the next start
-            with self._changed:
-                self._live.pop(job.job_id, None)
-                self._changed.notify_all()
-            log.info("job %s stays queued for the next start (the server is stopping)", job.job_id)
+    def run(self, wake: Callable[[float], object] | None = None) -> None:
+        """The loop: claims and trains jobs; between claims, waits `poll_seconds` (or until `wake(timeout)`
+        returns). Store errors are logged and retried; the loop ends when `stop` is set."""
+        wait = wake or self.stop.wait
+        failures = 0
+        while not self.stop.is_set():
+            try:
+                job = self.store.claim_job(self.name, self.lease_ms, self.max_attempts)
+                failures = 0
+            except Exception as exc:  # the store is down or full: try again, more slowly
+                failures += 1
+                log.error("worker %s cannot claim jobs (%s: %s); retrying", self.name, type(exc).__name__,
+                          str(exc).splitlines()[0][:200] if str(exc) else "")
+                self.stop.wait(min(30.0, 0.5 * 2 ** min(failures, 6)))
+                continue
+            if job is None:
+                wait(self.poll_seconds)
+                continue
+            contextvars.copy_context().run(self._run_in_context, job)
 
     def _run_in_context(self, job: JobRecord) -> None:
         errors.job.set(job.job_id)
         errors.tenant.set(tenant_of(job.task_key) or "-")
         errors.task.set(job.task_id or "-")
-        self._run(job)
+        self.run_job(job)
+
+    # --- one job ------------------------------------------------------------------------------------
+
+    def _publish(self, job: JobRecord, persist: bool = False, **status) -> None:
+        """A progress update from training: stored (at most every PERSIST_EVERY s, and at once when
+        `persist`); raises LeaseLost or Stopping to end training where it stands."""
+        if self._lost.is_set():
+            raise LeaseLost(f"job {job.job_id}: the lease of {self.name} was lost")
+        if self.stop.is_set():
+            raise Stopping()
+        if "phase" in status:
+            self._enter_phase(status["phase"])
+        job.status.update(status)
+        now = time.monotonic()
+        if persist or now - self._persisted >= PERSIST_EVERY:
+            self._persisted = now
+            self.store.update_job(job.job_id, job.state, job.status, owner=self.name)
+            if self.on_progress is not None:
+                self.on_progress()
+
+    def _heartbeat(self, job: JobRecord, done: threading.Event) -> None:
+        interval = self.lease_ms / 3000
+        while not done.wait(interval):
+            try:
+                if not self.store.renew_lease(job.job_id, self.name, self.lease_ms):
+                    log.warning("job %s: %s no longer holds it (lease lost, or the job was deleted); stopping it",
+                                job.job_id, self.name)
+                    self._lost.set()
+                    return
+            except Exception as exc:  # keep trying until the lease runs out: another worker may take over
+                log.warning("job %s: the lease could not be renewed (%s)", job.job_id, type(exc).__name__)
+
+    def run_job(self, job: JobRecord) -> None:
+        start = time.perf_counter()
+        self.current, self._lost, self._phases, self._persisted = job, threading.Event(), {}, 0.0
+        done = threading.Event()
+        beat = threading.Thread(target=self._heartbeat, args=(job, done), daemon=True, name=f"lease-{job.job_id}")
+        beat.start()
+        log.info("job %s of task %s claimed by %s (attempt %d)", job.job_id, job.task_id, self.name, job.attempts)
+        try:
+            self._train(job, start)
+        finally:
+            done.set()
+            self.current = None
+            self._enter_phase("")
+            if self.on_finished is not None and job.state in ("SUCCEEDED", "FAILED"):
+                self.on_finished(job.config.get("strategy", "auto"), job.state, time.perf_counter() - start,
+                                 self._phases)
+            if self.on_progress is not None:
+                self.on_progress()
+
+    def _train(self, job: JobRecord, start: float) -> None:
+        try:
+            head, backbone = self.trainer.run(job)
+            status = {**job.status, "phase": "done", "progress": 1.0, "message": "ready",
+                      "seconds": time.perf_counter() - start, "evaluation": head.evaluation}
+            runtime = HeadRuntime(head.onnx, head.labels, 0, backbone, str(self.registry.device))
+            version = self.store.finish_job(job.job_id, status, head=head, owner=self.name)
+            job.state, job.version, job.status = "SUCCEEDED", version, status
+            runtime.version = version
+            if self.on_success is not None:
+                self.on_success(job.task_key, runtime)
+            log.info("job %s: task %s version %d live in %.2fs", job.job_id, job.task_id, version, status["seconds"])
+        except Stopping:
+            released = self._quietly(self.store.release_job, job.job_id, self.name)
+            job.state = "QUEUED"
+            log.info("job %s %s (the worker is stopping)", job.job_id,
+                     "is back in the queue for another worker" if released else "is left to its lease")
+        except LeaseLost as exc:
+            job.state = "LOST"
+            log.warning("job %s: %s; nothing of this run is stored", job.job_id, exc.message)
+        except NotFound:
+            job.state = "LOST"
+            log.info("job %s ended: its task was deleted while it trained", job.job_id)
+        except Exception as exc:
+            if isinstance(exc, HeadserveError):
+                error = exc.message
+            else:
+                log.exception("job %s failed", job.job_id)
+                error = f"internal error during training ({type(exc).__name__}); see the server log for job {job.job_id}"
+            job.state, job.error = "FAILED", error
+            job.status = {**job.status, "phase": "failed", "message": error}
+            self._record_failure(job)
+
+    @staticmethod
+    def _quietly(call, *args) -> bool:
+        try:
+            return call(*args)
+        except Exception as exc:
+            log.warning("%s failed: %s", getattr(call, "__name__", "call"), type(exc).__name__)
+            return False
+
+    def _record_failure(self, job: JobRecord, first_delay: float = 0.5, max_delay: float = 10.0) -> None:
+        """Stores the job's failure, retrying while the store is full. If the worker stops first, the job
+        stays RUNNING under a lease nobody renews, and another worker runs it again."""
+        delay = first_delay
+        while True:
+            try:
+                self.store.finish_job(job.job_id, job.status, error=job.error, owner=self.name)
+                return
+            except (NotFound, LeaseLost):
+                return  # the task was deleted, or another worker holds the job now
+            except StorageFull:
+                log.error("job %s failed (%s); its failure cannot be stored yet, retrying", job.job_id, job.error)
+            if self.stop.wait(delay):
+                return
+            delay = min(2 * delay, max_delay)
+
+    def _enter_phase(self, phase: str) -> None:
+        """Books the time since the last phase change to that phase ('' ends the last one)."""
+        now = time.perf_counter()
+        spent = self._phases
+        current, since = spent.pop("@", ("", now))
+        if current and current != phase:
+            spent[current] = spent.get(current, 0.0) + now - since
+        if phase:
+            spent["@"] = (phase, since if current == phase else now)
+
+
+class JobRunner:
+    """The serving side of training: queues jobs, reads them back, and runs this replica's workers
+    (`workers` threads; or none, when worker processes or another replica train)."""
+
+    def __init__(
+        self, store: Store, registry: BackboneRegistry, on_success: Callable[[str, HeadRuntime], None],
+        workers: int = 1, auto_fine_tune_min_examples: int = 0, on_finished: Finished | None = None,
+        lease_seconds: float = 30.0, max_attempts: int = 3, processes=None,
+    ) -> None:
+        """`processes` (service.worker.WorkerProcesses), when given, trains instead of threads."""
+        self.store = store
+        self.registry = registry
+        self.processes = processes
+        self._changed = threading.Condition()
+        self._wake = threading.Event()
+        self._workers = [
+            Worker(store, registry, worker_name(i), lease_seconds=lease_seconds, max_attempts=max_attempts,
+                   auto_fine_tune_min_examples=auto_fine_tune_min_examples, on_success=on_success,
+                   on_finished=on_finished, on_progress=self.notify)
+            for i in range(0 if processes is not None else workers)
+        ]
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> None:
+        for worker in self._workers:
+            thread = threading.Thread(target=worker.run, args=(self._wait_for_work,), daemon=True,
+                                      name=f"train-{worker.name.rsplit(':', 2)[1]}")
+            thread.start()
+            self._threads.append(thread)
+        if self.processes is not None:
+            self.processes.start(self.notify)
+
+    def _wait_for_work(self, timeout: float) -> None:
+        if self._wake.wait(timeout):
+            self._wake.clear()
+
+    def notify(self) -> None:
+        """Something changed: wake watchers (and idle workers)."""
+        with self._changed:
+            self._changed.notify_all()
+
+    def submit(self, key: str, options: TrainingOptions, quotas: Quotas = Quotas()) -> JobRecord:
+        """Queues a job for the task with store key `key` (within the tenant's training_jobs quota)."""
+        job = new_job(key, options)
+        self.store.start_job(job, quotas)
+        self.queued()
+        return job
+
+    def queued(self) -> None:
+        """A job was queued (here, or in the same transaction as its task): wake a worker."""
+        self._wake.set()
+        if self.processes is not None:
+            self.processes.wake()
+
+    def resume(self) -> int:
+        """At start-up, on a store only this server uses (SQLite), jobs a previous run left RUNNING go back
+        to the queue at once; on a shared store, their leases run out and any worker takes them over."""
+        if self.store.dialect == "sqlite":
+            requeued = self.store.requeue_running()
+            if requeued:
+                log.info("%d job(s) left running by the previous run are queued again", requeued)
+        pending = len(self.store.unfinished_jobs())
+        if pending:
+            self.queued()
+        return pending
 
     def get(self, job_id: str) -> JobRecord:
-        with self._changed:
-            live = self._live.get(job_id)
-            if live is not None:
-                return dataclasses.replace(live, status=dict(live.status))
         return self.store.get_job(job_id)
 
-    def watch(self, job_id: str, keep_going: Callable[[], bool], interval: float = 1.0) -> Iterator[JobRecord]:
-        """Yields the job's state now and at each change, until it ends or `keep_going()` is false."""
+    def watch(self, job_id: str, keep_going: Callable[[], bool], interval: float = 0.2) -> Iterator[JobRecord]:
+        """Yields the job's state now and at each change, until it ends or `keep_going()` is false. Any
+        replica can watch any job: progress is read from the store (every `interval` s, or sooner when a
+        worker of this replica reports)."""
         last = None
         while True:
             job = self.get(job_id)
@@ -108,89 +309,29 @@ class JobRunner:
             with self._changed:
                 self._changed.wait(interval)
 
-    def _publish(self, job: JobRecord, persist: bool = False, **status) -> None:
-        if "phase" in status:
-            self._enter_phase(job.job_id, status["phase"])
-        with self._changed:
-            job.status.update(status)
-            self._changed.notify_all()
-        if persist:
-            self.store.update_job(job.job_id, job.state, job.status)
+    def problems(self) -> list[str]:
+        """For the health check: this replica's training workers that should run and do not."""
+        if self.processes is not None:
+            return self.processes.problems()
+        dead = [t.name for t in self._threads if not t.is_alive()]
+        return [f"training worker thread {name} has stopped" for name in dead]
 
-    def _run(self, job: JobRecord) -> None:
-        start = time.perf_counter()
-        job.state = "RUNNING"
-        deferred = False
-        try:
-            head, backbone = self.trainer.run(job)
-            status = {**job.status, "phase": "done", "progress": 1.0, "message": "ready",
-                      "seconds": time.perf_counter() - start, "evaluation": head.evaluation}
-            runtime = HeadRuntime(head.onnx, head.labels, 0, backbone, str(self.registry.device))
-            version = self.store.finish_job(job.job_id, status, head=head)
-            runtime.version = version
-            self.on_success(job.task_key, runtime)
-            job.state, job.version, job.status = "SUCCEEDED", version, status
-            log.info("job %s: task %s version %d live in %.2fs", job.job_id, job.task_id, version, status["seconds"])
-        except Exception as exc:
-            if isinstance(exc, HeadserveError):
-                error = exc.message
-            else:
-                log.exception("job %s failed", job.job_id)
-                error = f"internal error during training ({type(exc).__name__}); see the server log for job {job.job_id}"
-            status = {**job.status, "phase": "failed", "message": error}
-            job.state, job.error, job.status = "FAILED", error, status
-            if not self._record_failure(job):
-                # Even the failure cannot be written (the disk is full): watchers see FAILED from here
-                # (the job stays in _live) while a thread retries the write until space returns.
-                log.error("job %s failed (%s); its failure cannot be stored yet, retrying", job.job_id, error)
-                deferred = True
-                threading.Thread(target=contextvars.copy_context().run,  # in the job's context, as it runs
-                                 args=(self._record_failure_later, job), daemon=True,
-                                 name=f"finish-{job.job_id}").start()
-        finally:
-            self._enter_phase(job.job_id, "")
-            if self.on_finished is not None:
-                self.on_finished(job.config.get("strategy", "auto"), job.state, time.perf_counter() - start,
-                                 self._phases.pop(job.job_id, {}))
-            self._phases.pop(job.job_id, None)
-            if not deferred:
-                with self._changed:
-                    self._live.pop(job.job_id, None)
-                    self._changed.notify_all()
+    @property
+    def busy(self) -> bool:
+        return any(w.current is not None for w in self._workers) or (
+            self.processes is not None and self.processes.busy)
 
-    def _enter_phase(self, job_id: str, phase: str) -> None:
-        """Books the time since the last phase change to that phase ('' ends the last one)."""
-        now = time.perf_counter()
-        spent = self._phases.setdefault(job_id, {})
-        current, since = spent.pop("@", ("", now))
-        if current and current != phase:
-            spent[current] = spent.get(current, 0.0) + now - since
-        if phase:
-            spent["@"] = (phase, since if current == phase else now)
-
-    def _record_failure(self, job: JobRecord) -> bool:
-        """Stores the job's failure; false when the store is full (nothing was written)."""
-        try:
-            self.store.finish_job(job.job_id, job.status, error=job.error)
-        except NotFound:
-            pass  # the task was deleted while training
-        except StorageFull:
-            return False
-        return True
-
-    def _record_failure_later(self, job: JobRecord, first_delay: float = 0.5, max_delay: float = 10.0) -> None:
-        """Retries storing a failure until it is stored. If the server stops first, the store still says
-        RUNNING, and the job runs again at the next start."""
-        delay = first_delay
-        while not self._closing.wait(delay):
-            if self._record_failure(job):
-                log.info("job %s: its failure is stored", job.job_id)
-                with self._changed:
-                    self._live.pop(job.job_id, None)
-                    self._changed.notify_all()
-                return
-            delay = min(2 * delay, max_delay)
-
-    def close(self) -> None:
-        self._closing.set()
-        self._pool.shutdown(wait=True, cancel_futures=True)
+    def close(self, timeout: float | None = None) -> bool:
+        """Stops the workers: a job in training goes back to the queue at its next progress report. Returns
+        whether every worker stopped within `timeout` seconds (None: waits)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for worker in self._workers:
+            worker.stop.set()
+        self._wake.set()
+        stopped = True
+        if self.processes is not None:
+            stopped = self.processes.close(timeout)
+        for thread in self._threads:
+            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            stopped = stopped and not thread.is_alive()
+        return stopped

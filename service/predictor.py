@@ -151,6 +151,14 @@ class HeadCache:
     def __contains__(self, task_id: str) -> bool:
         return task_id in self._heads
 
+    def peek(self, task_id: str) -> HeadRuntime | None:
+        """The loaded head, if any, without counting a use."""
+        return self._heads.get(task_id)
+
+    def keys(self) -> list[str]:
+        with self._lock:
+            return list(self._heads)
+
     def __len__(self) -> int:
         return len(self._heads)
 
@@ -375,6 +383,30 @@ class Predictor:
 
     def head(self, task_id: str) -> HeadRuntime:
         return self.heads.get(task_id)
+
+    def refresh(self, key: str) -> None:
+        """Another replica (or a worker process) changed the task: if this replica holds an older head,
+        or the task is gone, drop it; a head that was loaded is loaded again at once (one load, however
+        many requests wait for it). Requests already holding the old head finish on it."""
+        current = self.heads.peek(key)
+        try:
+            task = self.store.get_task(key)
+        except NotFound:
+            self.heads.forget(key)
+            return
+        if current is not None and current.version == task.live_version:
+            return
+        self.heads.forget(key)  # (also keeps a load started before the change out of the cache)
+        if current is not None and task.live_version:
+            try:
+                self.heads.get(key)
+            except Exception as exc:
+                log.warning("reloading task %s after a change failed: %s", key, exc)
+
+    def forget_tenant(self, tenant_id: str) -> None:
+        for key in self.heads.keys():
+            if tenant_of(key) == tenant_id:
+                self.heads.forget(key)
 
     # --- predictions --------------------------------------------------------------------------------------
 

@@ -31,7 +31,11 @@ from service.predictor import Predictor
 from service.registry import BackboneRegistry
 from service import pipeline, tls
 from service.servicer import add_to_server
+from adapters.errors import NotFound
+from service.changes import ChangeFeed
+from service.migrate import SchemaError
 from service.store import Store
+from service.worker import WorkerProcesses, store_url
 from service.tenants import Authenticator, RateLimiter, TenantAdmin
 
 log = logging.getLogger(__name__)
@@ -55,6 +59,7 @@ class Running:
     metrics: Metrics | None = None
     metrics_port: int = 0
     tracer: Any = None  # service.tracing.Tracer when tracing is on
+    feed: ChangeFeed | None = None
 
     @property
     def address(self) -> str:
@@ -72,13 +77,15 @@ class Running:
         self.health.enter_graceful_shutdown()
         self.server.stop(grace).wait()
         self.app.predictor.close()
+        if self.feed is not None:
+            self.feed.close()
         closing = threading.Thread(target=self.app.runner.close, name="close-jobs", daemon=True)
         closing.start()
         closing.join(None if wait_for_jobs else max(0.0, grace - (time.monotonic() - began)))
         finished = not closing.is_alive()
         if not finished:
             log.warning("a training job is still running after the grace period; it is left unfinished and runs "
-                        "again at the next start")
+                        "again (at the next start, or on another replica when its lease runs out)")
         if self.app.usage is not None:
             self.app.usage.close()
         if finished:
@@ -96,7 +103,9 @@ def _warm_up() -> None:
     """Pays torch's and onnxruntime's first-call costs at start-up, not on the first task."""
     import numpy as np
 
-    from adapters.heads import TrainingOptions, export_checked, train_head
+    from adapters.heads import export_checked
+    from adapters.options import TrainingOptions
+    from adapters.selection import train_head
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(8, 16)).astype(np.float32)
@@ -175,8 +184,11 @@ def _build(settings: Settings, credentials, lock: DataDirLock, tracer=None) -> R
 
     if settings.intra_op_threads:
         torch.set_num_threads(settings.intra_op_threads)
-    data_dir = pathlib.Path(settings.data_dir)
-    store = Store.open(data_dir)
+    pathlib.Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
+    try:
+        store = Store(store_url(settings))
+    except SchemaError as exc:
+        raise StartupError(str(exc)) from exc
     metrics = Metrics() if settings.metrics_address else None
     if metrics is not None:
         metrics.instrument(store, STORE_OPERATIONS)
@@ -184,12 +196,28 @@ def _build(settings: Settings, credentials, lock: DataDirLock, tracer=None) -> R
         tracer.instrument(store, STORE_OPERATIONS)
     registry = BackboneRegistry.load(settings)
     predictor = Predictor(store, registry, settings, metrics, tracer)
+    processes = None
+    if settings.training_workers and settings.training_isolation == "process":
+        processes = WorkerProcesses(settings, settings.training_workers,
+                                    on_published=lambda key, version: predictor.refresh(key),
+                                    on_finished=metrics.job if metrics else None)
     runner = JobRunner(store, registry, predictor.install, settings.training_workers,
-                       settings.auto_fine_tune_min_examples, metrics.job if metrics else None)
+                       settings.auto_fine_tune_min_examples, metrics.job if metrics else None,
+                       settings.job_lease_seconds, settings.job_max_attempts, processes)
     app = HeadServeApp(settings, store, registry, runner, predictor,
                        UsageRecorder(store, settings.usage_flush_seconds))
     authenticator = Authenticator(store, settings.auth_cache_seconds)
     admin = TenantAdmin(store, authenticator)
+
+    def tenant_changed(tenant_id: str) -> None:  # new quotas, or deleted
+        authenticator.forget(tenant_id=tenant_id)
+        try:
+            store.get_tenant(tenant_id)
+        except NotFound:
+            predictor.forget_tenant(tenant_id)
+
+    feed = ChangeFeed(store, {"task": predictor.refresh, "key": lambda key_id: authenticator.forget(key_id=key_id),
+                              "tenant": tenant_changed}, settings.sync_interval_seconds)
     _warm_up()
 
     limits = [
@@ -237,16 +265,18 @@ def _build(settings: Settings, credentials, lock: DataDirLock, tracer=None) -> R
             server.stop(0)
             store.close()
             raise StartupError(f"cannot serve metrics on {settings.metrics_address}: {exc.strerror or exc}") from exc
+    feed.start()
     resumed = runner.resume()
+    runner.start()
     monitor = HealthMonitor(health_servicer, (SERVICE_NAME, ADMIN_NAME), store, registry, predictor,
-                            settings.health_interval_seconds)
+                            settings.health_interval_seconds, runner)
     monitor.start()
     loaded = [n for n, e in registry.entries.items() if e.available]
     log.info("headserve listening on %s (port %d); %s, auth %s; backbones: %s; device %s; %d job(s) resumed",
              settings.address, port, "TLS" if credentials else "plaintext", settings.auth,
              ", ".join(loaded) or "none", registry.device, resumed)
     return Running(server, port, app, health_servicer, admin, credentials is not None, lock, monitor, metrics,
-                   metrics_port, tracer=tracer)
+                   metrics_port, tracer=tracer, feed=feed)
 
 
 def _version() -> str:

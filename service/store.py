@@ -33,6 +33,8 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import sqlalchemy as sa
 from sqlalchemy import event
+from sqlalchemy.dialects import postgresql as postgresql_dialect
+from sqlalchemy.dialects import sqlite as sqlite_dialect
 
 from adapters.errors import (
     AlreadyExists,
@@ -45,7 +47,11 @@ from adapters.errors import (
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2  # 1: no tenants (before API keys); 2: every row belongs to a tenant
+STORE_FILE = "headserve.sqlite3"  # in the data directory (Store.open)
+
+SCHEMA_VERSION = 3  # meta's schema_version: 1 no tenants; 2 every row belongs to a tenant; 3 replicas (the
+# revisions themselves are Alembic's: service/migrations, service/migrate.py)
+CHANGES_CHANNEL = "headserve_changes"  # PostgreSQL NOTIFY channel of the changes table
 DEFAULT_TENANT = "default"  # the tenant of every caller when auth = "none", and of tasks made before tenants
 ACTIVE_JOB_STATES = ("QUEUED", "RUNNING")
 
@@ -127,9 +133,10 @@ heads = sa.Table(
     sa.Column("evaluation", sa.Text, nullable=False),  # JSON
     sa.Column("created_at_ms", sa.BigInteger, nullable=False),
     # SHA-256 of `onnx`, written with it and checked when it is read ('' for heads stored before the
-    # column existed, or by an older headserve: those are checked by `size` only). Added to schema 2
-    # stores in place by Store._upgrade; older headserves ignore it, so the schema version stays 2.
+    # column existed: those are checked by `size` only).
     sa.Column("onnx_sha256", sa.String(64), nullable=False, server_default=""),
+    sa.Column("job_id", sa.String(64), nullable=True),  # the job that published it: one version per job
+    sa.Index("uq_heads_job", "job_id", unique=True),
 )
 jobs = sa.Table(
     "jobs", metadata,
@@ -143,6 +150,23 @@ jobs = sa.Table(
     sa.Column("version", sa.Integer, nullable=False, default=0),
     sa.Column("created_at_ms", sa.BigInteger, nullable=False),
     sa.Column("updated_at_ms", sa.BigInteger, nullable=False),
+    # The queue: a worker claims a job by writing its id here and holding a lease it renews; a job whose
+    # lease ran out (its worker died) is claimed again. `attempts` counts claims.
+    sa.Column("owner", sa.String(128), nullable=False, server_default=""),
+    sa.Column("lease_until_ms", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Index("ix_jobs_state_created", "state", "created_at_ms"),
+)
+# What changed, for every replica's caches: a task's live version or its deletion ("task", its key), a key
+# revoked ("key", its id), a tenant's quotas or deletion ("tenant", its id). PostgreSQL also NOTIFYs each
+# row on CHANGES_CHANNEL when it commits; replicas read the table as the fallback, and it is pruned.
+changes = sa.Table(
+    "changes", metadata,
+    sa.Column("seq", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True),
+    sa.Column("kind", sa.String(16), nullable=False),
+    sa.Column("ref", sa.String(200), nullable=False),
+    sa.Column("at_ms", sa.BigInteger, nullable=False),
+    sa.Index("ix_changes_at", "at_ms"),
 )
 usage = sa.Table(  # Predict traffic per task, summarised (service/usage.py flushes it every few seconds)
     "usage", metadata,
@@ -267,6 +291,9 @@ class JobRecord:
     version: int = 0
     created_at_ms: int = 0
     updated_at_ms: int = 0
+    owner: str = ""  # the worker holding the job ('' while queued or once ended)
+    lease_until_ms: int = 0
+    attempts: int = 0  # times a worker claimed it
 
     @property
     def finished(self) -> bool:
@@ -290,6 +317,7 @@ class HeadRecord:
     evaluation: dict
     created_at_ms: int = 0
     onnx_sha256: str = ""  # as stored; Store.get_head has checked `onnx` against it
+    job_id: str | None = None  # the job that published it
 
 
 class StorageFull(ResourceExhausted):
@@ -337,22 +365,55 @@ def _key(row) -> KeyRecord:
     return KeyRecord(**d)
 
 
-class Store:
-    """SQLite-backed store. Thread-safe: writes are serialised, reads run concurrently (WAL)."""
+class LeaseLost(FailedPrecondition):
+    """The worker no longer holds the job: its lease ran out and another worker claimed it, or the job (with
+    its task) was deleted. Nothing of this run is stored."""
 
-    def __init__(self, url: str) -> None:
-        self.engine = sa.create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
-        if self.engine.dialect.name == "sqlite":
-            event.listen(self.engine, "connect", _sqlite_pragmas)
-        self._write = threading.Lock()
+
+class Store:
+    """The store over SQLAlchemy Core, on SQLite (embedded default) or PostgreSQL (several replicas).
+
+    Thread-safe. On SQLite, writes are serialised within the process and begin IMMEDIATE (so a read-then-
+    write transaction cannot be overtaken by another process, such as a training worker); reads run
+    concurrently (WAL). On PostgreSQL, each write is a transaction at READ COMMITTED with row locks where
+    a check must hold until commit (the tenant row for quotas, a job row for its lease).
+    """
+
+    def __init__(self, url: str, pool_size: int = 5, check_schema: bool = True) -> None:
+        self.url = sa.engine.make_url(url)
+        self.dialect = self.url.get_backend_name()
+        if self.dialect == "sqlite":
+            self.engine = sa.create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+            event.listen(self.engine, "connect", _sqlite_connect)
+            event.listen(self.engine, "begin", _sqlite_begin)
+        elif self.dialect == "postgresql":
+            self.engine = sa.create_engine(url, pool_size=pool_size, max_overflow=2 * pool_size,
+                                           pool_pre_ping=True, pool_recycle=1800)
+        else:
+            raise ValueError(f"store_url {str(self.url)[:80]!r}: headserve stores in SQLite (sqlite:///PATH) or "
+                             "PostgreSQL (postgresql+psycopg://USER:PASSWORD@HOST/DB)")
+        # SQLite serialises writers anyway; within the process they queue here instead of spinning on busy.
+        self._write = threading.Lock() if self.dialect == "sqlite" else contextlib.nullcontext()
         self._reported: set[tuple[str, int]] = set()  # corrupt heads already logged
         self._full_logged = 0.0
-        self._upgrade()
+        if check_schema:
+            from service import migrate
+
+            try:
+                migrate.check(self.engine, self.where)
+            except BaseException:
+                self.engine.dispose()
+                raise
+
+    @property
+    def where(self) -> str:
+        """The store's location for messages, without its password."""
+        return self.url.render_as_string(hide_password=True)
 
     @classmethod
     def open(cls, data_dir: pathlib.Path) -> Store:
         data_dir.mkdir(parents=True, exist_ok=True)
-        return cls(f"sqlite:///{data_dir / 'headserve.sqlite3'}")
+        return cls(f"sqlite:///{data_dir / STORE_FILE}")
 
     def close(self) -> None:
         self.engine.dispose()
@@ -360,12 +421,18 @@ class Store:
     def _tx(self):
         class _Tx:
             def __enter__(tx):
-                self._write.acquire()
+                self._write.__enter__()
                 try:
-                    tx.cm = self.engine.begin()
-                    return tx.cm.__enter__()
-                except BaseException:
-                    self._write.release()
+                    tx.conn = self.engine.connect().execution_options(headserve_write=True)
+                    tx.cm = tx.conn.begin()
+                    tx.cm.__enter__()
+                    return tx.conn
+                except BaseException as exc:
+                    if getattr(tx, "conn", None) is not None:
+                        tx.conn.close()
+                    self._write.__exit__(None, None, None)
+                    if isinstance(exc, sa.exc.OperationalError) and _disk_full(exc):
+                        raise self._storage_full(exc) from exc
                     raise
 
             def __exit__(tx, exc_type, exc, tb):
@@ -382,7 +449,8 @@ class Store:
                         raise self._storage_full(exc) from exc
                     return done
                 finally:
-                    self._write.release()
+                    tx.conn.close()
+                    self._write.__exit__(None, None, None)
 
         return _Tx()
 
@@ -393,72 +461,31 @@ class Store:
             log.error("the store cannot grow (%s): writes are refused until space is freed", getattr(exc, "orig", exc))
         return StorageFull(_FULL_MESSAGE)
 
-    # --- schema -------------------------------------------------------------------------------------
+    def _insert_new(self, conn, table: sa.Table, rows: list[dict]) -> None:
+        """Inserts rows, skipping those whose key is already there (another replica may have just written
+        the same content-addressed row): INSERT ... ON CONFLICT DO NOTHING on both engines."""
+        if not rows:
+            return
+        insert = (sqlite_dialect.insert if self.dialect == "sqlite" else postgresql_dialect.insert)(table)
+        conn.execute(insert.on_conflict_do_nothing(), rows)
 
-    def _upgrade(self) -> None:
-        """Creates the schema, or brings a store written before tenants (schema 1) to schema 2: its tasks
-        become the default tenant's, unchanged."""
-        names = set(sa.inspect(self.engine).get_table_names())
-        legacy = "tasks" in names and "tenant_id" not in {
-            c["name"] for c in sa.inspect(self.engine).get_columns("tasks")}
-        if "meta" in names:
-            with self.engine.connect() as conn:
-                found = conn.execute(sa.select(meta.c.value).where(meta.c.name == "schema_version")).scalar()
-            if found and int(found) > SCHEMA_VERSION:
-                raise RuntimeError(f"the store has schema {found}, newer than this headserve's "
-                                   f"({SCHEMA_VERSION}); run the newer headserve")
-        with self._write:
-            if legacy:
-                self._upgrade_from_1()
-            metadata.create_all(self.engine)
-            with self.engine.begin() as conn:
-                if "onnx_sha256" not in {c["name"] for c in sa.inspect(conn).get_columns("heads")}:
-                    try:  # heads written before their digests were (and kept by an older headserve) get ''
-                        conn.exec_driver_sql("ALTER TABLE heads ADD COLUMN onnx_sha256 VARCHAR(64) NOT NULL DEFAULT ''")
-                    except sa.exc.OperationalError as exc:  # another process added it meanwhile
-                        if "duplicate column" not in str(exc):
-                            raise
-                if not conn.execute(sa.select(tenants.c.tenant_id).where(
-                        tenants.c.tenant_id == DEFAULT_TENANT)).first():
-                    conn.execute(tenants.insert().values(tenant_id=DEFAULT_TENANT, name=DEFAULT_TENANT,
-                                                         quotas="{}", created_at_ms=now_ms()))
-                conn.execute(meta.delete().where(meta.c.name == "schema_version"))
-                conn.execute(meta.insert().values(name="schema_version", value=str(SCHEMA_VERSION)))
+    def _changed(self, conn, kind: str, ref: str) -> None:
+        """(in the writing transaction) Records a change every replica must see; on PostgreSQL, also
+        notifies the listening replicas when the transaction commits."""
+        conn.execute(changes.insert().values(kind=kind, ref=ref, at_ms=now_ms()))
+        if self.dialect == "postgresql":
+            conn.execute(sa.select(sa.func.pg_notify(CHANGES_CHANNEL, f"{kind}:{ref}")))
 
-    def _upgrade_from_1(self) -> None:
-        old = ("tasks", "blobs", "examples", "features", "heads", "jobs")
-        d, ts = DEFAULT_TENANT, now_ms()
+    def changes_since(self, since_ms: int) -> list[tuple[int, str, str, int]]:
+        """(seq, kind, ref, at_ms) of the changes recorded at or after `since_ms`, oldest first."""
+        q = (sa.select(changes.c.seq, changes.c.kind, changes.c.ref, changes.c.at_ms)
+             .where(changes.c.at_ms >= since_ms).order_by(changes.c.seq))
         with self.engine.connect() as conn:
-            conn.exec_driver_sql("PRAGMA foreign_keys=OFF")  # (outside a transaction, or SQLite ignores it)
-            conn.commit()
-            try:
-                with conn.begin():
-                    for name in old:
-                        conn.exec_driver_sql(f"ALTER TABLE {name} RENAME TO v1_{name}")
-                    for index in ("ix_jobs_task_id",):
-                        conn.exec_driver_sql(f"DROP INDEX IF EXISTS {index}")
-                    metadata.create_all(conn)
-                    conn.execute(tenants.insert().values(tenant_id=d, name=d, quotas="{}", created_at_ms=ts))
-                    for sql in (
-                        "INSERT INTO tasks SELECT :d || '/' || task_id, :d, task_id, backbone, declared_labels, "
-                        "config, state, live_version, error, job_id, created_at_ms, updated_at_ms FROM v1_tasks",
-                        "INSERT INTO blobs SELECT :d, sha256, kind, length(data), data FROM v1_blobs",
-                        "INSERT INTO examples (id, task_key, tenant_id, sha256, label) "
-                        "SELECT id, :d || '/' || task_id, :d, sha256, label FROM v1_examples",
-                        "INSERT INTO features SELECT :d, trunk, sha256, vector FROM v1_features",
-                        "INSERT INTO heads (task_key, version, onnx, size, labels, evaluation, created_at_ms) "
-                        "SELECT :d || '/' || task_id, version, onnx, length(onnx), labels, evaluation, created_at_ms "
-                        "FROM v1_heads",
-                        "INSERT INTO jobs SELECT job_id, :d || '/' || task_id, state, config, status, error, "
-                        "version, created_at_ms, updated_at_ms FROM v1_jobs",
-                    ):
-                        conn.execute(sa.text(sql), {"d": d})
-                    for name in old:
-                        conn.exec_driver_sql(f"DROP TABLE v1_{name}")
-            finally:
-                conn.exec_driver_sql("PRAGMA foreign_keys=ON")
-                conn.commit()
-        log.info("store upgraded to schema %d: existing tasks belong to tenant %r", SCHEMA_VERSION, d)
+            return [tuple(r) for r in conn.execute(q)]
+
+    def prune_changes(self, before_ms: int) -> int:
+        with self._tx() as conn:
+            return conn.execute(changes.delete().where(changes.c.at_ms < before_ms)).rowcount
 
     def ping(self) -> None:
         """Raises unless the store answers a read of its schema version (the health check)."""
@@ -498,6 +525,8 @@ class Store:
         with self._tx() as conn:
             done = conn.execute(tenants.update().where(tenants.c.tenant_id == tenant_id).values(
                 quotas=json.dumps(dataclasses.asdict(quotas)))).rowcount
+            if done:
+                self._changed(conn, "tenant", tenant_id)
         if not done:
             raise NotFound(f"tenant {tenant_id[:64]!r} does not exist")
 
@@ -515,6 +544,7 @@ class Store:
                 conn.execute(table.delete().where(table.c.tenant_id == tenant_id))
             if not conn.execute(tenants.delete().where(tenants.c.tenant_id == tenant_id)).rowcount:
                 raise NotFound(f"tenant {tenant_id[:64]!r} does not exist")
+            self._changed(conn, "tenant", tenant_id)
         return keys
 
     def add_usage(self, counts: dict[str, tuple[int, int, int]]) -> None:
@@ -528,20 +558,15 @@ class Store:
             for start in range(0, len(keys), 500):
                 live |= {r[0] for r in conn.execute(sa.select(tasks.c.key).where(
                     tasks.c.key.in_(keys[start : start + 500])))}
-            known = set()
-            for start in range(0, len(keys), 500):
-                known |= {r[0] for r in conn.execute(sa.select(usage.c.task_key).where(
-                    usage.c.task_key.in_(keys[start : start + 500])))}
-            for key in sorted(live):
+            insert = (sqlite_dialect.insert if self.dialect == "sqlite" else postgresql_dialect.insert)(usage)
+            greatest = sa.func.max if self.dialect == "sqlite" else sa.func.greatest
+            for key in sorted(live):  # (another replica may add to the same row: an upsert, not a check)
                 requests, inputs, last = counts[key]
-                if key in known:
-                    conn.execute(usage.update().where(usage.c.task_key == key).values(
-                        requests=usage.c.requests + requests, inputs=usage.c.inputs + inputs,
-                        last_used_ms=sa.func.max(usage.c.last_used_ms, last)
-                        if self.engine.dialect.name == "sqlite" else sa.func.greatest(usage.c.last_used_ms, last)))
-                else:
-                    conn.execute(usage.insert().values(task_key=key, tenant_id=tenant_of(key), requests=requests,
-                                                       inputs=inputs, last_used_ms=last))
+                conn.execute(insert.values(task_key=key, tenant_id=tenant_of(key), requests=requests, inputs=inputs,
+                                           last_used_ms=last).on_conflict_do_update(
+                    index_elements=[usage.c.task_key],
+                    set_={"requests": usage.c.requests + requests, "inputs": usage.c.inputs + inputs,
+                          "last_used_ms": greatest(usage.c.last_used_ms, last)}))
 
     def task_usage(self, tenant_id: str) -> list[tuple[str, int, int, int]]:
         """(task id, requests, inputs, last used ms) of the tenant's tasks that served any, busiest first."""
@@ -594,8 +619,8 @@ class Store:
         """Serialises one tenant's quota-checked writes (a row lock where the engine has them; SQLite's
         writes are serialised already) and fails when the tenant is gone."""
         q = sa.select(tenants.c.tenant_id).where(tenants.c.tenant_id == tenant_id)
-        if self.engine.dialect.name != "sqlite":
-            q = q.with_for_update()
+        if self.dialect != "sqlite":  # FOR NO KEY UPDATE: other writers of the tenant wait, FK checks do not
+            q = q.with_for_update(key_share=True)
         if conn.execute(q).first() is None:
             raise NotFound(f"tenant {tenant_id[:64]!r} does not exist")
 
@@ -638,11 +663,14 @@ class Store:
                 key.revoked_at_ms = now_ms()
                 conn.execute(api_keys.update().where(api_keys.c.key_id == key_id).values(
                     revoked_at_ms=key.revoked_at_ms))
+                self._changed(conn, "key", key_id)
             return key
 
     # --- tasks and examples ---------------------------------------------------------------------
 
-    def create_task(self, task: TaskRecord, new_examples: Sequence[ExampleIn], quotas: Quotas = Quotas()) -> None:
+    def create_task(self, task: TaskRecord, new_examples: Sequence[ExampleIn], quotas: Quotas = Quotas(),
+                    job: JobRecord | None = None) -> None:
+        """Stores a task with its first examples and, when given, its first training job, all or nothing."""
         with self._tx() as conn:
             self._lock_tenant(conn, task.tenant_id)
             ts = now_ms()
@@ -656,6 +684,8 @@ class Store:
                 raise AlreadyExists(
                     f"task {task.task_id!r} already exists; pick another id or delete it first") from None
             self._insert_examples(conn, task.key, new_examples)
+            if job is not None:
+                self._insert_job(conn, job)
             self._check_quotas(conn, task.tenant_id, quotas)
 
     def add_examples(
@@ -676,8 +706,7 @@ class Store:
                 raise Cancelled("the upload was cancelled before it was stored; nothing was added")
             return added, len(new_examples) - added
 
-    @staticmethod
-    def _insert_examples(conn, key: str, new_examples: Sequence[ExampleIn]) -> int:
+    def _insert_examples(self, conn, key: str, new_examples: Sequence[ExampleIn]) -> int:
         if not new_examples:
             return 0
         tenant = tenant_of(key)
@@ -686,9 +715,7 @@ class Store:
                                  "data": ex.data} for ex in unique.values()}
         existing_blobs = {r[0] for r in conn.execute(sa.select(blobs.c.sha256).where(
             blobs.c.tenant_id == tenant, blobs.c.sha256.in_(list(blob_rows))))}
-        new_blobs = [row for sha, row in blob_rows.items() if sha not in existing_blobs]
-        if new_blobs:
-            conn.execute(blobs.insert(), new_blobs)
+        self._insert_new(conn, blobs, [row for sha, row in blob_rows.items() if sha not in existing_blobs])
         existing = {
             (r.sha256, r.label)
             for r in conn.execute(sa.select(examples.c.sha256, examples.c.label).where(
@@ -696,8 +723,7 @@ class Store:
         }
         rows = [{"task_key": key, "tenant_id": tenant, "sha256": sha, "label": label}
                 for (sha, label) in unique if (sha, label) not in existing]
-        if rows:
-            conn.execute(examples.insert(), rows)
+        self._insert_new(conn, examples, rows)
         return len(rows)
 
     def get_task(self, key: str) -> TaskRecord:
@@ -724,6 +750,7 @@ class Store:
                 conn.execute(table.delete().where(table.c.task_key == key))
             if conn.execute(tasks.delete().where(tasks.c.key == key)).rowcount == 0:
                 raise NotFound(f"task {task_of(key)!r} does not exist")
+            self._changed(conn, "task", key)
             # Blobs (and their cached features) that no other task of the tenant uses go too.
             for start in range(0, len(shas), 500):
                 chunk = shas[start : start + 500]
@@ -784,41 +811,33 @@ class Store:
         rows = [{"tenant_id": tenant_id, "trunk": trunk, "sha256": sha, "vector": np.asarray(v, np.float32).tobytes()}
                 for sha, v in vectors.items()]
         with self._tx() as conn:
-            known = {r[0] for r in conn.execute(sa.select(features.c.sha256).where(
-                features.c.tenant_id == tenant_id, features.c.trunk == trunk, features.c.sha256.in_(list(vectors))))}
-            rows = [r for r in rows if r["sha256"] not in known]
-            if rows:
-                conn.execute(features.insert(), rows)
+            self._insert_new(conn, features, rows)
 
     # --- jobs and heads -----------------------------------------------------------------------------
 
     def start_job(self, job: JobRecord, quotas: Quotas = Quotas()) -> None:
-        """Records a queued job and marks its task TRAINING, unless the task has an unfinished job."""
+        """Queues a job and marks its task TRAINING, unless the task has an unfinished job."""
         with self._tx() as conn:
             task = conn.execute(sa.select(tasks).where(tasks.c.key == job.task_key)).first()
             if task is None:
                 raise NotFound(f"task {job.task_id!r} does not exist")
-            active = conn.execute(sa.select(jobs.c.job_id).where(
-                jobs.c.task_key == job.task_key, jobs.c.state.in_(ACTIVE_JOB_STATES))).scalar()
-            busy = FailedPrecondition(f"task {job.task_id!r} is already training (job {active}); "
-                                      "watch that job and train again after it")
-            if active:
-                raise busy
             self._lock_tenant(conn, task.tenant_id)
-            job.created_at_ms = job.updated_at_ms = now_ms()
-            try:
-                conn.execute(jobs.insert().values(
-                    **{**dataclasses.asdict(job), "config": json.dumps(job.config), "status": json.dumps(job.status)}))
-            except sa.exc.IntegrityError:
-                raise busy from None
-            conn.execute(tasks.update().where(tasks.c.key == job.task_key).values(
-                state="TRAINING", job_id=job.job_id, error="", updated_at_ms=job.created_at_ms))
+            self._insert_job(conn, job)
             self._check_quotas(conn, task.tenant_id, quotas)
 
-    def update_job(self, job_id: str, state: str, status: dict) -> None:
-        with self._tx() as conn:
-            conn.execute(jobs.update().where(jobs.c.job_id == job_id).values(
-                state=state, status=json.dumps(status), updated_at_ms=now_ms()))
+    def _insert_job(self, conn, job: JobRecord) -> None:
+        job.created_at_ms = job.updated_at_ms = now_ms()
+        row = {**dataclasses.asdict(job), "config": json.dumps(job.config), "status": json.dumps(job.status)}
+        try:
+            with conn.begin_nested():  # (a savepoint: PostgreSQL's transaction survives the failed insert)
+                conn.execute(jobs.insert().values(**row))
+        except sa.exc.IntegrityError:  # uq_jobs_one_active: the database keeps one unfinished job per task
+            active = conn.execute(sa.select(jobs.c.job_id).where(
+                jobs.c.task_key == job.task_key, jobs.c.state.in_(ACTIVE_JOB_STATES))).scalar()
+            raise FailedPrecondition(f"task {job.task_id!r} is already training (job {active}); "
+                                     "watch that job and train again after it") from None
+        conn.execute(tasks.update().where(tasks.c.key == job.task_key).values(
+            state="TRAINING", job_id=job.job_id, error="", updated_at_ms=job.created_at_ms))
 
     def get_job(self, job_id: str) -> JobRecord:
         with self.engine.connect() as conn:
@@ -832,34 +851,118 @@ class Store:
             q = sa.select(jobs).where(jobs.c.state.in_(ACTIVE_JOB_STATES)).order_by(jobs.c.created_at_ms)
             return [_job(r) for r in conn.execute(q)]
 
-    def finish_job(self, job_id: str, status: dict, head: HeadRecord | None = None, error: str = "") -> int:
+    # --- the queue: claims, leases, heartbeats ------------------------------------------------------------
+
+    def claim_job(self, owner: str, lease_ms: int, max_attempts: int = 0) -> JobRecord | None:
+        """Claims the oldest job that is queued, or running under a lease that ran out (its worker stopped
+        heartbeating), for `owner` until now + `lease_ms`. None when there is none.
+
+        On PostgreSQL, FOR UPDATE SKIP LOCKED lets replicas claim at once without waiting on each other;
+        on SQLite the write transaction is exclusive. A job claimed `max_attempts` times already (its
+        workers keep dying on it) ends FAILED instead of being claimed again."""
+        while True:
+            with self._tx() as conn:
+                ts = now_ms()
+                q = (sa.select(jobs).where(sa.or_(
+                        jobs.c.state == "QUEUED",
+                        sa.and_(jobs.c.state == "RUNNING", jobs.c.lease_until_ms < ts)))
+                     .order_by(jobs.c.created_at_ms, jobs.c.job_id).limit(1))
+                if self.dialect != "sqlite":
+                    q = q.with_for_update(skip_locked=True)
+                row = conn.execute(q).first()
+                if row is None:
+                    return None
+                job = _job(row)
+                if max_attempts and job.attempts >= max_attempts:
+                    error = (f"training stopped {job.attempts} times without finishing (its worker died or was "
+                             f"stopped each time); see the workers' logs for job {job.job_id}")
+                    status = {**job.status, "phase": "failed", "message": error}
+                    self._end_job(conn, job.job_id, job.task_key, status, None, error, ts)
+                    log.error("job %s failed: %s", job.job_id, error)
+                    continue
+                if job.state == "RUNNING":
+                    log.warning("job %s: the lease of %s ran out %.1fs ago; %s takes the job over",
+                                job.job_id, job.owner or "?", (ts - job.lease_until_ms) / 1000, owner)
+                job.state, job.owner, job.lease_until_ms, job.attempts = "RUNNING", owner, ts + lease_ms, job.attempts + 1
+                conn.execute(jobs.update().where(jobs.c.job_id == job.job_id).values(
+                    state="RUNNING", owner=owner, lease_until_ms=job.lease_until_ms, attempts=job.attempts,
+                    updated_at_ms=ts))
+                return job
+
+    def renew_lease(self, job_id: str, owner: str, lease_ms: int) -> bool:
+        """Extends `owner`'s lease on the job; false when it no longer holds it (LeaseLost for the worker)."""
+        with self._tx() as conn:
+            ts = now_ms()
+            return conn.execute(jobs.update().where(
+                jobs.c.job_id == job_id, jobs.c.owner == owner, jobs.c.state == "RUNNING").values(
+                lease_until_ms=ts + lease_ms)).rowcount == 1
+
+    def release_job(self, job_id: str, owner: str) -> bool:
+        """Puts a job its owner stops working on (the worker is shutting down) back in the queue at once,
+        for another worker; false when `owner` did not hold it."""
+        with self._tx() as conn:
+            return conn.execute(jobs.update().where(
+                jobs.c.job_id == job_id, jobs.c.owner == owner, jobs.c.state == "RUNNING").values(
+                state="QUEUED", owner="", lease_until_ms=0, updated_at_ms=now_ms())).rowcount == 1
+
+    def requeue_running(self) -> int:
+        """Puts every running job back in the queue: for a store only this process (and its workers) use,
+        at start-up, where a job still RUNNING was left by a run of the server that stopped."""
+        with self._tx() as conn:
+            return conn.execute(jobs.update().where(jobs.c.state == "RUNNING").values(
+                state="QUEUED", owner="", lease_until_ms=0, updated_at_ms=now_ms())).rowcount
+
+    def update_job(self, job_id: str, state: str, status: dict, owner: str | None = None) -> None:
+        """Records a job's progress (by its owner, when given: LeaseLost if it no longer holds the job)."""
+        with self._tx() as conn:
+            q = jobs.update().where(jobs.c.job_id == job_id)
+            if owner is not None:
+                q = q.where(jobs.c.owner == owner, jobs.c.state == "RUNNING")
+            if not conn.execute(q.values(state=state, status=json.dumps(status), updated_at_ms=now_ms())).rowcount \
+                    and owner is not None:
+                raise LeaseLost(f"job {job_id} is no longer held by {owner}")
+
+    def finish_job(self, job_id: str, status: dict, head: HeadRecord | None = None, error: str = "",
+                   owner: str | None = None) -> int:
         """Ends a job. With a head: stores it as the next version and makes it live, atomically.
 
-        Returns the new version (0 on failure). A task deleted meanwhile raises NotFound.
+        With `owner`, only while that worker still holds the job (LeaseLost otherwise: a worker whose lease
+        ran out publishes nothing, and a job publishes at most one version). Returns the new version (0 on
+        failure). A task deleted meanwhile raises NotFound.
         """
         with self._tx() as conn:
-            job = conn.execute(sa.select(jobs).where(jobs.c.job_id == job_id)).first()
+            q = sa.select(jobs).where(jobs.c.job_id == job_id)
+            if self.dialect != "sqlite":
+                q = q.with_for_update()
+            job = conn.execute(q).first()
             task = job and conn.execute(sa.select(tasks).where(tasks.c.key == job.task_key)).first()
             if not task:
                 raise NotFound(f"task of job {job_id!r} was deleted")
-            ts = now_ms()
-            version = 0
-            if head is not None:
-                latest = conn.execute(sa.select(sa.func.max(heads.c.version)).where(heads.c.task_key == task.key)).scalar()
-                version = (latest or 0) + 1
-                conn.execute(heads.insert().values(
-                    task_key=task.key, version=version, onnx=head.onnx, size=len(head.onnx),
-                    labels=json.dumps(head.labels), evaluation=json.dumps(head.evaluation), created_at_ms=ts,
-                    onnx_sha256=hashlib.sha256(head.onnx).hexdigest()))
-                conn.execute(tasks.update().where(tasks.c.key == task.key).values(
-                    state="READY", live_version=version, error="", updated_at_ms=ts))
-            else:
-                conn.execute(tasks.update().where(tasks.c.key == task.key).values(
-                    state="FAILED", error=error, updated_at_ms=ts))
-            conn.execute(jobs.update().where(jobs.c.job_id == job_id).values(
-                state="SUCCEEDED" if head is not None else "FAILED", status=json.dumps(status), error=error,
-                version=version, updated_at_ms=ts))
-            return version
+            if owner is not None and (job.owner != owner or job.state != "RUNNING"):
+                raise LeaseLost(f"job {job_id} is no longer held by {owner} (now {job.state}"
+                                + (f", held by {job.owner}" if job.owner else "") + ")")
+            return self._end_job(conn, job_id, task.key, status, head, error, now_ms())
+
+    def _end_job(self, conn, job_id: str, key: str, status: dict, head: HeadRecord | None, error: str,
+                 ts: int) -> int:
+        version = 0
+        if head is not None:
+            latest = conn.execute(sa.select(sa.func.max(heads.c.version)).where(heads.c.task_key == key)).scalar()
+            version = (latest or 0) + 1
+            conn.execute(heads.insert().values(
+                task_key=key, version=version, onnx=head.onnx, size=len(head.onnx),
+                labels=json.dumps(head.labels), evaluation=json.dumps(head.evaluation), created_at_ms=ts,
+                onnx_sha256=hashlib.sha256(head.onnx).hexdigest(), job_id=job_id))
+            conn.execute(tasks.update().where(tasks.c.key == key).values(
+                state="READY", live_version=version, error="", updated_at_ms=ts))
+            self._changed(conn, "task", key)
+        else:
+            conn.execute(tasks.update().where(tasks.c.key == key).values(
+                state="FAILED", error=error, updated_at_ms=ts))
+        conn.execute(jobs.update().where(jobs.c.job_id == job_id).values(
+            state="SUCCEEDED" if head is not None else "FAILED", status=json.dumps(status), error=error,
+            version=version, owner="", lease_until_ms=0, updated_at_ms=ts))
+        return version
 
     def get_head(self, key: str, version: int) -> HeadRecord:
         with self.engine.connect() as conn:
@@ -901,7 +1004,6 @@ class Store:
 
 # --- backup and restore (SQLite) --------------------------------------------------------------------------
 
-STORE_FILE = "headserve.sqlite3"  # in the data directory (Store.open)
 LOCK_FILE = "headserve.lock"  # in the data directory: flock'ed by a serving server
 
 
@@ -1093,10 +1195,18 @@ def _fsync(path: pathlib.Path) -> None:
         os.close(fd)
 
 
-def _sqlite_pragmas(dbapi_conn, _record) -> None:
+def _sqlite_connect(dbapi_conn, _record) -> None:
+    # The driver's own transaction handling is off: SQLAlchemy's "begin" event (_sqlite_begin) emits BEGIN.
+    dbapi_conn.isolation_level = None
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
     cur.execute("PRAGMA synchronous=FULL")
     cur.execute("PRAGMA foreign_keys=ON")
     cur.execute("PRAGMA busy_timeout=30000")
     cur.close()
+
+
+def _sqlite_begin(conn) -> None:
+    """Writes begin IMMEDIATE (the write lock first, so no other process's write can come between this
+    transaction's reads and its writes); reads begin DEFERRED (a snapshot, WAL readers never wait)."""
+    conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get("headserve_write") else "BEGIN")

@@ -19,6 +19,8 @@ from service.gen import headserve_pb2 as pb
 from service.gen import headserve_pb2_grpc as pb_grpc
 from service.server import build_server
 
+from postgres import pg_url, postgres  # noqa: F401  (fixtures: a throwaway PostgreSQL cluster)
+
 TEST_BACKBONES = ["minilm-l6", "mobilenet_v3_small"]
 
 # Three topics, eight training sentences each, and held-out sentences the head never sees.

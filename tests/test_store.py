@@ -16,6 +16,9 @@ import pytest
 import sqlalchemy as sa
 
 from adapters.errors import AlreadyExists, FailedPrecondition, NotFound, ResourceExhausted
+from service.cli import main as cli_main
+from service import migrate
+from service.migrate import SchemaError
 from service.store import (
     DEFAULT_TENANT,
     ExampleIn,
@@ -33,8 +36,21 @@ from service.store import (
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request, tmp_path):
+    """The store on each engine: this file is the store's own test-suite, run against both."""
+    if request.param == "sqlite":
+        s = Store.open(tmp_path)
+    else:
+        url = request.getfixturevalue("pg_url")
+        migrate.upgrade(sa.create_engine(url))
+        s = Store(url)
+    yield s
+    s.close()
+
+
 @pytest.fixture
-def store(tmp_path):
+def sqlite_store(tmp_path):
     s = Store.open(tmp_path)
     yield s
     s.close()
@@ -316,9 +332,9 @@ def test_data_survives_close_and_reopen(tmp_path):
         s.close()
 
 
-def test_sqlite_runs_in_wal_mode_with_full_sync(store):
-    store.create_task(task(), [])
-    with store.engine.connect() as conn:
+def test_sqlite_runs_in_wal_mode_with_full_sync(sqlite_store):
+    sqlite_store.create_task(task(), [])
+    with sqlite_store.engine.connect() as conn:
         assert conn.exec_driver_sql("PRAGMA journal_mode").scalar().lower() == "wal"
         assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
         assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
@@ -498,6 +514,10 @@ def test_a_store_from_before_tenants_is_upgraded_into_the_default_tenant(tmp_pat
     with sqlite3.connect(tmp_path / "headserve.sqlite3") as db:
         for sql in SCHEMA_1:
             db.execute(sql)
+    with pytest.raises(SchemaError, match=r"schema revision schema-1; .*run `headserve db upgrade`"):
+        Store.open(tmp_path)  # a server refuses it, and says what to run
+    assert cli_main(["db", "upgrade", "--data-dir", str(tmp_path)]) == 0
+    assert cli_main(["db", "current", "--data-dir", str(tmp_path)]) == 0
     s = Store.open(tmp_path)
     try:
         rec = s.get_task(K("old"))
