@@ -1,7 +1,7 @@
 """Health check of a headserve server from inside its container, with or without TLS.
 
 The compose healthcheck runs this file (mounted at /etc/headserve/healthcheck.py); the Kubernetes probes run
-the copy in k8s/configmap.yaml (tests/test_deploy.py checks that the two are the same):
+the copy in k8s/base/healthcheck.py (tests/test_deploy.py checks that the two are the same):
 
     python /etc/headserve/healthcheck.py [--service NAME] [--port 50051] [--config FILE]
                                          [--tls-cert PEM --tls-key PEM]
