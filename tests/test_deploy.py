@@ -18,6 +18,7 @@ import dataclasses
 import datetime
 import fnmatch
 import functools
+import http.server
 import importlib.util
 import json
 import os
@@ -29,6 +30,7 @@ import socket
 import subprocess
 import sys
 import sysconfig
+import threading
 
 import grpc
 import kubernetes_validate
@@ -580,7 +582,7 @@ def test_k8s_is_a_base_with_dev_and_prod_overlays() -> None:
     assert {p.name for p in K8S.iterdir()} == {"base", "overlays", "monitoring"}
     assert {p.name for p in (K8S / "overlays").iterdir()} == set(OVERLAYS)
     for overlay in OVERLAYS:
-        assert "../../base" in kustomization_files(K8S / "overlays" / overlay), f"{overlay} does not build on base"
+        assert "../../base" in kustomization_files(K8S / "overlays" / overlay), f"{overlay}: not on base"
     for folder in (K8S / "base", *(K8S / "overlays" / o for o in OVERLAYS), K8S / "monitoring"):
         files = {p.name for p in folder.iterdir() if p.is_file()} - {"kustomization.yaml"}
         unused = sorted(files - kustomization_files(folder))
@@ -646,7 +648,8 @@ def test_k8s_tls_files_come_from_a_tls_secret_mounted_without_subpath(overlay: s
         assert items is None or {"key": key, "path": key} in items
         mode = volume["secret"].get("defaultMode", 0o644)
         assert mode & 0o040 and not mode & 0o007, "readable by the pod's fsGroup, by no one else"
-    assert pod_spec(overlay)["securityContext"]["fsGroup"] == pod_spec(overlay)["securityContext"]["runAsUser"]
+    security = pod_spec(overlay)["securityContext"]
+    assert security["fsGroup"] == security["runAsUser"]
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -654,7 +657,7 @@ def test_k8s_mounts_use_no_subpath(overlay: str) -> None:
     for workload in workloads(manifests(overlay)):
         for c in every_container(workload):
             for mount in c.get("volumeMounts", []):
-                assert not {"subPath", "subPathExpr"} & mount.keys(), f"{mount['name']}: subPath mounts never update"
+                assert not {"subPath", "subPathExpr"} & mount.keys(), mount["name"]
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -669,7 +672,8 @@ def test_k8s_container_port_matches_service_and_image(overlay: str) -> None:
     for name, number in (("grpc", PORT), ("metrics", METRICS_PORT)):
         assert service_ports[name]["port"] == number
         assert container_port(deployment, service_ports[name]["targetPort"]) == number
-    assert service["spec"].get("type", "ClusterIP") == "ClusterIP" and service["spec"].get("clusterIP") != "None"
+    assert service["spec"].get("type", "ClusterIP") == "ClusterIP"
+    assert service["spec"].get("clusterIP") != "None"
     assert service["spec"]["selector"].items() <= pod_labels(deployment).items()
     assert matches(deployment["spec"]["selector"], pod_labels(deployment))
 
@@ -826,7 +830,7 @@ def check_prod_disruption_budget(objects: list[dict]) -> None:
     assert matches(budget["selector"], pod_labels(deployment)), "the budget does not cover the serving pods"
     for other in workloads(objects):
         if other is not deployment:
-            assert not matches(budget["selector"], pod_labels(other)), f"it covers {other['metadata']['name']}"
+            assert not matches(budget["selector"], pod_labels(other)), other["metadata"]["name"]
     replicas = deployment["spec"]["replicas"]
     down = budget["maxUnavailable"] if "maxUnavailable" in budget else replicas - budget["minAvailable"]
     assert isinstance(down, int) and 1 <= down < replicas, f"{down} of {replicas} may be evicted at once"
@@ -886,7 +890,7 @@ def check_prod_migration(objects: list[dict]) -> None:
                 if o["metadata"].get("labels", {}).get("app.kubernetes.io/component") == component]
     assert selected == [MIGRATION]
     volumes = pod_template(job)["spec"].get("volumes", [])
-    assert all(set(v) & {"emptyDir", "secret"} for v in volumes), f"the Job needs more than Secrets: {volumes}"
+    assert all(set(v) & {"emptyDir", "secret"} for v in volumes), f"the Job needs more: {volumes}"
     assert not c.get("envFrom")
     for e in c.get("env", []):
         assert "value" in e or "secretKeyRef" in e["valueFrom"], e
@@ -898,7 +902,8 @@ def check_prod_store(objects: list[dict]) -> None:
     assert reached == {SERVER, WORKER, MIGRATION}, f"the store URL reaches only {sorted(reached)}"
     for workload in workloads(objects):  # every container that runs headserve there has it
         for c in every_container(workload):
-            assert f"{workload['metadata']['name']}/{c['name']}" in sources, (workload["metadata"]["name"], c["name"])
+            where = f"{workload['metadata']['name']}/{c['name']}"
+            assert where in sources, f"{where} runs without the store's URL"
     for name, entry in sources.items():
         assert "value" not in entry, f"{name}: the store URL (with its password) in plain text"
         ref = entry["valueFrom"]["secretKeyRef"]
@@ -1010,8 +1015,8 @@ PROD_MISTAKES = {
         matchLabels={"app.kubernetes.io/name": "headserve"}),
     "migration runs serve": lambda o: only_container(find(o, "Job", MIGRATION)).update(
         command=["/usr/bin/tini", "--", "headserve", "serve"]),
-    "migration needs the ConfigMap": lambda o: pod_template(find(o, "Job", MIGRATION))["spec"]["volumes"].append(
-        {"name": "config", "configMap": {"name": "headserve-config"}}),
+    "migration needs the ConfigMap": lambda o: pod_template(find(o, "Job", MIGRATION))["spec"][
+        "volumes"].append({"name": "config", "configMap": {"name": "headserve-config"}}),
     "serving pods start without the schema gate": lambda o: pod_template(server(o))["spec"].pop(
         "initContainers"),
     "worker gate runs once": lambda o: init_containers(_deployment(WORKER)(o))[0].update(
@@ -1029,6 +1034,84 @@ def test_prod_check_catches(mistake: str) -> None:
     PROD_MISTAKES[mistake](objects)
     with pytest.raises(AssertionError):
         check_prod(objects)
+
+
+class _Discovery(http.server.BaseHTTPRequestHandler):
+    """The discovery part of a Kubernetes API server, for the kinds of `kinds` (group/version, kind); every
+    object is absent (404), so `kubectl apply --dry-run=client` would create each and names it."""
+
+    kinds: set[tuple[str, str]] = set()
+
+    def _send(self, status: int, body: dict) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        path = self.path.partition("?")[0]
+        versions = {gv for gv, _ in self.kinds}
+        lists = {("/api/v1" if gv == "v1" else f"/apis/{gv}"): gv for gv in versions}
+        if path == "/api":
+            self._send(200, {"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": []})
+        elif path == "/apis":
+            groups = []
+            for gv in sorted(versions - {"v1"}):
+                group, version = gv.split("/")
+                entry = {"groupVersion": gv, "version": version}
+                groups.append({"name": group, "versions": [entry], "preferredVersion": entry})
+            self._send(200, {"kind": "APIGroupList", "apiVersion": "v1", "groups": groups})
+        elif path in lists:
+            resources = [{"name": f"{kind.lower()}s", "singularName": kind.lower(), "namespaced": True,
+                          "kind": kind, "verbs": ["create", "get", "list", "patch", "update", "delete"]}
+                         for gv, kind in sorted(self.kinds) if gv == lists[path]]
+            self._send(200, {"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": lists[path],
+                             "resources": resources})
+        else:
+            self._send(404, {"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound",
+                             "code": 404})
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def kube_api():
+    """A stand-in for a cluster's API server, on 127.0.0.1, that knows the kinds the prod overlay holds."""
+    _Discovery.kinds = {(o["apiVersion"], o["kind"]) for o in manifests("prod")}
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Discovery)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def kubectl_apply_dry_run(api: str, tmp_path: pathlib.Path, *flags: str) -> list[str]:
+    """The objects `kubectl apply -k deploy/k8s/overlays/prod FLAGS` would send, as kubectl names them."""
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text("")
+    result = subprocess.run(
+        [kubectl(), "apply", "-k", str(K8S / "overlays" / "prod"), *flags, "--dry-run=client", "-o", "name",
+         "--validate=false", f"--server={api}", f"--cache-dir={tmp_path / 'cache'}"],
+        check=False, capture_output=True, text=True, timeout=60,
+        env={**os.environ, "KUBECONFIG": str(kubeconfig)})
+    assert result.returncode == 0, result.stderr
+    return result.stdout.split()
+
+
+def test_kubectl_applies_the_migration_job_alone_by_its_label(kube_api: str, tmp_path: pathlib.Path) -> None:
+    """deploy/README.md's release order: `kubectl apply -k overlays/prod -l ...=db-migration` sends the Job
+    and nothing else; without the selector, everything."""
+    alone = kubectl_apply_dry_run(kube_api, tmp_path, "-l", "app.kubernetes.io/component=db-migration")
+    assert alone == [f"job.batch/{MIGRATION}"]
+    everything = kubectl_apply_dry_run(kube_api, tmp_path)
+    assert len(everything) == len(manifests("prod")) and f"job.batch/{MIGRATION}" in everything
+    assert f"deployment.apps/{SERVER}" in everything and f"deployment.apps/{WORKER}" in everything
+    readme = README.read_text()
+    assert "apply -k deploy/k8s/overlays/prod -l app.kubernetes.io/component=db-migration" in readme
 
 
 # Across files -------------------------------------------------------------------------------------------
@@ -1340,7 +1423,8 @@ def scraped_by_the_service_monitor(objects: list[dict]) -> dict[str, list[str]]:
     scraped: dict[str, list[str]] = {}
     for service in [o for o in objects if o["kind"] == "Service"]:
         ports = {p["name"]: p for p in service["spec"]["ports"]}
-        if not matches(monitor["spec"]["selector"], service["metadata"]["labels"]) or endpoint["port"] not in ports:
+        selected = matches(monitor["spec"]["selector"], service["metadata"]["labels"])
+        if not selected or endpoint["port"] not in ports:
             continue
         for workload in workloads(objects):
             if service["spec"]["selector"].items() <= pod_labels(workload).items():
