@@ -9,8 +9,8 @@ exported to ONNX like any other and served through the same path: trunk session 
 the head reading `blocks_N` (and `attention_mask` for text).
 
 AUTO fine-tunes image tasks that have enough examples per label (the service's threshold) and keeps
-the tuned head only when it does at least as well as the feature head on the same holdout
-(`auto_fine_tune`).
+the tuned head only when the paired evidence on a shared holdout is strong enough
+(`selection.auto_fine_tune`).
 """
 
 from __future__ import annotations
@@ -28,22 +28,9 @@ import torch
 
 from adapters.backbones import Backbone, TrunkRun
 from adapters.errors import InvalidInput
-from adapters.heads import (
-    HEAD_OUTPUT,
-    NOT_VALIDATED,
-    TAP_OUTPUTS,
-    Progress,
-    TrainedHead,
-    TrainingOptions,
-    _class_weights,
-    _noop,
-    classification_metrics,
-    torch_threads,
-    train_head,
-    train_linear,
-    validation_report,
-    warnings_for,
-)
+from adapters.evaluation import NOT_VALIDATED, classification_metrics, validation_report, warnings_for
+from adapters.heads import HEAD_OUTPUT, TrainedHead, class_weights, torch_threads, train_linear
+from adapters.options import Progress, TrainingOptions, no_progress
 from adapters.onnx_utils import OPSET
 
 BATCH = 32
@@ -155,10 +142,10 @@ def fine_tune(
     items: Sequence[str | bytes],
     labels: Sequence[str],
     options: TrainingOptions = TrainingOptions(strategy="fine_tune"),
-    progress: Progress = _noop,
+    progress: Progress = no_progress,
     sample_ids: Sequence[str] | None = None,
     trunk: TrunkRun | None = None,
-    refit_if: Callable[[dict], bool] = lambda evaluation: True,
+    refit_if: Callable[[dict, np.ndarray], bool] = lambda evaluation, holdout_correct: True,
 ) -> tuple[TrainedHead, dict[str, np.ndarray]]:
     """Tunes the top `options.unfreeze_blocks` blocks + a classifier; returns the head and the feeds
     (trunk outputs of the examples) for the export parity check. `trunk` runs the frozen trunk
@@ -166,7 +153,8 @@ def fine_tune(
 
     A first pass tunes on a stratified holdout's complement with early stopping; its best epoch's
     holdout score is the evaluation (slightly optimistic: the same holdout picked the epoch). Then,
-    when `refit_if(evaluation)` (by default always), the head is tuned again from the start on every
+    when `refit_if(evaluation, holdout_correct)` (by default always; `holdout_correct[i]` says whether the
+    first pass got the i-th holdout example right, in `holdout_split` order), the head is tuned again from the start on every
     example for the whole cosine schedule (or is the linear probe it started from, when no epoch of
     tuning matched that on the holdout): the holdout's examples are too valuable to leave out of a
     few-shot head, and on a holdout of two per label which epoch was best is noise (clothing10 at 10
@@ -210,6 +198,9 @@ def fine_tune(
         probe; on a tie the later epoch, further down the schedule) and stops when accuracy has not
         risen for PATIENCE epochs. Progress shows epoch `shown[0] + i` of `shown[1]`. Returns the model,
         the epoch kept and the epochs run."""
+        # The tuned blocks' dropout draws from torch's global generator (modules take none of their own):
+        # seeded here, and restored afterwards, so the job leaves the process's random state as it was.
+        rng_state = torch.random.get_rng_state()
         torch.manual_seed(options.seed)
         model = _Head(backbone.module.top(blocks), backbone.feature_dim, k)
         # LP-FT: start the classifier from a linear probe on the frozen top's features, so tuning starts
@@ -232,7 +223,7 @@ def fine_tune(
         if extra is not None:
             x_train = {n: torch.cat([x_train[n], extra[n][rows]]) for n in input_names}
             y_train = torch.cat([y_train, torch.from_numpy(y[origin[rows]])])
-        weights = _class_weights(y_train.numpy(), k)
+        weights = class_weights(y_train.numpy(), k)
         steps = max(1, n_epochs * -(-len(y_train) // BATCH))
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optim, lambda step: 0.5 * (1 + np.cos(np.pi * min(step, steps) / steps)))  # cosine decay to 0
@@ -283,6 +274,7 @@ def fine_tune(
         else:
             best_epoch = n_epochs
         model.eval()
+        torch.random.set_rng_state(rng_state)
         return model, best_epoch, epoch
 
     # With a holdout, a second pass on every example may follow: progress counts both.
@@ -304,8 +296,9 @@ def fine_tune(
     }
     trained_on, evaluation["refit"] = train_idx, False
     if len(val_idx):
-        evaluation.update(validation_report(logits_of(model, val_idx), y[val_idx], names))
-        if refit_if(evaluation):
+        held_logits = logits_of(model, val_idx)
+        evaluation.update(validation_report(held_logits, y[val_idx], names))
+        if refit_if(evaluation, (held_logits.argmax(axis=1) == y[val_idx]).astype(np.float64)):
             progress({"phase": "training", "message": f"tuning again on all {len(y)} examples"})
             trained_on, evaluation["refit"] = np.arange(len(y)), True
             again = epochs if best_epoch else 0  # the linear probe, when no epoch of tuning matched it
@@ -331,58 +324,3 @@ def fine_tune(
     json.dumps(evaluation)
     sample = {n: v[:64] for n, v in feeds.items()}
     return TrainedHead(head, names, evaluation), sample
-
-
-def auto_fine_tune(
-    backbone: Backbone,
-    items: Sequence[str | bytes],
-    labels: Sequence[str],
-    features: Mapping[str, np.ndarray],
-    feature_head: TrainedHead,
-    options: TrainingOptions,
-    progress: Progress = _noop,
-    sample_ids: Sequence[str] | None = None,
-    trunk: TrunkRun | None = None,
-) -> tuple[TrainedHead, dict[str, np.ndarray] | None]:
-    """AUTO's last step for tasks with enough examples: fine-tunes, and keeps the tuned head only when
-    it does at least as well as the feature head on the same holdout (see `wins`).
-
-    The feature-head side reruns AUTO's whole procedure (its cross-validated choice of strategy, tap
-    and regularisation) on FINE_TUNE's training split, so both sides are trained on the same examples
-    and scored on the same held-out ones. A tuned head that wins is then tuned again on every example
-    (see `fine_tune`), as the feature head already is. Returns the kept head, and the tuned head's
-    feeds for the export check (None when the feature head is kept)."""
-    names = sorted(set(labels))
-    y = np.array([names.index(label) for label in labels], dtype=np.int64)
-    train_idx, val_idx = holdout_split(y, options.validation_fraction or 0.2, options.seed)
-    progress({"phase": "validating", "message": "scoring the feature head on the fine-tuning holdout"})
-    rival = train_head({tap: x[train_idx] for tap, x in features.items()}, [labels[i] for i in train_idx],
-                       dataclasses.replace(options, strategy="auto"))
-    feeds_val = {TAP_OUTPUTS[tap][0]: x[val_idx] for tap, x in features.items() if tap in TAP_OUTPUTS}
-    rival_pred = np.asarray(rival.labels)[rival.head.reference(feeds_val).argmax(axis=1)]
-    rival_acc = float((rival_pred == np.asarray(labels)[val_idx]).mean())
-
-    def wins(tuned: dict) -> bool:
-        """Tuning did at least as well as its linear-probe start (best epoch > 0), and is at least as
-        accurate as the feature head on the holdout. Ties mostly mean both are near-perfect on a small
-        holdout; there tuning was the better bet on both benchmark image sets (docs/benchmarks.md)."""
-        return tuned["best_epoch"] > 0 and tuned["validation_accuracy"] >= rival_acc
-
-    tuned, feeds = fine_tune(backbone, items, labels, dataclasses.replace(options, strategy="fine_tune"),
-                             progress, sample_ids, trunk, refit_if=wins)
-    tuned_acc = tuned.evaluation["validation_accuracy"]
-    ev = feature_head.evaluation
-    feature_name = ev["strategy"] + (f"@{ev['tap']}" if ev["tap"] != "last" else "")
-    comparison = (f"on the same holdout of {len(val_idx)} examples: fine_tune@{tuned.evaluation['tap']} "
-                  f"{tuned_acc:.3f} (best epoch {tuned.evaluation['best_epoch']}), "
-                  f"{feature_name} {rival_acc:.3f}")
-    scores = {**ev.get("candidate_scores", {}), "fine_tune (holdout)": tuned_acc,
-              f"{feature_name} (holdout)": rival_acc}
-    if wins(tuned.evaluation):
-        verb = "beat" if tuned_acc > rival_acc else "matched"
-        tuned.evaluation.update(strategy_reason=f"fine-tuning {verb} the feature head {comparison}",
-                                candidate_scores=scores)
-        return tuned, feeds
-    ev.update(strategy_reason=f"{ev['strategy_reason']}; fine-tuning did not do better {comparison}",
-              candidate_scores=scores)
-    return feature_head, None

@@ -14,7 +14,7 @@ import uuid
 from collections.abc import Sequence
 
 from adapters.errors import FailedPrecondition, InvalidInput, NotFound, ResourceExhausted
-from adapters.heads import TrainingOptions
+from adapters.options import TrainingOptions
 from adapters.runtime import fuse, graph_inputs
 from service.config import Settings
 from service.jobs import JobRunner, new_job

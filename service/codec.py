@@ -9,7 +9,7 @@ import json
 import numpy as np
 
 from adapters.errors import InvalidInput
-from adapters.heads import TrainingOptions
+from adapters.options import TrainingOptions
 from service.app import Item, TaskView
 from service.gen import headserve_pb2 as pb
 from service.predictor import Scored

@@ -24,7 +24,7 @@ import uuid
 from collections.abc import Callable, Iterator
 
 from adapters.errors import HeadserveError, NotFound
-from adapters.heads import TrainingOptions
+from adapters.options import TrainingOptions
 from adapters.runtime import HeadRuntime
 from service import errors
 from service.registry import BackboneRegistry

@@ -29,19 +29,10 @@ from adapters.backbones import (
     load_backbone,
 )
 from adapters.errors import InvalidInput
-from adapters.heads import (
-    HEAD_INPUT,
-    HEAD_OUTPUT,
-    LABEL_TEXT_MAX_WEIGHT,
-    DenseHead,
-    LabelText,
-    TrainedHead,
-    TrainingOptions,
-    export_checked,
-    label_text_quality,
-    label_text_weight,
-    train_head,
-)
+from adapters.heads import HEAD_INPUT, HEAD_OUTPUT, DenseHead, TrainedHead, export_checked
+from adapters.label_words import LABEL_TEXT_MAX_WEIGHT, LabelText, label_text_quality, label_text_weight
+from adapters.options import TrainingOptions
+from adapters.selection import train_head
 from adapters.preprocessing import ImagePreprocessor, ImageTransform, InputLimits, TextPreprocessor
 from adapters.runtime import HeadRuntime, TrunkRuntime, fuse, labels_of
 
@@ -866,7 +857,7 @@ def test_exif_orientation_is_applied():
 
 
 def test_negative_transfer_warning_when_worse_than_the_prototype_baseline():
-    from adapters.heads import warnings_for
+    from adapters.evaluation import warnings_for
 
     per_label = [{"label": c, "precision": 0.5, "recall": 0.5, "f1": 0.5, "support": 20} for c in "ab"]
     ev = {"strategy": "mlp", "train_accuracy": 0.7, "validation_accuracy": 0.6, "per_label": per_label,

@@ -10,8 +10,10 @@ import torch
 from conftest import COLOURS, TOPICS, png
 
 from adapters.backbones import LoadOptions, builtin_spec, load_backbone
-from adapters.finetune import auto_fine_tune, fine_tune
-from adapters.heads import TrainingOptions, export_checked, train_head
+from adapters.finetune import fine_tune
+from adapters.heads import export_checked
+from adapters.options import TrainingOptions
+from adapters.selection import auto_fine_tune, train_head
 
 TEXTS = [t for texts in TOPICS.values() for t in texts]
 LABELS = [label for label, texts in TOPICS.items() for _ in texts]
@@ -68,7 +70,7 @@ def test_fine_tune_tunes_again_on_every_example_after_the_holdout_picks_the_epoc
     assert ev["refit"] and ev["validation_method"] == f"holdout 3 of 18 (early stopping on the same holdout); {again}"
     assert ev["augmented_rows"] == 18 * 2  # the holdout's examples and their views joined the training
     # Only when refit_if says so (AUTO: when the tuned head wins) is it tuned again.
-    held, _ = fine_tune(small_cnn, items, labels, options, refit_if=lambda evaluation: False)
+    held, _ = fine_tune(small_cnn, items, labels, options, refit_if=lambda evaluation, holdout_correct: False)
     assert not held.evaluation["refit"] and held.evaluation["augmented_rows"] == 15 * 2
     assert held.evaluation["validation_accuracy"] == ev["validation_accuracy"]  # the same first pass
     changed = [k for k, v in refit.head.module.state_dict().items()
@@ -89,7 +91,7 @@ def test_auto_fine_tune_keeps_whichever_head_wins_the_shared_holdout(minilm, sma
     scores = kept.evaluation["candidate_scores"]
     assert scores["fine_tune (holdout)"] == 1.0 > max(v for k, v in scores.items() if k.endswith("(holdout)")
                                                        and not k.startswith("fine_tune"))
-    assert kept.evaluation["strategy_reason"].startswith("fine-tuning beat the feature head on the same holdout of 6")
+    assert kept.evaluation["strategy_reason"].startswith("fine-tuning beat the feature head clearly on the same holdout of 6")
     assert kept.evaluation["best_epoch"] > 0 and kept.evaluation["refit"]  # then tuned again on all 24
 
     items, labels = colour_images(10)
@@ -101,6 +103,6 @@ def test_auto_fine_tune_keeps_whichever_head_wins_the_shared_holdout(minilm, sma
     feature_head = train_head(perfect, shuffled, options)
     kept, feeds = auto_fine_tune(small_cnn, items, shuffled, perfect, feature_head, options)
     assert kept is feature_head and feeds is None
-    assert "fine-tuning did not do better on the same holdout of 6 examples" in kept.evaluation["strategy_reason"]
+    assert "fine-tuning did not beat it clearly on the same holdout of 6 examples" in kept.evaluation["strategy_reason"]
     scores = kept.evaluation["candidate_scores"]
     assert scores["fine_tune (holdout)"] < 1.0 == scores["linear@last+last-1 (holdout)"]

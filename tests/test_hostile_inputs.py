@@ -21,7 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image, ImageFile
 
 from adapters.errors import InvalidInput
-from adapters.heads import binomial_tail, warnings_for
+from adapters.evaluation import binomial_tail, warnings_for
 from adapters.preprocessing import ImagePreprocessor, ImageTransform, InputLimits, decode_image
 from service.gen import headserve_pb2 as pb
 

@@ -1,0 +1,60 @@
+"""Label words: a text task's labels are evidence too. Each label's text (its name, or the description the
+client gives), embedded by the trunk, joins training as `weight` copies of an example of that label; the
+weight is how well those words alone sort the task's own examples (`label_text_quality`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from adapters.backbones import Backbone, TrunkRun, pooled_taps
+from adapters.options import TrainingOptions
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelText:
+    """The trunk's features of each label's words, per tap: row i is label i in sorted label order.
+    Each row joins training as `weight` examples of its label (0: not at all)."""
+
+    features: Mapping[str, np.ndarray]
+    texts: Sequence[str]
+    weight: int = 0
+
+
+# How many examples a label's words are worth when they sort the task's examples perfectly. On the six
+# shared text sets at N = 8 (10 draws), a fixed weight helped where labels are plain words (AG News +3.0,
+# MPQA +3.4 with 4) and hurt where they are not (TREC's "ABBR", "HUM": -0.9; SST-5: -0.7); scaling it by
+# label_text_quality kept the gains and the losses within 0.5 points (docs/benchmarks.md).
+LABEL_TEXT_MAX_WEIGHT = 16
+WORD = re.compile(r"[^\W\d_]{2}")  # two letters in a row
+
+
+def label_text_quality(last: np.ndarray, y: np.ndarray, label_last: np.ndarray) -> float:
+    """How well the labels' words alone sort the examples: the accuracy of nearest label text in cosine
+    space (the sentence-embedding space, tap "last"), rescaled so that chance is 0 and perfect is 1."""
+    k = len(label_last)
+    accuracy = float(((last @ label_last.T).argmax(axis=1) == y).mean())
+    return max(0.0, (accuracy - 1 / k) / (1 - 1 / k))
+
+
+def label_text_weight(quality: float, mode: str, texts: Sequence[str] = ()) -> int:
+    """Examples each label's words count as: LABEL_TEXT_MAX_WEIGHT scaled by quality under "auto",
+    and nothing when a label's text holds no word of two letters or more ("0", "A", "L7"). On the
+    shared text sets, labels renamed 1..k or A, B, ... still sorted examples above chance now and then,
+    and the weight that got them cost up to 1.9 and 2.8 points."""
+    if mode == "auto" and not all(WORD.search(text) for text in texts):
+        return 0
+    return {"off": 0, "on": LABEL_TEXT_MAX_WEIGHT}.get(mode, round(LABEL_TEXT_MAX_WEIGHT * quality))
+
+
+def embed_label_words(backbone: Backbone, trunk: TrunkRun, names: Sequence[str],
+                      options: TrainingOptions) -> LabelText | None:
+    """Text tasks: the trunk's features of each label's words (its description, else its name), weight
+    still 0 (set from the examples at training). None for image tasks and under label_text OFF."""
+    if backbone.modality != "text" or options.label_text == "off":
+        return None
+    texts = [options.label_descriptions.get(name, name) for name in names]
+    return LabelText(pooled_taps(trunk, backbone.preprocess(texts), 32), texts)
