@@ -5,7 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import pathlib
+import uuid
 from collections.abc import Sequence
 
 import numpy as np
@@ -19,8 +21,123 @@ from adapters.onnx_utils import create_session
 log = logging.getLogger(__name__)
 
 
+PRECISIONS = ("fp32", "int8")
+# What the export code writes: bump when a change to it (or to the quantisation below) changes the file, so
+# caches written by older code are not reused.
+EXPORT_VERSION = 2
+# An int8 trunk is checked by direction, not by value: the largest 1 - cosine(int8, torch fp32) over every
+# sample's row of every trunk output. MiniLM-L6 with per-channel weights, measured: 0.02 on the pooled
+# features, 0.09 on the hidden states two blocks from the top (BERT's outlier dimensions), where a broken
+# export is near 1. See docs/design.md, "int8 trunks".
+INT8_ATOL = 0.15
+
+
+def default_trunk_cache() -> pathlib.Path:
+    """Where exported trunks are cached when the settings name no folder: shared by every server and
+    data directory of this user."""
+    return pathlib.Path.home() / ".cache" / "headserve" / "trunks"
+
+
+def trunk_cache_key(backbone: Backbone, precision: str) -> dict[str, str]:
+    """Everything an exported trunk file depends on: the weights (digest), the trunk's outputs, the
+    exporter (torch, onnx, onnxruntime for the quantiser, our export code) and the precision."""
+    import torch
+
+    return {
+        "backbone": backbone.name,
+        "weights": backbone.digest,
+        "outputs": ",".join(TRUNK_OUTPUTS),
+        "torch": torch.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": ort.__version__,
+        "export_version": str(EXPORT_VERSION),
+        "precision": precision,
+    }
+
+
+def _sha256(path: pathlib.Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def quantize_int8(source: pathlib.Path, target: pathlib.Path) -> None:
+    """Dynamic int8 quantisation (onnxruntime): weights of MatMul/Gemm stored as int8, activations
+    quantised per batch at run time; no calibration data (static quantisation with calibration measured
+    worse on MiniLM: docs/design.md, "int8 trunks")."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    previous = logging.root.manager.disable
+    logging.disable(logging.INFO)  # the quantiser logs a line per tensor on the root logger
+    try:
+        # Per-channel signed weights: per-tensor ones cost the same time and lose more (MiniLM-L6 features'
+        # cosine to fp32: 0.946 at worst per tensor, 0.986 per channel; unsigned weights run 1.6-2x slower).
+        quantize_dynamic(source, target, weight_type=QuantType.QInt8, per_channel=True,
+                         op_types_to_quantize=["MatMul", "Gemm"])
+    finally:
+        logging.disable(previous)
+
+
+def _cosine_gap(a: np.ndarray, b: np.ndarray) -> float:
+    """The largest 1 - cosine similarity between the rows (one per sample, flattened) of a and b."""
+    a = a.reshape(len(a), -1).astype(np.float64)
+    b = b.reshape(len(b), -1).astype(np.float64)
+    norms = np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
+    return float(np.max(1.0 - (a * b).sum(axis=1) / norms))
+
+
+class TrunkCacheFile:
+    """One exported trunk in the shared cache folder: `NAME-PRECISION-KEY.onnx` and a JSON sidecar with
+    the full key and the file's SHA-256. Writers export to a private temporary file and move it in
+    with os.replace, so servers starting at once never read a half-written file; a file whose SHA-256
+    or key does not match its sidecar is exported again, not trusted."""
+
+    def __init__(self, backbone: Backbone, cache_dir: pathlib.Path, precision: str) -> None:
+        self.backbone = backbone
+        self.precision = precision
+        self.key = trunk_cache_key(backbone, precision)
+        digest = hashlib.sha256(json.dumps(self.key, sort_keys=True).encode()).hexdigest()[:16]
+        self.path = pathlib.Path(cache_dir) / f"{backbone.name}-{precision}-{digest}.onnx"
+        self.sidecar = self.path.with_suffix(".json")
+
+    def trusted(self) -> bool:
+        """Whether the cached file is there, written for this key, and intact."""
+        if not self.path.is_file():
+            return False
+        try:
+            meta = json.loads(self.sidecar.read_text())
+            ok = meta.get("key") == self.key and meta.get("sha256") == _sha256(self.path)
+        except (OSError, ValueError, AttributeError):
+            ok = False
+        if not ok:
+            log.warning("cached trunk %s does not match its checksum or key; exporting it again", self.path)
+        return ok
+
+    def export(self) -> None:
+        folder = self.path.parent
+        folder.mkdir(parents=True, exist_ok=True)
+        tag = f".{self.path.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+        fp32, model, side = folder / f"{tag}.fp32.onnx", folder / f"{tag}.onnx", folder / f"{tag}.json"
+        try:
+            log.info("exporting trunk %s (%s) to %s", self.backbone.name, self.precision, self.path)
+            self.backbone.export_onnx(fp32)
+            if self.precision == "int8":
+                quantize_int8(fp32, model)
+            else:
+                os.replace(fp32, model)
+            side.write_text(json.dumps({"key": self.key, "sha256": _sha256(model)}, sort_keys=True))
+            os.replace(model, self.path)
+            os.replace(side, self.sidecar)
+        finally:
+            for leftover in (fp32, model, side):
+                leftover.unlink(missing_ok=True)
+
+
 class TrunkRuntime:
-    """A backbone's trunk exported once to ONNX (cached on disk by weights digest) and served by onnxruntime."""
+    """A backbone's trunk exported once to ONNX (cached in a folder shared by servers, see
+    TrunkCacheFile) and served by onnxruntime, at fp32 or int8."""
 
     def __init__(
         self,
@@ -31,30 +148,57 @@ class TrunkRuntime:
         *,
         spinning: bool = False,
         tensorrt: bool = False,
+        precision: str = "fp32",
     ) -> None:
         """threads: intra-op threads, 0 = every core; spinning: see create_session (off by default: in a
         server the RPC threads need the cores between operators); tensorrt: TensorRT before CUDA on a
-        GPU, engines cached under cache_dir/tensorrt."""
+        GPU, engines cached under cache_dir/tensorrt; precision: "fp32", or "int8" (dynamic quantisation,
+        checked against torch with INT8_ATOL)."""
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
         self.backbone = backbone
-        # Named by weights digest and by the trunk's outputs, so a cache from another layout is not reused.
-        layout = hashlib.sha256(",".join(TRUNK_OUTPUTS).encode()).hexdigest()[:8]
-        self.path = pathlib.Path(cache_dir) / f"{backbone.name}-{backbone.digest}-{layout}.onnx"
-        if not self.path.is_file():
-            log.info("exporting trunk %s to %s", backbone.name, self.path)
-            backbone.export_onnx(self.path)
-        device = str(backbone.device)
-        trt_cache = pathlib.Path(cache_dir) / "tensorrt" if tensorrt else None
+        self.precision = precision
+        self.threads = threads
+        self.spinning = spinning
+        self.atol = INT8_ATOL if precision == "int8" else atol
+        self.cache = TrunkCacheFile(backbone, cache_dir, precision)
+        self.path = self.cache.path
+        self.trt_cache = pathlib.Path(cache_dir) / "tensorrt" if tensorrt else None
+        exported = False
+        if not self.cache.trusted():
+            self.cache.export()
+            exported = True
+        try:
+            diff = self._open()
+        except Exception as exc:  # a cached file onnxruntime cannot load: export again, once
+            if exported:
+                raise
+            log.warning("cached trunk %s failed to load (%s); exporting it again", self.path, exc)
+            diff, exported = None, True
+        if diff is None or (diff > self.atol and not exported):
+            if diff is not None:
+                log.warning("cached trunk %s disagrees with torch (%.2e); exporting it again", self.path, diff)
+            self.cache.export()
+            diff = self._open()
+        if diff > self.atol:
+            raise RuntimeError(
+                f"ONNX trunk of {backbone.name} ({precision}) disagrees with torch (relative max |diff| {diff:.2e})"
+            )
+        self.parity_diff = diff
+        log.info("trunk %s ready (%s, %s, torch/onnx relative max |diff| %.1e)", backbone.name, precision,
+                 self.session.get_providers()[0], diff)
+
+    def _open(self) -> float:
+        """Opens the session on the cached file; returns its parity with torch."""
+        device = str(self.backbone.device)
         self.session: ort.InferenceSession = create_session(
-            self.path, device, threads, spinning=spinning, tensorrt_cache=trt_cache
+            self.path, device, self.threads, spinning=self.spinning, tensorrt_cache=self.trt_cache
         )
         # On a GPU, outputs are bound straight to host memory (the heads run on the CPU).
         on_gpu = "CUDAExecutionProvider" in self.session.get_providers()
         self.io_binding = device.startswith("cuda") and on_gpu
-        self.input_names = backbone.preprocess.input_names
-        diff = self.parity(backbone.sample_batch())
-        if diff > atol:
-            raise RuntimeError(f"ONNX trunk of {backbone.name} disagrees with torch (relative max |diff| {diff:.2e})")
-        log.info("trunk %s ready (%s, torch/onnx relative max |diff| %.1e)", backbone.name, self.session.get_providers()[0], diff)
+        self.input_names = self.backbone.preprocess.input_names
+        return self.parity(self.backbone.sample_batch())
 
     def features(self, batch: dict[str, np.ndarray]) -> np.ndarray:
         return self.session.run([FEATURES], {k: batch[k] for k in self.input_names})[0]
@@ -80,9 +224,12 @@ class TrunkRuntime:
         return self.features(self.backbone.preprocess(items))
 
     def parity(self, batch: dict[str, np.ndarray]) -> float:
-        """Largest |onnx - torch| over every trunk output, relative to that output's largest |value|."""
+        """fp32: the largest |onnx - torch| over every trunk output, relative to that output's largest
+        |value|. int8: the largest 1 - cosine(onnx, torch) over each sample's row of every output."""
         ours = self.outputs(batch, TRUNK_OUTPUTS)
         ref = self.backbone.torch_outputs(batch)
+        if self.precision == "int8":
+            return max(_cosine_gap(ours[k], ref[k]) for k in TRUNK_OUTPUTS)
         return max(float(np.abs(ours[k] - ref[k]).max() / max(np.abs(ref[k]).max(), 1e-30)) for k in TRUNK_OUTPUTS)
 
     def model(self) -> onnx.ModelProto:
@@ -117,6 +264,8 @@ class HeadRuntime:
         self.inputs = [i.name for i in self.session.get_inputs()]  # trunk outputs (and inputs) it reads
         meta = self.session.get_modelmeta().custom_metadata_map
         self.reject_threshold = float(meta.get("reject_threshold", 0.0))
+        # The trunk precision whose features the head was trained on (heads from before int8: fp32).
+        self.precision = meta.get("precision", "fp32")
 
     def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         return self.session.run([HEAD_OUTPUT], {k: feeds[k] for k in self.inputs})[0]

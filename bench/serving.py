@@ -717,6 +717,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from adapters.runtime import HeadRuntime
     from service.server import build_server
+    from service.store import DEFAULT_TENANT, task_key
 
     settings, image_backbone = settings_for(args, data_dir)
     load0 = os.getloadavg()
@@ -746,7 +747,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             entry = registry.get(backbone)
             task_id = f"bench-{tag}"
             create_task(stub, task_id, backbone, examples, pb.LINEAR)
-            record = store.get_head(task_id, store.get_task(task_id).live_version)
+            key = task_key(DEFAULT_TENANT, task_id)  # auth is off: the default tenant's task
+            record = store.get_head(key, store.get_task(key).live_version)
             head = HeadRuntime(record.onnx, record.labels, record.version, backbone, registry.device)
             log.info("%s: raw pipeline on %d inputs (%s)", backbone, len(items), source)
             sweep = raw_pipeline(entry, head, items, args.batch_sizes, args.raw_seconds)

@@ -158,7 +158,7 @@ class HeadServeApp:
         if entry.spec.modality != "text" or not can_zero_shot(labels, options.label_descriptions,
                                                                options.label_text):
             return None
-        meta = {"backbone": entry.spec.name, "backbone_digest": entry.backbone.digest, "task_id": task_id}
+        meta = {**entry.head_metadata(), "task_id": task_id}  # backbone, digest and trunk precision
         return build(entry.backbone, entry.training_trunk(), labels, options.label_descriptions,
                      options.reject_threshold, meta)
 

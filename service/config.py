@@ -135,7 +135,17 @@ class Settings(BaseSettings):
     )
     tensorrt: bool = Field(
         False, description="on a GPU, run trunks with TensorRT before CUDA (engines built on first use and "
-        "cached in data_dir/trunks/tensorrt)",
+        "cached in trunk_cache_dir/tensorrt)",
+    )
+    precision: dict[str, Literal["fp32", "int8"]] = Field(
+        default_factory=dict, description="trunk precision per backbone, e.g. [precision] minilm-l6 = \"int8\" "
+        "(env: HEADSERVE_PRECISION='{\"minilm-l6\": \"int8\"}'); unnamed backbones run fp32. int8 is onnxruntime "
+        "dynamic quantisation, for CPUs. A head is served at the precision it was trained at: after a change, "
+        "its Predict is FAILED_PRECONDITION until the task is trained again",
+    )
+    trunk_cache_dir: pathlib.Path | None = Field(
+        None, description="folder of exported trunk ONNX files, shared by every server and data directory that "
+        "names it (keyed by weights, exporter versions and precision); default ~/.cache/headserve/trunks",
     )
     training_workers: int = Field(
         1, ge=0, le=64, description="training workers of this replica, each training one job at a time; 0: "

@@ -442,6 +442,14 @@ class Predictor:
                     "one request serves one backbone: send one request per backbone"
                 )
         lane = self.lane(backbone)
+        precision = lane.entry.precision
+        for task_id, head in zip(task_ids, heads):
+            if head.precision != precision:
+                raise FailedPrecondition(
+                    f"task {task_of(task_id)!r} was trained on {head.precision} features of {backbone}, and this "
+                    f"server runs {backbone} at {precision} (setting precision); train the task again "
+                    "(TrainTask) to serve it at this precision"
+                )
         tenant = tenant_of(task_ids[0])  # batches are shared fairly between tenants
         lane.batcher.check_room(len(items), tenant)
         pre = lane.entry.backbone.preprocess

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import pathlib
 
 from adapters.backbones import (
     Backbone,
@@ -18,7 +17,7 @@ from adapters.backbones import (
 )
 from adapters.errors import FailedPrecondition, NotFound
 from adapters.preprocessing import ImageTransform, InputLimits
-from adapters.runtime import TrunkRuntime
+from adapters.runtime import TrunkRuntime, default_trunk_cache
 from service.config import Settings
 
 log = logging.getLogger(__name__)
@@ -42,10 +41,21 @@ class Entry:
         assert self.backbone is not None and self.trunk is not None
         return self.trunk.outputs if self.backbone.device.type == "cpu" else self.backbone.torch_outputs
 
+    @property
+    def precision(self) -> str:
+        """The trunk's precision: "fp32" or "int8" (setting `precision`)."""
+        return self.trunk.precision if self.trunk is not None else "fp32"
+
     def trunk_key(self, tap: str) -> str:
-        """Identifies a tap's features in the store: backbone name, weights digest and tap."""
+        """Identifies a tap's features in the store: backbone name, weights digest, tap and precision
+        (int8 features are not fp32 features: a head is trained on the features it will be served)."""
         assert self.backbone is not None
-        return f"{self.spec.name}:{self.backbone.digest}:{tap}"
+        return f"{self.spec.name}:{self.backbone.digest}:{tap}:{self.precision}"
+
+    def head_metadata(self) -> dict[str, str]:
+        """What a head trained on this trunk records of it (ONNX metadata and evaluation)."""
+        assert self.backbone is not None
+        return {"backbone": self.spec.name, "backbone_digest": self.backbone.digest, "precision": self.precision}
 
 
 def resolve_device(setting: str) -> str:
@@ -77,7 +87,11 @@ class BackboneRegistry:
             specs[name] = custom_spec(name, custom.arch, custom.weights, transform)
 
         limits = InputLimits(settings.max_text_length, settings.max_image_pixels, settings.max_image_aspect_ratio)
-        cache = pathlib.Path(settings.data_dir) / "trunks"
+        cache = settings.trunk_cache_dir or default_trunk_cache()
+        unknown = sorted(set(settings.precision) - set(specs))
+        if unknown:
+            raise ValueError(f"precision names backbone {unknown[0]!r}, which this server does not load; "
+                             f"loaded: {', '.join(sorted(specs))}")
         entries: dict[str, Entry] = {}
         for name, spec in specs.items():
             opts = LoadOptions(
@@ -91,7 +105,8 @@ class BackboneRegistry:
             try:
                 entry.backbone = load_backbone(spec, opts)
                 entry.trunk = TrunkRuntime(entry.backbone, cache, settings.intra_op_threads,
-                                           spinning=settings.trunk_spinning, tensorrt=settings.tensorrt)
+                                           spinning=settings.trunk_spinning, tensorrt=settings.tensorrt,
+                                           precision=settings.precision.get(name, "fp32"))
             except BackboneUnavailable as exc:
                 entry.unavailable_reason = exc.message
                 log.warning("backbone %s unavailable: %s", name, exc.message)
