@@ -687,6 +687,16 @@ def test_k8s_container_port_matches_service_and_image(overlay: str) -> None:
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
+def test_k8s_every_container_runs_the_overlays_image(overlay: str) -> None:
+    """One release: the migration, its gate, the servers and the workers run the same image, the one the
+    overlay's `images:` names (so `kustomize edit set image` moves them all)."""
+    kustomization = yaml.safe_load((K8S / "overlays" / overlay / "kustomization.yaml").read_text())
+    (image,) = kustomization["images"]
+    images = {c["image"] for w in workloads(manifests(overlay)) for c in every_container(w)}
+    assert images == {f"{image['newName']}:{image['newTag']}"}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
 def test_k8s_runs_as_the_image_user(overlay: str) -> None:
     stage = final_stage()
     uid = int(resolve(instruction(stage, "USER"), stage).split(":")[0])
