@@ -56,7 +56,7 @@ class Trainer:
         data = TrainingData(labels=[label for _, label in refs], sample_ids=shas,
                             items=lambda: self._items(task, shas),
                             features=lambda: self._features(job, task, entry, shas))
-        meta = {"backbone": entry.spec.name, "backbone_digest": entry.backbone.digest, "task_id": task.task_id}
+        meta = {**entry.head_metadata(), "task_id": task.task_id}  # backbone, digest and trunk precision
         trained = train(data, TrainingOptions(**job.config), Trunk(entry.backbone, entry.training_trunk()),
                         lambda update: self._progress(job, update), self.policy, meta)
         evaluation = {**trained.head.evaluation, "precision": entry.precision}
