@@ -762,6 +762,8 @@ def test_dev_server_uses_the_default_sqlite_store_on_the_volume(
 ) -> None:
     settings = deployed_settings("dev", monkeypatch, tmp_path)
     assert str(settings.data_dir) == DATA_DIR
+    # The exported trunks are kept on the claim too: a restart does not export them again.
+    assert pathlib.PurePosixPath(settings.trunk_cache_dir).is_relative_to(DATA_DIR)
     default = Settings.model_fields["store_url"].get_default(call_default_factory=True)
     assert settings.store_url == default, "dev keeps the default store (SQLite in data_dir)"
     assert settings.training_workers >= 1, "the dev pod trains in its own worker processes"
@@ -973,6 +975,11 @@ def test_prod_pods_start_with_their_settings(monkeypatch: pytest.MonkeyPatch, tm
     worker = pod_settings(objects, find(objects, "Deployment", WORKER), monkeypatch, tmp_path)
     assert worker.store_url == STORE_URL_EXAMPLE and worker.training_workers >= 1
     assert worker.metrics_address == f"0.0.0.0:{METRICS_PORT}" and worker.device == "cuda"
+    for settings, name in ((serving, SERVER), (worker, WORKER)):
+        # Trunks are exported into the pod's /data emptyDir (sized for them), not under HOME (/tmp).
+        _, volume = mounts_of(find(objects, "Deployment", name))[DATA_DIR]
+        assert "emptyDir" in volume and str(settings.data_dir) == DATA_DIR, name
+        assert pathlib.PurePosixPath(settings.trunk_cache_dir).is_relative_to(DATA_DIR), name
     migration = pod_settings(objects, find(objects, "Job", MIGRATION), monkeypatch, tmp_path)
     assert migration.store_url == STORE_URL_EXAMPLE
     for name in (SERVER, WORKER):
