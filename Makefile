@@ -47,6 +47,22 @@ bench-fewshot: $(VENV)/.installed
 bench-tenants: $(VENV)/.installed
 	$(BIN)/python bench/tenants.py $(BENCH_ARGS)
 
+# Peers: the same fused ONNX model (minilm-l6 + head, MobileNetV2 + head) served by headserve and by LitServe,
+# Ray Serve and Triton (nvidia-pytriton), each installed from PyPI into its own virtualenv under
+# bench/.peers-venv/ (not .venv), at concurrency 1/4/16/64; writes bench/results/peers.{json,md}.
+# PEERS_ARGS=--quick for one short round; --peers/--backbones/--concurrency to narrow it.
+PEERS_VENV := bench/.peers-venv
+.PHONY: bench-peers
+$(PEERS_VENV)/%/.installed: bench/peers/requirements-%.txt bench/peers/requirements-common.txt
+	mkdir -p $(PEERS_VENV) && echo '*' > $(PEERS_VENV)/.gitignore
+	$(PYTHON) -m venv $(PEERS_VENV)/$*
+	$(PEERS_VENV)/$*/bin/python -m pip install -q --upgrade pip
+	$(PEERS_VENV)/$*/bin/python -m pip install -q -r bench/peers/requirements-$*.txt
+	touch $@
+
+bench-peers: $(VENV)/.installed $(foreach p,litserve rayserve pytriton client,$(PEERS_VENV)/$(p)/.installed)
+	$(BIN)/python bench/peers.py $(PEERS_ARGS)
+
 # Soak: a real server (API keys) under 16 clients' mix of Predict, PredictStream, task churn, training and
 # ExportTask over 200 tasks for SOAK_MINUTES (default 20), watched for unexpected errors, RSS growth, open fds,
 # threads and the SQLite WAL; writes bench/results/soak.json. SOAK_ARGS for more flags (bench/README.md).
