@@ -641,3 +641,91 @@ def test_gpu_providers_put_tensorrt_then_cuda_first_and_keep_the_cpu(tmp_path, m
     assert onnx_utils.providers_for("cpu", tmp_path) == ["CPUExecutionProvider"]
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
     assert onnx_utils.providers_for("cuda", tmp_path) == ["CPUExecutionProvider"]
+
+
+# --- length-aware passes for text --------------------------------------------------------------------------
+
+
+def test_length_passes_sort_by_length_and_cut_at_the_token_budget():
+    from service.predictor import length_passes
+
+    lengths = np.array([10, 150, 12, 11, 150, 40, 10, 600, 30, 25])
+    passes = length_passes(lengths, 128)
+    assert sorted(int(i) for p in passes for i in p) == list(range(len(lengths)))  # every row, once
+    for p in passes:
+        assert len(p) == 1 or len(p) * lengths[p].max() <= 128  # a longer row than the budget runs alone
+        assert lengths[p].max() <= 2 * lengths[p].min()
+    assert [list(p) for p in passes] == [[0, 6, 3, 2], [9, 8, 5], [1], [4], [7]]
+    assert [list(p) for p in length_passes(np.array([7, 7, 7]), 1000)] == [[0, 1, 2]]
+
+
+LONG = (
+    "The central bank raised interest rates for the third time this year on Tuesday, citing stubborn inflation "
+    "in services and a labour market that has barely cooled, while officials signalled that further increases "
+    "were possible if wage growth failed to slow in the coming months and energy prices stayed high through "
+    "the winter, a decision that sent the currency to a two-year high against the dollar and weighed on shares "
+    "of house builders and retailers across the continent."
+)
+
+
+def test_length_aware_passes_give_the_outputs_of_one_padded_pass(server):
+    """Every trunk output, pooled and per token (what tuned heads read), is what one pass padded to the
+    longest input gives, for a batch of short and long texts in several passes."""
+    from adapters.backbones import TRUNK_OUTPUTS
+
+    lane = server.app.predictor.lane("minilm-l6")
+    texts = [TEXTS[0], LONG, "short", TEXTS[3], LONG[:200], TEXTS[5]] * 4
+    inputs = lane.entry.backbone.preprocess(texts)
+    names = [*TRUNK_OUTPUTS, "attention_mask"]
+    one = lane.entry.trunk.outputs(inputs, names)
+    calls = []
+    original = lane.entry.trunk.outputs
+
+    def counted(batch, wanted):
+        calls.append(batch["input_ids"].shape)
+        return original(batch, wanted)
+
+    lane.entry.trunk.outputs = counted
+    try:
+        passes = lane.by_length(inputs, names)
+    finally:
+        del lane.entry.trunk.outputs
+    assert len(calls) > 1 and min(shape[1] for shape in calls) < inputs["input_ids"].shape[1]
+    mask = inputs["attention_mask"].astype(bool)
+    for name in names:
+        assert passes[name].shape == one[name].shape, name
+        if passes[name].ndim > 2:  # per-token outputs: equal on tokens, padding is masked out
+            np.testing.assert_allclose(passes[name][mask], one[name][mask], rtol=0, atol=2e-4, err_msg=name)
+        else:
+            np.testing.assert_allclose(passes[name], one[name], rtol=0, atol=2e-5, err_msg=name)
+
+
+def test_length_aware_batch_answers_each_request_in_order_with_its_alone_scores(server, stub, three_tasks):
+    a, b, c = three_tasks
+    mixed = [LONG, "short", TEXTS[2], LONG[:150], TEXTS[6], "a", LONG[:300], TEXTS[11]]
+    calls = [
+        request(a, mixed[0:3]),
+        request(b, mixed[3:4]),
+        request([c, a], mixed[4:8]),
+        request(c, [mixed[5], mixed[0], mixed[5]]),
+        request(b, list(reversed(mixed))),
+    ]
+    alone = [stub.Predict(r) for r in calls]
+    with held_trunk(server) as (batcher, gate, entered):
+        plug = stub.Predict.future(request(a, ["plug"]))
+        assert entered.wait(30)
+        batcher.reset_stats()
+        futures = [stub.Predict.future(r) for r in calls]
+        rows = sum(len(r.inputs) for r in calls)
+        wait_for(lambda: batcher.queued_rows == rows)
+        gate.set()
+        together = [f.result(timeout=60) for f in futures]
+        plug.result(timeout=60)
+    assert batcher.reset_stats().batches == 1
+    for x, y in zip(alone, together):
+        xs = [p for r in x.results for p in r.predictions] or list(x.predictions)
+        ys = [p for r in y.results for p in r.predictions] or list(y.predictions)
+        assert len(xs) == len(ys)
+        for p, q in zip(xs, ys):  # in the request's order
+            assert p.label == q.label
+            np.testing.assert_allclose([s.score for s in p.top], [s.score for s in q.top], rtol=0, atol=2e-6)
