@@ -649,7 +649,7 @@ class _RemoteAdmin:
 @contextlib.contextmanager
 def _admin(args: argparse.Namespace):
     """The store's tenants and keys when --data-dir or --config is given, else the server's Admin API."""
-    if args.data_dir is None and args.config is None:
+    if args.data_dir is None and args.config is None and args.store_url is None:
         with _connect(args) as client:
             yield _RemoteAdmin(client)
         return
@@ -658,7 +658,7 @@ def _admin(args: argparse.Namespace):
     from service.tenants import TenantAdmin
 
     try:
-        settings = Settings.load(args.config, data_dir=args.data_dir)
+        settings = Settings.load(args.config, data_dir=args.data_dir, store_url=args.store_url)
     except (OSError, ValueError) as exc:
         raise UsageError(f"bad settings: {exc}") from None
     from service.worker import store_url
@@ -845,6 +845,8 @@ def _add_admin_commands(command, commands) -> None:
                          help="work on this server data directory's store directly, no server needed")
         sub.add_argument("--config", type=pathlib.Path, metavar="FILE",
                          help="work on the store named by this TOML settings file, no server needed")
+        sub.add_argument("--store-url", metavar="URL",
+                         help="work on this store (e.g. PostgreSQL's URL) directly, no server needed")
         sub.add_argument("--json", action="store_true", help="print JSON")
 
     tenants = commands.add_parser("tenants", help="tenants and their quotas (admin)",

@@ -162,6 +162,10 @@ class Settings(BaseSettings):
     job_max_attempts: int = Field(
         3, ge=1, le=100, description="a job whose worker died this many times is failed, not claimed again",
     )
+    max_connection_age_seconds: float = Field(
+        300.0, ge=0, le=86400, description="close each client connection after about this long (then a grace of "
+        "30 s for its calls), so that clients balancing over replicas re-resolve and find new ones; 0: never",
+    )
     sync_interval_seconds: float = Field(
         0.5, gt=0, le=60, description="how often a replica reads the store's change feed for new versions, "
         "deletes and revoked keys (PostgreSQL also notifies at once; this is its fallback)",

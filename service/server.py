@@ -227,6 +227,12 @@ def _build(settings: Settings, credentials, lock: DataDirLock, tracer=None) -> R
         # would split the requests at random. Off, the second one fails to bind.
         ("grpc.so_reuseport", 0),
     ]
+    if settings.max_connection_age_seconds:
+        # Clients that balance over a headless Service's pod IPs re-resolve DNS only when a connection
+        # closes: closing connections now and then (gracefully: GOAWAY, calls in flight finish) lets them
+        # find replicas added since they connected.
+        limits += [("grpc.max_connection_age_ms", int(settings.max_connection_age_seconds * 1000)),
+                   ("grpc.max_connection_age_grace_ms", 30_000)]
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=settings.grpc_workers),
         options=limits,

@@ -669,8 +669,10 @@ class Store:
     # --- tasks and examples ---------------------------------------------------------------------
 
     def create_task(self, task: TaskRecord, new_examples: Sequence[ExampleIn], quotas: Quotas = Quotas(),
-                    job: JobRecord | None = None) -> None:
-        """Stores a task with its first examples and, when given, its first training job, all or nothing."""
+                    job: JobRecord | None = None, head: HeadRecord | None = None) -> None:
+        """Stores a task with its first examples and, when given, its first training job, all or nothing.
+        With `head` too, the job is recorded as done with it: the task is READY at version 1 at once (a
+        head built without training, such as a zero-shot one), and no worker ever sees the job queued."""
         with self._tx() as conn:
             self._lock_tenant(conn, task.tenant_id)
             ts = now_ms()
@@ -686,6 +688,8 @@ class Store:
             self._insert_examples(conn, task.key, new_examples)
             if job is not None:
                 self._insert_job(conn, job)
+                if head is not None:
+                    self._end_job(conn, job.job_id, task.key, job.status, head, "", ts)
             self._check_quotas(conn, task.tenant_id, quotas)
 
     def add_examples(
