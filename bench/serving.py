@@ -102,6 +102,23 @@ TOPICS = {
 # --- inputs ----------------------------------------------------------------------------------------------
 
 
+AG_NEWS_TEST = SHARED / "text" / "ag_news" / "alps_agnews_test.tsv"
+
+
+def load_text_mix(kind: str, n: int) -> tuple[list[str], str]:
+    """short: SST-2 sentences (about 25 tokens); long: AG News title+description (about 50-150 tokens);
+    mixed: two short for one long, shuffled (seed 0)."""
+    if kind == "short" or not AG_NEWS_TEST.is_file():
+        return load_texts(n)
+    long = [line.split("\t")[0] for line in AG_NEWS_TEST.read_text(encoding="utf-8").splitlines() if "\t" in line]
+    if kind == "long":
+        return long[:n], f"AG News test texts ({AG_NEWS_TEST})"
+    short, source = load_texts(n - n // 3)
+    mixed = short + long[: n // 3]
+    random.Random(0).shuffle(mixed)
+    return mixed, f"{len(short)} {source} + {n // 3} AG News test texts, shuffled"
+
+
 def load_texts(n: int) -> tuple[list[str], str]:
     if SST2_TEST.is_file():
         lines = [
@@ -204,8 +221,11 @@ def children_cpu() -> float:
 def raw_pipeline(
     entry, head, items: list, batch_sizes: Sequence[int], seconds: float, quiet: bool = False
 ) -> dict:
-    """Preprocessing + ONNX trunk + ONNX head, called directly: per batch size, latency of a batch and rows/s."""
+    """Preprocessing + ONNX trunk + ONNX head, called directly: per batch size, latency of a batch and rows/s.
+    Text is taken in length order (batches of similar lengths: the raw pipeline's best case)."""
     pre, trunk, names = entry.backbone.preprocess, entry.trunk, list(head.inputs)
+    if items and isinstance(items[0], str):
+        items = sorted(items, key=len)
 
     def once(batch):
         return head.run(trunk.outputs(pre(batch), names))
@@ -503,6 +523,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--ready-trials", type=int, default=5)
     p.add_argument("--inputs", type=int, default=512, help="distinct inputs per backbone")
+    p.add_argument("--texts", choices=["short", "long", "mixed"], default="short",
+                   help="text inputs: SST-2 sentences, AG News texts, or two short for one long")
     p.add_argument("--data-dir", type=pathlib.Path, help="server data directory (default: a temporary one)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="server setting override")
     p.add_argument("--results", type=pathlib.Path, default=HERE / "results")
@@ -613,6 +635,7 @@ def environment(args, settings, registry) -> dict:
                 "grpc_workers",
                 "intra_op_threads",
                 "trunk_spinning",
+                "precision",
             )
         },
     }
@@ -737,7 +760,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         report["create_to_ready_s"] = time_to_ready(stub, args.ready_trials)
 
-        texts, text_source = load_texts(args.inputs)
+        texts, text_source = load_text_mix(args.texts, args.inputs)
         plans = [("minilm-l6", texts, text_source, [(t, y) for y, ts in TOPICS.items() for t in ts], "text")]
         if image_backbone:
             images, image_source = load_images(min(args.inputs, 256))

@@ -188,6 +188,9 @@ class Ticket:
     def cancel(self) -> bool:
         return self._pending.future.cancel()
 
+    def done(self) -> bool:
+        return self._pending.future.done()
+
     def result(self, timeout: float | None = None) -> list[Scored]:
         try:
             return self._pending.future.result(timeout)

@@ -90,7 +90,8 @@ class HeadServeServicer(pb_grpc.HeadServeServicer):
         remaining = _time_remaining(context)
         ticket, multi = self._submit(request, context.caller,
                                      None if remaining is None else time.monotonic() + remaining)
-        context.add_callback(ticket.cancel)  # a cancelled call leaves its batch
+        if not ticket.done():  # an idle server ran it inline already; else a cancelled call leaves its batch
+            context.add_callback(ticket.cancel)
         return codec.predict_pb(ticket.result(remaining), multi, request.top_k, request.request_id)
 
     def PredictStream(self, request_iterator, context):
