@@ -786,6 +786,64 @@ class Store:
                 out.update({r.sha256: (r.kind, r.data) for r in conn.execute(q)})
         return out
 
+    def import_heads(self, tenant_id: str, items: Iterable[tuple[str, str, Sequence[str], bytes, dict]],
+                     config: dict | None = None, quotas: Quotas = Quotas(), batch_size: int = 2000) -> int:
+        """Registers READY tasks whose version 1 is a head trained elsewhere: for operators importing tasks
+        (and benchmarks that need 100,000 of them). `items` yields (task_id, backbone, labels, ONNX bytes,
+        evaluation); `config` is the TrainingOptions fields every task keeps for its next training.
+
+        Each task gets what CreateTask and a finished job leave: its row (declared labels = the head's),
+        a SUCCEEDED job that published version 1, and the head with its SHA-256. No change is recorded:
+        no replica has anything cached for a task that did not exist. `batch_size` tasks are written per
+        transaction, each all or nothing and checked against `quotas`: a task id the tenant already has
+        fails its batch (AlreadyExists) and leaves the batches before it imported. Returns the count."""
+        config_json = json.dumps(config or {})
+
+        def write(batch: list[tuple[str, str, Sequence[str], bytes, dict]]) -> int:
+            for task_id, _, _, onnx, _ in batch:
+                if not task_id or "/" in task_id or not onnx:
+                    raise InvalidInput(f"task {task_id[:128]!r}: an imported task needs an id without '/' and "
+                                       "the head's ONNX bytes")
+            ts = now_ms()
+            rows = [(task_key(tenant_id, t), f"job-{uuid.uuid4().hex[:12]}", t, b, list(labels), onnx, ev)
+                    for t, b, labels, onnx, ev in batch]
+            with self._tx() as conn:
+                self._lock_tenant(conn, tenant_id)
+                try:
+                    with conn.begin_nested():  # (a savepoint: PostgreSQL's transaction survives the failure)
+                        conn.execute(tasks.insert(), [
+                            {"key": key, "tenant_id": tenant_id, "task_id": t, "backbone": b,
+                             "declared_labels": json.dumps(labels), "config": config_json, "state": "READY",
+                             "live_version": 1, "error": "", "job_id": job_id, "created_at_ms": ts,
+                             "updated_at_ms": ts} for key, job_id, t, b, labels, _, _ in rows])
+                except sa.exc.IntegrityError:
+                    ids = [r[2] for r in rows]
+                    taken = sorted({t for t in ids if ids.count(t) > 1} | set(conn.execute(
+                        sa.select(tasks.c.task_id).where(tasks.c.tenant_id == tenant_id,
+                                                         tasks.c.task_id.in_(ids))).scalars()))
+                    raise AlreadyExists(f"task(s) {', '.join(map(repr, taken[:5]))} already exist (or come twice); "
+                                        "nothing of this batch was imported") from None
+                conn.execute(jobs.insert(), [
+                    {"job_id": job_id, "task_key": key, "state": "SUCCEEDED", "config": config_json,
+                     "status": json.dumps({"phase": "done", "progress": 1.0, "message": "imported"}),
+                     "error": "", "version": 1, "created_at_ms": ts, "updated_at_ms": ts}
+                    for key, job_id, *_ in rows])
+                conn.execute(heads.insert(), [
+                    {"task_key": key, "version": 1, "onnx": onnx, "size": len(onnx), "labels": json.dumps(labels),
+                     "evaluation": json.dumps(ev), "created_at_ms": ts,
+                     "onnx_sha256": hashlib.sha256(onnx).hexdigest(), "job_id": job_id}
+                    for key, job_id, _, _, labels, onnx, ev in rows])
+                self._check_quotas(conn, tenant_id, quotas)
+            return len(rows)
+
+        imported, batch = 0, []
+        for item in items:
+            batch.append(item)
+            if len(batch) >= batch_size:
+                imported += write(batch)
+                batch = []
+        return imported + (write(batch) if batch else 0)
+
     # --- feature cache (per tenant, like the blobs it caches) -----------------------------------------
 
     def cached_features(self, tenant_id: str, trunk: str, shas: Sequence[str]) -> dict[str, np.ndarray]:
