@@ -15,9 +15,9 @@ Caltech-101 validation images when ../shared is there, else seeded synthetic one
    (bench/serving_client.py: grpc.aio, closed loop, one input per request) at each --concurrency;
 
 and prints p50/p99 latency, throughput, the mean batch the server formed and the ratios service/raw.
-Scale mode registers --scale-tasks tasks on the text backbone and spreads requests over --scale-spread of
-them (p99 against the single-task p99 at the same concurrency), and measures memory per loaded head and
-per idle task. It also times CreateTask (8 examples x 3 labels, text) to READY.
+Scale mode registers --scale-tasks tasks on the text backbone (Store.import_heads) and spreads requests
+uniformly over --scale-spread of them (p99 against the single-task p99 at the same concurrency), and
+measures memory per loaded head and per idle task and the head cache's hits, loads and evictions. It also times CreateTask (8 examples x 3 labels, text) to READY.
 
 Results: JSON + PNG (+ Markdown) under bench/results/ (`-gpu` in the names when the trunk ran on CUDA);
 --docs writes the table between the serving markers of docs/benchmarks.md and copies the plot to docs/.
@@ -446,55 +446,23 @@ def time_to_ready(stub, trials: int) -> list[float]:
     return times
 
 
-def seed_tasks(store, template_task_id: str, count: int, prefix: str) -> list[str]:
-    """Registers `count` READY tasks whose live head is a copy of the template task's head.
+def seed_tasks(store, template_key: str, count: int, prefix: str) -> list[str]:
+    """Registers `count` READY tasks of the default tenant whose version 1 is a copy of the template task's
+    head, through Store.import_heads (transactions of a few thousand tasks: task row, finished job, head
+    with its digest), as an operator importing trained tasks would. Each task has its own head row and,
+    when used, its own onnxruntime session. Returns their task ids."""
+    from service.store import DEFAULT_TENANT
 
-    The rows are what CreateTask + a finished training job leave in the store, written in one transaction
-    (through the API each task costs ~3 fsync'd transactions, minutes for 10,000). Each task still gets
-    its own head row and, when used, its own onnxruntime session."""
-    import sqlalchemy as sa
-
-    from service import store as st
-
-    task = store.get_task(template_task_id)
-    head = store.get_head(template_task_id, task.live_version)
-    ts = st.now_ms()
-    ids = [f"{prefix}-{i:05d}" for i in range(count)]
-    with store._tx() as conn:
-        conn.execute(
-            st.tasks.insert(),
-            [
-                {
-                    "task_id": t,
-                    "backbone": task.backbone,
-                    "declared_labels": json.dumps(task.declared_labels),
-                    "config": json.dumps(task.config),
-                    "state": "READY",
-                    "live_version": 1,
-                    "error": "",
-                    "job_id": "",
-                    "created_at_ms": ts,
-                    "updated_at_ms": ts,
-                }
-                for t in ids
-            ],
-        )
-        conn.execute(
-            st.heads.insert(),
-            [
-                {
-                    "task_id": t,
-                    "version": 1,
-                    "onnx": head.onnx,
-                    "labels": json.dumps(head.labels),
-                    "evaluation": json.dumps(head.evaluation),
-                    "created_at_ms": ts,
-                }
-                for t in ids
-            ],
-        )
-        n = conn.execute(sa.select(sa.func.count()).select_from(st.tasks)).scalar()
-    log.info("seeded %d tasks (store now holds %d)", count, n)
+    task = store.get_task(template_key)
+    head = store.get_head(template_key, task.live_version)
+    ids = [f"{prefix}-{i:06d}" for i in range(count)]
+    n = store.import_heads(
+        DEFAULT_TENANT,
+        ((t, task.backbone, head.labels, head.onnx, head.evaluation) for t in ids),
+        config=task.config,
+        batch_size=5000,
+    )
+    log.info("registered %d tasks (%d B of ONNX each)", n, len(head.onnx))
     return ids
 
 
@@ -517,9 +485,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="mobilenet_v2_imagenet (shared weights), a built-in (resnet50, needs its weights), or none",
     )
     p.add_argument("--weights", type=pathlib.Path, default=MOBILENET_WEIGHTS)
-    p.add_argument("--scale-tasks", type=int, default=10_000, help="tasks registered in scale mode (0: skip)")
+    p.add_argument("--scale-tasks", type=int, default=100_000, help="tasks registered in scale mode (0: skip)")
     p.add_argument(
-        "--scale-spread", type=int, default=1_000, help="tasks the scale-mode requests spread over"
+        "--scale-spread", type=int, default=10_000, help="tasks the scale-mode requests spread over"
+    )
+    p.add_argument(
+        "--scale-requests", type=int, default=5_000, help="requests drawn per scale-mode level and round"
     )
     p.add_argument("--ready-trials", type=int, default=5)
     p.add_argument("--inputs", type=int, default=512, help="distinct inputs per backbone")
@@ -833,37 +804,45 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def scale_mode(args, running, texts: list[str], workdir: pathlib.Path, single_requests: pathlib.Path) -> dict:
-    store, predictor = running.app.store, running.app.predictor
-    db = pathlib.Path(running.app.settings.data_dir) / "headserve.sqlite3"
+    """--scale-tasks registered tasks, requests drawn uniformly over --scale-spread of them (a new draw for
+    every level and round, so that the traffic keeps reaching the whole hot set), against the same inputs
+    sent to one task, round by round. Memory: RSS per idle registered task, per loaded head; the head
+    cache's hits, loads and evictions while traffic was spread."""
+    from service.store import DEFAULT_TENANT, task_key
 
-    def db_bytes() -> int:
-        return sum(p.stat().st_size for p in db.parent.glob("headserve.sqlite3*"))
+    store, predictor = running.app.store, running.app.predictor
+    db = pathlib.Path(store.url.database or "") if store.dialect == "sqlite" else None
+
+    def db_bytes() -> int:  # SQLite's file with its WAL (0 on PostgreSQL: its server's disk)
+        return sum(p.stat().st_size for p in db.parent.glob(db.name + "*")) if db else 0
+
+    def cache_stats() -> dict:
+        return dict(predictor.heads.stats.__dict__)
 
     rss0, db0 = rss_bytes(), db_bytes()
     t = time.perf_counter()
-    ids = seed_tasks(store, "bench-text", args.scale_tasks, "scale")
+    ids = seed_tasks(store, task_key(DEFAULT_TENANT, "bench-text"), args.scale_tasks, "scale")
     seed_s = time.perf_counter() - t
     rss1, db1 = rss_bytes(), db_bytes()
     rng = random.Random(0)
     spread = rng.sample(ids, min(args.scale_spread, len(ids)))
-    # Loading heads on first use, in-process: store read + onnxruntime session, per head.
+    keys = [task_key(DEFAULT_TENANT, t) for t in spread]
+    # Loading heads on first use, in-process: store read + onnxruntime session, per head. RSS per loaded
+    # head over the first heads (that fit any budget); then the rest of the hot set, least recent first out.
+    first = keys[: min(1000, len(keys))]
     t = time.perf_counter()
-    for task_id in spread:
-        predictor.heads.get(task_id)
-    load_s = (time.perf_counter() - t) / len(spread)
+    for key in first:
+        predictor.heads.get(key)
+    load_first_s = time.perf_counter() - t
     rss2 = rss_bytes()
-    cache = dict(predictor.heads.stats.__dict__)
-    path = requests_file(
-        [
-            pb.PredictRequest(
-                task_id=spread[rng.randrange(len(spread))], inputs=[pb.Input(text=texts[i % len(texts)])]
-            )
-            for i in range(20 * len(spread))
-        ],
-        workdir,
-        "scale",
-    )
+    for key in keys[len(first) :]:
+        predictor.heads.get(key)
+    load_s = (time.perf_counter() - t) / len(keys)
+    rss3 = rss_bytes()
+    after_warm = cache_stats()
     lane = predictor.lane("minilm-l6")
+    traffic = {"hits": 0, "loads": 0, "evictions": 0}
+    draws = iter(range(1, 1 << 30))
 
     def single(c):  # the same inputs, all to one task
         return {
@@ -872,29 +851,68 @@ def scale_mode(args, running, texts: list[str], workdir: pathlib.Path, single_re
         }
 
     def spread_over(c):
-        return service_level(args, running.address, path, c, lane, workdir, f"scale:{c}")
+        draw = random.Random(next(draws))
+        path = requests_file(
+            [
+                pb.PredictRequest(
+                    task_id=spread[draw.randrange(len(spread))], inputs=[pb.Input(text=texts[i % len(texts)])]
+                )
+                for i in range(args.scale_requests)
+            ],
+            workdir,
+            "scale",
+        )
+        before = cache_stats()
+        level = service_level(args, running.address, path, c, lane, workdir, f"scale:{c}")
+        after = cache_stats()
+        level["cache"] = {k: after[k] - before[k] for k in ("hits", "loads", "evictions")}
+        for k in traffic:
+            traffic[k] += level["cache"][k]
+        return level
 
     levels = paired_levels(args, spread_over, single, "scale")
+    for lv in levels:
+        lv["cache"] = {k: sum(r["service"]["cache"][k] for r in lv["rounds"]) for k in ("hits", "loads", "evictions")}
+    estimate = after_warm["bytes"] / max(after_warm["heads"], 1)
     result = {
         "tasks": args.scale_tasks,
         "spread": len(spread),
         "seed_s": seed_s,
         "idle_task_rss_bytes": (rss1 - rss0) / args.scale_tasks,
         "idle_task_disk_bytes": (db1 - db0) / args.scale_tasks,
-        "loaded_head_rss_bytes": (rss2 - rss1) / len(spread),
-        "loaded_head_estimate_bytes": cache["bytes"] / max(cache["heads"], 1),
-        "head_load_ms": load_s * 1e3,
-        "cache": cache,
+        "loaded_head_rss_bytes": (rss2 - rss1) / len(first),
+        "loaded_head_estimate_bytes": estimate,
+        "head_load_ms": load_first_s / len(first) * 1e3,
+        "warm_load_ms": load_s * 1e3,
+        "rss_bytes": {"before": rss0, "registered": rss1, "first_heads": rss2, "hot_set_loaded": rss3},
+        "head_cache_budget_bytes": predictor.heads.budget_bytes,
+        "hot_set_fits": after_warm["evictions"] == 0,
+        "heads_that_fit": int(predictor.heads.budget_bytes // max(estimate, 1)),
+        "cache_after_warm": after_warm,
+        "cache_traffic": traffic,
+        "cache": cache_stats(),
         "service": levels,
     }
+    hits_share = traffic["hits"] / max(traffic["hits"] + traffic["loads"], 1)
     log.info(
-        "scale: %d tasks; idle task %.0f B RSS, %.0f B disk; loaded head %.0f B RSS (estimate %.0f B), load %.2f ms",
+        "scale: %d tasks, %d hot; idle task %.0f B RSS, %.0f B disk; loaded head %.0f B RSS (estimate %.0f B), "
+        "load %.2f ms; cache after warming: %d heads, %d evictions (budget %d MiB: %s); spread traffic: "
+        "%d hits, %d loads, %d evictions (%.0f%% hits)",
         args.scale_tasks,
+        len(spread),
         result["idle_task_rss_bytes"],
         result["idle_task_disk_bytes"],
         result["loaded_head_rss_bytes"],
-        result["loaded_head_estimate_bytes"],
+        estimate,
         result["head_load_ms"],
+        after_warm["heads"],
+        after_warm["evictions"],
+        predictor.heads.budget_bytes >> 20,
+        "the hot set fits" if result["hot_set_fits"] else "the hot set does not fit",
+        traffic["hits"],
+        traffic["loads"],
+        traffic["evictions"],
+        100 * hits_share,
     )
     return result
 
@@ -1013,26 +1031,43 @@ def render_markdown(report: dict, png_name: str, command: str) -> str:
         lines += [
             f"#### Scale: {scale['tasks']:,} tasks on minilm-l6, requests spread over {scale['spread']:,}",
             "",
-            "Each round measures the same inputs sent to one task, then spread over the tasks:",
+            (
+                "Each round measures the same inputs sent to one task, then the same inputs to tasks drawn "
+                "uniformly from the hot set (a new draw each round); the head cache's hits, loads and evictions "
+                "are those of the spread rounds:"
+            ),
             "",
-            "| concurrency | p50 ms | p99 ms | req/s | mean batch | one task: p50 ms | one task: p99 ms | "
-            "p99 / one task | req/s / one task | other load | errors |",
-            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+            (
+                "| concurrency | p50 ms | p99 ms | req/s | mean batch | one task: p50 ms | one task: p99 ms | "
+                "p99 / one task | req/s / one task | cache hits / loads / evictions | other load | errors |"
+            ),
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---|",
         ]
         for lv in scale["service"]:
-            ref = lv["reference"]
+            ref, cache = lv["reference"], lv["cache"]
             lines.append(
                 f"| {lv['concurrency']} | {lv['p50_ms']:.2f} | {lv['p99_ms']:.2f} | {lv['throughput']:.0f} | "
                 f"{lv['mean_batch']:.1f} | {ref['p50_ms']:.2f} | {ref['p99_ms']:.2f} | {lv['p99_ratio']:.2f}x | "
-                f"{lv['throughput_ratio']:.2f}x | {lv['other_cpu_cores']:.2f} | {sum(lv['errors'].values())} |"
+                f"{lv['throughput_ratio']:.2f}x | {cache['hits']} / {cache['loads']} / {cache['evictions']} | "
+                f"{lv['other_cpu_cores']:.2f} | {sum(lv['errors'].values())} |"
             )
+        warm, budget = scale["cache_after_warm"], scale["head_cache_budget_bytes"]
         lines += [
             "",
-            f"Memory: a loaded head (linear, 3 labels) adds {scale['loaded_head_rss_bytes'] / 1024:.0f} KiB of RSS "
-            f"(the LRU's estimate: {scale['loaded_head_estimate_bytes'] / 1024:.0f} KiB) and loads in "
-            f"{scale['head_load_ms']:.2f} ms (store read + onnxruntime session); an idle registered task adds "
-            f"{scale['idle_task_rss_bytes']:.0f} B of RSS and {scale['idle_task_disk_bytes'] / 1024:.1f} KiB on disk. "
-            f"Registering the {scale['tasks']:,} tasks took {scale['seed_s']:.1f} s.",
+            (
+                f"Head cache: budget {budget >> 20} MiB (`head_cache_mb`), about {scale['heads_that_fit']:,} heads "
+                f"at the LRU's estimate; after loading the {scale['spread']:,} hot heads once it held "
+                f"{warm['heads']:,} ({warm['evictions']:,} evicted): the hot set "
+                f"{'fits' if scale['hot_set_fits'] else '**does not fit**'}."
+            ),
+            "",
+            (
+                f"Memory: a loaded head (linear, 3 labels) adds {scale['loaded_head_rss_bytes'] / 1024:.0f} KiB of "
+                f"RSS (the LRU's estimate: {scale['loaded_head_estimate_bytes'] / 1024:.0f} KiB) and loads in "
+                f"{scale['head_load_ms']:.2f} ms (store read + onnxruntime session); an idle registered task adds "
+                f"{scale['idle_task_rss_bytes']:.0f} B of RSS and {scale['idle_task_disk_bytes'] / 1024:.1f} KiB "
+                f"on disk. Registering the {scale['tasks']:,} tasks (Store.import_heads) took {scale['seed_s']:.1f} s."
+            ),
             "",
         ]
     ready = report.get("create_to_ready_s")
