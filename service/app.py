@@ -206,7 +206,7 @@ class HeadServeApp:
         return self.runner.submit(key, options, caller.quotas)
 
     def get_task(self, caller: Caller, task_id: str) -> TaskView:
-        return self._view(self.store.get_task(caller.key(task_id)))
+        return TaskView(*self.store.task_view(caller.key(task_id)))
 
     def _view(self, record: TaskRecord) -> TaskView:
         evaluation = self.store.head_evaluation(record.key, record.live_version) if record.live_version else {}

@@ -18,6 +18,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
 log = logging.getLogger(__name__)
+logging.getLogger("alembic").setLevel(logging.WARNING)  # its per-step INFO lines are ours to summarise
 
 LEGACY_1, LEGACY_2 = "schema-1", "schema-2"  # what `current` calls stores from before Alembic
 UPGRADE_HINT = "run `headserve db upgrade` with the same store_url (or --data-dir) as the server"
@@ -61,7 +62,7 @@ def check(engine: sa.Engine, where: str) -> None:
     empty SQLite database."""
     found = current(engine)
     if found is None and engine.dialect.name == "sqlite":
-        upgrade(engine)
+        upgrade(engine, quiet=True)
         return
     newest = head()
     if found == newest:
@@ -75,7 +76,7 @@ def check(engine: sa.Engine, where: str) -> None:
                       f"{UPGRADE_HINT}")
 
 
-def upgrade(engine: sa.Engine) -> tuple[str | None, str]:
+def upgrade(engine: sa.Engine, quiet: bool = False) -> tuple[str | None, str]:
     """Brings the store to the head revision (each step in one transaction). Returns (before, after)."""
     before = current(engine)
     if before == LEGACY_1:
@@ -88,7 +89,7 @@ def upgrade(engine: sa.Engine) -> tuple[str | None, str]:
         command.upgrade(_config(conn), "head")
     after = current(engine)
     if before != after:
-        log.info("store schema upgraded from %s to %s", before or "empty", after)
+        (log.debug if quiet else log.info)("store schema upgraded from %s to %s", before or "empty", after)
     return before, after
 
 

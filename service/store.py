@@ -737,6 +737,23 @@ class Store:
             raise NotFound(f"task {task_of(key)!r} does not exist")
         return _task(row)
 
+    def task_view(self, key: str) -> tuple[TaskRecord, dict[str, int], dict]:
+        """A task, its examples per label and its live head's evaluation, in one read transaction."""
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(tasks).where(tasks.c.key == key)).first()
+            if row is None:
+                raise NotFound(f"task {task_of(key)!r} does not exist")
+            task = _task(row)
+            counts = {label: n for label, n in conn.execute(
+                sa.select(examples.c.label, sa.func.count()).where(examples.c.task_key == key)
+                .group_by(examples.c.label))}
+            evaluation = {}
+            if task.live_version:
+                value = conn.execute(sa.select(heads.c.evaluation).where(
+                    heads.c.task_key == key, heads.c.version == task.live_version)).scalar()
+                evaluation = json.loads(value) if value else {}
+        return task, counts, evaluation
+
     def list_tasks(self, tenant_id: str, after: str, limit: int, backbone: str = "") -> list[TaskRecord]:
         """The tenant's tasks in task id order, after the task id `after`."""
         q = (sa.select(tasks).where(tasks.c.tenant_id == tenant_id, tasks.c.task_id > after)

@@ -15,13 +15,13 @@ import threading
 import time
 
 import pytest
-from conftest import HELD_OUT, TOPICS, Client, make_settings, text_examples, unique_id
+from conftest import HELD_OUT, TINY_TEXT, TOPICS, Client, make_settings, text_examples, unique_id
 
 from service import cli
 from service.datadir import DataDirLock
 from service.gen import headserve_pb2 as pb
 from service.server import build_server
-from service.store import ExampleIn, Store, TaskRecord
+from service.store import SCHEMA_VERSION, ExampleIn, Store, TaskRecord
 
 SMALL = {label: texts[:3] for label, texts in TOPICS.items()}
 PROBES = [pb.Input(text=texts[0]) for texts in HELD_OUT.values()]
@@ -29,7 +29,7 @@ LABELS = list(SMALL)
 
 
 def settings(data_dir):
-    return make_settings(data_dir, builtin_backbones=["minilm-l6"])
+    return make_settings(data_dir, builtin_backbones=[])
 
 
 def answers(client, task_id) -> tuple[int, list[dict[str, float]]]:
@@ -61,7 +61,7 @@ class Writer(threading.Thread):
                 if i % 6 == 0 and len(self.created) < 3:
                     task_id = unique_id("load")
                     self.client.stub.CreateTask(pb.CreateTaskRequest(
-                        task_id=task_id, backbone="minilm-l6", examples=text_examples(SMALL)), timeout=60)
+                        task_id=task_id, backbone=TINY_TEXT, examples=text_examples(SMALL)), timeout=60)
                     self.created.append(task_id)
                     self.acked.append((time.monotonic(), "create", task_id))
                 else:
@@ -84,7 +84,7 @@ def test_a_snapshot_taken_under_write_load_restores_every_task(tmp_path, capsys)
         base = []
         for _ in range(3):
             task_id = unique_id("base")
-            client.stub.CreateTask(pb.CreateTaskRequest(task_id=task_id, backbone="minilm-l6",
+            client.stub.CreateTask(pb.CreateTaskRequest(task_id=task_id, backbone=TINY_TEXT,
                                                         examples=text_examples(SMALL)))
             assert client.wait_ready(task_id).state == pb.Job.SUCCEEDED
             base.append(task_id)
@@ -219,7 +219,7 @@ def test_backup_command_exit_codes_and_messages(capsys, tmp_path, store_dir):
     status, out, _ = run(capsys, "backup", folder, "--config", config, "--json")
     made = json.loads(out)
     assert status == 0 and pathlib.Path(made["path"]).parent == folder and made["tasks"] == 1
-    assert made["schema_version"] == 2 and made["bytes"] == pathlib.Path(made["path"]).stat().st_size
+    assert made["schema_version"] == SCHEMA_VERSION and made["bytes"] == pathlib.Path(made["path"]).stat().st_size
 
 
 def test_restore_refuses_damaged_or_foreign_files_and_changes_nothing(capsys, tmp_path, store_dir):
