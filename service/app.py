@@ -20,7 +20,7 @@ from service.config import Settings
 from service.jobs import JobRunner, new_job
 from service.predictor import Predictor, Ticket
 from service.registry import BackboneRegistry, Entry
-from service.store import ExampleIn, JobRecord, Store, TaskRecord
+from service.store import ExampleIn, HeadRecord, JobRecord, Store, TaskRecord
 from service.tenants import Caller, quote
 from service.usage import UsageRecorder
 
@@ -140,16 +140,24 @@ class HeadServeApp:
         record = TaskRecord.new(caller.tenant_id, task_id, backbone, list(declared_labels),
                                 dataclasses.asdict(options))
         zero_shot = None if new else self._zero_shot_head(entry, task_id, declared_labels, options)
-        job = new_job(record.key, options) if new else None
-        self.store.create_task(record, new, caller.quotas, job=job)  # the task and its job, or neither
-        if job is not None:
+        if new:  # the task and its job, or neither
+            job = new_job(record.key, options)
+            self.store.create_task(record, new, caller.quotas, job=job)
             self.runner.queued()
-        elif zero_shot is not None:
-            self._store_zero_shot(record, options, caller, *zero_shot)
+        elif zero_shot is not None:  # the task and its zero-shot head, READY at once, or neither
+            trained, data = zero_shot
+            ev = trained.evaluation
+            job = new_job(record.key, options)
+            job.status = {"phase": "done", "progress": 1.0, "message": "ready (zero-shot)",
+                          "seconds": ev["train_seconds"], "evaluation": ev}
+            self.store.create_task(record, [], caller.quotas, job=job,
+                                   head=HeadRecord(record.key, 0, data, trained.labels, ev))
+        else:
+            self.store.create_task(record, [], caller.quotas)
         return self.get_task(caller, task_id)
 
     # Zero-shot: a text task created with its labels and no examples is READY at once, with a head built from
-    # the labels' words (adapters/zeroshot.py), stored as version 1 by a job that is done when it is recorded.
+    # the labels' words (adapters/zeroshot.py), stored as version 1 with the task, by a job recorded as done.
     # The next trained version replaces it. label_text OFF, or labels without words ("0", "A"), opt out.
 
     def _zero_shot_head(self, entry: Entry, task_id: str, labels: Sequence[str], options: TrainingOptions):
@@ -161,20 +169,6 @@ class HeadServeApp:
         meta = {**entry.head_metadata(), "task_id": task_id}  # backbone, digest and trunk precision
         return build(entry.backbone, entry.training_trunk(), labels, options.label_descriptions,
                      options.reject_threshold, meta)
-
-    def _store_zero_shot(self, record: TaskRecord, options: TrainingOptions, caller: Caller, trained, data) -> None:
-        from service.store import HeadRecord, now_ms
-
-        ev = trained.evaluation
-        owner = "zero-shot"  # held under a lease, so that no worker claims it in the moment it is RUNNING
-        job = JobRecord(job_id=f"job-{uuid.uuid4().hex[:12]}", task_key=record.key, state="RUNNING",
-                        config=dataclasses.asdict(options), owner=owner, lease_until_ms=now_ms() + 60_000,
-                        status={"phase": "training", "progress": 0.5, "message": "zero-shot head from the labels"})
-        self.store.start_job(job, caller.quotas)
-        status = {"phase": "done", "progress": 1.0, "message": "ready (zero-shot)", "seconds": ev["train_seconds"],
-                  "evaluation": ev}
-        self.store.finish_job(job.job_id, status, head=HeadRecord(record.key, 0, data, trained.labels, ev),
-                              owner=owner)
 
     def add_examples(
         self, caller: Caller, task_id: str, examples: Sequence[tuple[Item, str]], still_wanted=lambda: True
