@@ -47,6 +47,14 @@ bench-fewshot: $(VENV)/.installed
 bench-tenants: $(VENV)/.installed
 	$(BIN)/python bench/tenants.py $(BENCH_ARGS)
 
+# Replicas: SQLite vs PostgreSQL on Predict and create->READY, one vs two replicas behind client-side round
+# robin, serving p99 during a FINE_TUNE job (training in a thread vs a worker process), memory per replica and
+# per head (~10 min; needs PostgreSQL's server binaries, as tests/postgres.py finds them); writes
+# bench/results/replicas.{json,md}. BENCH_ARGS=--quick for a short run; --docs rewrites the Replicas results.
+.PHONY: bench-replicas
+bench-replicas: $(VENV)/.installed
+	$(BIN)/python bench/replicas.py $(BENCH_ARGS)
+
 # Peers: the same fused ONNX model (minilm-l6 + head, MobileNetV2 + head) served by headserve and by LitServe,
 # Ray Serve and Triton (nvidia-pytriton), each installed from PyPI into its own virtualenv under
 # bench/.peers-venv/ (not .venv), at concurrency 1/4/16/64; writes bench/results/peers.{json,md}.
