@@ -4,4 +4,5 @@ import sys
 
 from service.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # (not when a worker process, spawned, imports this module as __mp_main__)
+    sys.exit(main())

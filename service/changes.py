@@ -15,7 +15,8 @@ import threading
 import time
 from collections.abc import Callable
 
-from service.store import CHANGES_CHANNEL, Store, now_ms
+from service.storage import ChangeLog
+from service.store import CHANGES_CHANNEL, now_ms
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +28,7 @@ Handler = Callable[[str], None]  # called with the change's ref: a task key, a k
 
 
 class ChangeFeed:
-    def __init__(self, store: Store, handlers: dict[str, Handler], interval: float = 0.5) -> None:
+    def __init__(self, store: ChangeLog, handlers: dict[str, Handler], interval: float = 0.5) -> None:
         self.store = store
         self.handlers = handlers
         self.interval = interval
@@ -94,8 +95,7 @@ class ChangeFeed:
     def _listen_loop(self) -> None:
         import psycopg
 
-        url = self.store.engine.url.set(drivername="postgresql")
-        dsn = url.render_as_string(hide_password=False)
+        dsn = self.store.notification_dsn()
         delay = 0.5
         while not self._stop.is_set():
             try:

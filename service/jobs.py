@@ -28,7 +28,8 @@ from adapters.options import TrainingOptions
 from adapters.runtime import HeadRuntime
 from service import errors
 from service.registry import BackboneRegistry
-from service.store import JobRecord, LeaseLost, Quotas, StorageFull, Store, tenant_of
+from service.storage import WorkerStore
+from service.store import JobRecord, LeaseLost, Quotas, StorageFull, tenant_of
 from service.training import Trainer
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ class Worker:
     """Claims jobs from the store and trains them, one at a time, until `stop` is set."""
 
     def __init__(
-        self, store: Store, registry: BackboneRegistry, name: str, *, lease_seconds: float = 30.0,
+        self, store: WorkerStore, registry: BackboneRegistry, name: str, *, lease_seconds: float = 30.0,
         max_attempts: int = 3, poll_seconds: float = 0.25, auto_fine_tune_min_examples: int = 0,
         on_success: Callable[[str, HeadRuntime], None] | None = None, on_finished: Finished | None = None,
         on_progress: Callable[[], None] | None = None,
@@ -229,7 +230,7 @@ class JobRunner:
     (`workers` threads; or none, when worker processes or another replica train)."""
 
     def __init__(
-        self, store: Store, registry: BackboneRegistry, on_success: Callable[[str, HeadRuntime], None],
+        self, store: WorkerStore, registry: BackboneRegistry, on_success: Callable[[str, HeadRuntime], None],
         workers: int = 1, auto_fine_tune_min_examples: int = 0, on_finished: Finished | None = None,
         lease_seconds: float = 30.0, max_attempts: int = 3, processes=None,
     ) -> None:

@@ -29,7 +29,8 @@ from adapters.runtime import HeadRuntime
 from service.batcher import Batcher, Pending, log_context
 from service.config import Settings
 from service.registry import BackboneRegistry, Entry
-from service.store import Store, task_of, tenant_of
+from service.storage import HeadStore
+from service.store import task_of, tenant_of
 
 log = logging.getLogger(__name__)
 
@@ -382,7 +383,7 @@ def _rows(
 
 class Predictor:
     def __init__(
-        self, store: Store, registry: BackboneRegistry, settings: Settings | None = None, metrics=None,
+        self, store: HeadStore, registry: BackboneRegistry, settings: Settings | None = None, metrics=None,
         tracer=None,
     ) -> None:
         """`metrics` (service.metrics.Metrics), when given, hears of every batch and head load; `tracer`

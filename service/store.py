@@ -476,6 +476,12 @@ class Store:
         if self.dialect == "postgresql":
             conn.execute(sa.select(sa.func.pg_notify(CHANGES_CHANNEL, f"{kind}:{ref}")))
 
+    def notification_dsn(self) -> str | None:
+        """The libpq connection string a LISTEN connection uses (PostgreSQL); None where there is none."""
+        if self.dialect != "postgresql":
+            return None
+        return self.url.set(drivername="postgresql").render_as_string(hide_password=False)
+
     def changes_since(self, since_ms: int) -> list[tuple[int, str, str, int]]:
         """(seq, kind, ref, at_ms) of the changes recorded at or after `since_ms`, oldest first."""
         q = (sa.select(changes.c.seq, changes.c.kind, changes.c.ref, changes.c.at_ms)

@@ -24,7 +24,8 @@ import threading
 import time
 
 from adapters.errors import InvalidInput, NotFound, PermissionDenied, ResourceExhausted, Unauthenticated
-from service.store import DEFAULT_TENANT, KeyRecord, Quotas, Store, TenantRecord, Usage, now_ms, task_key
+from service.storage import TenantStore
+from service.store import DEFAULT_TENANT, KeyRecord, Quotas, TenantRecord, Usage, now_ms, task_key
 
 PREDICT, TRAIN, ADMIN = "predict", "train", "admin"
 SCOPES = (PREDICT, TRAIN, ADMIN)
@@ -102,7 +103,7 @@ def bearer(metadata) -> str | None:
 class Authenticator:
     """API key -> Caller, with a short cache of verified keys (see the module docstring)."""
 
-    def __init__(self, store: Store, cache_seconds: float = 2.0) -> None:
+    def __init__(self, store: TenantStore, cache_seconds: float = 2.0) -> None:
         self.store = store
         self.cache_seconds = cache_seconds
         self._cache: dict[str, tuple[float, KeyRecord | None, Quotas]] = {}  # key id or 'tenant:ID'
@@ -220,7 +221,7 @@ class TenantView:
 class TenantAdmin:
     """Tenants and keys: the Admin RPCs and the local CLI both go through here."""
 
-    def __init__(self, store: Store, authenticator: Authenticator | None = None) -> None:
+    def __init__(self, store: TenantStore, authenticator: Authenticator | None = None) -> None:
         self.store = store
         self.authenticator = authenticator
 

@@ -12,13 +12,14 @@ import logging
 import threading
 from collections.abc import Sequence
 
-from service.store import Store, now_ms
+from service.storage import TenantStore
+from service.store import now_ms
 
 log = logging.getLogger(__name__)
 
 
 class UsageRecorder:
-    def __init__(self, store: Store, interval: float = 10.0) -> None:
+    def __init__(self, store: TenantStore, interval: float = 10.0) -> None:
         self.store = store
         self.interval = interval
         self._counts: dict[str, list[int]] = {}  # task key -> [requests, inputs, last used ms]

@@ -19,6 +19,7 @@ from adapters.errors import AlreadyExists, FailedPrecondition, NotFound, Resourc
 from service.cli import main as cli_main
 from service import migrate
 from service.migrate import SchemaError
+from service.storage import PROTOCOLS
 from service.store import (
     DEFAULT_TENANT,
     ExampleIn,
@@ -532,3 +533,32 @@ def test_a_store_from_before_tenants_is_upgraded_into_the_default_tenant(tmp_pat
     finally:
         s.close()
     Store.open(tmp_path).close()  # opening again changes nothing
+
+
+# --- the schema and the protocols ----------------------------------------------------------------------------
+
+
+def test_the_migrations_make_exactly_the_schema_the_code_reads(store):
+    """Alembic's revisions (service/migrations) and the tables service/store.py declares agree, on each engine:
+    no table, column, index or constraint missing or extra."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+
+    from service.store import metadata
+
+    with store.engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), metadata)
+    assert diff == []
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS, ids=lambda p: p.__name__)
+def test_the_store_implements_each_narrow_protocol_with_its_signatures(protocol):
+    import inspect
+
+    members = {n for klass in protocol.__mro__ if klass.__module__ == "service.storage"
+               for n, v in vars(klass).items() if callable(v) and not n.startswith("_")}
+    assert members
+    for name in sorted(members):
+        want = list(inspect.signature(getattr(protocol, name)).parameters)
+        got = list(inspect.signature(getattr(Store, name)).parameters)
+        assert got == want, f"Store.{name}{got} does not match {protocol.__name__}.{name}{want}"
