@@ -76,9 +76,10 @@ COPY --from=builder /opt/venv /opt/venv
 COPY --from=weights /opt/headserve/weights /opt/headserve/weights
 
 # The weights are read-only for the server (allow_download stays off); the data volume is its only
-# writable state: SQLite store, heads and the trunk ONNX cache.
+# writable state: the SQLite store (when store_url is empty) and the trunk ONNX cache.
 ENV HEADSERVE_WEIGHTS_DIR=/opt/headserve/weights \
     HEADSERVE_DATA_DIR=/data \
+    HEADSERVE_TRUNK_CACHE_DIR=/data/trunks \
     TORCH_HOME=/opt/headserve/weights \
     HF_HUB_OFFLINE=1 \
     TRANSFORMERS_OFFLINE=1 \

@@ -434,6 +434,7 @@ def test_dockerfile_env_matches_settings_and_volumes() -> None:
     env = dockerfile_env(stage)
     assert env["HEADSERVE_DATA_DIR"] == DATA_DIR
     assert json.loads(instruction(stage, "VOLUME")) == [DATA_DIR]
+    assert env["HEADSERVE_TRUNK_CACHE_DIR"].startswith(DATA_DIR + "/")  # exported trunks survive on the volume
     # The weights are fetched (weights stage) into the folder the server reads.
     weights_dir = env["HEADSERVE_WEIGHTS_DIR"]
     runs = [rest for s in stages() for kw, rest in s["instructions"] if kw == "RUN"]
