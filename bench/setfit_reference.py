@@ -119,10 +119,11 @@ def run_setfit(args) -> int:
                       "seed [seed, N, d], test subset limit_test(%d, %d)") % (
         __import__("setfit").__version__, args.encoder, args.test_limit, args.split_seed)
     model_dir = encoder_dir(args.encoder)
-    for path in args.datasets:
-        ds = load(path, args.test_limit, args.split_seed)
+    datasets = [load(path, args.test_limit, args.split_seed) for path in args.datasets]
+    # Draw-major: every set's first draw before any set's second, so a run cut short covers every set.
+    for d in range(args.draws):
         for shots in args.shots:
-            for d in range(args.draws):
+            for ds in datasets:
                 key = f"{args.encoder}|{ds.name}|{shots}|{d}"
                 if key in results["cells"]:
                     continue
@@ -217,6 +218,11 @@ def ours_cells(path: pathlib.Path, shots: str, draws: int) -> dict[str, dict[str
     return out
 
 
+def _same_draws(mine: dict, n: int) -> dict:
+    """Our figures on the first `n` draws only: those SetFit has (a run cut short has fewer)."""
+    return {k: v[:n] for k, v in mine.items()}
+
+
 def table(args) -> int:
     setfit = json.loads((args.setfit or RESULTS / "setfit.json").read_text())["cells"]
     zpath = args.zeroshot or RESULTS / "zeroshot.json"
@@ -233,24 +239,27 @@ def table(args) -> int:
         if not sf:
             continue
         sf_acc = [c["accuracy"] for c in sorted(sf, key=lambda c: c["draw"])]
-        row = [name]
+        if [c["draw"] for c in sorted(sf, key=lambda c: c["draw"])] != list(range(len(sf))):
+            raise SystemExit(f"error: {name}: SetFit's draws are not 0..{len(sf) - 1}")
+        ours_here = {b: _same_draws(ours[b].get(name, {}), len(sf)) for b in ours}
+        row = [f"{name} ({len(sf)} draw{'s' if len(sf) > 1 else ''})"]
         for b in ours:
-            mine = ours[b].get(name, {})
+            mine = ours_here[b]
             if mine and [c["train_digest"] for c in sorted(sf, key=lambda c: c["draw"])] != mine["digests"][:len(sf)]:
                 raise SystemExit(f"error: {name}: the SetFit draws are not {b}'s draws")
         for b in ours:
-            acc = ours[b].get(name, {}).get("accuracy", [])
+            acc = ours_here[b].get("accuracy", [])
             row.append(_mean_sd(acc))
             means[f"{b} AUTO"].append(statistics.mean(acc) if acc else float("nan"))
         row.append(_mean_sd(sf_acc))
         means["SetFit(MiniLM)"].append(statistics.mean(sf_acc))
         for b in ours:
-            acc = ours[b].get(name, {}).get("accuracy", [])
+            acc = ours_here[b].get("accuracy", [])
             diff = 100 * (statistics.mean(acc) - statistics.mean(sf_acc)) if acc else float("nan")
             row.append(f"{diff:+.1f}")
         row.append(f"{statistics.mean(c['train_seconds'] for c in sf):.1f}")
         for b in ours:
-            ready = ours[b].get(name, {}).get("ready", [])
+            ready = ours_here[b].get("ready", [])
             row.append(f"{statistics.mean(ready):.1f}" if ready else "-")
         for b in ours:
             z = zero.get(f"{b}|{name}")
