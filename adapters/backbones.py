@@ -70,8 +70,10 @@ class BackboneConfigError(HeadserveError):
 
 @dataclasses.dataclass(frozen=True)
 class WeightsRef:
-    kind: Literal["package", "torchvision", "file"]
-    ref: str  # package name, torchvision weights enum ("ResNet18_Weights.IMAGENET1K_V1") or file path
+    kind: Literal["package", "torchvision", "file", "directory"]
+    # package name, torchvision weights enum ("ResNet18_Weights.IMAGENET1K_V1"), file path, or the folder of a
+    # Hugging Face text encoder (config.json, weights, tokenizer files)
+    ref: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,12 +127,41 @@ def builtin_spec(name: str) -> BackboneSpec:
 
 
 def custom_spec(name: str, arch: str, weights_path: pathlib.Path, transform: ImageTransform) -> BackboneSpec:
-    """A torchvision architecture with a local weights file (declared in the TOML config)."""
+    """A backbone declared in the TOML config: a torchvision architecture with a local weights file, or,
+    when `weights_path` is a folder, a Hugging Face text encoder saved there (`arch` is its model_type)."""
+    if pathlib.Path(weights_path).expanduser().is_dir():
+        return _text_folder_spec(name, arch, pathlib.Path(weights_path).expanduser())
     from torchvision.models import list_models
 
     if arch not in list_models():
         raise BackboneConfigError(f"backbone {name!r}: unknown torchvision architecture {arch!r}")
     return BackboneSpec(name, "image", arch, WeightsRef("file", str(weights_path)), transform)
+
+
+TEXT_FOLDER_ARCHS = ("bert",)  # model_types whose layers TextTrunk/TextTop run (hidden, attention_mask)
+
+
+def _text_folder_spec(name: str, arch: str, folder: pathlib.Path) -> BackboneSpec:
+    """A BERT-style text encoder in a local folder (save_pretrained's config.json + weights, and its
+    tokenizer's files), pooled as all-MiniLM-L6-v2 is; inputs are cut at 512 tokens or the tokenizer's limit."""
+    import json
+
+    if arch not in TEXT_FOLDER_ARCHS:
+        raise BackboneConfigError(
+            f"backbone {name!r}: a text encoder folder must be one of {', '.join(TEXT_FOLDER_ARCHS)}, not {arch!r}")
+    config = folder / "config.json"
+    if not config.is_file():
+        raise BackboneConfigError(f"backbone {name!r}: {folder} has no config.json (a Hugging Face model folder)")
+    model_type = json.loads(config.read_text()).get("model_type")
+    if model_type != arch:
+        raise BackboneConfigError(f"backbone {name!r}: arch {arch!r} but {config} says model_type {model_type!r}")
+    limit = 512
+    tokenizer_config = folder / "tokenizer_config.json"
+    if tokenizer_config.is_file():
+        declared = json.loads(tokenizer_config.read_text()).get("model_max_length")
+        if isinstance(declared, int) and 0 < declared < limit:
+            limit = declared
+    return BackboneSpec(name, "text", arch, WeightsRef("directory", str(folder)), max_length=limit)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -403,6 +434,16 @@ def _build_image_model(spec: BackboneSpec, opts: LoadOptions) -> tuple[torch.nn.
 
 
 def _build_text_model(spec: BackboneSpec, opts: LoadOptions) -> tuple[torch.nn.Module, object, str]:
+    if spec.weights.kind == "directory":
+        from transformers import AutoModel, AutoTokenizer
+
+        folder = spec.weights.ref
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+            encoder = AutoModel.from_pretrained(folder, local_files_only=True)
+        except (OSError, ValueError) as exc:
+            raise BackboneConfigError(f"backbone {spec.name!r}: cannot load {folder}: {exc}") from exc
+        return TextTrunk(encoder), tokenizer, f"folder:{folder}"
     if spec.arch == MPNET_ARCH:
         return _build_mpnet_model(spec, opts)
     try:

@@ -543,11 +543,15 @@ def summarise(rounds: list[dict]) -> dict:
 
 
 def ratios(servers: dict, peers: Sequence[str]) -> dict:
+    """headserve over the best peer at this level. A peer that answered nothing inside the measured window (every
+    answer took longer than the window) has no latency: it is left out of the p50/p99/CPU choices, and its
+    throughput (0) still counts."""
     hs = servers["headserve"]
-    best_p50 = min(peers, key=lambda n: servers[n]["p50_ms"])
+    answered = [n for n in peers if servers[n]["requests"]] or list(peers)
+    best_p50 = min(answered, key=lambda n: servers[n]["p50_ms"])
     best_tp = max(peers, key=lambda n: servers[n]["throughput"])
-    best_p99 = min(peers, key=lambda n: servers[n]["p99_ms"])
-    best_cpu = min(peers, key=lambda n: servers[n]["server_cpu_ms_per_request"])
+    best_p99 = min(answered, key=lambda n: servers[n]["p99_ms"])
+    best_cpu = min(answered, key=lambda n: servers[n]["server_cpu_ms_per_request"])
     return {
         "best_peer": {"p50": best_p50, "p99": best_p99, "throughput": best_tp, "cpu": best_cpu},
         "p50_ratio": hs["p50_ms"] / servers[best_p50]["p50_ms"],
@@ -608,6 +612,8 @@ def render_markdown(report: dict, command: str) -> str:
         for lv in b["levels"]:
             for name, s in lv["servers"].items():
                 errors = ", ".join(f"{k} {v}" for k, v in s["errors"].items()) or "0"
+                if not s["requests"]:
+                    errors += "; no answer within the window"
                 lines.append(f"| {lv['concurrency']} | {name} | {s['p50_ms']:.1f} | {s['p99_ms']:.1f} | "
                              f"{s['throughput']:.0f} | {s['server_cpu_ms_per_request']:.1f} | "
                              f"{s['client_cpu_ms_per_request']:.2f} | {errors} |")

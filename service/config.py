@@ -27,10 +27,14 @@ DEFAULT_BACKBONES = (
 
 
 class CustomBackbone(BaseModel):
-    """A backbone declared in the TOML file: a torchvision architecture with local weights."""
+    """A backbone declared in the TOML file: a torchvision architecture with local weights, or a BERT-style
+    text encoder saved in a local folder (mean pooling + L2 normalisation, as all-MiniLM-L6-v2)."""
 
-    arch: str = Field(description="torchvision architecture name, e.g. 'mobilenet_v2'")
-    weights: pathlib.Path = Field(description=".safetensors or .pth state dict (loaded without pickle execution)")
+    arch: str = Field(description="torchvision architecture name, e.g. 'mobilenet_v2'; for a text encoder "
+                      "folder, its config.json model_type ('bert')")
+    weights: pathlib.Path = Field(description=".safetensors or .pth state dict (loaded without pickle execution), "
+                                  "or a folder with a text encoder's config.json, weights and tokenizer files (the "
+                                  "image fields below do not apply to it)")
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     image_size: int = Field(224, ge=16, le=1024)

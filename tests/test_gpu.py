@@ -1,0 +1,91 @@
+"""On a CUDA device (marker `gpu`; skipped where torch sees none, which is every CI run here): the ONNX trunk
+on the CUDA execution provider agrees with torch, its IO binding returns what a plain run returns, and a
+server with device = "cuda" trains (torch on the GPU, fine-tuning included) and serves. bench/gpu_check.sh
+runs these on a lent GPU machine."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from adapters.backbones import LoadOptions, builtin_spec, custom_spec, load_backbone
+from adapters.preprocessing import ImageTransform
+from adapters.runtime import TrunkRuntime
+from conftest import TINY_TEXT, Client, image_examples, make_settings, png, text_examples, tiny_text_folder
+from service.gen import headserve_pb2 as pb
+from service.server import build_server
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (torch sees none)"),
+]
+
+SENTENCES = ["a short one", "a rather longer sentence, with more tokens than the first one has", "third"]
+
+
+def cuda_backbone(kind: str):
+    opts = LoadOptions(device="cuda", random_weights=True)
+    if kind == "text":
+        return load_backbone(custom_spec(TINY_TEXT, "bert", tiny_text_folder(), ImageTransform()), opts)
+    return load_backbone(builtin_spec("mobilenet_v3_small"), opts)
+
+
+def inputs(kind: str) -> list:
+    if kind == "text":
+        return SENTENCES
+    return [png((200, 40, 40), size=(96, 80), noise=20, seed=i) for i in range(3)]
+
+
+@pytest.mark.parametrize("kind", ["text", "image"])
+def test_trunk_on_the_cuda_provider_matches_torch(tmp_path, kind) -> None:
+    backbone = cuda_backbone(kind)
+    runtime = TrunkRuntime(backbone, tmp_path / "trunks")
+    assert runtime.session.get_providers()[0] == "CUDAExecutionProvider", runtime.session.get_providers()
+    batch = backbone.preprocess(inputs(kind))
+    assert runtime.parity(batch) < 1e-3
+    assert runtime.parity(backbone.preprocess(inputs(kind)[:1])) < 1e-3  # batch 1, another shape
+
+
+@pytest.mark.parametrize("kind", ["text", "image"])
+def test_io_binding_returns_what_a_plain_run_returns(tmp_path, kind) -> None:
+    backbone = cuda_backbone(kind)
+    runtime = TrunkRuntime(backbone, tmp_path / "trunks")
+    assert runtime.io_binding
+    batch = backbone.preprocess(inputs(kind))
+    feeds = {k: batch[k] for k in runtime.input_names}
+    names = ["features", "blocks_1"]
+    bound = runtime._run(names, feeds)
+    plain = runtime.session.run(names, feeds)
+    for a, b in zip(bound, plain):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_cuda_server_trains_on_the_gpu_and_serves(tmp_path) -> None:
+    running = build_server(make_settings(tmp_path / "data", with_minilm=False, device="cuda"))
+    client = Client(running.address)
+    try:
+        listed = {b.name: b for b in client.stub.ListBackbones(pb.ListBackbonesRequest(), timeout=30).backbones}
+        assert listed[TINY_TEXT].available and listed["mobilenet_v3_small"].available
+        assert running.app.registry.device.startswith("cuda")
+        client.stub.CreateTask(pb.CreateTaskRequest(
+            task_id="gpu-text", backbone=TINY_TEXT, examples=text_examples(),
+            config=pb.TrainingConfig(strategy=pb.LINEAR)))
+        client.stub.CreateTask(pb.CreateTaskRequest(
+            task_id="gpu-tuned", backbone="mobilenet_v3_small", examples=image_examples(),
+            config=pb.TrainingConfig(strategy=pb.FINE_TUNE, epochs=2, unfreeze_blocks=2)))
+        for task_id in ("gpu-text", "gpu-tuned"):
+            job = client.wait_ready(task_id, timeout=600)
+            assert job.state == pb.Job.SUCCEEDED, job.error
+        text = client.stub.Predict(pb.PredictRequest(
+            task_id="gpu-text", inputs=[pb.Input(text=t) for t in SENTENCES]), timeout=60)
+        assert len(text.predictions) == 3
+        assert all(p.label in {"sports", "cooking", "computing"} for p in text.predictions)
+        image = client.stub.Predict(pb.PredictRequest(
+            task_id="gpu-tuned", inputs=[pb.Input(image=x) for x in inputs("image")]), timeout=60)
+        assert [p.label for p in image.predictions] and all(p.label in {"red", "green", "blue"}
+                                                              for p in image.predictions)
+    finally:
+        client.close()
+        running.stop()
