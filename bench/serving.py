@@ -847,7 +847,7 @@ def scale_mode(args, running, texts: list[str], workdir: pathlib.Path, single_re
     rss3 = rss_bytes()
     after_warm = cache_stats()
     lane = predictor.lane("minilm-l6")
-    traffic = {"hits": 0, "loads": 0, "evictions": 0}
+    counted = {"hits": 0, "loads": 0, "evictions": 0}  # the spread rounds' cache counts, per pass
     draws = iter(range(1, 1 << 30))
 
     def single(c):  # the same inputs, all to one task
@@ -872,17 +872,17 @@ def scale_mode(args, running, texts: list[str], workdir: pathlib.Path, single_re
         level = service_level(args, running.address, path, c, lane, workdir, f"scale:{c}")
         after = cache_stats()
         level["cache"] = {k: after[k] - before[k] for k in ("hits", "loads", "evictions")}
-        for k in traffic:
-            traffic[k] += level["cache"][k]
+        for k in counted:
+            counted[k] += level["cache"][k]
         return level
 
     def measure(tag: str) -> tuple[list[dict], dict]:
-        for k in traffic:
-            traffic[k] = 0
+        for k in counted:
+            counted[k] = 0
         levels = paired_levels(args, spread_over, single, tag)
         for lv in levels:
-            lv["cache"] = {k: sum(r["service"]["cache"][k] for r in lv["rounds"]) for k in traffic}
-        return levels, dict(traffic)
+            lv["cache"] = {k: sum(r["service"]["cache"][k] for r in lv["rounds"]) for k in counted}
+        return levels, dict(counted)
 
     levels, traffic = measure("scale")
     estimate = after_warm["bytes"] / max(after_warm["heads"], 1)
