@@ -167,8 +167,9 @@ class Settings(BaseSettings):
         3, ge=1, le=100, description="a job whose worker died this many times is failed, not claimed again",
     )
     max_connection_age_seconds: float = Field(
-        300.0, ge=0, le=86400, description="close each client connection after about this long (then a grace of "
-        "30 s for its calls), so that clients balancing over replicas re-resolve and find new ones; 0: never",
+        300.0, ge=0, le=86400, description="after about this long, a client connection takes no new calls (GOAWAY; "
+        "calls and streams in flight run to their end), so that clients balancing over replicas re-resolve and "
+        "find new ones; 0: never",
     )
     sync_interval_seconds: float = Field(
         0.5, gt=0, le=60, description="how often a replica reads the store's change feed for new versions, "

@@ -229,10 +229,10 @@ def _build(settings: Settings, credentials, lock: DataDirLock, tracer=None) -> R
     ]
     if settings.max_connection_age_seconds:
         # Clients that balance over a headless Service's pod IPs re-resolve DNS only when a connection
-        # closes: closing connections now and then (gracefully: GOAWAY, calls in flight finish) lets them
-        # find replicas added since they connected.
-        limits += [("grpc.max_connection_age_ms", int(settings.max_connection_age_seconds * 1000)),
-                   ("grpc.max_connection_age_grace_ms", 30_000)]
+        # closes: a GOAWAY now and then sends their new calls to a new connection (and lets them find
+        # replicas added since they connected). No grace limit: calls in flight, long streams included
+        # (WatchJob, PredictStream), run to their end on the old connection.
+        limits.append(("grpc.max_connection_age_ms", int(settings.max_connection_age_seconds * 1000)))
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=settings.grpc_workers),
         options=limits,
