@@ -280,6 +280,12 @@ class Replica:
                 out[(s.name, tuple(sorted(s.labels.items())))] = s.value
         return out
 
+    def job_lines(self, limit: int = 60) -> list[str]:
+        """The last lines its job runner and worker processes logged (not the access lines)."""
+        lines = [line.rstrip() for line in self.log_path.read_text(errors="replace").splitlines()
+                 if " service.jobs " in line or " service.worker " in line or " service.training " in line]
+        return lines[-limit:]
+
     def terminate(self) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -612,9 +618,12 @@ def part_training(args, load: Load, servers: list[tuple[str, Replica]], requests
                 for watch in watches:
                     watch.join(600)
                 states = [pb.Job.State.Name(w.last.state) if w.last is not None else "?" for w in watches]
+                # the trainer's own time per job (the task's evaluation), apart from queueing and features
+                train_s = [stubs[isolation].GetTask(pb.GetTaskRequest(task_id=f"tune-{stamp}-{k}-{j}"),
+                                                    timeout=30).evaluation.train_seconds for j in range(len(watches))]
                 ended = max(w.ended for w in watches)
                 covered = ended >= w1
-                row = {"idle": idle, "training": busy, "jobs": len(watches), "job_states": states,
+                row = {"idle": idle, "training": busy, "jobs": len(watches), "job_states": states, "train_s": train_s,
                        "jobs_s": ended - t0, "first_running_after_s": started - t0, "window_covered": covered,
                        "p99_ratio": busy["p99_ms"] / idle["p99_ms"], "p50_ratio": busy["p50_ms"] / idle["p50_ms"]}
                 rounds[isolation].append(row)
@@ -641,6 +650,7 @@ def part_training(args, load: Load, servers: list[tuple[str, Replica]], requests
                 sum(r["training"]["server_cpu_cores"].values()) for r in rs),
             "other_cpu_cores": statistics.median(r["training"]["other_cpu_cores"] for r in rs),
             "job_s": statistics.median(r["jobs_s"] / r["jobs"] for r in rs),
+            "train_s": statistics.median(t for r in rs for t in r["train_s"]),
             "windows_covered": sum(r["window_covered"] for r in rs),
             "failed_jobs": sum(st != "SUCCEEDED" for r in rs for st in r["job_states"]),
             "errors": sum(sum(r["training"]["errors"].values()) + sum(r["idle"]["errors"].values()) for r in rs),
@@ -758,6 +768,7 @@ def deployment(report: dict) -> dict:
                                  "two_replicas_c16": report["replicas"]["two"]["pg_connections_max"]},
         "changes_per_trained_task": ready["pg_changes_per_task"],
         "changes_per_zero_shot_task": mem["pg_changes_per_zero_shot_task"],
+        "get_task_per_change": mem["loader_get_task_per_change"],
         "poll_queries_per_s": REPLICAS / report["environment"]["sync_interval_seconds"],
         "serving_replica_rss_bytes": serving_rss,
         "worker_process_rss_bytes": worker_rss,
@@ -811,6 +822,10 @@ def check_targets(report: dict) -> list[dict]:
                     "limit": f"<= {TARGETS['train_p99_ratio']}", "measured": s["p99_ratio"],
                     "met": s["p99_ratio"] <= TARGETS["train_p99_ratio"]})
     return out
+
+
+def train_s(server: dict) -> str:
+    return f"{server['train_s']:.1f}" if "train_s" in server else "-"
 
 
 def mib(n: float) -> str:
@@ -900,14 +915,14 @@ def render_markdown(report: dict) -> str:
         "windows; per round p99 idle, then p99 while FINE_TUNE jobs of 24 sentences run, same server, SQLite "
         "store; each window gets a queue of as many jobs as it takes to outlast it, from a warm-up job's time):"),
         "",
-        ("| training runs in | jobs per window | s per job | p50 idle ms | p50 training ms | p99 idle ms | "
+        ("| training runs in | jobs per window | s per job (training alone) | p50 idle ms | p50 training ms | p99 idle ms | "
          "p99 training ms | p99 ratio | "
         "req/s idle | req/s training | server CPU idle / training | other load | windows inside the jobs | errors |"),
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|",
     ]
     for iso, s in tr["servers"].items():
         lines.append(
-            f"| a {iso} | {s['jobs_per_window']} | {s['job_s']:.1f} | {s['idle_p50_ms']:.1f} | {s['training_p50_ms']:.1f} | "
+            f"| a {iso} | {s['jobs_per_window']} | {s['job_s']:.1f} ({train_s(s)}) | {s['idle_p50_ms']:.1f} | {s['training_p50_ms']:.1f} | "
             f"{s['idle_p99_ms']:.1f} | {s['training_p99_ms']:.1f} | **{s['p99_ratio']:.2f}x** | "
             f"{s['throughput_idle']:.0f} | {s['throughput_training']:.0f} | {s['server_cpu_cores_idle']:.2f} / "
             f"{s['server_cpu_cores_training']:.2f} | {s['other_cpu_cores']:.2f} | "
@@ -942,16 +957,20 @@ def render_markdown(report: dict) -> str:
         "| | need | from |",
         "|---|---:|---|",
         (f"| PostgreSQL connections, serving replicas (`training_workers = 0`) | up to {dep['connections_serving_only_max']} "
-        f"| {dep['replicas']} x (pool {POOL_SIZE} + overflow {POOL_OVERFLOW} + 1 LISTEN); measured at c=16: "
-        f"{dep['connections_measured']['one_replica_c16']} with one replica, "
-        f"{dep['connections_measured']['two_replicas_c16']} with two |"),
+        f"| {dep['replicas']} x (pool {POOL_SIZE} + overflow {POOL_OVERFLOW} + 1 LISTEN); measured, all of "
+        "pg-1's and pg-2's connections, the most at any sample at c=16: "
+        f"{dep['connections_measured']['one_replica_c16']} while pg-1 took the calls, "
+        f"{dep['connections_measured']['two_replicas_c16']} while both did |"),
         (f"| ... with one worker process per replica | up to {dep['connections_with_one_worker_each_max']} | + "
         f"{dep['replicas']} x {dep['connections_per_worker_process_max']} (each worker process opens its own store) |"),
         (f"| change-feed polls | {dep['poll_queries_per_s']:.0f} queries/s | {dep['replicas']} replicas / "
         f"`sync_interval_seconds` {env['sync_interval_seconds']} |"),
-        (f"| LISTEN fan-out | {dep['replicas']} notifications per change | a trained version is "
-        f"{dep['changes_per_trained_task']:.1f} change(s); 10 versions/s = {10 * dep['replicas'] * dep['changes_per_trained_task']:.0f} "
-        "notifications/s, each a `get_task` read on every replica holding the head |"),
+        (f"| LISTEN fan-out | {dep['replicas']} notifications per change, "
+         f"{dep['replicas'] * dep['get_task_per_change']:.0f} `get_task` reads | a new version or a new task is "
+         f"{dep['changes_per_trained_task']:.1f} change; every replica reads the task for every change, held or "
+         f"not (measured: {dep['get_task_per_change']:.2f} reads per change per replica, from NOTIFY and again "
+         f"from the poll's re-read); 10 versions/s: {10 * dep['replicas']:.0f} notifications/s, "
+         f"{10 * dep['replicas'] * dep['get_task_per_change']:.0f} reads/s |"),
         (f"| memory per serving replica | {mib(dep['serving_replica_rss_bytes'])} + {dep['head_bytes'] / 1024:.0f} KiB per "
         f"hot head; {mib(dep['replica_rss_full_cache_bytes'])} with a full {env['head_cache_mb']} MiB head cache "
         f"({dep['heads_in_budget']:,} heads) | round robin sends every task to every replica: each replica caches "
@@ -1002,6 +1021,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="server setting for every server, as HEADSERVE_KEY=VALUE in its environment")
     p.add_argument("--results", type=pathlib.Path, default=HERE / "results")
     p.add_argument("--docs", action="store_true", help="rewrite the Replicas results in docs/benchmarks.md")
+    p.add_argument("--report", type=pathlib.Path, metavar="JSON",
+                   help="render the Markdown again from a results file (with --docs: into docs/benchmarks.md)")
     p.add_argument("--client", metavar="SPEC", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     defaults = {"rounds": (4, 2), "duration": (4.0, 2.0), "warmup": (1.0, 0.5), "ready_reps": (6, 3),
@@ -1016,6 +1037,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.client:
         client_main(args.client)
+        return 0
+    if args.report:
+        report = json.loads(args.report.read_text())
+        report["deployment"] = deployment(report)  # (derived figures: recomputed with the current code)
+        report["targets"] = check_targets(report)
+        markdown = render_markdown(report)
+        print(markdown)
+        if args.docs:
+            update_docs(markdown)
         return 0
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", stream=sys.stderr)
     log.setLevel(logging.INFO)
@@ -1072,6 +1102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             report["training"] = part_training(args, load, [("thread", sqlite), ("process", sqlite_p)], requests)
             report["memory"] = part_memory(args, servers, pg1, pg2, db)
             report["pg_connections_idle"] = db.connections()
+            report["job_log"] = {name: r.job_lines() for name, r in servers.items()}
     finally:
         for r in servers.values():  # all at once, then wait for each
             r.terminate()
