@@ -102,13 +102,15 @@ step "bench/serving.py on the GPU (minilm-l6 shape, ResNet-50 random weights)"
 timeout 200 "$PY" "${BENCH[@]}"
 echo "serving.py exit: $?"
 
-if "$PY" -c "import onnxruntime as o, sys; sys.exit('TensorrtExecutionProvider' not in o.get_available_providers())"; then
+# onnxruntime-gpu lists TensorRT whether or not TensorRT's libraries are there: ask for libnvinfer too.
+if [[ "$DEVICE" == cuda ]] && "$PY" -c "import onnxruntime as o, sys; sys.exit('TensorrtExecutionProvider' not in o.get_available_providers())" \
+        && { ldconfig -p 2>/dev/null | grep -q libnvinfer || "$PY" -c "import tensorrt" 2>/dev/null; }; then
     step "again with TensorRT"
     mkdir -p "$OUT/trt"
     timeout 150 "$PY" "${BENCH[@]}" --results "$OUT/trt" --set tensorrt=true
     echo "serving.py (TensorRT) exit: $?"
 else
-    step "TensorRT: onnxruntime here offers no TensorrtExecutionProvider; not run"
+    step "TensorRT: no TensorrtExecutionProvider with TensorRT's libraries here (or not on cuda); not run"
 fi
 
 step "done"
