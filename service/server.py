@@ -189,6 +189,23 @@ def _build(settings: Settings, credentials, lock: DataDirLock, tracer=None) -> R
         store = Store(store_url(settings))
     except SchemaError as exc:
         raise StartupError(str(exc)) from exc
+    processes = None
+    if settings.training_workers and settings.training_isolation == "process":
+        # Started first: they load their backbones while this process loads its own, so the first job
+        # does not wait for a worker that only began once the server was up.
+        processes = WorkerProcesses(settings, settings.training_workers)
+        processes.start()
+    try:
+        return _assemble(settings, credentials, lock, tracer, store, processes)
+    except BaseException:
+        if processes is not None:
+            processes.close(0)
+        store.close()
+        raise
+
+
+def _assemble(settings: Settings, credentials, lock: DataDirLock, tracer, store: Store,
+              processes: WorkerProcesses | None) -> Running:
     metrics = Metrics() if settings.metrics_address else None
     if metrics is not None:
         metrics.instrument(store, STORE_OPERATIONS)
@@ -196,11 +213,9 @@ def _build(settings: Settings, credentials, lock: DataDirLock, tracer=None) -> R
         tracer.instrument(store, STORE_OPERATIONS)
     registry = BackboneRegistry.load(settings)
     predictor = Predictor(store, registry, settings, metrics, tracer)
-    processes = None
-    if settings.training_workers and settings.training_isolation == "process":
-        processes = WorkerProcesses(settings, settings.training_workers,
-                                    on_published=lambda key, version: predictor.refresh(key),
-                                    on_finished=metrics.job if metrics else None)
+    if processes is not None:
+        processes.on_published = lambda key, version: predictor.refresh(key)
+        processes.on_finished = metrics.job if metrics else None
     runner = JobRunner(store, registry, predictor.install, settings.training_workers,
                        settings.auto_fine_tune_min_examples, metrics.job if metrics else None,
                        settings.job_lease_seconds, settings.job_max_attempts, processes)

@@ -127,8 +127,12 @@ class WorkerProcesses:
         self._closing = threading.Event()
         self._supervisor: threading.Thread | None = None
 
-    def start(self, notify: Callable[[], None]) -> None:
-        self._notify = notify
+    def start(self, notify: Callable[[], None] | None = None) -> None:
+        """Starts the processes (once; a later call only sets `notify`, which hears of every report)."""
+        if notify is not None:
+            self._notify = notify
+        if self._supervisor is not None:
+            return
         for i in range(self.count):
             self._spawn(i)
         # PR_SET_PDEATHSIG fires when the *thread* that started a worker ends: restarts happen on this
