@@ -55,15 +55,18 @@ class Rule:
     margin: float = 0.0
 
     def lower_bound(self, d: np.ndarray) -> float:
-        if len(d) < 2:
+        if len(d) < 2 or math.isinf(self.z):
             return -math.inf
         return float(d.mean() - self.z * d.std(ddof=1) / math.sqrt(len(d)))
 
     def prefers(self, d: np.ndarray) -> bool:
-        return self.lower_bound(d) > self.margin
+        return self.lower_bound(d) > self.margin + 1e-9
 
 
+# Two uses, two sets of constants: the feature candidates' repeated folds over every example, and
+# FINE_TUNE's single holdout (a fifth of the examples, which also picked its epoch).
 RULE = Rule()
+FINE_TUNE_RULE = Rule()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,7 +197,7 @@ def choose(cands: Sequence[Candidate], correct: Mapping[Candidate, np.ndarray], 
     if not rivals:
         return best, f"best held-out accuracy {acc(best):.3f}"
     bound, gain, top = max(rivals, key=lambda r: (r[0], -cands.index(r[2])))
-    if bound > rule.margin:
+    if bound > rule.margin + 1e-9:
         return top, (f"{top.name} beat the best baseline {best.name} by {gain:+.3f} per example "
                      f"(lower bound {bound:+.3f} > {rule.margin:g}, z = {rule.z:g})")
     return best, (f"baseline {best.name} kept: no complex candidate beat it clearly enough (best: {top.name} "
@@ -206,7 +209,7 @@ def prefer_complex(complex_correct: np.ndarray, simple_correct: np.ndarray, rule
     complex side clears it, and the lower bound of its per-example gain."""
     d = np.asarray(complex_correct, np.float64) - np.asarray(simple_correct, np.float64)
     bound = rule.lower_bound(d)
-    return bound > rule.margin, bound
+    return bound > rule.margin + 1e-9, bound
 
 
 def train_head(
@@ -347,7 +350,8 @@ def auto_fine_tune(
     progress: Progress = no_progress,
     sample_ids: Sequence[str] | None = None,
     trunk=None,
-    rule: Rule = RULE,
+    rule: Rule = FINE_TUNE_RULE,
+    feature_rule: Rule = RULE,
 ) -> tuple[TrainedHead, dict[str, np.ndarray] | None]:
     """AUTO's last step for tasks with enough examples: fine-tunes, and keeps the tuned head only when
     tuning beat its own linear-probe start (best epoch > 0) and the rule prefers it to the feature head,
@@ -365,7 +369,7 @@ def auto_fine_tune(
     train_idx, val_idx = holdout_split(y, options.validation_fraction or 0.2, options.seed)
     progress({"phase": "validating", "message": "scoring the feature head on the fine-tuning holdout"})
     rival = train_head({tap: x[train_idx] for tap, x in features.items()}, [labels[i] for i in train_idx],
-                       dataclasses.replace(options, strategy="auto"), rule=rule)
+                       dataclasses.replace(options, strategy="auto"), rule=feature_rule)
     feeds_val = {TAP_OUTPUTS[tap][0]: x[val_idx] for tap, x in features.items() if tap in TAP_OUTPUTS}
     rival_pred = np.asarray(rival.labels)[rival.head.reference(feeds_val).argmax(axis=1)]
     rival_correct = (rival_pred == np.asarray(labels)[val_idx]).astype(np.float64)

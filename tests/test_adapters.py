@@ -31,7 +31,7 @@ from adapters.backbones import (
 from adapters.errors import InvalidInput
 from adapters.heads import HEAD_INPUT, HEAD_OUTPUT, DenseHead, TrainedHead, export_checked
 from adapters.label_words import LABEL_TEXT_MAX_WEIGHT, LabelText, label_text_quality, label_text_weight
-from adapters.options import TrainingOptions
+from adapters.options import TAP_OUTPUTS, TrainingOptions
 from adapters.selection import train_head
 from adapters.preprocessing import ImagePreprocessor, ImageTransform, InputLimits, TextPreprocessor
 from adapters.runtime import HeadRuntime, TrunkRuntime, fuse, labels_of
@@ -630,9 +630,75 @@ def test_auto_records_why_it_chose():
     scores = ev["candidate_scores"]
     assert any(name.startswith("linear") for name in scores)
     assert any(name.startswith("prototype") for name in scores)
-    assert max(scores.values()) == max(s for name, s in scores.items() if name.startswith(ev["strategy"]))
-    assert ev["validation_accuracy"] == max(scores.values())
-    assert "5-fold" in ev["strategy_reason"] and "linear" in ev["strategy_reason"]
+    chosen = ev["strategy"] + (f"(C={ev['C']:g})" if ev["C"] else "") + (f"@{ev['tap']}" if ev["tap"] != "last" else "")
+    assert ev["validation_accuracy"] == scores[chosen]
+    assert "5-fold x3 repeats" in ev["strategy_reason"] and "linear" in ev["strategy_reason"]
+
+
+# --- AUTO's rule: a complex candidate needs strong paired evidence -----------------------------------
+
+
+def noisy_copies(seed: int, n: int, dim: int = 8, sep: float = 1.2):
+    """Two labels; tap "last" holds the signal, each earlier tap the same plus as much noise again. So
+    the four taps side by side hold nothing the final features lack, and are worse on fresh data."""
+    rng = np.random.default_rng(seed)
+    centers = np.random.default_rng(7).normal(size=(2, dim)) * sep / np.sqrt(2)
+    y = np.repeat([0, 1], n)
+    last = (centers[y] + rng.normal(size=(2 * n, dim))).astype(np.float32)
+    taps = {"last": last, **{t: (last + rng.normal(size=last.shape)).astype(np.float32)
+                             for t in ("last-1", "last-2", "last-3")}}
+    return taps, [["ant", "bee"][i] for i in y], y
+
+
+def fresh_accuracy(trained, seed: int) -> float:
+    taps, _, y = noisy_copies(10_000 + seed, 2000)
+    return float((trained.head.reference({TAP_OUTPUTS[t][0]: v for t, v in taps.items()}).argmax(1) == y).mean())
+
+
+def test_auto_keeps_the_baseline_when_a_complex_candidate_wins_the_folds_by_chance():
+    taps, labels, _ = noisy_copies(seed=7, n=10)
+    ev = train_head(taps, labels).evaluation
+    scores = ev["candidate_scores"]
+    wide = "last+last-1+last-2+last-3"
+    best_baseline = max(v for name, v in scores.items() if "@" not in name)
+    best_complex = max(v for name, v in scores.items() if name.endswith("@" + wide))
+    assert best_complex > best_baseline  # the wide taps won the folds...
+    lucky = train_head(taps, labels, TrainingOptions(strategy="prototype", tap=wide))
+    kept = train_head(taps, labels)
+    assert fresh_accuracy(lucky, 7) < fresh_accuracy(kept, 7) - 0.02  # ...by chance: worse on fresh data
+    assert ev["tap"] == "last" and ev["strategy"] in ("linear", "prototype")  # and AUTO did not take them
+    assert ev["strategy_reason"].startswith("baseline ") and "lower bound" in ev["strategy_reason"]
+
+
+def test_auto_takes_a_complex_candidate_that_truly_wins():
+    rng = np.random.default_rng(3)
+    y = np.repeat([0, 1, 2], 10)
+    centers = rng.normal(size=(3, 8)) * 3
+    taps = {"last": rng.normal(size=(30, 8)).astype(np.float32),  # the final features know nothing
+            "last-1": (centers[y] + rng.normal(size=(30, 8))).astype(np.float32),  # one block earlier does
+            "last-2": rng.normal(size=(30, 8)).astype(np.float32), "last-3": rng.normal(size=(30, 8)).astype(np.float32)}
+    ev = train_head(taps, [NAMES[i] for i in y]).evaluation
+    assert ev["tap"] == "last+last-1+last-2+last-3"
+    assert "beat the best baseline" in ev["strategy_reason"] and ev["validation_accuracy"] >= 0.9
+
+
+def test_the_rule_needs_a_clear_paired_gain():
+    from adapters.selection import RULE, Candidate, Rule, choose, prefer_complex
+
+    base, wide = Candidate("linear", "last"), Candidate("linear", "last+last-1", complex=True)
+    right = np.array([1.0] * 16 + [0.0] * 4)
+    one_more = right.copy()
+    one_more[16] = 1.0  # the complex candidate gets one more example of 20 right: a coin flip
+    assert choose([base, wide], {base: right, wide: one_more})[0] == base
+    many_more = np.ones(20)
+    many_more[:2] = 0.0  # wrong on 2 the baseline got, right on all 4 it missed: still not clear
+    assert choose([base, wide], {base: right, wide: many_more})[0] == base
+    far_better = np.ones(20)
+    weak = np.array([1.0, 0.0] * 10)  # half right, the complex candidate right everywhere
+    assert choose([base, wide], {base: weak, wide: far_better})[0] == wide
+    assert not prefer_complex(np.ones(6), np.ones(6))[0]  # a tie on a holdout goes to the simpler head
+    assert prefer_complex(np.ones(20), weak)[0]
+    assert Rule(z=0.0).prefers(one_more - right) and not RULE.prefers(one_more - right)
 
 
 def test_label_text_quality_is_how_far_the_words_alone_sort_the_examples_above_chance():
