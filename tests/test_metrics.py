@@ -7,7 +7,7 @@ import urllib.request
 
 import grpc
 import pytest
-from conftest import Client, make_settings, make_tenant, text_examples, unique_id
+from conftest import TINY_TEXT, Client, make_settings, make_tenant, text_examples, unique_id
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.gen import headserve_pb2 as pb
@@ -19,7 +19,7 @@ TOPICS = {"sports": ["A late goal won the match.", "The team trained in the rain
 
 @pytest.fixture(scope="module")
 def metered(tmp_path_factory):
-    running = build_server(make_settings(tmp_path_factory.mktemp("metrics"), builtin_backbones=["minilm-l6"],
+    running = build_server(make_settings(tmp_path_factory.mktemp("metrics"), builtin_backbones=[],
                                          auth="api_key", metrics_address="127.0.0.1:0"))
     yield running
     running.stop()
@@ -42,7 +42,7 @@ def test_counts_move_by_exactly_what_was_sent(metered):
     client = Client(metered.address, who.api_key)
     try:
         before = scrape(metered)
-        client.stub.CreateTask(pb.CreateTaskRequest(task_id="m", backbone="minilm-l6", examples=text_examples(TOPICS)))
+        client.stub.CreateTask(pb.CreateTaskRequest(task_id="m", backbone=TINY_TEXT, examples=text_examples(TOPICS)))
         assert client.wait_ready("m").state == pb.Job.SUCCEEDED
         for _ in range(5):
             client.stub.Predict(pb.PredictRequest(task_id="m", inputs=[pb.Input(text=t) for t in ("a", "b", "c")]))
@@ -62,10 +62,10 @@ def test_counts_move_by_exactly_what_was_sent(metered):
     assert moved("headserve_rpcs_total", method="GetTask", code="OK") == 1
     assert moved("headserve_rpcs_total", method="CreateTask", code="OK") == 1
     assert moved("headserve_rpc_duration_seconds_count", method="Predict", code="OK") == 5
-    assert moved("headserve_predict_inputs_total", backbone="minilm-l6") == 15
-    assert moved("headserve_batch_inputs_sum", backbone="minilm-l6") == 15
-    assert moved("headserve_batch_queue_wait_seconds_count", backbone="minilm-l6") == 5
-    assert moved("headserve_batch_duration_seconds_count", backbone="minilm-l6") >= 1
+    assert moved("headserve_predict_inputs_total", backbone=TINY_TEXT) == 15
+    assert moved("headserve_batch_inputs_sum", backbone=TINY_TEXT) == 15
+    assert moved("headserve_batch_queue_wait_seconds_count", backbone=TINY_TEXT) == 5
+    assert moved("headserve_batch_duration_seconds_count", backbone=TINY_TEXT) >= 1
     assert moved("headserve_training_jobs_total", strategy="auto", state="SUCCEEDED") == 1
     assert moved("headserve_training_job_duration_seconds_count", strategy="auto", state="SUCCEEDED") == 1
     for phase in ("features", "validating", "exporting"):
@@ -73,9 +73,9 @@ def test_counts_move_by_exactly_what_was_sent(metered):
     assert moved("headserve_head_cache_hits_total") >= 4
     assert value(after, "headserve_head_cache_heads") >= 1 and value(after, "headserve_head_cache_bytes") > 0
     assert moved("headserve_store_operation_duration_seconds_count", operation="create_task") == 1
-    assert value(after, "headserve_batch_queue_inputs", backbone="minilm-l6") == 0
+    assert value(after, "headserve_batch_queue_inputs", backbone=TINY_TEXT) == 0
     info = [labels for (name, labels) in after if name == "headserve_build_info"]
-    assert info and dict(info[0])["backbones"] == "minilm-l6" and dict(info[0])["device"] == "cpu"
+    assert info and dict(info[0])["backbones"] == TINY_TEXT and dict(info[0])["device"] == "cpu"
 
 
 def series(samples) -> set[tuple[str, tuple]]:
@@ -89,7 +89,7 @@ def test_series_do_not_grow_with_tasks_or_tenants(metered):
     ca, cb = Client(metered.address, a.api_key), Client(metered.address, b.api_key)
 
     def use(client: Client, task_id: str, trained: str) -> None:
-        client.stub.CreateTask(pb.CreateTaskRequest(task_id=task_id, backbone="minilm-l6"))
+        client.stub.CreateTask(pb.CreateTaskRequest(task_id=task_id, backbone=TINY_TEXT))
         client.stub.GetTask(pb.GetTaskRequest(task_id=task_id))
         with pytest.raises(grpc.RpcError):  # FAILED_PRECONDITION: not trained
             client.stub.Predict(pb.PredictRequest(task_id=task_id, inputs=[pb.Input(text="x")]))
@@ -97,7 +97,7 @@ def test_series_do_not_grow_with_tasks_or_tenants(metered):
 
     try:
         for client in (ca, cb):
-            client.stub.CreateTask(pb.CreateTaskRequest(task_id="trained", backbone="minilm-l6",
+            client.stub.CreateTask(pb.CreateTaskRequest(task_id="trained", backbone=TINY_TEXT,
                                                         examples=text_examples(TOPICS)))
             assert client.wait_ready("trained").state == pb.Job.SUCCEEDED
         use(ca, "one", "trained")

@@ -9,7 +9,7 @@ import time
 
 import grpc
 import pytest
-from conftest import Client, make_settings, text_examples, unique_id
+from conftest import TINY_TEXT, Client, make_settings, text_examples, unique_id
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service.cli import main
@@ -24,10 +24,10 @@ TOPICS = {"sports": ["A late goal won the match.", "The team trained in the rain
 @pytest.fixture(scope="module")
 def watched(tmp_path_factory):
     """A server checking its health five times a second, with a trained text task."""
-    running = build_server(make_settings(tmp_path_factory.mktemp("health"), builtin_backbones=["minilm-l6"],
+    running = build_server(make_settings(tmp_path_factory.mktemp("health"), builtin_backbones=[],
                                          health_interval_seconds=0.2))
     client = Client(running.address)
-    client.stub.CreateTask(pb.CreateTaskRequest(task_id="t", backbone="minilm-l6", examples=text_examples(TOPICS)))
+    client.stub.CreateTask(pb.CreateTaskRequest(task_id="t", backbone=TINY_TEXT, examples=text_examples(TOPICS)))
     assert client.wait_ready("t").state == pb.Job.SUCCEEDED
     yield running, client
     client.close()
@@ -78,7 +78,8 @@ def test_health_turns_not_serving_while_the_store_is_gone_and_comes_back(watched
 def test_health_turns_not_serving_while_a_trunk_fails_and_comes_back(watched):
     running, client = watched
     wait_status(client, SERVING)
-    trunk = running.app.registry.get("minilm-l6").trunk
+    trunk = running.app.registry.get(TINY_TEXT).trunk
+    label = client.stub.Predict(pb.PredictRequest(task_id="t", inputs=[pb.Input(text="Score a goal.")])).predictions[0].label
 
     def broken(*args, **kwargs):
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
@@ -89,26 +90,26 @@ def test_health_turns_not_serving_while_a_trunk_fails_and_comes_back(watched):
             client.stub.Predict(pb.PredictRequest(task_id="t", inputs=[pb.Input(text="Score a goal.")]))
         assert err.value.code() == grpc.StatusCode.INTERNAL
         wait_status(client, NOT_SERVING)
-        assert running.monitor.problems == ["backbone minilm-l6: its trunk fails"]
+        assert running.monitor.problems == [f"backbone {TINY_TEXT}: its trunk fails"]
     finally:
         del trunk.outputs, trunk.features
     wait_status(client, SERVING)
     answer = client.stub.Predict(pb.PredictRequest(task_id="t", inputs=[pb.Input(text="Score a goal.")]))
-    assert answer.predictions[0].label == "sports"
+    assert answer.predictions[0].label == label  # the same head answers as before the failure
 
 
 def test_a_second_server_on_the_same_data_directory_is_refused_naming_the_first(watched, tmp_path):
     running, _ = watched
     with pytest.raises(StartupError, match=rf"data directory .* is in use by another headserve server \(pid {os.getpid()}"):
-        build_server(make_settings(running.app.settings.data_dir, builtin_backbones=["minilm-l6"]))
+        build_server(make_settings(running.app.settings.data_dir, builtin_backbones=[]))
 
 
 def test_a_second_server_on_a_port_in_use_fails_at_once(watched, tmp_path):
     running, _ = watched
     with pytest.raises(StartupError, match="cannot listen on 127.0.0.1:.*the port is in use"):
-        build_server(make_settings(tmp_path, builtin_backbones=["minilm-l6"], address=f"127.0.0.1:{running.port}"))
+        build_server(make_settings(tmp_path, builtin_backbones=[], address=f"127.0.0.1:{running.port}"))
     # Its data directory is free again: the refused server let go of its lock.
-    again = build_server(make_settings(tmp_path, builtin_backbones=["minilm-l6"]))
+    again = build_server(make_settings(tmp_path, builtin_backbones=[]))
     again.stop()
 
 
@@ -148,10 +149,10 @@ def test_an_unreachable_server_is_named_with_how_to_start_one(tmp_path, capsys):
 
 
 def test_a_job_submitted_while_the_server_stops_stays_queued_for_the_next_start(tmp_path):
-    running = build_server(make_settings(tmp_path, builtin_backbones=["minilm-l6"]))
+    running = build_server(make_settings(tmp_path, builtin_backbones=[]))
     client = Client(running.address)
     try:
-        client.stub.CreateTask(pb.CreateTaskRequest(task_id="late", backbone="minilm-l6",
+        client.stub.CreateTask(pb.CreateTaskRequest(task_id="late", backbone=TINY_TEXT,
                                                     examples=text_examples(TOPICS)))
         assert client.wait_ready("late").state == pb.Job.SUCCEEDED
         running.app.runner.close()  # what stop() does first; a TrainTask still in flight then arrives
@@ -160,7 +161,7 @@ def test_a_job_submitted_while_the_server_stops_stays_queued_for_the_next_start(
     finally:
         client.close()
         running.stop()
-    again = build_server(make_settings(tmp_path, builtin_backbones=["minilm-l6"]))
+    again = build_server(make_settings(tmp_path, builtin_backbones=[]))
     client = Client(again.address)
     try:
         final = client.wait_ready("late")

@@ -11,7 +11,7 @@ import time
 import grpc
 import numpy as np
 import pytest
-from conftest import TOPICS, Client, make_settings, text_examples, unique_id
+from conftest import TINY_TEXT, TOPICS, Client, make_settings, text_examples, unique_id
 from sqlalchemy import event
 
 from service.gen import headserve_pb2 as pb
@@ -26,7 +26,7 @@ PROBES = [pb.Input(text=t) for t in ("Grill the fish for four minutes.", "The st
 @pytest.fixture(scope="module")
 def running(tmp_path_factory):
     # Training in a thread of the server: the faults below are made on its store object.
-    server = build_server(make_settings(tmp_path_factory.mktemp("faults"), builtin_backbones=["minilm-l6"],
+    server = build_server(make_settings(tmp_path_factory.mktemp("faults"), builtin_backbones=[],
                                         training_isolation="thread"))
     yield server
     server.stop()
@@ -91,7 +91,7 @@ def big_examples(tag: str, per_label: int = 3, chars: int = 15_000) -> list[pb.E
 
 def trained(client, examples=None) -> str:
     task_id = unique_id()
-    client.stub.CreateTask(pb.CreateTaskRequest(task_id=task_id, backbone="minilm-l6",
+    client.stub.CreateTask(pb.CreateTaskRequest(task_id=task_id, backbone=TINY_TEXT,
                                                 examples=examples or text_examples(SMALL)))
     job = client.wait_ready(task_id)
     assert job.state == pb.Job.SUCCEEDED, job.error
@@ -120,7 +120,7 @@ def test_full_disk_refuses_writes_whole_and_recovers(running, client, disk):
     disk.fill()
 
     new_id = unique_id()
-    create = pb.CreateTaskRequest(task_id=new_id, backbone="minilm-l6", examples=big_examples(new_id))
+    create = pb.CreateTaskRequest(task_id=new_id, backbone=TINY_TEXT, examples=big_examples(new_id))
     message = refused(lambda: client.stub.CreateTask(create), grpc.StatusCode.RESOURCE_EXHAUSTED)
     assert "storage is full" in message and "nothing" in message
     refused(lambda: client.stub.GetTask(pb.GetTaskRequest(task_id=new_id)), grpc.StatusCode.NOT_FOUND)

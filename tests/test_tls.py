@@ -30,7 +30,7 @@ from service import tls
 from service.gen import headserve_pb2 as pb
 from service.gen import headserve_pb2_grpc as pb_grpc
 from service.server import build_server
-from conftest import make_settings
+from conftest import TINY_TEXT, make_settings
 
 TIMEOUT = 5.0
 OK, UNAVAILABLE = grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE
@@ -166,7 +166,7 @@ def check(port: int, credentials: grpc.ChannelCredentials | None) -> grpc.Status
 
 
 def serve(tmp_path_factory, **tls_settings):
-    settings = make_settings(tmp_path_factory.mktemp("data"), builtin_backbones=["minilm-l6"], **tls_settings)
+    settings = make_settings(tmp_path_factory.mktemp("data"), builtin_backbones=[], **tls_settings)
     return build_server(settings)
 
 
@@ -216,7 +216,7 @@ def test_tls_client_is_served(tls_server, files):
     with channel(tls_server.port, files.client()) as ch:
         names = [b.name for b in pb_grpc.HeadServeStub(ch).ListBackbones(pb.ListBackbonesRequest(),
                                                                             timeout=TIMEOUT).backbones]
-    assert "minilm-l6" in names
+    assert TINY_TEXT in names
 
 
 def test_plaintext_client_is_refused(tls_server):

@@ -11,7 +11,7 @@ import threading
 
 import grpc
 import pytest
-from conftest import Client, make_settings, make_tenant, text_examples, unique_id
+from conftest import TINY_TEXT, Client, make_settings, make_tenant, text_examples, unique_id
 
 from service.gen import headserve_pb2 as pb
 from service.server import StartupError, build_server
@@ -27,7 +27,7 @@ CREATE = "/headserve.v1.HeadServe/CreateTask"
 @pytest.fixture(scope="module")
 def traced(tmp_path_factory):
     exporter = InMemorySpanExporter()
-    running = build_server(make_settings(tmp_path_factory.mktemp("tracing"), builtin_backbones=["minilm-l6"],
+    running = build_server(make_settings(tmp_path_factory.mktemp("tracing"), builtin_backbones=[],
                                          auth="api_key", otel_endpoint="http://collector.invalid:4317"),
                            span_exporter=exporter)
     yield running, exporter
@@ -40,7 +40,7 @@ def caller(traced):
     who = make_tenant(running)
     client = Client(running.address, who.api_key)
     task_id = unique_id("traced")
-    client.stub.CreateTask(pb.CreateTaskRequest(task_id=task_id, backbone="minilm-l6", examples=text_examples()))
+    client.stub.CreateTask(pb.CreateTaskRequest(task_id=task_id, backbone=TINY_TEXT, examples=text_examples()))
     assert client.wait_ready(task_id).state == pb.Job.SUCCEEDED
     yield client, task_id
     client.close()
@@ -84,7 +84,7 @@ def test_one_predict_is_one_trace_with_preprocessing_queue_wait_batch_trunk_and_
     assert batch.parent.span_id == rpc.context.span_id
     assert trunk.parent.span_id == batch.context.span_id and head.parent.span_id == batch.context.span_id
     assert head.attributes["headserve.task"] == task_id and head.attributes["headserve.inputs"] == 1
-    assert batch.attributes["headserve.backbone"] == "minilm-l6" and batch.attributes["headserve.requests"] == 1
+    assert batch.attributes["headserve.backbone"] == TINY_TEXT and batch.attributes["headserve.requests"] == 1
     assert batch.attributes["headserve.tokenize_ms"] >= 0  # text: tokenized for the whole batch
     assert batch.start_time <= trunk.start_time <= trunk.end_time <= head.start_time <= batch.end_time
     # Every span of the trace ends inside the RPC (the batch settles the answer before it ends).
@@ -133,7 +133,7 @@ def test_create_task_traces_its_store_work_and_the_training_jobs(traced, caller)
     client, _ = caller
     exporter.clear()
     task_id = unique_id("stored")
-    client.stub.CreateTask(pb.CreateTaskRequest(task_id=task_id, backbone="minilm-l6", examples=text_examples()))
+    client.stub.CreateTask(pb.CreateTaskRequest(task_id=task_id, backbone=TINY_TEXT, examples=text_examples()))
     assert client.wait_ready(task_id).state == pb.Job.SUCCEEDED
     spans = finished(running, exporter)
     [rpc] = server_spans(spans, CREATE)

@@ -7,7 +7,7 @@ import json
 
 import grpc
 import pytest
-from conftest import Client, make_settings, make_tenant, text_examples
+from conftest import TINY_TEXT, Client, make_settings, make_tenant, text_examples
 
 from service.cli import main
 from service.gen import headserve_pb2 as pb
@@ -18,14 +18,14 @@ TOPICS = {"sports": ["A late goal won the match.", "The team trained in the rain
 
 
 def test_usage_is_counted_stored_reported_and_goes_with_its_task(tmp_path, capsys):
-    settings = make_settings(tmp_path, builtin_backbones=["minilm-l6"], auth="api_key", usage_flush_seconds=0.2)
+    settings = make_settings(tmp_path, builtin_backbones=[], auth="api_key", usage_flush_seconds=0.2)
     running = build_server(settings)
     try:
         who, other = make_tenant(running), make_tenant(running)
         ops = make_tenant(running, scopes=("admin",))
         client, admin = Client(running.address, who.api_key), Client(running.address, ops.api_key)
         for task_id in ("busy", "quiet"):
-            client.stub.CreateTask(pb.CreateTaskRequest(task_id=task_id, backbone="minilm-l6",
+            client.stub.CreateTask(pb.CreateTaskRequest(task_id=task_id, backbone=TINY_TEXT,
                                                         examples=text_examples(TOPICS)))
             assert client.wait_ready(task_id).state == pb.Job.SUCCEEDED
         for _ in range(3):
