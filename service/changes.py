@@ -52,6 +52,14 @@ class ChangeFeed:
         for thread in self._threads:
             thread.join(5)
 
+    def _first_time(self, seq: int, at_ms: int) -> bool:
+        """Marks a change seen; false when it was already (by the poll, or by the notification)."""
+        with self._lock:
+            if seq in self._seen:
+                return False
+            self._seen[seq] = at_ms
+            return True
+
     def _apply(self, kind: str, ref: str) -> None:
         handler = self.handlers.get(kind)
         if handler is None:
@@ -68,16 +76,18 @@ class ChangeFeed:
     def poll(self) -> int:
         """Applies the changes not seen yet; returns how many."""
         rows = self.store.changes_since(self._since - WINDOW_MS)
-        fresh = [r for r in rows if r[0] not in self._seen]
-        for seq, kind, ref, at_ms in fresh:
-            self._seen[seq] = at_ms
-            self._apply(kind, ref)
+        fresh = 0
+        for seq, kind, ref, at_ms in rows:
+            if self._first_time(seq, at_ms):
+                fresh += 1
+                self._apply(kind, ref)
         if rows:
             self._since = max(self._since, max(r[3] for r in rows))
         cutoff = self._since - 2 * WINDOW_MS
-        if len(self._seen) > 1000:
-            self._seen = {s: t for s, t in self._seen.items() if t >= cutoff}
-        return len(fresh)
+        with self._lock:
+            if len(self._seen) > 1000:
+                self._seen = {s: t for s, t in self._seen.items() if t >= cutoff}
+        return fresh
 
     def _poll_loop(self) -> None:
         pruned = time.monotonic()
@@ -104,8 +114,9 @@ class ChangeFeed:
                     self.listening, delay = True, 0.5
                     while not self._stop.is_set():
                         for note in conn.notifies(timeout=1.0):
-                            kind, _, ref = note.payload.partition(":")
-                            self._apply(kind, ref)
+                            seq, at_ms, kind, ref = note.payload.split(":", 3)
+                            if self._first_time(int(seq), int(at_ms)):
+                                self._apply(kind, ref)
             except Exception as exc:
                 self.listening = False
                 if self._stop.is_set():

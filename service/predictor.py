@@ -75,7 +75,7 @@ class HeadCache:
         self.budget_bytes = budget_bytes
         self._heads: OrderedDict[str, HeadRuntime] = OrderedDict()
         self._loading: dict[str, concurrent.futures.Future] = {}
-        self._forgotten = 0  # bumped by forget(): a load that overlapped one is not cached
+        self._stale: set[concurrent.futures.Future] = set()  # loads a forget() overlapped: not cached
         self._lock = threading.Lock()
         self.stats = CacheStats()
 
@@ -89,7 +89,7 @@ class HeadCache:
             loading = self._loading.get(task_id)
             if loading is None:
                 loading = self._loading[task_id] = concurrent.futures.Future()
-                owner, epoch = True, self._forgotten
+                owner = True
             else:
                 owner = False
         if not owner:
@@ -98,13 +98,17 @@ class HeadCache:
             head = self._load(task_id)
         except BaseException as exc:
             with self._lock:
-                del self._loading[task_id]
+                self._loading.pop(task_id, None)
+                self._stale.discard(loading)
             loading.set_exception(exc)
             raise
         with self._lock:
-            del self._loading[task_id]
+            if self._loading.get(task_id) is loading:
+                del self._loading[task_id]
             self.stats.loads += 1
-            if self._forgotten == epoch:
+            if loading in self._stale:  # the task changed while it loaded: serve this call, keep nothing
+                self._stale.discard(loading)
+            else:
                 head = self._put(task_id, head)
         loading.set_result(head)
         return head
@@ -142,8 +146,11 @@ class HeadCache:
         self.stats.heads = len(self._heads)
 
     def forget(self, task_id: str) -> None:
+        """Drops the task's head; a load of it in flight is not cached, and the next get loads afresh."""
         with self._lock:
-            self._forgotten += 1
+            loading = self._loading.pop(task_id, None)
+            if loading is not None:
+                self._stale.add(loading)
             head = self._heads.pop(task_id, None)
             if head is not None:
                 self.stats.bytes -= head.memory_bytes
@@ -155,6 +162,10 @@ class HeadCache:
     def peek(self, task_id: str) -> HeadRuntime | None:
         """The loaded head, if any, without counting a use."""
         return self._heads.get(task_id)
+
+    def holds(self, task_id: str) -> bool:
+        """Whether the task's head is loaded or loading."""
+        return task_id in self._heads or task_id in self._loading
 
     def keys(self) -> list[str]:
         with self._lock:
@@ -439,6 +450,8 @@ class Predictor:
         """Another replica (or a worker process) changed the task: if this replica holds an older head,
         or the task is gone, drop it; a head that was loaded is loaded again at once (one load, however
         many requests wait for it). Requests already holding the old head finish on it."""
+        if not self.heads.holds(key):
+            return  # nothing of it here: the next request loads what is live (no store read now)
         current = self.heads.peek(key)
         try:
             task = self.store.get_task(key)

@@ -472,9 +472,12 @@ class Store:
     def _changed(self, conn, kind: str, ref: str) -> None:
         """(in the writing transaction) Records a change every replica must see; on PostgreSQL, also
         notifies the listening replicas when the transaction commits."""
-        conn.execute(changes.insert().values(kind=kind, ref=ref, at_ms=now_ms()))
-        if self.dialect == "postgresql":
-            conn.execute(sa.select(sa.func.pg_notify(CHANGES_CHANNEL, f"{kind}:{ref}")))
+        at = now_ms()
+        if self.dialect == "postgresql":  # the notification carries the row's sequence number and time
+            seq = conn.execute(changes.insert().values(kind=kind, ref=ref, at_ms=at).returning(changes.c.seq)).scalar()
+            conn.execute(sa.select(sa.func.pg_notify(CHANGES_CHANNEL, f"{seq}:{at}:{kind}:{ref}")))
+        else:
+            conn.execute(changes.insert().values(kind=kind, ref=ref, at_ms=at))
 
     def notification_dsn(self) -> str | None:
         """The libpq connection string a LISTEN connection uses (PostgreSQL); None where there is none."""

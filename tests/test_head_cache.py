@@ -110,6 +110,21 @@ def test_a_task_forgotten_while_loading_is_not_cached():
     assert "a" not in c
 
 
+def test_forgetting_one_task_keeps_other_loads_in_flight_and_a_new_load_starts_afresh():
+    c, loader = cache()
+    loader.gate.clear()
+    loads = [threading.Thread(target=c.get, args=(t,)) for t in ("a", "b")]
+    for th in loads:
+        th.start()
+    wait_for(lambda: sorted(loader.calls) == ["a", "b"])
+    c.forget("a")  # another replica changed task a: its load in flight is stale, b's is not
+    loader.gate.set()
+    for th in loads:
+        th.join(10)
+    assert "a" not in c and "b" in c
+    assert c.get("a").task_id == "a" and loader.calls.count("a") == 2 and "a" in c
+
+
 def test_install_swaps_in_a_newer_version_and_never_an_older_one():
     c, loader = cache()
     assert c.get("a").version == 1

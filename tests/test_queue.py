@@ -225,6 +225,8 @@ def test_postgresql_notifies_listeners_at_commit(pg_url):
         a.delete_task(key)
         assert got.wait(5)
         assert time.monotonic() - started < 1.0
+        assert feed.poll() == 0  # the notification marked it seen: the poll does not apply it again
+        assert feed.applied == 1
     finally:
         feed.close()
         a.close()
