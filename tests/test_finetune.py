@@ -13,7 +13,7 @@ from adapters.backbones import LoadOptions, builtin_spec, load_backbone
 from adapters.finetune import fine_tune
 from adapters.heads import export_checked
 from adapters.options import TrainingOptions
-from adapters.selection import auto_fine_tune, train_head
+from adapters.selection import Rule, auto_fine_tune, train_head
 
 TEXTS = [t for texts in TOPICS.values() for t in texts]
 LABELS = [label for label, texts in TOPICS.items() for _ in texts]
@@ -86,7 +86,7 @@ def test_auto_fine_tune_keeps_whichever_head_wins_the_shared_holdout(minilm, sma
     # Feature head on noise: near chance on the holdout, so the tuned head (the topics are easy) wins.
     noise = {"last": rng.normal(size=(24, 16)).astype(np.float32), "last-1": rng.normal(size=(24, 8)).astype(np.float32)}
     feature_head = train_head(noise, LABELS, options)
-    kept, feeds = auto_fine_tune(minilm, TEXTS, LABELS, noise, feature_head, options)
+    kept, feeds = auto_fine_tune(minilm, TEXTS, LABELS, noise, feature_head, options, rule=Rule(z=1.0))
     assert kept.evaluation["strategy"] == "fine_tune" and set(feeds) == {"blocks_1", "attention_mask"}
     scores = kept.evaluation["candidate_scores"]
     assert scores["fine_tune (holdout)"] == 1.0 > max(v for k, v in scores.items() if k.endswith("(holdout)")
@@ -101,7 +101,7 @@ def test_auto_fine_tune_keeps_whichever_head_wins_the_shared_holdout(minilm, sma
     onehot = np.eye(3, dtype=np.float32)[[sorted(COLOURS).index(label) for label in shuffled]]
     perfect = {"last": onehot + 0.01 * rng.normal(size=onehot.shape).astype(np.float32), "last-1": onehot}
     feature_head = train_head(perfect, shuffled, options)
-    kept, feeds = auto_fine_tune(small_cnn, items, shuffled, perfect, feature_head, options)
+    kept, feeds = auto_fine_tune(small_cnn, items, shuffled, perfect, feature_head, options, rule=Rule(z=1.0))
     assert kept is feature_head and feeds is None
     assert "fine-tuning did not beat it clearly on the same holdout of 6 examples" in kept.evaluation["strategy_reason"]
     scores = kept.evaluation["candidate_scores"]

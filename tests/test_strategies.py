@@ -97,31 +97,21 @@ def test_feature_head_trains_on_augmented_views_of_every_example(client):
 
 
 @pytest.mark.slow
-def test_auto_fine_tunes_images_with_enough_examples_and_keeps_the_better_head(tmp_path):
+def test_auto_does_not_fine_tune_while_its_rule_cannot_prefer_the_tuned_head(tmp_path):
+    # AUTO's rule for FINE_TUNE (adapters.selection.FINE_TUNE_RULE) was chosen leave-one-dataset-out and
+    # can never prefer the tuned head today, so AUTO spends no time tuning, above the threshold too; the
+    # holdout comparison itself is tested in tests/test_finetune.py with a finite rule.
+    from adapters.selection import FINE_TUNE_RULE
+
+    assert FINE_TUNE_RULE.z == float("inf")
     running = build_server(make_settings(tmp_path, builtin_backbones=["mobilenet_v3_small"],
                                          auto_fine_tune_min_examples=10))
     client = Client(running.address)
     try:
-        # Below the threshold, AUTO compares feature heads only.
-        _, few = train(client, image_examples(9), backbone="mobilenet_v3_small")
-        assert not any(n.startswith("fine_tune") for n in json.loads(few.evaluation.details_json)["candidate_scores"])
-
         task_id, task = train(client, image_examples(10), backbone="mobilenet_v3_small", epochs=3)
         details = json.loads(task.evaluation.details_json)
-        scores = details["candidate_scores"]
-        tuned = scores.pop("fine_tune (holdout)")
-        (rival_name, rival), = [(n, v) for n, v in scores.items() if n.endswith("(holdout)")]
-        # Both were trained on the same split and scored on the same 2-per-label holdout; the tuned head is
-        # kept only when tuning beat its linear probe and the paired evidence on the holdout clears AUTO's rule.
-        assert "on the same holdout of 6 examples" in details["strategy_reason"]
-        assert "lower bound of the gain" in details["strategy_reason"]
-        if task.evaluation.strategy == "fine_tune":
-            assert tuned > rival and details["best_epoch"] > 0 and task.evaluation.tap == "blocks_5"
-            assert details["strategy_reason"].startswith("fine-tuning beat the feature head clearly")
-            assert details["refit"] and details["augmented_rows"] == 30 * 3  # tuned again on all 30
-        else:
-            assert rival_name.startswith(task.evaluation.strategy)
-            assert "fine-tuning did not beat it clearly" in details["strategy_reason"]
+        assert task.evaluation.strategy in ("linear", "prototype")
+        assert not any(n.startswith("fine_tune") for n in details["candidate_scores"])
         resp = client.stub.Predict(pb.PredictRequest(task_id=task_id, inputs=colour_inputs()))
         assert [p.label for p in resp.predictions] == list(COLOURS)
     finally:
