@@ -351,7 +351,9 @@ def test_create_streams_examples_beyond_one_batch(server, cli, tmp_path):
     )
     assert status == 0, err
     task = get_task(server, task_id)
-    assert (task.state, task.version, task.num_examples) == (pb.Task.READY, 1, len(ROWS))
+    # Created with its labels first, the task was zero-shot (version 1) until the streamed examples trained
+    # version 2.
+    assert (task.state, task.version, task.num_examples) == (pb.Task.READY, 2, len(ROWS))
     assert dict(task.examples_per_label) == {label: 8 for label in TOPICS}
 
 

@@ -236,7 +236,9 @@ def test_predict_stream_answers_each_request_in_order(headserve, trained_task):
 
 
 def test_add_examples_streams_batches_then_train(headserve):
-    task = headserve.create_task("minilm-l6", task_id=new_id("client-add"), labels=list(TOPICS))
+    # (label words off: with them, a task created with its labels and no examples is zero-shot, READY at once)
+    task = headserve.create_task("minilm-l6", task_id=new_id("client-add"), labels=list(TOPICS),
+                                 config=pb.TrainingConfig(label_text=pb.LABEL_TEXT_OFF))
     assert task.state == pb.Task.PENDING and task.version == 0 and not task.job_id
 
     added = headserve.add_examples(task.task_id, iter(EXAMPLES), batch_size=5)
