@@ -13,11 +13,13 @@ What a job computes is service/training.py's.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import dataclasses
 import logging
 import os
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -50,10 +52,40 @@ def worker_name(index: int = 0) -> str:
 
 
 def new_job(key: str, options: TrainingOptions) -> JobRecord:
-    return JobRecord(
-        job_id=f"job-{uuid.uuid4().hex[:12]}", task_key=key, state="QUEUED",
-        config=dataclasses.asdict(options), status={"phase": "queued", "progress": 0.0, "message": "waiting"},
-    )
+    """A queued job; with tracing on, it carries the current trace context (W3C `traceparent`, kept in its
+    status, never sent to clients), so the worker that runs it, on any replica, continues the caller's trace."""
+    status = {"phase": "queued", "progress": 0.0, "message": "waiting"}
+    carrier = _trace_carrier()
+    if carrier:
+        status["trace"] = carrier
+    return JobRecord(job_id=f"job-{uuid.uuid4().hex[:12]}", task_key=key, state="QUEUED",
+                     config=dataclasses.asdict(options), status=status)
+
+
+def _trace_carrier() -> dict[str, str]:
+    if "opentelemetry.propagate" not in sys.modules:  # tracing is off: OpenTelemetry was never imported
+        return {}
+    from opentelemetry import propagate
+
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    return carrier
+
+
+@contextlib.contextmanager
+def _continued_trace(job: JobRecord):
+    """Runs the block in the trace context the job was queued in (when it has one)."""
+    carrier = job.status.get("trace")
+    if not carrier or "opentelemetry.propagate" not in sys.modules:
+        yield
+        return
+    from opentelemetry import context, propagate
+
+    token = context.attach(propagate.extract(carrier))
+    try:
+        yield
+    finally:
+        context.detach(token)
 
 
 class Worker:
@@ -105,7 +137,8 @@ class Worker:
         errors.job.set(job.job_id)
         errors.tenant.set(tenant_of(job.task_key) or "-")
         errors.task.set(job.task_id or "-")
-        self.run_job(job)
+        with _continued_trace(job):
+            self.run_job(job)
 
     # --- one job ------------------------------------------------------------------------------------
 

@@ -47,6 +47,13 @@ def _build_worker(settings: Settings, index: int, on_success=None, on_finished=N
     if settings.intra_op_threads:
         torch.set_num_threads(settings.intra_op_threads)
     store = Store(store_url(settings))
+    if settings.otel_endpoint:  # the worker exports its own spans; jobs continue the traces they were queued in
+        from service import tracing
+        from service.server import STORE_OPERATIONS, _version
+
+        tracer = tracing.setup(settings.otel_endpoint, version=_version(), sample_ratio=settings.otel_sample_ratio,
+                               service_name="headserve-worker")
+        tracer.instrument(store, STORE_OPERATIONS)
     registry = BackboneRegistry.load(settings)
     return Worker(store, registry, worker_name(index), lease_seconds=settings.job_lease_seconds,
                   max_attempts=settings.job_max_attempts,

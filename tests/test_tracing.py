@@ -27,8 +27,11 @@ CREATE = "/headserve.v1.HeadServe/CreateTask"
 @pytest.fixture(scope="module")
 def traced(tmp_path_factory):
     exporter = InMemorySpanExporter()
+    # Training in a thread of the server: its spans reach this in-memory exporter (a worker process exports
+    # its own spans to otel_endpoint, continuing the same traces).
     running = build_server(make_settings(tmp_path_factory.mktemp("tracing"), builtin_backbones=[],
-                                         auth="api_key", otel_endpoint="http://collector.invalid:4317"),
+                                         auth="api_key", otel_endpoint="http://collector.invalid:4317",
+                                         training_isolation="thread"),
                            span_exporter=exporter)
     yield running, exporter
     running.stop()
