@@ -204,7 +204,7 @@ def test_sigterm_under_load_drains_refuses_and_resumes(tmp_path):
         client = Client(second.address)
         resumed = int(re.search(r"(\d+) job\(s\) resumed", second.text()).group(1))
         for task_id, job in jobs.items():
-            final = client.wait_ready(task_id, timeout=120)
+            final = client.wait_ready(task_id, timeout=300)  # (a worker process starts first: its backbones load)
             assert final.job_id == job.job_id and final.state == pb.Job.SUCCEEDED, (final, second.text()[-3000:])
             assert final.version == 1
             task = client.stub.GetTask(pb.GetTaskRequest(task_id=task_id))
