@@ -129,3 +129,21 @@ def postgres():
 def pg_url(postgres) -> str:
     """A fresh, empty database of the session cluster."""
     return postgres.create_database()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request, tmp_path) -> str:
+    """The URL of a new store at the head schema revision, on each engine in turn: the store's own suites
+    (tests/test_store.py, test_queue.py, test_store_import.py) run against both."""
+    import sqlalchemy as sa
+
+    from service import migrate
+
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'headserve.sqlite3'}"
+    else:
+        url = request.getfixturevalue("pg_url")
+    engine = sa.create_engine(url)
+    migrate.upgrade(engine)
+    engine.dispose()
+    return url

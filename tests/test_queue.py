@@ -17,21 +17,10 @@ from service.store import DEFAULT_TENANT, HeadRecord, JobRecord, LeaseLost, Stor
 T = DEFAULT_TENANT
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def url(request, tmp_path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'headserve.sqlite3'}"
-    url = request.getfixturevalue("pg_url")
-    engine = sa.create_engine(url)
-    migrate.upgrade(engine)
-    engine.dispose()
-    return url
-
-
 @pytest.fixture
-def stores(url):
+def stores(store_url):
     """Two stores on one database: two replicas."""
-    a, b = Store(url), Store(url)
+    a, b = Store(store_url), Store(store_url)
     yield a, b
     a.close()
     b.close()

@@ -17,7 +17,6 @@ import sqlalchemy as sa
 
 from adapters.errors import AlreadyExists, FailedPrecondition, NotFound, ResourceExhausted
 from service.cli import main as cli_main
-from service import migrate
 from service.migrate import SchemaError
 from service.storage import PROTOCOLS
 from service.store import (
@@ -37,15 +36,10 @@ from service.store import (
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store(request, tmp_path):
-    """The store on each engine: this file is the store's own test-suite, run against both."""
-    if request.param == "sqlite":
-        s = Store.open(tmp_path)
-    else:
-        url = request.getfixturevalue("pg_url")
-        migrate.upgrade(sa.create_engine(url))
-        s = Store(url)
+@pytest.fixture
+def store(store_url):
+    """The store on each engine (tests/postgres.py): this file is the store's own test-suite, run on both."""
+    s = Store(store_url)
     yield s
     s.close()
 

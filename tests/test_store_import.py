@@ -9,22 +9,16 @@ import pytest
 import sqlalchemy as sa
 
 from adapters.errors import AlreadyExists, InvalidInput, NotFound, ResourceExhausted
-from service import migrate
 from service.store import DEFAULT_TENANT, HeadRecord, Quotas, Store, TenantRecord, task_key
 
 T = DEFAULT_TENANT
 EVALUATION = {"validation_accuracy": 0.9, "precision": "fp32"}
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store(request, tmp_path):
-    """The store on each engine (as in tests/test_store.py)."""
-    if request.param == "sqlite":
-        s = Store.open(tmp_path)
-    else:
-        url = request.getfixturevalue("pg_url")
-        migrate.upgrade(sa.create_engine(url))
-        s = Store(url)
+@pytest.fixture
+def store(store_url):
+    """The store on each engine (tests/postgres.py)."""
+    s = Store(store_url)
     yield s
     s.close()
 
