@@ -25,6 +25,10 @@ from service.config import Settings
 log = logging.getLogger(__name__)
 
 RESTART_DELAYS = (1.0, 2.0, 5.0, 10.0, 30.0)  # seconds before a dead worker process is started again
+# A serving replica's worker processes run at this lower CPU priority (nice): where serving and training share
+# cores, the scheduler gives serving the CPU first and training takes what is left. (`headserve worker`
+# replicas only train, and keep their priority.)
+WORKER_NICE = 10
 PR_SET_PDEATHSIG = 1
 
 
@@ -73,6 +77,7 @@ def store_url(settings: Settings) -> str:
 def _process_main(settings_json: str, index: int, parent: int, conn, stop, wake) -> None:
     """A worker process: one Worker loop, until `stop` is set or the parent is gone."""
     _die_with_parent()
+    os.nice(WORKER_NICE)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the server stops us
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     settings = Settings.model_validate_json(settings_json)
