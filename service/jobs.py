@@ -52,9 +52,12 @@ def worker_name(index: int = 0) -> str:
 
 
 def new_job(key: str, options: TrainingOptions) -> JobRecord:
-    """A queued job; with tracing on, it carries the current trace context (W3C `traceparent`, kept in its
-    status, never sent to clients), so the worker that runs it, on any replica, continues the caller's trace."""
+    """A queued job. It carries the id of the request that queued it and, with tracing on, the current trace
+    context (W3C `traceparent`), both kept in its status and never sent to clients: the worker that runs it,
+    on any replica, logs with that request id and continues the caller's trace."""
     status = {"phase": "queued", "progress": 0.0, "message": "waiting"}
+    if errors.request_id.get() != "-":  # the request that queued it: the job's log lines carry its id
+        status["request_id"] = errors.request_id.get()
     carrier = _trace_carrier()
     if carrier:
         status["trace"] = carrier
@@ -135,6 +138,7 @@ class Worker:
 
     def _run_in_context(self, job: JobRecord) -> None:
         errors.job.set(job.job_id)
+        errors.request_id.set(job.status.get("request_id", "-"))
         errors.tenant.set(tenant_of(job.task_key) or "-")
         errors.task.set(job.task_id or "-")
         with _continued_trace(job):

@@ -160,7 +160,7 @@ class WorkerProcesses:
         proc.start()
         theirs.close()
         self._procs[i], self._conns[i], self._ready[i] = proc, ours, False
-        log.info("training worker process %d started (pid %d)", i, proc.pid)
+        log.debug("training worker process %d started (pid %d)", i, proc.pid)
 
     def _supervise(self) -> None:
         from multiprocessing.connection import wait

@@ -158,6 +158,9 @@ def make_settings(data_dir, with_minilm: bool = True, tiny_text: bool | None = N
         builtin_backbones=TEST_BACKBONES if with_minilm else [b for b in TEST_BACKBONES if b != MINILM],
         random_weights=["mobilenet_v3_small"],
         log_level="WARNING",
+        # Test servers train in a thread: a worker process per server would load every backbone again. The
+        # session server below, the SIGTERM and replica tests, and tests/test_worker.py run worker processes.
+        training_isolation="thread",
     )
     merged = {**base, **overrides}
     if tiny_text is None:
@@ -204,7 +207,9 @@ class Client:
 
 @pytest.fixture(scope="session")
 def server(tmp_path_factory):
-    running = build_server(make_settings(tmp_path_factory.mktemp("data"), auth="api_key"))
+    # The shared server trains in a worker process, as `make serve` does.
+    running = build_server(make_settings(tmp_path_factory.mktemp("data"), auth="api_key",
+                                         training_isolation="process"))
     yield running
     running.stop()
 

@@ -23,13 +23,13 @@ import uuid
 import pytest
 
 INSTALL_HINT = ("PostgreSQL server binaries not found (looked on PATH and in /usr/lib/postgresql/*/bin); "
-                "install them with `apt-get install postgresql-15` (Debian/Ubuntu) or set HEADSERVE_PG_BIN "
+                "install them with `apt-get install postgresql-15` (Debian/Ubuntu) or set PG_BIN_DIR "
                 "to the folder holding initdb and pg_ctl")
 
 
 def find_bin() -> pathlib.Path | None:
-    """The folder holding initdb and pg_ctl: $HEADSERVE_PG_BIN, PATH, or Debian's versioned folders."""
-    forced = os.environ.get("HEADSERVE_PG_BIN")
+    """The folder holding initdb and pg_ctl: $PG_BIN_DIR, PATH, or Debian's versioned folders."""
+    forced = os.environ.get("PG_BIN_DIR")
     if forced:
         return pathlib.Path(forced)
     on_path = shutil.which("initdb")

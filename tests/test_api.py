@@ -185,9 +185,11 @@ def test_exported_head_reproduces_service_scores(server, stub, text_task):
     model = onnx.load_model_from_string(data)
     onnx.checker.check_model(model)
     assert meta["labels"] == sorted(TOPICS) and meta["version"] == 1
-    # AUTO's head reads the pooled features of the trunk's last four layers.
-    assert meta["inputs"] == {name: ["batch", 384] for name in
-                              ("features", "features_last_1", "features_last_2", "features_last_3")}
+    # AUTO's head reads the pooled features of the last layer, and of the layers below only when they won
+    # clearly (adapters/selection.py): input names among the four taps, in the trunk's order.
+    taps = ("features", "features_last_1", "features_last_2", "features_last_3")
+    assert meta["inputs"] and all(shape == ["batch", 384] for shape in meta["inputs"].values())
+    assert list(meta["inputs"]) == [t for t in taps if t in meta["inputs"]]
     texts = [t for texts in HELD_OUT.values() for t in texts]
     entry = server.app.registry.get("minilm-l6")
     head = ort.InferenceSession(data, providers=["CPUExecutionProvider"])

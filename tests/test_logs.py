@@ -10,7 +10,7 @@ import logging
 import time
 
 import pytest
-from conftest import make_tenant, text_examples, unique_id
+from conftest import make_settings, make_tenant, text_examples, unique_id
 
 from service import errors
 from service.batcher import Batcher
@@ -18,7 +18,7 @@ from service.client import open_channel
 from service.errors import RequestIdFilter
 from service.gen import headserve_pb2 as pb
 from service.gen import headserve_pb2_grpc as pb_grpc
-from service.server import JsonFormatter, TextFormatter, configure_logging
+from service.server import JsonFormatter, TextFormatter, build_server, configure_logging
 
 TOPICS = {"sports": ["A late goal won the match.", "The team trained in the rain."],
           "cooking": ["Simmer the sauce slowly.", "Knead the dough for ten minutes."]}
@@ -56,7 +56,17 @@ def records():
         root.setLevel(level)
 
 
-def test_rpc_and_training_job_lines_carry_request_tenant_task_and_job(server, records):
+@pytest.fixture(scope="module")
+def threaded(tmp_path_factory):
+    """A server that trains in a thread: its job lines reach this process's log records."""
+    running = build_server(make_settings(tmp_path_factory.mktemp("logs"), auth="api_key",
+                                         builtin_backbones=["minilm-l6"], training_isolation="thread"))
+    yield running
+    running.stop()
+
+
+def test_rpc_and_training_job_lines_carry_request_tenant_task_and_job(threaded, records):
+    server = threaded
     who = make_tenant(server)
     channel = open_channel(server.address, api_key=who.api_key)
     stub = pb_grpc.HeadServeStub(channel)
