@@ -354,11 +354,6 @@ class JobRunner:
         dead = [t.name for t in self._threads if not t.is_alive()]
         return [f"training worker thread {name} has stopped" for name in dead]
 
-    @property
-    def busy(self) -> bool:
-        return any(w.current is not None for w in self._workers) or (
-            self.processes is not None and self.processes.busy)
-
     def close(self, timeout: float | None = None) -> bool:
         """Stops the workers: a job in training goes back to the queue at its next progress report. Returns
         whether every worker stopped within `timeout` seconds (None: waits)."""

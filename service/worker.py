@@ -209,10 +209,6 @@ class WorkerProcesses:
     def wake(self) -> None:
         self._wake.set()
 
-    @property
-    def busy(self) -> bool:
-        return False  # (a worker process's job is in the store; stopping releases it)
-
     def alive(self) -> int:
         return sum(1 for p in self._procs if p is not None and p.is_alive())
 
