@@ -162,14 +162,20 @@ def test_sigterm_under_load_drains_refuses_and_resumes(tmp_path):
         assert code == 0, log[-3000:]
         assert took < GRACE + EXIT_SLACK, f"exit took {took:.1f}s\n{log[-3000:]}"
         assert before >= CLIENTS, f"only {before} calls before SIGTERM"
-        # A call still running when the grace period ends is cancelled by grpc (on a loaded machine a Predict
-        # queued behind the training job can take that long); any other failure is wrong.
-        cut_off = [c for s, e, c, _ in calls if c == grpc.StatusCode.CANCELLED and e >= sigterm + GRACE - 0.5]
+        # CANCELLED is right in two cases only. A call still running when the grace period ends is cancelled
+        # by grpc (on a loaded machine a Predict queued behind the training job can take that long). A call
+        # sent just before the signal that grpc's core had received but not yet handed to the server's
+        # threads is cancelled when shutdown begins (the core drops calls no handler has taken): it started
+        # within a second of the signal and ended within a second after it. Any other failure is wrong.
+        def cancelled_rightly(s: float, e: float) -> bool:
+            return e >= sigterm + GRACE - 0.5 or (s > sigterm - 1.0 and e < sigterm + 1.0)
+
         codes = {c for _, _, c, _ in calls}
         assert codes <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}, \
             sorted({(c.name, d) for _, _, c, d in calls if c not in (grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE)})
-        assert len(cut_off) == sum(1 for _, _, c, _ in calls if c == grpc.StatusCode.CANCELLED), \
-            "calls were cancelled before the grace period ended"
+        early = [(round(s - sigterm, 3), round(e - sigterm, 3), d) for s, e, c, d in calls
+                 if c == grpc.StatusCode.CANCELLED and not cancelled_rightly(s, e)]
+        assert not early, f"calls were cancelled before the grace period ended (start, end after SIGTERM): {early[:5]}"
         # Calls that ended before the signal, and calls that had been running for a while when it came
         # (the server had them): OK. Calls running across the signal that finished OK: the drain happened.
         failed = [(round(s - sigterm, 2), round(e - sigterm, 2), c.name, d) for s, e, c, d in calls
@@ -179,7 +185,9 @@ def test_sigterm_under_load_drains_refuses_and_resumes(tmp_path):
         drained = [1 for s, e, c, _ in calls if s < sigterm < e and c == grpc.StatusCode.OK]
         assert drained, "no call was in flight across the signal"
         unavailable = [s - sigterm for s, _, c, _ in calls if c == grpc.StatusCode.UNAVAILABLE]
+        dropped = sum(1 for s, e, c, _ in calls if c == grpc.StatusCode.CANCELLED and e < sigterm + 1.0)
         print(f"exit {took:.2f}s, {len(calls)} calls, {before} before the signal, {len(drained)} drained, "
+              f"{dropped} not yet taken and cancelled at shutdown, "
               f"{len(unavailable)} UNAVAILABLE from +{min(unavailable or [0]):.2f}s, last OK ended "
               f"+{max(e for _, e, c, _ in calls if c == grpc.StatusCode.OK) - sigterm:.2f}s")
         # Shutdown began: new calls are refused (UNAVAILABLE), by the stopping server or the closed port;
