@@ -187,7 +187,7 @@ def _fine_tune(ctx: Context):
 
 @register("auto", COMMON + ("epochs", "learning_rate", "l2", "hidden_units", "unfreeze_blocks"),
           (*FEATURE_INPUTS, "items", "trunk"),
-          "cross-validated choice among the feature heads (and FINE_TUNE for image tasks with enough "
+          "cross-validated choice among the feature heads (and FINE_TUNE for text tasks with enough "
           "examples); a complex candidate only on strong paired evidence (adapters/selection.py)")
 def _auto(ctx: Context):
     trained, feeds, extra = _feature_head(ctx)

@@ -256,9 +256,9 @@ def stage_fine_tune(args: argparse.Namespace) -> None:
 
     ft_out = fine_tune_path(args.out)
     results = load_results(ft_out)
-    sets = [n for n in args.sets if n in IMAGE_SETS]
+    sets = list(args.sets)
     cached, backbones, test_maps = {}, {}, {}
-    # Draw by draw across the sets, so that a bounded run covers both sets.
+    # Draw by draw across the sets, so that a bounded run covers every set.
     for d, shots, name in itertools.product(range(args.fine_tune_draws), args.fine_tune_shots, sets):
         if name not in cached:
             cached[name] = read_cache(load(name, args.shared), args)
@@ -270,7 +270,7 @@ def stage_fine_tune(args: argparse.Namespace) -> None:
             continue
         if name not in test_maps:
             test_maps[name] = _maps(backbone, backbone.torch_outputs,
-                                    [c.ds.payload(x) for x in c.ds.test_inputs], DEFAULT_BLOCKS["image"],
+                                    [c.ds.payload(x) for x in c.ds.test_inputs], DEFAULT_BLOCKS[c.ds.modality],
                                     lambda _: None)
         test_feeds = test_maps[name]
         idx = draw_indices(c.ds, shots, d, args.all_cap)
@@ -310,7 +310,7 @@ def stage_fine_tune(args: argparse.Namespace) -> None:
 Z_GRID = (0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0)
 MARGIN_GRID = (0.0, 0.01, 0.02, 0.05)
 NEVER = "never complex"  # the rule that keeps the best baseline always (z = infinity)
-AUTO_FINE_TUNE_MIN = 10  # the service's default auto_fine_tune_min_examples
+AUTO_FINE_TUNE_MIN = 8  # the service's default auto_fine_tune_min_examples
 
 
 def rules(admissible_only: bool = True) -> list:
@@ -335,7 +335,9 @@ def pick(table: dict, rule) -> str:
     """The candidate AUTO's rule picks from a {name: {"complex", "correct"}} table (candidate order)."""
     from adapters.selection import Candidate, choose
 
-    cands = [Candidate(n, "last", 0.0, v["complex"]) for n, v in table.items()]  # names stand in for candidates
+    # Names stand in for candidates. PROTOTYPE on the last layer is an alternative to the LINEAR baseline
+    # (adapters.selection.candidates), whatever an older results file recorded.
+    cands = [Candidate(n, "last", 0.0, v["complex"] or n == "prototype") for n, v in table.items()]
     chosen, _ = choose(cands, {c: np.asarray(table[c.strategy]["correct"], np.float64) for c in cands}, rule)
     return chosen.strategy
 
@@ -389,16 +391,17 @@ def loss(results: dict, sets: Sequence[str], rule, ft_rule) -> tuple[float, floa
     return round(float(sum(max(0.0, -g - 0.5) for g in gaps)), 1), -round(float(np.mean(gaps)), 2)
 
 
-def choose_rules(results: dict, sets: Sequence[str]):
+def choose_rules(results: dict, sets: Sequence[str], modality: str | None = None):
     """The feature rule with the least loss on `sets` (AUTO without fine-tuning), then the FINE_TUNE
-    rule with the least loss on the image sets among them given it; ties go to the more conservative
-    rule (larger z, then larger margin)."""
+    rule with the least loss given it on those of `sets` with FINE_TUNE draws (of `modality` only, when
+    given: the service has a FINE_TUNE rule per modality); ties go to the more conservative rule (larger
+    z, then larger margin)."""
     rule = min((loss(results, sets, r, None), -r.z, -r.margin, i, r) for i, r in enumerate(rules()))[-1]
-    images = [n for n in sets if n in IMAGE_SETS and any(
+    tuned = [n for n in sets if modality in (None, results["sets"][n].get("modality")) and any(
         "fine_tune" in rec for cell in results["sets"][n]["cells"].values() for rec in cell["draws"].values())]
-    if not images:
+    if not tuned:
         return rule, None
-    ft_rule = min((loss(results, images, rule, r), -r.z, -r.margin, i, r) for i, r in enumerate(rules()))[-1]
+    ft_rule = min((loss(results, tuned, rule, r), -r.z, -r.margin, i, r) for i, r in enumerate(rules()))[-1]
     return rule, ft_rule
 
 
@@ -410,7 +413,7 @@ def stage_lodo(args: argparse.Namespace) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     met = total = 0
     for held in sets:
-        rule, ft_rule = choose_rules(results, [n for n in sets if n != held])
+        rule, ft_rule = choose_rules(results, [n for n in sets if n != held], results["sets"][held].get("modality"))
         for _, shots, cell in cells(results, [held]):
             f = cell_figures(cell, shots, rule, ft_rule)
             ok = 100 * f["gap"] >= -0.5

@@ -161,6 +161,9 @@ def make_settings(data_dir, with_minilm: bool = True, tiny_text: bool | None = N
         # Test servers train in a thread: a worker process per server would load every backbone again. The
         # session server below, the SIGTERM and replica tests, and tests/test_worker.py run worker processes.
         training_isolation="thread",
+        # AUTO does not fine-tune in test servers (TOPICS has 8 sentences a label, the default threshold):
+        # 10-40 s of tuning per task on a CPU. Tests of AUTO's fine-tuning set the threshold themselves.
+        auto_fine_tune_min_examples=0,
     )
     merged = {**base, **overrides}
     if tiny_text is None:

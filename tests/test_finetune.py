@@ -28,7 +28,8 @@ def minilm():
 def test_top_block_is_tuned_and_trunk_stays_frozen(minilm):
     digest = minilm.digest
     frozen = {k: v.clone() for k, v in minilm.module.encoder.encoder.layer[-1].state_dict().items()}
-    options = TrainingOptions(strategy="fine_tune", epochs=3, learning_rate=1e-3, validation_fraction=0.25)
+    options = TrainingOptions(strategy="fine_tune", epochs=3, learning_rate=1e-3, validation_fraction=0.25,
+                              unfreeze_blocks=1)
     trained, feeds = fine_tune(minilm, TEXTS, LABELS, options)
     tuned = trained.head.module.top.layers[0].state_dict()
     moved = [k for k in frozen if not torch.equal(frozen[k], tuned[k])]
@@ -87,7 +88,8 @@ def test_auto_fine_tune_keeps_whichever_head_wins_the_shared_holdout(minilm, sma
     noise = {"last": rng.normal(size=(24, 16)).astype(np.float32), "last-1": rng.normal(size=(24, 8)).astype(np.float32)}
     feature_head = train_head(noise, LABELS, options)
     kept, feeds = auto_fine_tune(minilm, TEXTS, LABELS, noise, feature_head, options, rule=Rule(z=1.0))
-    assert kept.evaluation["strategy"] == "fine_tune" and set(feeds) == {"blocks_1", "attention_mask"}
+    # Text tasks tune every block the trunk exposes by default (finetune.DEFAULT_BLOCKS).
+    assert kept.evaluation["strategy"] == "fine_tune" and set(feeds) == {"blocks_6", "attention_mask"}
     scores = kept.evaluation["candidate_scores"]
     assert scores["fine_tune (holdout)"] == 1.0 > max(v for k, v in scores.items() if k.endswith("(holdout)")
                                                        and not k.startswith("fine_tune"))

@@ -700,7 +700,7 @@ def world(server, tenant, text_task, image_task):
 
 # --- what may be sent ---------------------------------------------------------------------------------
 
-FINE_TUNE_MIN_EXAMPLES = 10  # the server's auto_fine_tune_min_examples default (AUTO fine-tunes image tasks)
+FINE_TUNE_MIN_EXAMPLES = 8  # the server's auto_fine_tune_min_examples default (AUTO fine-tunes text tasks)
 
 
 def heavy(config: pb.TrainingConfig, modality: str, counts: dict[str, int]) -> bool:
@@ -711,7 +711,7 @@ def heavy(config: pb.TrainingConfig, modality: str, counts: dict[str, int]) -> b
     if 100 < sum(counts.values()) <= FUZZER_QUOTAS.examples:  # more are refused before a job starts
         return True
     auto = config.strategy in (pb.STRATEGY_UNSPECIFIED, pb.AUTO) and not config.tap
-    return modality == "image" and auto and bool(counts) and min(counts.values()) >= FINE_TUNE_MIN_EXAMPLES
+    return modality == "text" and auto and bool(counts) and min(counts.values()) >= FINE_TUNE_MIN_EXAMPLES
 
 
 class Guard:

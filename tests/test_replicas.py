@@ -43,7 +43,8 @@ class Replica:
         env = {**os.environ, "HEADSERVE_STORE_URL": store_url, "HEADSERVE_BUILTIN_BACKBONES": '["minilm-l6"]',
                "HEADSERVE_DEVICE": "cpu", "HEADSERVE_AUTH": "api_key", "HEADSERVE_TRAINING_ISOLATION": "thread",
                "HEADSERVE_JOB_LEASE_SECONDS": str(LEASE), "HEADSERVE_SYNC_INTERVAL_SECONDS": str(SYNC),
-               "HEADSERVE_INTRA_OP_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+               "HEADSERVE_INTRA_OP_THREADS": "1", "HEADSERVE_AUTO_FINE_TUNE_MIN_EXAMPLES": "0",
+               "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "service", "serve", "--address", "127.0.0.1:0", "--data-dir", str(data_dir),
              "--log-level", "INFO"],

@@ -52,7 +52,8 @@ class ServeProcess:
     """`python -m service serve` in a child process, on port 0; the bound port is read from its log."""
 
     def __init__(self, data_dir) -> None:
-        env = {**os.environ, "HEADSERVE_BUILTIN_BACKBONES": '["minilm-l6"]', "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "HEADSERVE_BUILTIN_BACKBONES": '["minilm-l6"]', "PYTHONUNBUFFERED": "1",
+               "HEADSERVE_AUTO_FINE_TUNE_MIN_EXAMPLES": "0"}  # as make_settings: no tuning under AUTO
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "service", "serve", "--address", "127.0.0.1:0", "--data-dir", str(data_dir),
              "--log-level", "INFO"],

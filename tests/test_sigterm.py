@@ -31,7 +31,7 @@ class Server:
 
     def __init__(self, data_dir) -> None:
         env = {**os.environ, "HEADSERVE_BUILTIN_BACKBONES": '["minilm-l6"]', "HEADSERVE_DEVICE": "cpu",
-               "PYTHONUNBUFFERED": "1"}
+               "PYTHONUNBUFFERED": "1", "HEADSERVE_AUTO_FINE_TUNE_MIN_EXAMPLES": "0"}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "service", "serve", "--address", "127.0.0.1:0", "--data-dir", str(data_dir),
              "--log-level", "INFO"],
