@@ -119,6 +119,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--unfreeze-blocks", type=int, default=0,
                    help="TrainingConfig.unfreeze_blocks for fine_tune (and AUTO's fine-tuning); "
                         "0 = the default")
+    p.add_argument("--epochs", type=int, default=0,
+                   help="TrainingConfig.epochs (fine_tune, mlp, and AUTO's fine-tuning); 0 = the default")
     p.add_argument("--seed", type=int, default=0, help="draw d of N uses seed [seed, N, d]")
     p.add_argument("--test-limit", type=int, default=1000,
                    help="text sets: keep a seeded subsample of this many test items (0 = all)")
@@ -287,11 +289,12 @@ def _inputs(payloads: Sequence[str | bytes]):
 
 
 def train_task(stub, task_id: str, backbone: str, payloads: Sequence[str | bytes], labels: Sequence[str],
-               declared: Sequence[str], strategy: str, unfreeze_blocks: int = 0) -> dict:
+               declared: Sequence[str], strategy: str, unfreeze_blocks: int = 0, epochs: int = 0) -> dict:
     """Registers and trains a task; returns time-to-READY, the job's phase times and the evaluation."""
     from service.gen import headserve_pb2 as pb
 
-    config = pb.TrainingConfig(strategy=pb.Strategy.Value(strategy.upper()), unfreeze_blocks=unfreeze_blocks)
+    config = pb.TrainingConfig(strategy=pb.Strategy.Value(strategy.upper()), unfreeze_blocks=unfreeze_blocks,
+                               epochs=epochs)
     examples = [pb.Example(input=i, label=label) for i, label in zip(_inputs(payloads), labels)]
     size = sum(len(p) for p in payloads)
     start = time.perf_counter()
@@ -522,6 +525,8 @@ def fingerprint(ds: Dataset, backbone: str, args: argparse.Namespace) -> str:
            "backbone": backbone, "seed": args.seed}
     if args.unfreeze_blocks:
         key["unfreeze_blocks"] = args.unfreeze_blocks
+    if args.epochs:
+        key["epochs"] = args.epochs
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -572,7 +577,7 @@ def run_dataset(stub, ds: Dataset, backbone: str, args, reference: Reference, re
                     continue
                 task_id = task_id_for(ds.name, shots, d, strategy)
                 run = train_task(stub, task_id, backbone, payloads, labels, declared, strategy,
-                                 args.unfreeze_blocks)
+                                 args.unfreeze_blocks, args.epochs)
                 predicted, seconds = predict(stub, task_id, test_payloads, batch)
                 if not args.keep_tasks:
                     delete_task(stub, task_id)

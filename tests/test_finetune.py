@@ -87,7 +87,8 @@ def test_auto_fine_tune_keeps_whichever_head_wins_the_shared_holdout(minilm, sma
     # Feature head on noise: near chance on the holdout, so the tuned head (the topics are easy) wins.
     noise = {"last": rng.normal(size=(24, 16)).astype(np.float32), "last-1": rng.normal(size=(24, 8)).astype(np.float32)}
     feature_head = train_head(noise, LABELS, options)
-    kept, feeds = auto_fine_tune(minilm, TEXTS, LABELS, noise, feature_head, options, rule=Rule(z=1.0))
+    kept, feeds = auto_fine_tune(minilm, TEXTS, LABELS, noise, feature_head, options, rule=Rule(z=1.0),
+                                 tuned_first=False)
     # Text tasks tune every block the trunk exposes by default (finetune.DEFAULT_BLOCKS).
     assert kept.evaluation["strategy"] == "fine_tune" and set(feeds) == {"blocks_6", "attention_mask"}
     scores = kept.evaluation["candidate_scores"]
@@ -109,3 +110,10 @@ def test_auto_fine_tune_keeps_whichever_head_wins_the_shared_holdout(minilm, sma
     scores = kept.evaluation["candidate_scores"]
     (rival,) = [v for k, v in scores.items() if k.endswith("(holdout)") and not k.startswith("fine_tune")]
     assert scores["fine_tune (holdout)"] < 1.0 == rival
+    # Tuned first (text's policy), the holdout still vetoes a tuned head the feature head clearly beats.
+    feature_head = train_head(perfect, shuffled, options)
+    kept, feeds = auto_fine_tune(small_cnn, items, shuffled, perfect, feature_head, options, rule=Rule(z=1.0),
+                                 tuned_first=True)
+    assert kept is feature_head and feeds is None
+    assert "or the feature head was clearly better on the same holdout of 6 examples" in \
+        kept.evaluation["strategy_reason"]
