@@ -140,7 +140,7 @@ def test_sigterm_under_load_drains_refuses_and_resumes(tmp_path):
         for t in threads:
             t.start()
         time.sleep(2.0)  # under load
-        config = pb.TrainingConfig(strategy=pb.FINE_TUNE, epochs=100)
+        config = pb.TrainingConfig(strategy=pb.FINE_TUNE, epochs=100, unfreeze_blocks=1)  # one block: seconds
         jobs = {task_id: stub.TrainTask(pb.TrainTaskRequest(task_id=task_id, config=config)) for task_id in training}
         assert all(job.state == pb.Job.QUEUED for job in jobs.values())
         watched: list = []
