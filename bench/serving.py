@@ -434,14 +434,14 @@ def create_task(stub, task_id: str, backbone: str, examples, strategy=pb.AUTO) -
     return time.perf_counter() - t
 
 
-def time_to_ready(stub, trials: int) -> list[float]:
+def time_to_ready(stub, trials: int, backbone: str = "minilm-l6") -> list[float]:
     """CreateTask with 8 examples x 3 labels (text) until READY, each trial on new sentences (cold features)."""
     times = []
     for k in range(trials):
         examples = [
             (f"{text[:-1]}, day {k + 1}.", label) for label, texts in TOPICS.items() for text in texts
         ]
-        times.append(create_task(stub, f"ready-{k}-{int(time.time())}", "minilm-l6", examples))
+        times.append(create_task(stub, f"ready-{k}-{int(time.time())}", backbone, examples))
         log.info("CreateTask -> READY (trial %d): %.3f s", k + 1, times[-1])
     return times
 
@@ -498,6 +498,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--ready-trials", type=int, default=5)
     p.add_argument("--inputs", type=int, default=512, help="distinct inputs per backbone")
+    p.add_argument("--text-backbone", default="minilm-l6",
+                   help="the text backbone served (minilm-l6, or mpnet-base when its weights are installed)")
     p.add_argument("--texts", choices=["short", "long", "mixed"], default="short",
                    help="text inputs: SST-2 sentences, AG News texts, or two short for one long")
     p.add_argument("--data-dir", type=pathlib.Path, help="server data directory (default: a temporary one)")
@@ -533,7 +535,7 @@ def settings_for(args, data_dir: pathlib.Path):
     overrides = set_overrides(args)
     backbones = {}
     image = args.image_backbone
-    builtin = ["minilm-l6"]
+    builtin = [args.text_backbone]
     if image == "mobilenet_v2_imagenet":
         if args.weights.is_file():
             backbones[image] = {
@@ -733,10 +735,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     channel = grpc.insecure_channel(running.address)
     stub = pb_grpc.HeadServeStub(channel)
     try:
-        report["create_to_ready_s"] = time_to_ready(stub, args.ready_trials)
+        report["create_to_ready_s"] = time_to_ready(stub, args.ready_trials, args.text_backbone)
 
         texts, text_source = load_text_mix(args.texts, args.inputs)
-        plans = [("minilm-l6", texts, text_source, [(t, y) for y, ts in TOPICS.items() for t in ts], "text")]
+        plans = [(args.text_backbone, texts, text_source, [(t, y) for y, ts in TOPICS.items() for t in ts], "text")]
         if image_backbone:
             images, image_source = load_images(min(args.inputs, 256))
             plans.append((image_backbone, images, image_source, image_examples(), "image"))
@@ -952,7 +954,7 @@ def scale_mode(args, running, texts: list[str], workdir: pathlib.Path, single_re
 
 def check_targets(report: dict) -> list[dict]:
     out = []
-    text = report["backbones"].get("minilm-l6")
+    text = next((b for b in report["backbones"].values() if b.get("modality") == "text"), None)
     if text:
         by_c = {lv["concurrency"]: lv for lv in text["service"]}
         if 1 in by_c:
