@@ -27,7 +27,7 @@ class LabelText:
 # How many examples a label's words are worth when they sort the task's examples perfectly. On the six
 # shared text sets at N = 8 (10 draws), a fixed weight helped where labels are plain words (AG News +3.0,
 # MPQA +3.4 with 4) and hurt where they are not (TREC's "ABBR", "HUM": -0.9; SST-5: -0.7); scaling it by
-# label_text_quality kept the gains and the losses within 0.5 points (docs/benchmarks.md).
+# label_text_quality kept the gains and the losses within 0.5 points (docs/design.md, "Training").
 LABEL_TEXT_MAX_WEIGHT = 16
 WORD = re.compile(r"[^\W\d_]{2}")  # two letters in a row
 

@@ -11,7 +11,9 @@ order, so that a machine's load falls on all of them alike:
   GetTask   the task's record, its live version's evaluation (one store transaction)
   Predict   one word on a trained task (tokenizer, trunk, head)
 
-Prints p50 and p99 in milliseconds, and writes bench/results/fixed_cost.json.
+Prints p50 and p99 in milliseconds, and writes bench/results/fixed_cost.json. With `--starts N`, also N warm
+starts of `python -m service serve` (minilm-l6 only, a new data directory each, the shared trunk cache as
+the previous start left it): seconds from the process's start to health SERVING.
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ import json
 import multiprocessing as mp
 import os
 import pathlib
+import re
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -63,9 +67,39 @@ def client(address: str, rounds: int, out) -> None:
     out.send(times)
 
 
+def warm_start() -> float:
+    """Seconds from spawning `python -m service serve` to health SERVING, on a new data directory."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with tempfile.TemporaryDirectory(prefix="start-") as data_dir:
+        env = {**os.environ, "HEADSERVE_BUILTIN_BACKBONES": '["minilm-l6"]', "PYTHONUNBUFFERED": "1"}
+        began = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, "-m", "service", "serve", "--address", "127.0.0.1:0",
+                                 "--data-dir", data_dir, "--log-level", "INFO"], cwd=ROOT, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            for line in proc.stdout:
+                found = re.search(r"listening on \S+ \(port (\d+)\)", line)
+                if found:
+                    break
+            else:
+                raise RuntimeError("the server exited before listening")
+            with grpc.insecure_channel(f"127.0.0.1:{found.group(1)}") as channel:
+                stub = health_pb2_grpc.HealthStub(channel)
+                while stub.Check(health_pb2.HealthCheckRequest(), timeout=10).status != \
+                        health_pb2.HealthCheckResponse.SERVING:
+                    time.sleep(0.01)
+            return time.perf_counter() - began
+        finally:
+            proc.terminate()
+            proc.wait(30)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=400)
+    p.add_argument("--starts", type=int, default=0, help="also time this many warm starts to SERVING")
     p.add_argument("--results", type=pathlib.Path, default=HERE / "results")
     args = p.parse_args()
     from service.config import Settings
@@ -91,9 +125,13 @@ def main() -> int:
     print("| call | p50 ms | p99 ms |\n|---|---:|---:|")
     for n, r in rows.items():
         print(f"| {n} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} |")
+    starts = [warm_start() for _ in range(args.starts)]
+    if starts:
+        print("warm starts to SERVING (s): " + ", ".join(f"{t:.2f}" for t in starts)
+              + f" (load average {os.getloadavg()[0]:.2f})")
     args.results.mkdir(parents=True, exist_ok=True)
     (args.results / "fixed_cost.json").write_text(json.dumps(
-        {"rows": rows, "load_average": [load0, load1], "rounds": args.rounds}, indent=2))
+        {"rows": rows, "load_average": [load0, load1], "rounds": args.rounds, "warm_starts_s": starts}, indent=2))
     return 0
 
 

@@ -118,7 +118,8 @@ class Settings(BaseSettings):
         description="longest a forming batch waits for rows known or expected to arrive (requests being "
         "prepared; under steady load, the callers the last batch answered); 0: take what is queued. An idle "
         "server never waits. 0 is best for text on a CPU, where a larger batch pads more and costs as much "
-        "per input (docs/benchmarks.md); on a GPU, where a larger batch is nearly free, try 1000-5000",
+        "per input (docs/design.md, 'Serving: the batcher'); on a GPU, where a larger batch is nearly free, "
+        "try 1000-5000",
     )
     batch_adaptive: bool = Field(
         True, description="limit batches to the size (a power of two up to batch_max_size) with the lowest "
