@@ -178,8 +178,8 @@ class Settings(BaseSettings):
     )
     auto_fine_tune_min_examples: int = Field(
         8, ge=0, description="AUTO also fine-tunes text tasks whose every label has at least this many "
-        "examples, and keeps the tuned head unless the feature head is clearly better on a holdout (10-60 s "
-        "on a 2-core CPU, seconds on a GPU; a head of about 43 MB for MiniLM; image tasks: not while the "
+        "examples, and keeps the tuned head unless the feature head is clearly better on a holdout (4-35 s "
+        "on a quiet 2-core CPU, seconds on a GPU; a head of about 43 MB for MiniLM; image tasks: not while the "
         "image policy for FINE_TUNE is 'never'); 0: never",
     )
     intra_op_threads: int = Field(0, ge=0, description="onnxruntime/torch threads; 0 = all cores")
