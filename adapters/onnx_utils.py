@@ -94,9 +94,9 @@ def providers_for(device: str, tensorrt_cache: pathlib.Path | None = None) -> li
     if "CUDAExecutionProvider" not in available:
         if not _warned_no_cuda:
             _warned_no_cuda = True
+            clash = onnxruntime_clash()
             log.warning("device %s: onnxruntime %s has no CUDA provider (it has %s); ONNX runs on the CPU%s",
-                        device, ort.__version__, ", ".join(available), f". {onnxruntime_clash()}"
-                        if onnxruntime_clash() else "")
+                        device, ort.__version__, ", ".join(available), f". {clash}" if clash else "")
         return ["CPUExecutionProvider"]
     device_id = int(device.partition(":")[2] or 0)
     providers: list = []

@@ -363,13 +363,11 @@ def weigh_label_text(label_text: LabelText | None, xs: Mapping[str, np.ndarray],
 # --- FINE_TUNE under AUTO ---------------------------------------------------------------------------
 
 
-def auto_fine_tunes(modality: str, options: TrainingOptions, counts: Sequence[int], min_examples: int,
-                    rule: Rule | None = None) -> bool:
+def auto_fine_tunes(modality: str, options: TrainingOptions, counts: Sequence[int], min_examples: int) -> bool:
     """AUTO also fine-tunes tasks whose every label has `min_examples` examples (0: never), unless the
     modality's policy for FINE_TUNE can never keep the tuned head (z infinite): then tuning would be wasted."""
-    policy = FINE_TUNE_RULES[modality] if rule is None else FineTunePolicy(rule)
-    return (options.strategy == "auto" and not options.tap
-            and min_examples > 0 and min(counts) >= min_examples and not math.isinf(policy.rule.z))
+    return (options.strategy == "auto" and not options.tap and min_examples > 0 and min(counts) >= min_examples
+            and not math.isinf(FINE_TUNE_RULES[modality].rule.z))
 
 
 def auto_fine_tune(
