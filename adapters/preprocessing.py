@@ -65,15 +65,44 @@ def _check_modality(items: Sequence[str | bytes], modality: Modality) -> None:
 
 
 class TextPreprocessor:
-    """Tokenises with a Hugging Face tokenizer into int64 input_ids and attention_mask."""
+    """Tokenises into int64 input_ids and attention_mask, padded to the batch's longest member and cut at
+    max_length tokens, with the fast tokenizer (`tokenizers`) that a Hugging Face tokenizer wraps: the
+    same ids as calling that tokenizer with padding=True, truncation=True, without its Python layer."""
 
     modality: Modality = "text"
     input_names = ("input_ids", "attention_mask")
 
     def __init__(self, tokenizer, max_length: int, limits: InputLimits = InputLimits()) -> None:
+        """tokenizer: a Hugging Face fast tokenizer (transformers), whose padding token is used."""
+        from tokenizers import Tokenizer
+
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is None:
+            raise TypeError(f"{type(tokenizer).__name__} is not a fast tokenizer (no backend_tokenizer)")
+        own = Tokenizer.from_str(backend.to_str())  # a copy: its padding and truncation are ours to set
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        own.enable_padding(pad_id=pad_id, pad_token=tokenizer.pad_token or "[PAD]")
+        self._init(own, type(tokenizer).__name__, max_length, limits)
+
+    @classmethod
+    def from_record(cls, record: dict, max_length: int, limits: InputLimits = InputLimits()) -> TextPreprocessor:
+        """The preprocessor that `record()` describes, without transformers."""
+        from tokenizers import Tokenizer
+
+        pre = cls.__new__(cls)
+        pre._init(Tokenizer.from_str(record["tokenizer"]), str(record["tokenizer_class"]), max_length, limits)
+        return pre
+
+    def _init(self, tokenizer, name: str, max_length: int, limits: InputLimits) -> None:
+        tokenizer.enable_truncation(max_length)
         self.tokenizer = tokenizer
+        self.tokenizer_class = name
         self.max_length = max_length
         self.limits = limits
+
+    def record(self) -> dict:
+        """What `from_record` rebuilds this preprocessor from (JSON)."""
+        return {"tokenizer": self.tokenizer.to_str(), "tokenizer_class": self.tokenizer_class}
 
     def validate(self, items: Sequence[str | bytes]) -> None:
         _check_modality(items, "text")
@@ -90,15 +119,14 @@ class TextPreprocessor:
 
     def __call__(self, items: Sequence[str | bytes]) -> Batch:
         self.validate(items)
-        enc = self.tokenizer(
-            list(items), padding=True, truncation=True, max_length=self.max_length, return_tensors="np"
-        )
-        return {name: np.ascontiguousarray(enc[name], dtype=np.int64) for name in self.input_names}
+        encodings = self.tokenizer.encode_batch(list(items))
+        return {"input_ids": np.array([e.ids for e in encodings], dtype=np.int64),
+                "attention_mask": np.array([e.attention_mask for e in encodings], dtype=np.int64)}
 
     def describe(self) -> dict:
         return {
             "modality": "text",
-            "tokenizer": type(self.tokenizer).__name__,
+            "tokenizer": self.tokenizer_class,
             "max_length": self.max_length,
             "inputs": list(self.input_names),
             "pooling": "mean over attention_mask, then L2 normalisation",

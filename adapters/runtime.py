@@ -8,15 +8,17 @@ import logging
 import os
 import pathlib
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 
-from adapters.backbones import FEATURES, TRUNK_OUTPUTS, Backbone
-from adapters.heads import HEAD_OUTPUT
-from adapters.onnx_utils import create_session
+from adapters.backbones import FEATURES, TRUNK_OUTPUTS, Backbone, library_version
+from adapters.onnx_utils import HEAD_OUTPUT, create_session
+
+if TYPE_CHECKING:
+    import onnx
 
 log = logging.getLogger(__name__)
 
@@ -40,15 +42,14 @@ def default_trunk_cache() -> pathlib.Path:
 
 def trunk_cache_key(backbone: Backbone, precision: str) -> dict[str, str]:
     """Everything an exported trunk file depends on: the weights (digest), the trunk's outputs, the
-    exporter (torch, onnx, onnxruntime for the quantiser, our export code) and the precision."""
-    import torch
-
+    exporter (torch, onnx, onnxruntime for the quantiser, our export code) and the precision. Versions are
+    the installed distributions' (importing torch and onnx to ask them would cost a serving start 2 s)."""
     return {
         "backbone": backbone.name,
         "weights": backbone.digest,
         "outputs": ",".join(TRUNK_OUTPUTS),
-        "torch": torch.__version__,
-        "onnx": onnx.__version__,
+        "torch": library_version("torch"),
+        "onnx": library_version("onnx"),
         "onnxruntime": ort.__version__,
         "export_version": str(EXPORT_VERSION),
         "precision": precision,
@@ -90,9 +91,10 @@ def _cosine_gap(a: np.ndarray, b: np.ndarray) -> float:
 
 class TrunkCacheFile:
     """One exported trunk in the shared cache folder: `NAME-PRECISION-KEY.onnx` and a JSON sidecar with
-    the full key and the file's SHA-256. Writers export to a private temporary file and move it in
-    with os.replace, so servers starting at once never read a half-written file; a file whose SHA-256
-    or key does not match its sidecar is exported again, not trusted."""
+    the full key, the file's SHA-256 and its parity with torch, checked before the file was moved in.
+    Writers export to a private temporary file and move it in with os.replace, so servers starting at once
+    never read a half-written file; a file whose SHA-256 or key does not match its sidecar is exported
+    again, not trusted. A trusted file is served without torch: its parity was checked when it was written."""
 
     def __init__(self, backbone: Backbone, cache_dir: pathlib.Path, precision: str) -> None:
         self.backbone = backbone
@@ -101,21 +103,28 @@ class TrunkCacheFile:
         digest = hashlib.sha256(json.dumps(self.key, sort_keys=True).encode()).hexdigest()[:16]
         self.path = pathlib.Path(cache_dir) / f"{backbone.name}-{precision}-{digest}.onnx"
         self.sidecar = self.path.with_suffix(".json")
+        self.parity: float | None = None  # recorded in the sidecar, read by trusted()
 
     def trusted(self) -> bool:
-        """Whether the cached file is there, written for this key, and intact."""
+        """Whether the cached file is there, written for this key, intact, and checked against torch."""
         if not self.path.is_file():
             return False
         try:
             meta = json.loads(self.sidecar.read_text())
-            ok = meta.get("key") == self.key and meta.get("sha256") == _sha256(self.path)
+            parity = meta.get("parity")
+            ok = (meta.get("key") == self.key and meta.get("sha256") == _sha256(self.path)
+                  and isinstance(parity, (int, float)))
         except (OSError, ValueError, AttributeError):
             ok = False
         if not ok:
             log.warning("cached trunk %s does not match its checksum or key; exporting it again", self.path)
-        return ok
+            return False
+        self.parity = float(parity)
+        return True
 
-    def export(self) -> None:
+    def export(self, check: Callable[[pathlib.Path], float] = lambda path: 0.0) -> float:
+        """Exports the trunk, and moves it in once `check` (the exported file's path -> its parity with
+        torch; it raises when the file is not fit to serve) has passed. Returns the parity."""
         folder = self.path.parent
         folder.mkdir(parents=True, exist_ok=True)
         tag = f".{self.path.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
@@ -127,9 +136,13 @@ class TrunkCacheFile:
                 quantize_int8(fp32, model)
             else:
                 os.replace(fp32, model)
-            side.write_text(json.dumps({"key": self.key, "sha256": _sha256(model)}, sort_keys=True))
+            parity = float(check(model))
+            side.write_text(json.dumps({"key": self.key, "sha256": _sha256(model), "parity": parity},
+                                       sort_keys=True))
             os.replace(model, self.path)
             os.replace(side, self.sidecar)
+            self.parity = parity
+            return parity
         finally:
             for leftover in (fp32, model, side):
                 leftover.unlink(missing_ok=True)
@@ -164,41 +177,36 @@ class TrunkRuntime:
         self.cache = TrunkCacheFile(backbone, cache_dir, precision)
         self.path = self.cache.path
         self.trt_cache = pathlib.Path(cache_dir) / "tensorrt" if tensorrt else None
-        exported = False
-        if not self.cache.trusted():
-            self.cache.export()
-            exported = True
-        try:
-            diff = self._open()
-        except Exception as exc:  # a cached file onnxruntime cannot load: export again, once
-            if exported:
-                raise
-            log.warning("cached trunk %s failed to load (%s); exporting it again", self.path, exc)
-            diff, exported = None, True
-        if diff is None or (diff > self.atol and not exported):
-            if diff is not None:
-                log.warning("cached trunk %s disagrees with torch (%.2e); exporting it again", self.path, diff)
-            self.cache.export()
-            diff = self._open()
-        if diff > self.atol:
-            raise RuntimeError(
-                f"ONNX trunk of {backbone.name} ({precision}) disagrees with torch (relative max |diff| {diff:.2e})"
-            )
-        self.parity_diff = diff
+        self.parity_diff: float | None = None
+        if self.cache.trusted():
+            try:
+                self._open(self.path)
+                self.parity_diff = self.cache.parity
+            except Exception as exc:  # a cached file onnxruntime cannot load: export it again
+                log.warning("cached trunk %s failed to load (%s); exporting it again", self.path, exc)
+        if self.parity_diff is None:
+            self.parity_diff = self.cache.export(self._checked)
         log.info("trunk %s ready (%s, %s, torch/onnx relative max |diff| %.1e)", backbone.name, precision,
-                 self.session.get_providers()[0], diff)
+                 self.session.get_providers()[0], self.parity_diff)
 
-    def _open(self) -> float:
-        """Opens the session on the cached file; returns its parity with torch."""
+    def _checked(self, path: pathlib.Path) -> float:
+        """Opens the session on a freshly exported file and checks it against torch."""
+        self._open(path)
+        diff = self.parity(self.backbone.sample_batch())
+        if not diff <= self.atol:
+            raise RuntimeError(f"ONNX trunk of {self.backbone.name} ({self.precision}) disagrees with torch "
+                               f"(relative max |diff| {diff:.2e})")
+        return diff
+
+    def _open(self, path: pathlib.Path) -> None:
         device = str(self.backbone.device)
         self.session: ort.InferenceSession = create_session(
-            self.path, device, self.threads, spinning=self.spinning, tensorrt_cache=self.trt_cache
+            path, device, self.threads, spinning=self.spinning, tensorrt_cache=self.trt_cache
         )
         # On a GPU, outputs are bound straight to host memory (the heads run on the CPU).
         on_gpu = "CUDAExecutionProvider" in self.session.get_providers()
         self.io_binding = device.startswith("cuda") and on_gpu
         self.input_names = self.backbone.preprocess.input_names
-        return self.parity(self.backbone.sample_batch())
 
     def features(self, batch: dict[str, np.ndarray]) -> np.ndarray:
         return self.session.run([FEATURES], {k: batch[k] for k in self.input_names})[0]
@@ -233,6 +241,8 @@ class TrunkRuntime:
         return max(float(np.abs(ours[k] - ref[k]).max() / max(np.abs(ref[k]).max(), 1e-30)) for k in TRUNK_OUTPUTS)
 
     def model(self) -> onnx.ModelProto:
+        import onnx
+
         return onnx.load(str(self.path))
 
 
@@ -273,6 +283,7 @@ class HeadRuntime:
 
 def fuse(trunk: onnx.ModelProto, head_bytes: bytes, metadata: dict[str, str]) -> bytes:
     """One model, preprocessed input -> probabilities: the trunk's outputs feed the head's inputs."""
+    import onnx
     from onnx import compose, helper, version_converter
 
     head = onnx.load_model_from_string(head_bytes)
@@ -310,6 +321,8 @@ PREPROCESSING_KEY = "headserve.preprocessing"  # metadata_props key of an export
 
 def with_metadata(model_bytes: bytes, metadata: dict[str, str]) -> bytes:
     """The model with `metadata` added to its metadata_props (a key already there takes the new value)."""
+    import onnx
+
     model = onnx.load_model_from_string(model_bytes)
     onnx.helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props}, **metadata})
     return model.SerializeToString()
@@ -353,6 +366,8 @@ def preprocessing_metadata(description: dict) -> dict:
 
 def graph_inputs(model_bytes: bytes) -> dict[str, list[int | str]]:
     """Input name -> shape (a dimension's name where it is dynamic) of a serialised ONNX model."""
+    import onnx
+
     graph = onnx.load_model_from_string(model_bytes).graph
     return {
         i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.input
@@ -360,5 +375,7 @@ def graph_inputs(model_bytes: bytes) -> dict[str, list[int | str]]:
 
 
 def labels_of(head_bytes: bytes) -> list[str]:
+    import onnx
+
     props = {p.key: p.value for p in onnx.load_model_from_string(head_bytes).metadata_props}
     return json.loads(props["labels"])

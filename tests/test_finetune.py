@@ -35,9 +35,9 @@ def test_top_block_is_tuned_and_trunk_stays_frozen(minilm):
     moved = [k for k in frozen if not torch.equal(frozen[k], tuned[k])]
     assert moved, "no parameter of the unfrozen block changed"
     assert all(torch.equal(v, minilm.module.encoder.encoder.layer[-1].state_dict()[k]) for k, v in frozen.items())
-    from adapters.backbones import _state_digest
+    from adapters.trunks import state_digest
 
-    assert _state_digest(minilm.module) == digest
+    assert state_digest(minilm.module) == digest
     assert set(feeds) == {"blocks_1", "attention_mask"}
     assert trained.evaluation["validation_method"].startswith("holdout 6 of 24")
 

@@ -16,18 +16,11 @@ import pytest
 import torch
 
 from adapters import weights
-from adapters.backbones import (
-    Backbone,
-    BackboneUnavailable,
-    LoadOptions,
-    MPNetTrunk,
-    _build_mpnet_model,
-    builtin_spec,
-    weights_root,
-)
+from adapters.backbones import Backbone, BackboneUnavailable, LoadOptions, builtin_spec, weights_root
 from adapters.onnx_utils import onnxruntime_clash
 from adapters.preprocessing import TextPreprocessor
 from adapters.runtime import TrunkRuntime
+from adapters.trunks import MPNetTrunk, _build_mpnet_model
 from adapters.weights import STAMP, SplitArchive, WeightsUnavailable, assemble, installed_parts
 from conftest import Client, make_settings
 from service.gen import headserve_pb2 as pb
@@ -216,7 +209,7 @@ def test_tiny_mpnet_assembles_loads_and_exports(tmp_path: pathlib.Path) -> None:
     spec = builtin_spec("mpnet-base")
     module, tokenizer, source = _build_mpnet_model(spec, LoadOptions(torch_home=tmp_path / "weights"), archive, parts)
     assert isinstance(module, MPNetTrunk) and "SHA-256 verified" in source
-    backbone = Backbone(spec, module, TextPreprocessor(tokenizer, spec.max_length), source, "cpu")
+    backbone = Backbone.from_module(spec, module, TextPreprocessor(tokenizer, spec.max_length), source, "cpu")
     assert backbone.feature_dim == 32
     batch = backbone.preprocess(["a short one", "a somewhat longer sentence with more tokens in it"])
     out = backbone.torch_outputs(batch)

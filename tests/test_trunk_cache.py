@@ -95,6 +95,32 @@ def test_damaged_file_is_not_trusted(tmp_path, caplog, damage):
     assert TrunkCacheFile(b, tmp_path, "fp32").trusted()
 
 
+def test_a_file_that_fails_its_check_is_never_moved_in(tmp_path):
+    b = StandIn()
+    f = TrunkCacheFile(b, tmp_path, "fp32")
+
+    def disagrees(path):
+        assert path.is_file() and path != f.path  # checked where it was written, before it is moved in
+        raise RuntimeError("ONNX trunk disagrees with torch")
+
+    with pytest.raises(RuntimeError, match="disagrees"):
+        f.export(disagrees)
+    assert list(tmp_path.iterdir()) == [] and not TrunkCacheFile(b, tmp_path, "fp32").trusted()
+    assert f.export(lambda path: 2.5e-7) == 2.5e-7
+    again = TrunkCacheFile(b, tmp_path, "fp32")
+    assert again.trusted() and again.parity == 2.5e-7
+
+
+def test_a_file_without_a_recorded_check_is_not_trusted(tmp_path):
+    b = StandIn()
+    f = TrunkCacheFile(b, tmp_path, "fp32")
+    f.export()
+    meta = json.loads(f.sidecar.read_text())
+    del meta["parity"]  # as written by a version that checked parity at every start instead
+    f.sidecar.write_text(json.dumps(meta))
+    assert not TrunkCacheFile(b, tmp_path, "fp32").trusted()
+
+
 def test_concurrent_writers_leave_one_intact_file(tmp_path):
     b = StandIn()
     files = [TrunkCacheFile(b, tmp_path, "fp32") for _ in range(6)]
