@@ -149,8 +149,9 @@ class Settings(BaseSettings):
         "its Predict is FAILED_PRECONDITION until the task is trained again",
     )
     trunk_cache_dir: pathlib.Path | None = Field(
-        None, description="folder of exported trunk ONNX files, shared by every server and data directory that "
-        "names it (keyed by weights, exporter versions and precision); default ~/.cache/headserve/trunks",
+        None, description="folder of exported trunk ONNX files and backbone facts, shared by every server and data "
+        "directory that names it (keyed by weights, exporter versions and precision); default "
+        "~/.cache/headserve/trunks",
     )
     training_workers: int = Field(
         1, ge=0, le=64, description="training workers of this replica, each training one job at a time; 0: "
