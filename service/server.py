@@ -223,7 +223,9 @@ def _assemble(settings: Settings, credentials, lock: DataDirLock, tracer, store:
     if settings.training_workers and settings.training_isolation == "thread":
         from service.training import warm_up
 
-        warm_up()  # worker processes warm up their own
+        # Readies this process's training threads in the background (worker processes ready themselves).
+        threading.Thread(target=warm_up, args=(registry, settings.auto_fine_tune_min_examples), daemon=True,
+                         name="training-warm-up").start()
 
     limits = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),

@@ -60,7 +60,7 @@ def _build_worker(settings: Settings, index: int, on_success=None, on_finished=N
                                service_name="headserve-worker")
         tracer.instrument(store, STORE_OPERATIONS)
     registry = BackboneRegistry.load(settings)
-    warm_up()
+    warm_up(registry, settings.auto_fine_tune_min_examples)
     return Worker(store, registry, worker_name(index), lease_seconds=settings.job_lease_seconds,
                   max_attempts=settings.job_max_attempts,
                   auto_fine_tune_min_examples=settings.auto_fine_tune_min_examples,

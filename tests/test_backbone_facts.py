@@ -212,3 +212,19 @@ def test_a_warm_serving_process_imports_no_torch(tmp_path):
     # Trained by the worker process, served by this one: neither torch nor transformers is loaded here.
     assert result["heavy"] == [] and result["heavy_after"] == [], result
     assert result["label"] in ("sport", "food")
+
+
+@pytest.mark.parametrize("threshold", [0, 8])
+def test_a_training_worker_builds_the_text_trunks_that_auto_tunes_before_its_first_job(tmp_path, threshold):
+    from conftest import make_settings
+
+    from service.registry import BackboneRegistry
+    from service.training import warm_up
+
+    settings = make_settings(tmp_path, with_minilm=False, trunk_cache_dir=tmp_path / "trunks")
+    BackboneRegistry.load(settings)  # exports, caches the facts
+    registry = BackboneRegistry.load(settings)
+    assert all(e.backbone._module is None for e in registry.entries.values() if e.available)
+    warm_up(registry, threshold)
+    built = {name for name, e in registry.entries.items() if e.available and e.backbone._module is not None}
+    assert built == ({TINY_TEXT} if threshold else set())  # images are fine-tuned only when asked to
