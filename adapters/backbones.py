@@ -4,6 +4,9 @@ A backbone is split into a shared frozen *trunk* (everything up to the pooled fe
 onnxruntime when serving, and by that same session or by torch when training: see `TrunkRun`) and
 per-task *heads* (adapters/heads.py).
 The trunk's output is named by its tap; "pooled" is the global pooled feature vector.
+
+This module does not import torch: a server serves from the exported trunk and the backbone's cached facts
+(FactsFile), and builds the torch trunk (adapters/trunks.py) only where torch runs.
 """
 
 from __future__ import annotations
@@ -184,6 +187,8 @@ class LoadOptions:
 MAX_UNFREEZE = 6
 BLOCK_INPUTS = tuple(f"blocks_{i}" for i in range(1, MAX_UNFREEZE + 1))
 TRUNK_OUTPUTS = (*POOLED_TAPS.values(), *BLOCK_INPUTS)
+# The trunks themselves, torch modules, are in adapters/trunks.py.
+
 
 def torch_home() -> pathlib.Path:
     """torch's own folder, as torch.hub computes it ($TORCH_HOME, else $XDG_CACHE_HOME/torch, else

@@ -228,3 +228,16 @@ def test_a_training_worker_builds_the_text_trunks_that_auto_tunes_before_its_fir
     warm_up(registry, threshold)
     built = {name for name, e in registry.entries.items() if e.available and e.backbone._module is not None}
     assert built == ({TINY_TEXT} if threshold else set())  # images are fine-tuned only when asked to
+
+
+def test_torch_home_is_torchs_own_without_importing_it(tmp_path, monkeypatch):
+    import pathlib
+
+    import torch
+
+    for env in ({}, {"XDG_CACHE_HOME": str(tmp_path / "xdg")}, {"TORCH_HOME": str(tmp_path / "th")}):
+        monkeypatch.delenv("TORCH_HOME", raising=False)
+        monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        assert backbones.torch_home() == pathlib.Path(torch.hub.get_dir()).parent
