@@ -169,6 +169,8 @@ class Worker:
         while not done.wait(interval):
             try:
                 if not self.store.renew_lease(job.job_id, self.name, self.lease_ms):
+                    if job.state in ("SUCCEEDED", "FAILED"):
+                        return  # stored as this renewal was due (and the new head is still being installed)
                     log.warning("job %s: %s no longer holds it (lease lost, or the job was deleted); stopping it",
                                 job.job_id, self.name)
                     self._lost.set()

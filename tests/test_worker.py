@@ -122,3 +122,23 @@ def test_a_stopped_worker_puts_its_job_back_in_the_queue_at_its_next_progress_re
     finally:
         client.close()
         running.stop()
+
+
+def test_a_job_that_finished_while_its_head_is_installed_is_not_reported_lost(tmp_path, caplog):
+    running = build_server(make_settings(tmp_path, with_minilm=False, auth="api_key", training_workers=0))
+    tenant = make_tenant(running)
+    client = Client(running.address, tenant.api_key)
+    try:
+        create(client, unique_id("slow-install"))
+        app = running.app
+        # A large head takes a while to load after the job is stored; meanwhile the lease falls due.
+        worker = Worker(app.store, app.registry, worker_name(), lease_seconds=2,
+                        on_success=lambda key, runtime: time.sleep(2.5))
+        job = app.store.claim_job(worker.name, 2_000)
+        with caplog.at_level("WARNING", logger="service.jobs"):
+            worker.run_job(job)
+        assert job.state == "SUCCEEDED" and app.store.get_job(job.job_id).state == "SUCCEEDED"
+        assert "no longer holds it" not in caplog.text and not worker._lost.is_set()
+    finally:
+        client.close()
+        running.stop()
