@@ -7,6 +7,7 @@ tenant (a retrain embeds only new examples). The job runner (service/jobs.py) cl
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 
 import numpy as np
@@ -104,10 +105,11 @@ class Trainer:
         return [raw[sha][1].decode() if raw[sha][0] == "text" else raw[sha][1] for sha in shas]
 
 
-def warm_up(registry: BackboneRegistry, auto_fine_tune_min_examples: int) -> None:
-    """Readies a training worker before its first job: pays torch's and onnxruntime's first-call costs, and
-    builds the torch trunk of every text backbone that AUTO fine-tunes (a few seconds for minilm-l6, paid
-    here rather than by the first task; serving never needs it)."""
+def warm_up(registry: BackboneRegistry, auto_fine_tune_min_examples: int) -> threading.Thread | None:
+    """Readies a training worker before its first job: pays torch's and onnxruntime's first-call costs, then
+    builds, in a thread it returns (None when there is nothing to build), the torch trunk of every text backbone
+    that AUTO fine-tunes: a few seconds for minilm-l6 that the first task would otherwise wait for (it waits
+    only for what is left; serving never needs the trunk). Jobs may be claimed meanwhile."""
     from adapters.heads import export_checked
     from adapters.options import TrainingOptions
     from adapters.selection import train_head
@@ -116,10 +118,17 @@ def warm_up(registry: BackboneRegistry, auto_fine_tune_min_examples: int) -> Non
     x = rng.normal(size=(8, 16)).astype(np.float32)
     trained = train_head(x, ["a", "b"] * 4, TrainingOptions(strategy="auto"))
     export_checked(trained, x, {})
-    if auto_fine_tune_min_examples > 0:
-        for entry in registry.entries.values():
-            if entry.available and entry.spec.modality == "text":
-                try:
-                    entry.backbone.module
-                except Exception:  # the job that needs it reports why
-                    log.exception("backbone %s: its torch trunk could not be built", entry.spec.name)
+    entries = [e for e in registry.entries.values() if e.available and e.spec.modality == "text"]
+    if auto_fine_tune_min_examples <= 0 or not entries:
+        return None
+
+    def build() -> None:
+        for entry in entries:
+            try:
+                entry.backbone.module
+            except Exception:  # the job that needs it reports why
+                log.exception("backbone %s: its torch trunk could not be built", entry.spec.name)
+
+    thread = threading.Thread(target=build, daemon=True, name="build-trunks")
+    thread.start()
+    return thread

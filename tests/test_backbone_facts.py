@@ -225,7 +225,9 @@ def test_a_training_worker_builds_the_text_trunks_that_auto_tunes_before_its_fir
     BackboneRegistry.load(settings)  # exports, caches the facts
     registry = BackboneRegistry.load(settings)
     assert all(e.backbone._module is None for e in registry.entries.values() if e.available)
-    warm_up(registry, threshold)
+    building = warm_up(registry, threshold)
+    if building is not None:
+        building.join(60)
     built = {name for name, e in registry.entries.items() if e.available and e.backbone._module is not None}
     assert built == ({TINY_TEXT} if threshold else set())  # images are fine-tuned only when asked to
 
