@@ -250,13 +250,13 @@ class Backbone:
 
     @classmethod
     def from_module(cls, spec: BackboneSpec, module, preprocess: Preprocessor, weights_source: str,
-                    device: str) -> Backbone:
+                    device: str, build: Callable[[], Any] | None = None) -> Backbone:
         """A backbone around a built trunk module: its facts are computed here, with torch."""
         from adapters.trunks import freeze, state_digest
 
         module = freeze(module, device)
         backbone = cls(spec, preprocess, BackboneFacts(state_digest(module), {}, weights_source), device,
-                       module=module)
+                       build=build, module=module)
         outputs = backbone.torch_outputs(backbone.sample_batch())
         taps = {tap: int(outputs[name].shape[1]) for tap, name in POOLED_TAPS.items()}
         backbone.facts = dataclasses.replace(backbone.facts, tap_dims=taps)
@@ -476,6 +476,16 @@ def _build_trunk(spec: BackboneSpec, opts: LoadOptions):
     return trunks.build(spec, opts)
 
 
+def _preprocessor(spec: BackboneSpec, opts: LoadOptions, tokenizer=None, record: dict | None = None) -> Preprocessor:
+    """Text: from the built tokenizer, or from the record cached with the facts. Images: the spec's transform."""
+    if spec.modality == "text":
+        if record is not None:
+            return TextPreprocessor.from_record(record, spec.max_length, opts.limits)
+        return TextPreprocessor(tokenizer, spec.max_length, opts.limits)
+    assert spec.transform is not None
+    return ImagePreprocessor(spec.transform, opts.limits)
+
+
 def load_backbone(spec: BackboneSpec, opts: LoadOptions, cache_dir: pathlib.Path | None = None) -> Backbone:
     """The backbone and its preprocessing. With `cache_dir` (the trunk cache folder), facts cached there by
     an earlier start are used and the torch trunk is built only when needed. Raises BackboneUnavailable
@@ -488,20 +498,10 @@ def load_backbone(spec: BackboneSpec, opts: LoadOptions, cache_dir: pathlib.Path
 
     if cached is not None:
         facts, record = cached
-        if spec.modality == "text":
-            pre: Preprocessor = TextPreprocessor.from_record(record, spec.max_length, opts.limits)
-        else:
-            assert spec.transform is not None
-            pre = ImagePreprocessor(spec.transform, opts.limits)
-        return Backbone(spec, pre, facts, opts.device, build=build)
+        return Backbone(spec, _preprocessor(spec, opts, record=record), facts, opts.device, build=build)
     module, tokenizer, source = _build_trunk(spec, opts)
-    if spec.modality == "text":
-        pre = TextPreprocessor(tokenizer, spec.max_length, opts.limits)
-    else:
-        assert spec.transform is not None
-        pre = ImagePreprocessor(spec.transform, opts.limits)
-    backbone = Backbone.from_module(spec, module, pre, source, opts.device)
-    backbone._build = build
+    pre = _preprocessor(spec, opts, tokenizer)
+    backbone = Backbone.from_module(spec, module, pre, source, opts.device, build)
     if facts_file is not None:
-        facts_file.write(backbone.facts, pre.record() if spec.modality == "text" else {})
+        facts_file.write(backbone.facts, pre.record() if isinstance(pre, TextPreprocessor) else {})
     return backbone
