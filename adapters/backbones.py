@@ -498,7 +498,13 @@ def load_backbone(spec: BackboneSpec, opts: LoadOptions, cache_dir: pathlib.Path
 
     if cached is not None:
         facts, record = cached
-        return Backbone(spec, _preprocessor(spec, opts, record=record), facts, opts.device, build=build)
+        try:
+            pre = _preprocessor(spec, opts, record=record)
+        except Exception as exc:  # a damaged tokenizer in the cache: build, and cache it again
+            log.warning("cached facts %s: the tokenizer does not load (%s); building the trunk", facts_file.path,
+                        str(exc)[:200])
+        else:
+            return Backbone(spec, pre, facts, opts.device, build=build)
     module, tokenizer, source = _build_trunk(spec, opts)
     pre = _preprocessor(spec, opts, tokenizer)
     backbone = Backbone.from_module(spec, module, pre, source, opts.device, build)

@@ -89,8 +89,11 @@ class TextPreprocessor:
         """The preprocessor that `record()` describes, without transformers."""
         from tokenizers import Tokenizer
 
+        tokenizer = Tokenizer.from_str(record["tokenizer"])
+        if tokenizer.padding is None:
+            raise ValueError("the recorded tokenizer does not pad")
         pre = cls.__new__(cls)
-        pre._init(Tokenizer.from_str(record["tokenizer"]), str(record["tokenizer_class"]), max_length, limits)
+        pre._init(tokenizer, str(record["tokenizer_class"]), max_length, limits)
         return pre
 
     def _init(self, tokenizer, name: str, max_length: int, limits: InputLimits) -> None:

@@ -115,7 +115,7 @@ def test_changed_weights_are_built_again_under_another_key(tmp_path, monkeypatch
     assert len(list(cache.glob(f"{TINY_TEXT}-facts-*.json"))) == 2
 
 
-@pytest.mark.parametrize("damage", ["not-json", "fields", "other-key"])
+@pytest.mark.parametrize("damage", ["not-json", "fields", "other-key", "tokenizer", "no-padding"])
 def test_damaged_facts_are_ignored_and_written_again(tmp_path, monkeypatch, caplog, damage):
     spec, _ = _tiny_copy(tmp_path)
     cache = tmp_path / "cache"
@@ -127,6 +127,14 @@ def test_damaged_facts_are_ignored_and_written_again(tmp_path, monkeypatch, capl
     elif damage == "fields":
         data["tap_dims"] = {"last": "wide"}
         path.write_text(json.dumps(data))
+    elif damage == "tokenizer":
+        data["preprocess"]["tokenizer"] = '{"model": 1}'
+        path.write_text(json.dumps(data))
+    elif damage == "no-padding":
+        tokenizer = json.loads(data["preprocess"]["tokenizer"])
+        tokenizer["padding"] = None
+        data["preprocess"]["tokenizer"] = json.dumps(tokenizer)
+        path.write_text(json.dumps(data))
     else:  # facts of other weights under this name: the key inside does not match
         data["key"]["files"][0][1] += 1
         data["digest"] = "0" * 16
@@ -135,7 +143,7 @@ def test_damaged_facts_are_ignored_and_written_again(tmp_path, monkeypatch, capl
     with caplog.at_level(logging.WARNING, logger="adapters.backbones"):
         again = load_backbone(spec, LoadOptions(), cache)
     assert builds.count == 1 and again.facts == first.facts
-    assert (damage == "other-key") or "do not parse" in caplog.text
+    assert (damage == "other-key") or "do not parse" in caplog.text or "tokenizer does not load" in caplog.text
     assert json.loads(path.read_text())["digest"] == first.digest  # written again
 
 
