@@ -371,8 +371,8 @@ class Backbone:
 # Building a trunk costs a server most of its start: importing torch and transformers, reading the weights,
 # hashing every tensor and running a sample batch (minilm-l6: about 5 s of a 7.5 s warm start on 2 cores).
 # What serving needs of it (BackboneFacts, and a text backbone's tokenizer) is therefore cached beside the
-# exported trunks, keyed by the files the trunk is built from (path, size, modification time) and the
-# versions of the libraries that build it; a server whose key matches serves without building the trunk.
+# exported trunks, keyed by the files the trunk is built from (path, size, modification and change times)
+# and the versions of the libraries that build it; a server whose key matches serves without building it.
 
 FACTS_VERSION = 1
 
@@ -418,6 +418,13 @@ def _weight_files(spec: BackboneSpec, opts: LoadOptions) -> list[pathlib.Path] |
     return sorted(p for p in folder.rglob("*") if p.is_file())
 
 
+def _identity(path: pathlib.Path) -> list[int]:
+    """Size, modification and change times: a file replaced or rewritten changes its ctime even when its
+    size and mtime are made to match (`touch -r`, `cp -p`)."""
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
 class FactsFile:
     """A backbone's cached facts (and tokenizer): `NAME-facts-KEY.json` in the trunk cache folder, written
     atomically; a file that does not parse or does not hold this key is ignored and written again."""
@@ -431,7 +438,7 @@ class FactsFile:
         self.key = {
             "facts_version": FACTS_VERSION,
             "spec": repr(spec),
-            "files": [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in files],
+            "files": [[str(p), *_identity(p)] for p in files],
             "random": not files,
             "libraries": {d: library_version(d) for d in ("torch", "torchvision", "transformers", "tokenizers")},
         }

@@ -251,3 +251,21 @@ def test_torch_home_is_torchs_own_without_importing_it(tmp_path, monkeypatch):
         for k, v in env.items():
             monkeypatch.setenv(k, v)
         assert backbones.torch_home() == pathlib.Path(torch.hub.get_dir()).parent
+
+
+def test_weights_replaced_with_the_same_size_and_mtime_are_built_again(tmp_path, monkeypatch):
+    spec, folder = _tiny_copy(tmp_path)
+    cache = tmp_path / "cache"
+    load_backbone(spec, LoadOptions(), cache)
+    weights = folder / "model.safetensors"
+    before = weights.stat()
+    data = bytearray(weights.read_bytes())
+    data[-8:] = bytes(8)  # other weights, the same size
+    replacement = folder / "replacement"
+    replacement.write_bytes(bytes(data))
+    os.utime(replacement, ns=(before.st_atime_ns, before.st_mtime_ns))  # as `cp -p` or `touch -r` would
+    os.replace(replacement, weights)
+    assert (weights.stat().st_size, weights.stat().st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    builds = Builds(monkeypatch)
+    load_backbone(spec, LoadOptions(), cache)
+    assert builds.count == 1
