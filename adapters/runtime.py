@@ -122,7 +122,7 @@ class TrunkCacheFile:
         self.parity = float(parity)
         return True
 
-    def export(self, check: Callable[[pathlib.Path], float] = lambda path: 0.0) -> float:
+    def export(self, check: Callable[[pathlib.Path], float]) -> float:
         """Exports the trunk, and moves it in once `check` (the exported file's path -> its parity with
         torch; it raises when the file is not fit to serve) has passed. Returns the parity."""
         folder = self.path.parent

@@ -15,13 +15,14 @@ import textwrap
 import numpy as np
 import pytest
 from conftest import TINY_TEXT, tiny_text_folder
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from adapters import backbones
 from adapters.backbones import (
     Backbone,
     BackboneConfigError,
     BackboneFacts,
-    FactsFile,
     LoadOptions,
     builtin_spec,
     custom_spec,
@@ -52,6 +53,16 @@ def test_text_preprocessor_gives_the_hugging_face_tokenizers_ids(hf_tokenizer, m
         np.testing.assert_array_equal(batch["attention_mask"], want["attention_mask"])
     assert pre.describe()["tokenizer"] == type(hf_tokenizer).__name__
     assert TextPreprocessor.from_record(pre.record(), max_length).describe() == pre.describe()
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(texts=st.lists(st.text(min_size=1, max_size=300).filter(str.strip), min_size=1, max_size=4),
+       max_length=st.sampled_from([4, 16, 256]))
+def test_any_text_gets_the_hugging_face_tokenizers_ids(hf_tokenizer, texts, max_length):
+    want = hf_tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="np")
+    got = TextPreprocessor(hf_tokenizer, max_length)(texts)
+    np.testing.assert_array_equal(got["input_ids"], want["input_ids"])
+    np.testing.assert_array_equal(got["attention_mask"], want["attention_mask"])
 
 
 def _tiny_copy(tmp_path):
