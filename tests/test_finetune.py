@@ -117,3 +117,15 @@ def test_auto_fine_tune_keeps_whichever_head_wins_the_shared_holdout(minilm, sma
     assert kept is feature_head and feeds is None
     assert "or the feature head was clearly better on the same holdout of 6 examples" in \
         kept.evaluation["strategy_reason"]
+
+
+def test_pair_loss_is_zero_for_separated_labels_and_grows_as_they_mix():
+    from adapters.finetune import pair_loss
+
+    y = torch.tensor([0, 0, 1, 1])
+    separated = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
+    assert float(pair_loss(separated, y)) == pytest.approx(0.0, abs=1e-7)
+    mixed = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]])
+    assert float(pair_loss(mixed, y)) == pytest.approx(1.0)  # positives at cosine 0, negatives at 1
+    halfway = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 1.0], [1.0, 1.0]])
+    assert 0.0 < float(pair_loss(halfway, y)) < 1.0

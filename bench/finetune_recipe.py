@@ -1,0 +1,147 @@
+#!/usr/bin/env python
+"""The text FINE_TUNE recipe's step budget, studied leave-one-dataset-out on the six text sets.
+
+A few-shot text task has few examples: at N = 8 SST-2 has 16, and with a batch of 32 each epoch is a single
+optimiser step, so 8 epochs are 8 steps in all. This script tunes MiniLM-L6 (the strategy's six blocks)
+in-process on bench/fewshot.py's draws (seed [0, N, d]) under each (batch, epochs) pair of a grid, scores
+the tuned head's torch graph on the same 200 test sentences the service runs used, and then chooses the
+pair leave-one-dataset-out: for each set, the pair with the best mean over the other five, scored on it.
+
+    python bench/finetune_recipe.py run --out bench/results/finetune_recipe.json
+    python bench/finetune_recipe.py lodo --out bench/results/finetune_recipe.json
+
+`run` is resumable (cells already in --out are skipped) and writes after every cell.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+
+HERE = pathlib.Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path[:] = [p for p in sys.path if pathlib.Path(p or ".").resolve() != HERE]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+
+from bench.datasets import draw, load_dataset  # noqa: E402
+from bench.fewshot import DEFAULT_SHARED, TEXT_SETS, Reference  # noqa: E402
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("stage", choices=("run", "lodo"))
+    p.add_argument("--shared", type=pathlib.Path, default=DEFAULT_SHARED)
+    p.add_argument("--sets", nargs="+", default=list(TEXT_SETS))
+    p.add_argument("--shots", type=int, default=8)
+    p.add_argument("--draws", type=int, default=3)
+    p.add_argument("--batches", nargs="+", type=int, default=[32, 16, 8])
+    p.add_argument("--epochs", nargs="+", type=int, default=[8, 16])
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=["ce"],
+                   help="objectives: cross-entropy on the classifier (ce, the default), SetFit's pair loss with the "
+                        "classifier refitted by logistic regression after every epoch (pair), or both (ce+pair)")
+    p.add_argument("--test-limit", type=int, default=200)
+    p.add_argument("--backbone", default="minilm-l6")
+    p.add_argument("--out", type=pathlib.Path, default=ROOT / "bench" / "results" / "finetune_recipe.json")
+    return p.parse_args(argv)
+
+
+VARIANTS = {"ce": (1.0, 0.0), "pair": (0.0, 1.0), "ce+pair": (1.0, 1.0)}  # (cross-entropy, pair loss) weights
+
+
+def key(variant: str, batch: int, epochs: int) -> str:
+    return f"b{batch}e{epochs}" if variant == "ce" else f"{variant}:b{batch}e{epochs}"
+
+
+def stage_run(args: argparse.Namespace) -> None:
+    import adapters.finetune as ft
+    from adapters.options import TrainingOptions
+
+    results = json.loads(args.out.read_text()) if args.out.exists() else {
+        "config": {k: str(v) for k, v in vars(args).items()},
+        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                 text=True).stdout.strip(), "cells": {}}
+    backbone = Reference(args.backbone, {}).backbone(args.backbone)
+    blocks = ft.DEFAULT_BLOCKS["text"]
+    defaults = ft.TRAIN_BATCH, ft.CE_WEIGHT, ft.PAIR_WEIGHT
+    for name in args.sets:
+        ds = load_dataset(args.shared / "data" / "text" / name, split_seed=0)
+        ds.limit_test(args.test_limit, seed=0)
+        test_feeds = ft._maps(backbone, backbone.torch_outputs, [ds.payload(x) for x in ds.test_inputs], blocks,
+                              lambda _: None)
+        for d, variant, batch, epochs in itertools.product(range(args.draws), args.variants, args.batches,
+                                                           args.epochs):
+            cell = f"{name}/{d}/{key(variant, batch, epochs)}"
+            if cell in results["cells"]:
+                continue
+            idx = draw(ds, args.shots, [0, args.shots, d])
+            labels = [ds.train_labels[i] for i in idx]
+            names = sorted(set(labels))
+            y_test = np.array([names.index(label) for label in ds.test_labels])
+            start = time.perf_counter()
+            ce, pair = VARIANTS[variant]
+            ft.TRAIN_BATCH, ft.CE_WEIGHT, ft.PAIR_WEIGHT = (
+                {**defaults[0], "text": batch}, {**defaults[1], "text": ce}, {**defaults[2], "text": pair})
+            try:
+                tuned, _ = ft.fine_tune(backbone, [ds.payload(ds.train_inputs[i]) for i in idx], labels,
+                                        TrainingOptions(strategy="fine_tune", epochs=epochs),
+                                        trunk=backbone.torch_outputs)
+            finally:
+                ft.TRAIN_BATCH, ft.CE_WEIGHT, ft.PAIR_WEIGHT = defaults
+            probs = np.concatenate([tuned.head.reference({n: v[i : i + 64] for n, v in test_feeds.items()})
+                                    for i in range(0, len(y_test), 64)])
+            results["cells"][cell] = {
+                "test": float((probs.argmax(1) == y_test).mean()), "best_epoch": tuned.evaluation["best_epoch"],
+                "seconds": round(time.perf_counter() - start, 1), "load": round(os.getloadavg()[0], 1)}
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = args.out.with_suffix(".tmp")
+            tmp.write_text(json.dumps(results, indent=1))
+            tmp.replace(args.out)
+            r = results["cells"][cell]
+            print(f"{cell}: {100 * r['test']:.1f} (best epoch {r['best_epoch']}) in {r['seconds']:.0f} s "
+                  f"(load {r['load']})", flush=True)
+
+
+def stage_lodo(args: argparse.Namespace) -> None:
+    results = json.loads(args.out.read_text())
+    configs = [key(v, b, e) for v in args.variants for b in args.batches for e in args.epochs]
+    mean: dict[tuple[str, str], float] = {}
+    for name, c in itertools.product(args.sets, configs):
+        scores = [results["cells"].get(f"{name}/{d}/{c}", {}).get("test") for d in range(args.draws)]
+        if None not in scores:
+            mean[name, c] = 100 * float(np.mean(scores))
+    configs = [c for c in configs if all((s, c) in mean for s in args.sets)]
+    print("| set | " + " | ".join(configs) + " | LODO choice | LODO score | default (b32e8) | LODO − default |")
+    print("|---|" + "---|" * (len(configs) + 4))
+    lodo, default = [], []
+    for name in args.sets:
+        others = [s for s in args.sets if s != name]
+        choice = max(configs, key=lambda c: (np.mean([mean[s, c] for s in others]), c == "b32e8"))
+        lodo.append(mean[name, choice])
+        default.append(mean[name, "b32e8"])
+        print(f"| {name} | " + " | ".join(f"{mean[name, c]:.1f}" for c in configs)
+              + f" | {choice} | {lodo[-1]:.1f} | {default[-1]:.1f} | {lodo[-1] - default[-1]:+.1f} |")
+    print(f"| **mean** | " + " | ".join(f"{np.mean([mean[s, c] for s in args.sets]):.1f}" for c in configs)
+          + f" | | {np.mean(lodo):.1f} | {np.mean(default):.1f} | {np.mean(lodo) - np.mean(default):+.1f} |")
+    secs = {c: np.median([results["cells"][f"{s}/{d}/{c}"]["seconds"] for s in args.sets for d in range(args.draws)])
+            for c in configs}
+    print("median seconds per task: " + ", ".join(f"{c} {secs[c]:.0f}" for c in configs))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    {"run": stage_run, "lodo": stage_lodo}[args.stage](args)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
