@@ -126,6 +126,7 @@ def test_pair_loss_is_zero_for_separated_labels_and_grows_as_they_mix():
     separated = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
     assert float(pair_loss(separated, y)) == pytest.approx(0.0, abs=1e-7)
     mixed = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]])
-    assert float(pair_loss(mixed, y)) == pytest.approx(1.0)  # positives at cosine 0, negatives at 1
+    # positives at cosine 0 (error 1); half the negatives at cosine 1 (error 1), half at 0: (1 + 0.5) / 2
+    assert float(pair_loss(mixed, y)) == pytest.approx(0.75)
     halfway = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 1.0], [1.0, 1.0]])
     assert 0.0 < float(pair_loss(halfway, y)) < 1.0
