@@ -3,8 +3,10 @@
 The shared trunk stays frozen. It already outputs the input of each of its last blocks ("blocks_1"
 feeds the last block, "blocks_N" the last N); a fine-tuned head holds its own copy of those blocks
 plus a classifier. Training starts from a linear probe (LP-FT), uses a low learning rate for the
-blocks (a higher one for the classifier) with cosine decay, label smoothing, frozen normalisation
-statistics, augmented views for images, and early stopping on a stratified holdout. The head is
+blocks (a higher one for the classifier) with cosine decay, frozen normalisation statistics, augmented
+views for images, and early stopping on a stratified holdout. Images train on cross-entropy with label
+smoothing; text on SetFit's pair loss, its classifier refitted by logistic regression (`TRAIN_BATCH`,
+`CE_WEIGHT`, `PAIR_WEIGHT`). The head is
 exported to ONNX like any other and served through the same path: trunk session -> head session,
 the head reading `blocks_N` (and `attention_mask` for text).
 
@@ -296,8 +298,8 @@ def fine_tune(
                     optim.step()
                     schedule.step()
                     total += loss.item() * len(idx)
-                if not ce_weight:  # the classifier does not learn from the loss: refitted on the tuned features
-                    fit_classifier(model, train)
+                if not ce_weight and (len(val) or epoch == n_epochs):
+                    fit_classifier(model, train)  # it does not learn from the loss: refitted where it is read
                 update = {"phase": "training", "epoch": shown[0] + epoch, "epochs": shown[1],
                           "loss": total / len(order)}
                 if len(val):
