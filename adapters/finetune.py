@@ -331,6 +331,8 @@ def fine_tune(
         "unfreeze_blocks": blocks,
         "best_epoch": best_epoch,
         "learning_rate": head_lr,
+        "objective": ("pair loss, classifier by logistic regression" if not ce_weight else
+                      "cross-entropy" + (" + pair loss" if pair_weight else "")),
         "validation_method": f"holdout {len(val_idx)} of {len(y)} (early stopping on the same holdout)",
         "examples_per_label": {name: int(n) for name, n in zip(names, np.bincount(y, minlength=k))},
         "num_examples": len(y),

@@ -11,7 +11,7 @@ from conftest import COLOURS, TOPICS, png
 
 from adapters.backbones import LoadOptions, builtin_spec, load_backbone
 from adapters.finetune import fine_tune
-from adapters.heads import export_checked
+from adapters.heads import export_checked, train_linear
 from adapters.options import TrainingOptions
 from adapters.selection import Rule, auto_fine_tune, train_head
 
@@ -40,6 +40,19 @@ def test_top_block_is_tuned_and_trunk_stays_frozen(minilm):
     assert state_digest(minilm.module) == digest
     assert set(feeds) == {"blocks_1", "attention_mask"}
     assert trained.evaluation["validation_method"].startswith("holdout 6 of 24")
+
+    # Text tunes the blocks with the pair loss alone: the classifier learns nothing from the loss and is,
+    # after the last epoch, exactly the logistic-regression probe on the tuned blocks' pooled features of
+    # every example. A classifier trained by cross-entropy would be somewhere else.
+    assert trained.evaluation["objective"] == "pair loss, classifier by logistic regression"
+    assert trained.evaluation["best_epoch"] > 0 and trained.evaluation["refit"]
+    model = trained.head.module
+    with torch.inference_mode():
+        pooled = model.top(*[torch.from_numpy(feeds[n]) for n in trained.head.input_names]).numpy()
+    probe = train_linear(pooled, np.array([trained.labels.index(label) for label in LABELS]), len(trained.labels),
+                         TrainingOptions(strategy="linear"))
+    np.testing.assert_allclose(model.classifier.weight.detach().numpy(), probe.layers[0][0], rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(model.classifier.bias.detach().numpy(), probe.layers[0][1], rtol=1e-3, atol=1e-4)
 
     data = export_checked(trained, feeds, {"task_id": "t"})
     session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
