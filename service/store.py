@@ -181,6 +181,15 @@ sa.Index("uq_jobs_one_active", jobs.c.task_key, unique=True,
          sqlite_where=jobs.c.state.in_(ACTIVE_JOB_STATES), postgresql_where=jobs.c.state.in_(ACTIVE_JOB_STATES))
 
 
+# The reads of every GetTask, built once: SQLAlchemy then only looks up their compiled form (building a select
+# per call was 60% of task_view's time on SQLite; docs/design.md, "GetTask's cost").
+_TASK = sa.select(tasks).where(tasks.c.key == sa.bindparam("key"))
+_LABEL_COUNTS = (sa.select(examples.c.label, sa.func.count()).where(examples.c.task_key == sa.bindparam("key"))
+                 .group_by(examples.c.label))
+_EVALUATION = sa.select(heads.c.evaluation).where(heads.c.task_key == sa.bindparam("key"),
+                                                  heads.c.version == sa.bindparam("version"))
+
+
 def now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -741,7 +750,7 @@ class Store:
 
     def get_task(self, key: str) -> TaskRecord:
         with self.engine.connect() as conn:
-            row = conn.execute(sa.select(tasks).where(tasks.c.key == key)).first()
+            row = conn.execute(_TASK, {"key": key}).first()
         if row is None:
             raise NotFound(f"task {task_of(key)!r} does not exist")
         return _task(row)
@@ -749,17 +758,14 @@ class Store:
     def task_view(self, key: str) -> tuple[TaskRecord, dict[str, int], dict]:
         """A task, its examples per label and its live head's evaluation, in one read transaction."""
         with self.engine.connect() as conn:
-            row = conn.execute(sa.select(tasks).where(tasks.c.key == key)).first()
+            row = conn.execute(_TASK, {"key": key}).first()
             if row is None:
                 raise NotFound(f"task {task_of(key)!r} does not exist")
             task = _task(row)
-            counts = {label: n for label, n in conn.execute(
-                sa.select(examples.c.label, sa.func.count()).where(examples.c.task_key == key)
-                .group_by(examples.c.label))}
+            counts = dict(conn.execute(_LABEL_COUNTS, {"key": key}).all())
             evaluation = {}
             if task.live_version:
-                value = conn.execute(sa.select(heads.c.evaluation).where(
-                    heads.c.task_key == key, heads.c.version == task.live_version)).scalar()
+                value = conn.execute(_EVALUATION, {"key": key, "version": task.live_version}).scalar()
                 evaluation = json.loads(value) if value else {}
         return task, counts, evaluation
 
@@ -793,9 +799,8 @@ class Store:
                     conn.execute(blobs.delete().where(blobs.c.tenant_id == tenant, blobs.c.sha256.in_(orphans)))
 
     def label_counts(self, key: str) -> dict[str, int]:
-        q = sa.select(examples.c.label, sa.func.count()).where(examples.c.task_key == key).group_by(examples.c.label)
         with self.engine.connect() as conn:
-            return {label: n for label, n in conn.execute(q)}
+            return dict(conn.execute(_LABEL_COUNTS, {"key": key}).all())
 
     def example_refs(self, key: str) -> list[tuple[str, str]]:
         """(sha256, label) of every example of the task, in insertion order."""
@@ -1073,8 +1078,7 @@ class Store:
 
     def head_evaluation(self, key: str, version: int) -> dict:
         with self.engine.connect() as conn:
-            value = conn.execute(sa.select(heads.c.evaluation).where(
-                heads.c.task_key == key, heads.c.version == version)).scalar()
+            value = conn.execute(_EVALUATION, {"key": key, "version": version}).scalar()
         return json.loads(value) if value else {}
 
     # --- backup ---------------------------------------------------------------------------------------
