@@ -182,7 +182,7 @@ sa.Index("uq_jobs_one_active", jobs.c.task_key, unique=True,
 
 
 # The reads of every GetTask, built once: SQLAlchemy then only looks up their compiled form (building a select
-# per call was 60% of task_view's time on SQLite; docs/design.md, "GetTask's cost").
+# per call was 60% of task_view's time on SQLite; docs/design.md, "Serving: the fixed cost per request").
 _TASK = sa.select(tasks).where(tasks.c.key == sa.bindparam("key"))
 _LABEL_COUNTS = (sa.select(examples.c.label, sa.func.count()).where(examples.c.task_key == sa.bindparam("key"))
                  .group_by(examples.c.label))
