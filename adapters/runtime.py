@@ -29,9 +29,10 @@ PRECISIONS = ("fp32", "int8")
 EXPORT_VERSION = 2
 # An int8 trunk is checked by direction, not by value: the largest 1 - cosine(int8, torch fp32) over every
 # sample's row of every trunk output. MiniLM-L6 with per-channel weights, measured: 0.02 on the pooled
-# features, 0.09 on the hidden states two blocks from the top (BERT's outlier dimensions), where a broken
-# export is near 1. See docs/design.md, "int8 trunks".
-INT8_ATOL = 0.15
+# features; on the hidden states at the top two blocks, where BERT's outlier dimensions sit, 0.09 with the
+# torch and onnxruntime of the day it was chosen and 0.18 with torch 2.14.1 and onnxruntime 1.29-1.31 (the
+# same 36 weight matrices quantised). A broken export is near 1. See docs/design.md, "int8 trunks".
+INT8_ATOL = 0.25
 
 
 def default_trunk_cache() -> pathlib.Path:

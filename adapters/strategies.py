@@ -6,6 +6,9 @@ the trunk for fine-tuning). `train` gives a strategy only what it declared, trai
 ONNX and checks the export against the trained head. The job runner knows no strategy by name.
 
     trained = train(data, options, trunk, progress)   # -> Trained(head, onnx)
+
+A strategy that trains in stages may hand `interim` a servable head before it ends: AUTO does with its
+feature head (about a second) before it fine-tunes (seconds to minutes), so that the task answers at once.
 """
 
 from __future__ import annotations
@@ -76,6 +79,7 @@ class Context:
     augmented: Augmented | None = None
     label_text: LabelText | None = None
     trunk: Trunk | None = None
+    interim: Callable[[TrainedHead, Mapping[str, np.ndarray], dict[str, str]], None] | None = None
     _items: Sequence[str | bytes] | None = None
 
     def items(self) -> Sequence[str | bytes]:
@@ -116,14 +120,24 @@ def register(name: str, options: Sequence[str], inputs: Sequence[str], descripti
 
 
 def train(data: TrainingData, options: TrainingOptions, trunk: Trunk, progress: Progress = no_progress,
-          policy: Policy = Policy(), metadata: Mapping[str, str] | None = None) -> Trained:
-    """Trains the head `options.strategy` names on `data`, exports it to ONNX and checks the export."""
+          policy: Policy = Policy(), metadata: Mapping[str, str] | None = None,
+          interim: Callable[[Trained], None] | None = None) -> Trained:
+    """Trains the head `options.strategy` names on `data`, exports it to ONNX and checks the export.
+    `interim`, when given, hears of a servable head exported before training ends (see above)."""
     strategy = REGISTRY[options.strategy]
     if len(set(data.labels)) < 2:
         raise InvalidInput(f"a task needs at least 2 labels with examples; got {len(set(data.labels))}")
     needs = strategy.inputs
     ctx = Context(data.labels, data.sample_ids, options, progress, policy,
                   data.items if "items" in needs else _undeclared(strategy.name, "items"))
+    if interim is not None:
+        def publish(head: TrainedHead, feeds: Mapping[str, np.ndarray], extra: dict[str, str]) -> None:
+            copy = TrainedHead(head.head, list(head.labels), dict(head.evaluation))
+            onnx_bytes = export_checked(copy, feeds, {**(metadata or {}), **extra})
+            copy.evaluation["head_bytes"] = len(onnx_bytes)
+            interim(Trained(copy, onnx_bytes))
+
+        ctx.interim = publish
     if "trunk" in needs:
         ctx.trunk = trunk
     if "features" in needs:
@@ -193,6 +207,8 @@ def _auto(ctx: Context):
     trained, feeds, extra = _feature_head(ctx)
     counts = list(Counter(ctx.labels).values())
     if auto_fine_tunes(ctx.trunk.backbone.modality, ctx.options, counts, ctx.policy.auto_fine_tune_min_examples):
+        if ctx.interim is not None:  # the feature head serves while the trunk's top blocks are tuned
+            ctx.interim(trained, feeds, extra)
         ctx.progress({"phase": "features", "message": f"AUTO: fine-tuning too ({min(counts)}+ examples per label)"})
         kept, tuned_feeds = auto_fine_tune(ctx.trunk.backbone, ctx.items(), ctx.labels, ctx.features, trained,
                                            ctx.options, ctx.progress, ctx.sample_ids, ctx.trunk.run)

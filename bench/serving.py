@@ -411,16 +411,22 @@ def paired_levels(args, levels_of, reference_of, tag: str) -> list[dict]:
 # --- tasks ---------------------------------------------------------------------------------------------------
 
 
-def wait_ready(stub, task_id: str) -> pb.Job:
+def wait_ready(stub, task_id: str, live: list[float] | None = None) -> pb.Job:
+    """Watches the task's job to its end; appends to `live` when a version first answers (perf_counter)."""
     last = None
     for job in stub.WatchJob(pb.WatchJobRequest(task_id=task_id), timeout=600):
+        if job.version and live is not None and not live:
+            live.append(time.perf_counter())
         last = job
     if last is None or last.state != pb.Job.SUCCEEDED:
         raise RuntimeError(f"task {task_id} did not train: {last}")
     return last
 
 
-def create_task(stub, task_id: str, backbone: str, examples, strategy=pb.AUTO) -> float:
+def create_task(stub, task_id: str, backbone: str, examples, strategy=pb.AUTO, live: list[float] | None = None
+                ) -> float:
+    """CreateTask until READY, in seconds; `live` gets the seconds until a version first answered (AUTO's
+    interim feature head, when it fine-tunes)."""
     t = time.perf_counter()
     stub.CreateTask(
         pb.CreateTaskRequest(
@@ -430,20 +436,25 @@ def create_task(stub, task_id: str, backbone: str, examples, strategy=pb.AUTO) -
             examples=[pb.Example(input=to_input(x), label=y) for x, y in examples],
         )
     )
-    wait_ready(stub, task_id)
+    wait_ready(stub, task_id, live)
+    if live:
+        live[0] -= t
     return time.perf_counter() - t
 
 
-def time_to_ready(stub, trials: int, backbone: str = "minilm-l6") -> list[float]:
-    """CreateTask with 8 examples x 3 labels (text) until READY, each trial on new sentences (cold features)."""
-    times = []
+def time_to_ready(stub, trials: int, backbone: str = "minilm-l6") -> tuple[list[float], list[float]]:
+    """CreateTask with 8 examples x 3 labels (text) until a version answers and until READY, each trial on
+    new sentences (cold features)."""
+    times, lives = [], []
     for k in range(trials):
         examples = [
             (f"{text[:-1]}, day {k + 1}.", label) for label, texts in TOPICS.items() for text in texts
         ]
-        times.append(create_task(stub, f"ready-{k}-{int(time.time())}", backbone, examples))
-        log.info("CreateTask -> READY (trial %d): %.3f s", k + 1, times[-1])
-    return times
+        live: list[float] = []
+        times.append(create_task(stub, f"ready-{k}-{int(time.time())}", backbone, examples, live=live))
+        lives.append(live[0] if live else times[-1])
+        log.info("CreateTask -> a version answers, READY (trial %d): %.3f, %.3f s", k + 1, lives[-1], times[-1])
+    return lives, times
 
 
 def seed_tasks(store, template_key: str, count: int, prefix: str) -> list[str]:
@@ -735,7 +746,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     channel = grpc.insecure_channel(running.address)
     stub = pb_grpc.HeadServeStub(channel)
     try:
-        report["create_to_ready_s"] = time_to_ready(stub, args.ready_trials, args.text_backbone)
+        report["create_to_live_s"], report["create_to_ready_s"] = time_to_ready(stub, args.ready_trials,
+                                                                               args.text_backbone)
 
         texts, text_source = load_text_mix(args.texts, args.inputs)
         plans = [(args.text_backbone, texts, text_source, [(t, y) for y, ts in TOPICS.items() for t in ts], "text")]
@@ -998,15 +1010,16 @@ def check_targets(report: dict) -> list[dict]:
                     )
     ready = report.get("create_to_ready_s")
     if ready:
-        worst = max(ready)
-        out.append(
-            {
-                "target": "CreateTask (8 x 3 text) -> READY, worst of trials (s)",
-                "limit": f"<= {TARGETS['ready_s']}",
-                "measured": worst,
-                "met": worst <= TARGETS["ready_s"],
-            }
-        )
+        for key, what in (("create_to_live_s", "a version answers Predict"), ("create_to_ready_s", "READY")):
+            worst = max(report.get(key) or ready)
+            out.append(
+                {
+                    "target": f"CreateTask (8 x 3 text) -> {what}, worst of trials (s)",
+                    "limit": f"<= {TARGETS['ready_s']}",
+                    "measured": worst,
+                    "met": worst <= TARGETS["ready_s"],
+                }
+            )
     return out
 
 
@@ -1121,8 +1134,11 @@ def render_markdown(report: dict, png_name: str, command: str) -> str:
         ]
     ready = report.get("create_to_ready_s")
     if ready:
+        live = report.get("create_to_live_s") or ready
         lines += [
-            "CreateTask (8 examples x 3 labels, text, new sentences each time) to READY: "
+            "CreateTask (8 examples x 3 labels, text, new sentences each time) until a version answers Predict: "
+            + ", ".join(f"{t:.2f}" for t in live)
+            + f" s (median {statistics.median(live):.2f} s); to READY: "
             + ", ".join(f"{t:.2f}" for t in ready)
             + f" s (median {statistics.median(ready):.2f} s).",
             "",

@@ -31,7 +31,7 @@ from adapters.runtime import HeadRuntime
 from service import errors
 from service.registry import BackboneRegistry
 from service.storage import WorkerStore
-from service.store import JobRecord, LeaseLost, Quotas, StorageFull, tenant_of
+from service.store import HeadRecord, JobRecord, LeaseLost, Quotas, StorageFull, tenant_of
 
 log = logging.getLogger(__name__)
 
@@ -110,11 +110,12 @@ class Worker:
         self.on_progress = on_progress
         from service.training import Trainer  # torch and scikit-learn: loaded where training runs
 
-        self.trainer = Trainer(store, registry, self._publish, auto_fine_tune_min_examples)
+        self.trainer = Trainer(store, registry, self._publish, auto_fine_tune_min_examples, self._publish_interim)
         self.current: JobRecord | None = None
         self._persisted = 0.0
         self._lost = threading.Event()
         self._phases: dict = {}
+        self._started = 0.0
         self.stop = threading.Event()
 
     def run(self, wake: Callable[[float], object] | None = None) -> None:
@@ -164,6 +165,25 @@ class Worker:
             if self.on_progress is not None:
                 self.on_progress()
 
+    def _publish_interim(self, job: JobRecord, head: HeadRecord, backbone: str) -> None:
+        """Makes a head the task's live version while the job goes on (service/training.py, `interim`):
+        stored under this worker's lease, then installed like a finished job's head."""
+        if self._lost.is_set():
+            raise LeaseLost(f"job {job.job_id}: the lease of {self.name} was lost")
+        if self.stop.is_set():
+            raise Stopping()
+        runtime = HeadRuntime(head.onnx, head.labels, 0, backbone, str(self.registry.device))
+        status = {**job.status, "message": "the feature head is live; fine-tuning"}
+        version = self.store.publish_interim(job.job_id, head, self.name, status)
+        job.version = runtime.version = version
+        job.status = {**status, "interim_version": version}
+        if self.on_success is not None:
+            self.on_success(job.task_key, runtime)
+        if self.on_progress is not None:
+            self.on_progress()
+        log.info("job %s: task %s version %d (interim) live after %.2fs", job.job_id, job.task_id, version,
+                 time.perf_counter() - self._started)
+
     def _heartbeat(self, job: JobRecord, done: threading.Event) -> None:
         interval = self.lease_ms / 3000
         while not done.wait(interval):
@@ -179,7 +199,7 @@ class Worker:
                 log.warning("job %s: the lease could not be renewed (%s)", job.job_id, type(exc).__name__)
 
     def run_job(self, job: JobRecord) -> None:
-        start = time.perf_counter()
+        start = self._started = time.perf_counter()
         self.current, self._lost, self._phases, self._persisted = job, threading.Event(), {}, 0.0
         done = threading.Event()
         beat = threading.Thread(target=self._heartbeat, args=(job, done), daemon=True, name=f"lease-{job.job_id}")

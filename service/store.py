@@ -1034,27 +1034,74 @@ class Store:
             if owner is not None and (job.owner != owner or job.state != "RUNNING"):
                 raise LeaseLost(f"job {job_id} is no longer held by {owner} (now {job.state}"
                                 + (f", held by {job.owner}" if job.owner else "") + ")")
-            return self._end_job(conn, job_id, task.key, status, head, error, now_ms())
+            interim = int(json.loads(job.status or "{}").get("interim_version") or 0)
+            return self._end_job(conn, job_id, task.key, status, head, error, now_ms(), interim)
+
+    def publish_interim(self, job_id: str, head: HeadRecord, owner: str, status: dict | None = None) -> int:
+        """Makes `head` the task's live version while its job goes on training (AUTO serves its feature head
+        while it fine-tunes). Only while `owner` holds the job (LeaseLost otherwise); the task stays
+        TRAINING, and the job records the version (`version`, and `interim_version` in its status, which
+        becomes `status` when given). A job publishes at most one interim version: a later run of the same
+        job gets the one stored. Returns the version."""
+        with self._tx() as conn:
+            q = sa.select(jobs).where(jobs.c.job_id == job_id)
+            if self.dialect != "sqlite":
+                q = q.with_for_update()
+            job = conn.execute(q).first()
+            task = job and conn.execute(sa.select(tasks.c.key).where(tasks.c.key == job.task_key)).first()
+            if not task:
+                raise NotFound(f"task of job {job_id!r} was deleted")
+            if job.owner != owner or job.state != "RUNNING":
+                raise LeaseLost(f"job {job_id} is no longer held by {owner} (now {job.state})")
+            stored = json.loads(job.status)
+            if stored.get("interim_version"):
+                return int(stored["interim_version"])
+            ts = now_ms()
+            version = self._insert_head(conn, None, job.task_key, head, ts)
+            conn.execute(tasks.update().where(tasks.c.key == job.task_key).values(
+                live_version=version, updated_at_ms=ts))
+            self._changed(conn, "task", job.task_key)
+            status = {**(stored if status is None else status), "interim_version": version}
+            conn.execute(jobs.update().where(jobs.c.job_id == job_id).values(
+                version=version, status=json.dumps(status), updated_at_ms=ts))
+            return version
+
+    def _insert_head(self, conn, job_id: str | None, key: str, head: HeadRecord, ts: int, interim: int = 0) -> int:
+        """Stores `head` as the task's next version; or, when it is the job's `interim` version itself (the
+        feature head AUTO kept), gives that version the job and the final evaluation. An interim version
+        has no job of its own (heads.job_id is unique: a job publishes one final version)."""
+        digest = hashlib.sha256(head.onnx).hexdigest()
+        if interim:
+            same = conn.execute(sa.select(heads.c.onnx_sha256).where(
+                heads.c.task_key == key, heads.c.version == interim)).scalar()
+            if same == digest:
+                conn.execute(heads.update().where(heads.c.task_key == key, heads.c.version == interim)
+                             .values(evaluation=json.dumps(head.evaluation), job_id=job_id))
+                return interim
+        latest = conn.execute(sa.select(sa.func.max(heads.c.version)).where(heads.c.task_key == key)).scalar()
+        version = (latest or 0) + 1
+        conn.execute(heads.insert().values(
+            task_key=key, version=version, onnx=head.onnx, size=len(head.onnx),
+            labels=json.dumps(head.labels), evaluation=json.dumps(head.evaluation), created_at_ms=ts,
+            onnx_sha256=digest, job_id=job_id))
+        return version
 
     def _end_job(self, conn, job_id: str, key: str, status: dict, head: HeadRecord | None, error: str,
-                 ts: int) -> int:
+                 ts: int, interim: int = 0) -> int:
         version = 0
         if head is not None:
-            latest = conn.execute(sa.select(sa.func.max(heads.c.version)).where(heads.c.task_key == key)).scalar()
-            version = (latest or 0) + 1
-            conn.execute(heads.insert().values(
-                task_key=key, version=version, onnx=head.onnx, size=len(head.onnx),
-                labels=json.dumps(head.labels), evaluation=json.dumps(head.evaluation), created_at_ms=ts,
-                onnx_sha256=hashlib.sha256(head.onnx).hexdigest(), job_id=job_id))
+            version = self._insert_head(conn, job_id, key, head, ts, interim)
             conn.execute(tasks.update().where(tasks.c.key == key).values(
                 state="READY", live_version=version, error="", updated_at_ms=ts))
             self._changed(conn, "task", key)
         else:
             conn.execute(tasks.update().where(tasks.c.key == key).values(
                 state="FAILED", error=error, updated_at_ms=ts))
-        conn.execute(jobs.update().where(jobs.c.job_id == job_id).values(
-            state="SUCCEEDED" if head is not None else "FAILED", status=json.dumps(status), error=error,
-            version=version, owner="", lease_until_ms=0, updated_at_ms=ts))
+        ended = dict(state="SUCCEEDED" if head is not None else "FAILED", status=json.dumps(status), error=error,
+                     owner="", lease_until_ms=0, updated_at_ms=ts)
+        if head is not None:  # a failed job keeps the interim version it published, if any
+            ended["version"] = version
+        conn.execute(jobs.update().where(jobs.c.job_id == job_id).values(**ended))
         return version
 
     def get_head(self, key: str, version: int) -> HeadRecord:

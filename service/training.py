@@ -15,7 +15,7 @@ import numpy as np
 from adapters.backbones import POOLED_TAPS, pooled_taps
 from adapters.errors import InvalidInput
 from adapters.options import TrainingOptions
-from adapters.strategies import Policy, TrainingData, Trunk, train
+from adapters.strategies import Policy, Trained, TrainingData, Trunk, train
 from service.registry import BackboneRegistry
 from service.store import HeadRecord, JobRecord, Store, TaskRecord
 
@@ -24,16 +24,21 @@ log = logging.getLogger(__name__)
 FEATURE_CHUNK = 32
 
 Publish = Callable[..., None]  # publish(job, persist=False, **status): a progress update of the job
+# interim(job, head, backbone): a servable head published while the job goes on (AUTO's feature head)
+Interim = Callable[[JobRecord, HeadRecord, str], None]
+INTERIM_WARNING = ("interim head: AUTO's feature head serves while the backbone's top blocks are fine-tuned; "
+                   "when the job ends, the tuned head replaces it or this head is kept")
 # Where each phase sits on the job's 0..1 progress: features 0-0.5, training 0.5-0.9, export 0.9-1.
 PHASE_START = {"features": 0.0, "validating": 0.5, "training": 0.5, "exporting": 0.9}
 
 
 class Trainer:
     def __init__(self, store: Store, registry: BackboneRegistry, publish: Publish,
-                 auto_fine_tune_min_examples: int = 0) -> None:
+                 auto_fine_tune_min_examples: int = 0, interim: Interim | None = None) -> None:
         self.store = store
         self.registry = registry
         self._publish = publish
+        self._interim = interim
         self.policy = Policy(auto_fine_tune_min_examples)
 
     def run(self, job: JobRecord) -> tuple[HeadRecord, str]:
@@ -58,8 +63,17 @@ class Trainer:
                             items=lambda: self._items(task, shas),
                             features=lambda: self._features(job, task, entry, shas))
         meta = {**entry.head_metadata(), "task_id": task.task_id}  # backbone, digest and trunk precision
+
+        def interim(result: Trained) -> None:
+            if self._interim is None or job.status.get("interim_version"):
+                return  # no one to publish to, or an earlier run of this job published it already
+            ev = result.head.evaluation
+            evaluation = {**ev, "precision": entry.precision, "interim": True,
+                          "warnings": [*ev.get("warnings", []), INTERIM_WARNING]}
+            self._interim(job, HeadRecord(task.key, 0, result.onnx, result.head.labels, evaluation), task.backbone)
+
         trained = train(data, TrainingOptions(**job.config), Trunk(entry.backbone, entry.training_trunk()),
-                        lambda update: self._progress(job, update), self.policy, meta)
+                        lambda update: self._progress(job, update), self.policy, meta, interim)
         evaluation = {**trained.head.evaluation, "precision": entry.precision}
         return HeadRecord(task.key, 0, trained.onnx, trained.head.labels, evaluation), task.backbone
 

@@ -3,6 +3,7 @@ durability (close/reopen and kill -9)."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pathlib
 import select
@@ -25,6 +26,7 @@ from service.store import (
     HeadRecord,
     JobRecord,
     KeyRecord,
+    LeaseLost,
     Quotas,
     Store,
     TaskRecord,
@@ -229,6 +231,50 @@ def test_finish_job_versions_go_live_and_failure_keeps_the_live_one(store):
 
     store.start_job(job("j4"))  # a new job clears the error
     assert store.get_task(K("t1")).error == ""
+
+
+def test_an_interim_head_serves_while_its_job_runs_and_the_job_publishes_it_once(store):
+    """AUTO's feature head goes live while it fine-tunes: only under the job's lease, once per job (a later
+    run of the job gets the same version); the task stays TRAINING. The final head is the next version, or,
+    when it is the interim head itself, that version with its final evaluation."""
+    store.create_task(task(), [text("one", "a"), text("two", "b")])
+    store.start_job(job("j1"))
+    assert store.claim_job("w1", 60_000).job_id == "j1"
+    with pytest.raises(LeaseLost):
+        store.publish_interim("j1", head(b"feature"), "w2")
+    assert store.get_task(K("t1")).live_version == 0
+    assert store.publish_interim("j1", head(b"feature"), "w1") == 1
+    rec, running = store.get_task(K("t1")), store.get_job("j1")
+    assert (rec.state, rec.live_version) == ("TRAINING", 1)
+    assert (running.state, running.version, running.status["interim_version"]) == ("RUNNING", 1, 1)
+    assert store.publish_interim("j1", head(b"feature, again"), "w1") == 1
+    assert table_counts(store)["heads"] == 1
+    final = dataclasses.replace(head(b"tuned"), evaluation={"strategy": "fine_tune"})
+    assert store.finish_job("j1", {"phase": "done"}, head=final, owner="w1") == 2
+    rec = store.get_task(K("t1"))
+    assert (rec.state, rec.live_version) == ("READY", 2) and store.get_job("j1").version == 2
+    assert store.get_head(K("t1"), 1).onnx == b"feature" and store.get_head(K("t1"), 2).onnx == b"tuned"
+
+    store.start_job(job("j2"))  # the feature head is kept: its version, with the final evaluation
+    store.claim_job("w1", 60_000)
+    assert store.publish_interim("j2", head(b"kept"), "w1") == 3
+    kept = dataclasses.replace(head(b"kept"), evaluation={"strategy": "linear", "final": True})
+    assert store.finish_job("j2", {"phase": "done"}, head=kept, owner="w1") == 3
+    assert store.head_evaluation(K("t1"), 3) == {"strategy": "linear", "final": True}
+    assert (store.get_task(K("t1")).state, table_counts(store)["heads"]) == ("READY", 3)
+
+    store.start_job(job("j3"))  # a job that fails after its interim head keeps it live and says so
+    store.claim_job("w1", 60_000)
+    assert store.publish_interim("j3", head(b"interim"), "w1") == 4
+    assert store.finish_job("j3", {"phase": "failed"}, error="out of memory", owner="w1") == 0
+    rec, failed = store.get_task(K("t1")), store.get_job("j3")
+    assert (rec.state, rec.live_version, failed.state, failed.version) == ("FAILED", 4, "FAILED", 4)
+
+    store.start_job(job("j4"))
+    store.claim_job("w1", 60_000)
+    store.delete_task(K("t1"))
+    with pytest.raises(NotFound):
+        store.publish_interim("j4", head(b"late"), "w1")
 
 
 def test_finish_job_of_a_deleted_task_is_not_found(store):

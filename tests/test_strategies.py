@@ -8,6 +8,7 @@ import grpc
 import numpy as np
 import onnxruntime as ort
 import pytest
+import sqlalchemy as sa
 import torch
 from conftest import COLOURS, HELD_OUT, TOPICS, Client, image_examples, make_settings, png, text_examples, unique_id
 
@@ -15,6 +16,7 @@ from adapters.backbones import BackboneConfigError
 from service.config import Settings
 from service.gen import headserve_pb2 as pb
 from service.server import build_server
+from service.store import DEFAULT_TENANT, heads, task_key
 
 HELD_TEXTS = [t for texts in HELD_OUT.values() for t in texts]
 HELD_TRUTH = [label for label, texts in HELD_OUT.items() for _ in texts]
@@ -148,6 +150,56 @@ def test_auto_fine_tunes_text_tasks_from_the_default_threshold(tmp_path):
         assert not any(n.startswith("fine_tune") for n in details["candidate_scores"])
         resp = client.stub.Predict(pb.PredictRequest(task_id=task_id, inputs=[pb.Input(text=HELD_TEXTS[0])]))
         assert resp.predictions[0].label in TOPICS
+    finally:
+        client.close()
+        running.stop()
+
+
+def test_auto_serves_its_feature_head_while_it_fine_tunes(tmp_path):
+    """AUTO publishes its feature head as a live version before it fine-tunes: while the job runs, the task
+    (TRAINING) answers Predict with that version, whose evaluation says it is interim. When the job ends,
+    the tuned head is the next version, or the feature head is kept at the same version, its evaluation
+    final; the job publishes nothing else."""
+    from conftest import TINY_TEXT
+
+    running = build_server(make_settings(tmp_path, with_minilm=False, auto_fine_tune_min_examples=8))
+    client = Client(running.address)
+    try:
+        task_id = unique_id()
+        client.stub.CreateTask(pb.CreateTaskRequest(task_id=task_id, backbone=TINY_TEXT,
+                                                    examples=text_examples(TOPICS),
+                                                    config=pb.TrainingConfig(epochs=40)))
+        during = None
+        for job in client.stub.WatchJob(pb.WatchJobRequest(task_id=task_id), timeout=300):
+            if job.state == pb.Job.RUNNING and job.version:
+                task = client.stub.GetTask(pb.GetTaskRequest(task_id=task_id))
+                answer = client.stub.Predict(pb.PredictRequest(task_id=task_id,
+                                                               inputs=[pb.Input(text=t) for t in HELD_TEXTS]))
+                during = job, task, answer
+                break
+        assert during is not None, "the job ended without an interim version"
+        job, task, answer = during
+        assert job.version == 1 and "fine-tuning" in job.message
+        assert (task.state, task.version, task.evaluation.strategy) == (pb.Task.TRAINING, 1, "linear")
+        assert any(w.startswith("interim head") for w in task.evaluation.warnings)
+        assert json.loads(task.evaluation.details_json)["interim"] is True
+        assert answer.version == 1 and all(p.label in TOPICS for p in answer.predictions)
+
+        final = client.wait_ready(task_id, timeout=300)
+        assert final.state == pb.Job.SUCCEEDED, final.error
+        task = client.stub.GetTask(pb.GetTaskRequest(task_id=task_id))
+        tuned = task.evaluation.strategy == "fine_tune"
+        assert (task.state, task.version, final.version) == (pb.Task.READY, 2 if tuned else 1, task.version)
+        assert "interim" not in json.loads(task.evaluation.details_json)
+        assert not any(w.startswith("interim head") for w in task.evaluation.warnings)
+        store = running.app.store
+        with store.engine.connect() as conn:
+            versions = conn.execute(sa.select(heads.c.version, heads.c.job_id).where(
+                heads.c.task_key == task_key(DEFAULT_TENANT, task_id)).order_by(heads.c.version)).all()
+        # heads.job_id names the job's final version; the interim one, when replaced, has none
+        assert [tuple(v) for v in versions] == ([(1, None), (2, final.job_id)] if tuned else [(1, final.job_id)])
+        answer = client.stub.Predict(pb.PredictRequest(task_id=task_id, inputs=[pb.Input(text=HELD_TEXTS[0])]))
+        assert answer.version == task.version
     finally:
         client.close()
         running.stop()
