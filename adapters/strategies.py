@@ -183,7 +183,7 @@ def _feature_feeds(features: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 for _name, _options, _description in [
-    ("linear", ("epochs", "learning_rate", "l2"), "multinomial logistic regression, C chosen by cross-validation"),
+    ("linear", ("epochs", "l2"), "multinomial logistic regression, C chosen by cross-validation"),
     ("mlp", ("epochs", "learning_rate", "l2", "hidden_units"), "one hidden ReLU layer with dropout"),
     ("prototype", (), "nearest class mean in cosine space; trains from one example per label"),
 ]:
