@@ -196,7 +196,7 @@ def train_linear(x, y, k, opts: TrainingOptions, progress: Progress = no_progres
     counts. The objective is convex: it is solved to convergence by scipy's L-BFGS on its exact gradient
     (at most `epochs` iterations), in float64. AUTO fits this head about ninety times per task (its
     cross-validated grid), so each fit costs a millisecond or two, not the ten of torch's LBFGS with
-    autograd (design.md, "Time to a first answer")."""
+    autograd (docs/design.md, "Time to a first answer")."""
     from scipy.optimize import minimize
 
     scale = float(np.linalg.norm(x, axis=1).mean()) or 1.0
