@@ -663,7 +663,7 @@ def _admin(args: argparse.Namespace):
         raise UsageError(f"bad settings: {exc}") from None
     from service.worker import store_url
 
-    store = Store(store_url(settings))
+    store = Store(store_url(settings), versions_kept=settings.head_versions_kept)
     try:
         yield _LocalAdmin(TenantAdmin(store))
     finally:

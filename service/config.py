@@ -177,6 +177,11 @@ class Settings(BaseSettings):
         0.5, gt=0, le=60, description="how often a replica reads the store's change feed for new versions, "
         "deletes and revoked keys (PostgreSQL also notifies at once; this is its fallback)",
     )
+    head_versions_kept: int = Field(
+        3, ge=0, le=1000, description="head versions kept per task: publishing a version deletes those older "
+        "than the last this many (the live one included), in the same transaction; ExportTask of a deleted "
+        "version is NOT_FOUND. A tuned text head is about 43 MB, and heads count against a tenant's "
+        "stored_bytes quota; 0: keep every version")
     auto_fine_tune_min_examples: int = Field(
         8, ge=0, description="AUTO also fine-tunes text tasks whose every label has at least this many "
         "examples, and keeps the tuned head unless the feature head is clearly better on a holdout (4-35 s "

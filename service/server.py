@@ -173,7 +173,7 @@ def _build(settings: Settings, credentials, lock: DataDirLock, tracer=None) -> R
         torch.set_num_threads(settings.intra_op_threads)
     pathlib.Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
     try:
-        store = Store(store_url(settings))
+        store = Store(store_url(settings), versions_kept=settings.head_versions_kept)
     except SchemaError as exc:
         raise StartupError(str(exc)) from exc
     processes = None

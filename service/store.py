@@ -388,8 +388,11 @@ class Store:
     a check must hold until commit (the tenant row for quotas, a job row for its lease).
     """
 
-    def __init__(self, url: str, pool_size: int = 5, check_schema: bool = True) -> None:
+    def __init__(self, url: str, pool_size: int = 5, check_schema: bool = True, versions_kept: int = 0) -> None:
+        """versions_kept: head versions kept per task (setting `head_versions_kept`); publishing a new one
+        deletes those older than the last `versions_kept`, in the same transaction. 0 keeps every version."""
         self.url = sa.engine.make_url(url)
+        self.versions_kept = versions_kept
         self.dialect = self.url.get_backend_name()
         if self.dialect == "sqlite":
             self.engine = sa.create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
@@ -1084,6 +1087,9 @@ class Store:
             task_key=key, version=version, onnx=head.onnx, size=len(head.onnx),
             labels=json.dumps(head.labels), evaluation=json.dumps(head.evaluation), created_at_ms=ts,
             onnx_sha256=digest, job_id=job_id))
+        if self.versions_kept:  # the new version is live: older ones past the last `versions_kept` go
+            conn.execute(heads.delete().where(heads.c.task_key == key,
+                                              heads.c.version <= version - self.versions_kept))
         return version
 
     def _end_job(self, conn, job_id: str, key: str, status: dict, head: HeadRecord | None, error: str,
@@ -1108,7 +1114,9 @@ class Store:
         with self.engine.connect() as conn:
             row = conn.execute(sa.select(heads).where(heads.c.task_key == key, heads.c.version == version)).first()
         if row is None:
-            raise NotFound(f"task {task_of(key)!r} has no head version {version}")
+            n = self.versions_kept
+            kept = f" (the store keeps each task's last {n} version{'s' if n != 1 else ''})" if n else ""
+            raise NotFound(f"task {task_of(key)!r} has no head version {version}{kept}")
         d = dict(row._mapping)
         size = d.pop("size")
         digest = hashlib.sha256(d["onnx"]).hexdigest()

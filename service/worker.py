@@ -51,7 +51,7 @@ def _build_worker(settings: Settings, index: int, on_success=None, on_finished=N
 
     if settings.intra_op_threads:
         torch.set_num_threads(settings.intra_op_threads)
-    store = Store(store_url(settings))
+    store = Store(store_url(settings), versions_kept=settings.head_versions_kept)
     if settings.otel_endpoint:  # the worker exports its own spans; jobs continue the traces they were queued in
         from service import tracing
         from service.server import STORE_OPERATIONS, _version

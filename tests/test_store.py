@@ -32,6 +32,7 @@ from service.store import (
     TaskRecord,
     TenantRecord,
     content_sha,
+    heads,
     task_key,
 )
 
@@ -275,6 +276,32 @@ def test_an_interim_head_serves_while_its_job_runs_and_the_job_publishes_it_once
     store.delete_task(K("t1"))
     with pytest.raises(NotFound):
         store.publish_interim("j4", head(b"late"), "w1")
+
+
+def test_publishing_a_version_deletes_those_past_the_last_kept(store):
+    """head_versions_kept: each task keeps its last N versions (the live one included); older ones are
+    deleted with the publication, and their bytes leave the tenant's usage. Another task keeps its own."""
+    pruning = Store(str(store.url), versions_kept=2)
+    try:
+        pruning.create_task(task("t1"), [text("one", "a"), text("two", "b")])
+        pruning.create_task(task("t2"), [text("one", "a"), text("two", "b")])
+        pruning.start_job(job("other", "t2"))
+        pruning.finish_job("other", {}, head=head(b"t2 only version"))
+        for n in range(1, 5):
+            pruning.start_job(job(f"j{n}"))
+            assert pruning.finish_job(f"j{n}", {}, head=head(b"x" * 1000 * n)) == n
+        with pruning.engine.connect() as conn:
+            kept = conn.execute(sa.select(heads.c.task_key, heads.c.version).order_by(
+                heads.c.task_key, heads.c.version)).all()
+        assert [tuple(r) for r in kept] == [(K("t1"), 3), (K("t1"), 4), (K("t2"), 1)]
+        assert pruning.get_task(K("t1")).live_version == 4
+        assert pruning.get_head(K("t1"), 3).onnx == b"x" * 3000
+        with pytest.raises(NotFound, match="has no head version 2 .*keeps each task's last 2 versions"):
+            pruning.get_head(K("t1"), 2)
+        examples = len(b"one") + len(b"two")  # stored once for the tenant, shared by both tasks
+        assert pruning.usage(T).stored_bytes == examples + 3000 + 4000 + len(b"t2 only version")
+    finally:
+        pruning.close()
 
 
 def test_finish_job_of_a_deleted_task_is_not_found(store):

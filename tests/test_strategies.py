@@ -205,6 +205,30 @@ def test_auto_serves_its_feature_head_while_it_fine_tunes(tmp_path):
         running.stop()
 
 
+def test_a_server_keeps_the_head_versions_it_is_set_to(tmp_path):
+    """head_versions_kept = 1: training again deletes the version before; exporting it is NOT_FOUND with a
+    message that says why, and the live version serves and exports."""
+    from conftest import TINY_TEXT
+
+    running = build_server(make_settings(tmp_path, with_minilm=False, head_versions_kept=1))
+    client = Client(running.address)
+    try:
+        task_id, _ = train(client, text_examples(TOPICS), backbone=TINY_TEXT, strategy=pb.LINEAR)
+        client.stub.TrainTask(pb.TrainTaskRequest(task_id=task_id, config=pb.TrainingConfig(strategy=pb.PROTOTYPE)))
+        assert client.wait_ready(task_id).state == pb.Job.SUCCEEDED
+        assert client.stub.GetTask(pb.GetTaskRequest(task_id=task_id)).version == 2
+        with pytest.raises(grpc.RpcError) as err:
+            list(client.stub.ExportTask(pb.ExportTaskRequest(task_id=task_id, version=1)))
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        assert "no head version 1 (the store keeps each task's last 1 version)" in err.value.details()
+        assert list(client.stub.ExportTask(pb.ExportTaskRequest(task_id=task_id, version=2)))
+        answer = client.stub.Predict(pb.PredictRequest(task_id=task_id, inputs=[pb.Input(text=HELD_TEXTS[0])]))
+        assert answer.version == 2
+    finally:
+        client.close()
+        running.stop()
+
+
 def test_auto_uses_prototype_from_one_example_per_label(client):
     one_each = {label: texts[:1] for label, texts in TOPICS.items()}
     task_id, task = train(client, text_examples(one_each))
