@@ -151,10 +151,7 @@ class Worker:
     def _publish(self, job: JobRecord, persist: bool = False, **status) -> None:
         """A progress update from training: stored (at most every PERSIST_EVERY s, and at once when
         `persist`); raises LeaseLost or Stopping to end training where it stands."""
-        if self._lost.is_set():
-            raise LeaseLost(f"job {job.job_id}: the lease of {self.name} was lost")
-        if self.stop.is_set():
-            raise Stopping()
+        self._check_held(job)
         if "phase" in status:
             self._enter_phase(status["phase"])
         job.status.update(status)
@@ -165,13 +162,17 @@ class Worker:
             if self.on_progress is not None:
                 self.on_progress()
 
-    def _publish_interim(self, job: JobRecord, head: HeadRecord, backbone: str) -> None:
-        """Makes a head the task's live version while the job goes on (service/training.py, `interim`):
-        stored under this worker's lease, then installed like a finished job's head."""
+    def _check_held(self, job: JobRecord) -> None:
+        """Ends training where it stands when the lease was lost (LeaseLost) or the worker stops (Stopping)."""
         if self._lost.is_set():
             raise LeaseLost(f"job {job.job_id}: the lease of {self.name} was lost")
         if self.stop.is_set():
             raise Stopping()
+
+    def _publish_interim(self, job: JobRecord, head: HeadRecord, backbone: str) -> None:
+        """Makes a head the task's live version while the job goes on (service/training.py, `interim`):
+        stored under this worker's lease, then installed like a finished job's head."""
+        self._check_held(job)
         runtime = HeadRuntime(head.onnx, head.labels, 0, backbone, str(self.registry.device))
         status = {**job.status, "message": "the feature head is live; fine-tuning"}
         version = self.store.publish_interim(job.job_id, head, self.name, status)

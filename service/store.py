@@ -1027,18 +1027,24 @@ class Store:
         failure). A task deleted meanwhile raises NotFound.
         """
         with self._tx() as conn:
-            q = sa.select(jobs).where(jobs.c.job_id == job_id)
-            if self.dialect != "sqlite":
-                q = q.with_for_update()
-            job = conn.execute(q).first()
-            task = job and conn.execute(sa.select(tasks).where(tasks.c.key == job.task_key)).first()
-            if not task:
-                raise NotFound(f"task of job {job_id!r} was deleted")
-            if owner is not None and (job.owner != owner or job.state != "RUNNING"):
-                raise LeaseLost(f"job {job_id} is no longer held by {owner} (now {job.state}"
-                                + (f", held by {job.owner}" if job.owner else "") + ")")
+            job = self._held_job(conn, job_id, owner)
             interim = int(json.loads(job.status or "{}").get("interim_version") or 0)
-            return self._end_job(conn, job_id, task.key, status, head, error, now_ms(), interim)
+            return self._end_job(conn, job_id, job.task_key, status, head, error, now_ms(), interim)
+
+    def _held_job(self, conn, job_id: str, owner: str | None):
+        """The job's row, locked for the transaction: NotFound when its task was deleted; with `owner`,
+        LeaseLost unless that worker still holds it."""
+        q = sa.select(jobs).where(jobs.c.job_id == job_id)
+        if self.dialect != "sqlite":
+            q = q.with_for_update()
+        job = conn.execute(q).first()
+        task = job and conn.execute(sa.select(tasks.c.key).where(tasks.c.key == job.task_key)).first()
+        if not task:
+            raise NotFound(f"task of job {job_id!r} was deleted")
+        if owner is not None and (job.owner != owner or job.state != "RUNNING"):
+            raise LeaseLost(f"job {job_id} is no longer held by {owner} (now {job.state}"
+                            + (f", held by {job.owner}" if job.owner else "") + ")")
+        return job
 
     def publish_interim(self, job_id: str, head: HeadRecord, owner: str, status: dict | None = None) -> int:
         """Makes `head` the task's live version while its job goes on training (AUTO serves its feature head
@@ -1047,15 +1053,7 @@ class Store:
         becomes `status` when given). A job publishes at most one interim version: a later run of the same
         job gets the one stored. Returns the version."""
         with self._tx() as conn:
-            q = sa.select(jobs).where(jobs.c.job_id == job_id)
-            if self.dialect != "sqlite":
-                q = q.with_for_update()
-            job = conn.execute(q).first()
-            task = job and conn.execute(sa.select(tasks.c.key).where(tasks.c.key == job.task_key)).first()
-            if not task:
-                raise NotFound(f"task of job {job_id!r} was deleted")
-            if job.owner != owner or job.state != "RUNNING":
-                raise LeaseLost(f"job {job_id} is no longer held by {owner} (now {job.state})")
+            job = self._held_job(conn, job_id, owner)
             stored = json.loads(job.status)
             if stored.get("interim_version"):
                 return int(stored["interim_version"])
