@@ -311,12 +311,19 @@ class JobRunner:
 
     def start(self) -> None:
         for worker in self._workers:
-            thread = threading.Thread(target=worker.run, args=(self._wait_for_work,), daemon=True,
+            thread = threading.Thread(target=self._train, args=(worker,), daemon=True,
                                       name=f"train-{worker.name.rsplit(':', 2)[1]}")
             thread.start()
             self._threads.append(thread)
         if self.processes is not None:
             self.processes.start(self.notify)
+
+    def _train(self, worker: Worker) -> None:
+        """A training thread of the server: below serving in the CPU scheduler (SCHED_IDLE), then the loop."""
+        from service.worker import idle_priority
+
+        idle_priority()
+        worker.run(self._wait_for_work)
 
     def _wait_for_work(self, timeout: float) -> None:
         if self._wake.wait(timeout):

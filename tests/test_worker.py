@@ -34,6 +34,40 @@ def wait_for(condition, timeout: float, step: float = 0.05):
     return value
 
 
+def thread_policies(pid: int) -> dict[int, int]:
+    """Each live thread of process pid: its scheduling policy."""
+    out = {}
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            out[int(task)] = os.sched_getscheduler(int(task))
+        except ProcessLookupError:  # ended meanwhile
+            pass
+    return out
+
+
+def test_training_threads_of_a_server_run_below_its_serving_threads(tmp_path):
+    running = build_server(make_settings(tmp_path, with_minilm=False, training_workers=2,
+                                         training_isolation="thread"))
+    client = Client(running.address)
+    try:
+        task_id = unique_id("idle")
+        create(client, task_id)
+        assert client.wait_ready(task_id, timeout=120).state == pb.Job.SUCCEEDED  # training still gets the CPU
+        trainers = [t for t in threading.enumerate() if t.name.startswith("train-")]
+        assert len(trainers) == 2
+        policies = thread_policies(os.getpid())
+        assert {policies[t.native_id] for t in trainers} == {os.SCHED_IDLE}
+        # The rest of the server's Python threads (gRPC's, the batchers', the change feed's, the main thread)
+        # keep the normal policy; only threads that training started (its lease heartbeats) inherit SCHED_IDLE.
+        others = {t.name: policies.get(t.native_id) for t in threading.enumerate()
+                  if not t.name.startswith(("train-", "lease-")) and t.native_id in policies}
+        assert len(others) > 3 and set(others.values()) == {os.SCHED_OTHER}, others
+        assert client.stub.Predict(pb.PredictRequest(task_id=task_id, inputs=[pb.Input(text="goal")])).version == 1
+    finally:
+        client.close()
+        running.stop()
+
+
 def test_a_killed_worker_process_is_replaced_and_its_job_taken_over(tmp_path):
     running = build_server(make_settings(tmp_path, with_minilm=False, auth="api_key", training_workers=1,
                                          training_isolation="process", job_lease_seconds=2))
@@ -47,8 +81,12 @@ def test_a_killed_worker_process_is_replaced_and_its_job_taken_over(tmp_path):
         create(client, task_id, copies=12)
         job = wait_for(lambda: next((j for j in store.unfinished_jobs() if j.owner), None), 120, step=0.002)
         pid = int(job.owner.split(":")[1])
-        # Training yields the CPU to serving: the worker process runs at a lower priority than its server.
+        # Training yields the CPU to serving: the worker process runs at a lower priority than its server, and
+        # every thread it runs (the loop, torch's and onnxruntime's pools, the lease heartbeat) is SCHED_IDLE.
         assert os.getpriority(os.PRIO_PROCESS, pid) == min(19, os.getpriority(os.PRIO_PROCESS, 0) + WORKER_NICE)
+        policies = thread_policies(pid)
+        assert len(policies) > 2 and set(policies.values()) == {os.SCHED_IDLE}, policies
+        assert os.sched_getscheduler(0) == os.SCHED_OTHER
         os.kill(pid, signal.SIGKILL)  # the worker process, mid-job
         last = client.wait_ready(task_id, timeout=180)
         assert last.state == pb.Job.SUCCEEDED and last.version == 1
