@@ -125,6 +125,10 @@ class Settings(BaseSettings):
         True, description="limit batches to the size (a power of two up to batch_max_size) with the lowest "
         "measured time per input, re-measured as the load changes; off: always up to batch_max_size",
     )
+    batch_fair_lane: bool = Field(
+        True, description="a tenant with nothing in the running batch gets a second batch beside it at once, "
+        "instead of waiting for it to finish (one tenant alone batches the same either way)",
+    )
     batch_queue_inputs: int = Field(
         2048, ge=1,
         description="inputs waiting for a trunk pass per backbone; beyond, Predict is RESOURCE_EXHAUSTED",

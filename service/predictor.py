@@ -226,6 +226,7 @@ class _Lane:
         pad_id = getattr(tokenizer, "pad_token_id", None) or 0
         self.pad_values = {"input_ids": pad_id}  # everything else pads with 0 (attention_mask: masked out)
         self.buffers: dict[str, np.ndarray] = {}
+        self._buffers_free = threading.Lock()  # batches may run on two threads at once (the fair lane)
         self.batcher = Batcher(
             entry.spec.name,
             self.run,
@@ -234,11 +235,12 @@ class _Lane:
             max_queue=settings.batch_queue_inputs,
             adaptive=settings.batch_adaptive,
             observe=observe,
+            fair_lane=settings.batch_fair_lane,
         )
 
-    def collate(self, parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    def collate(self, parts: list[dict[str, np.ndarray]], buffers: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Stacks the requests' inputs along the batch axis, padding ragged axes (text length) as the
-        tokenizer pads a batch; into buffers reused from batch to batch (this thread only)."""
+        tokenizer pads a batch; into `buffers`, reused from batch to batch (see `run`)."""
         if len(parts) == 1:
             return parts[0]
         out = {}
@@ -247,9 +249,9 @@ class _Lane:
             rows = sum(len(a) for a in arrays)
             tail = tuple(max(a.shape[d] for a in arrays) for d in range(1, arrays[0].ndim))
             size = rows * int(np.prod(tail, dtype=np.int64))
-            buf = self.buffers.get(name)
+            buf = buffers.get(name)
             if buf is None or buf.size < size or buf.dtype != arrays[0].dtype:
-                buf = self.buffers[name] = np.empty(
+                buf = buffers[name] = np.empty(
                     max(size, 2 * (buf.size if buf is not None else 0)), arrays[0].dtype
                 )
             batch = buf[:size].reshape((rows, *tail))
@@ -285,18 +287,27 @@ class _Lane:
         return out
 
     def run(self, batch: list[Pending]) -> None:
+        # The collation buffers belong to one batch at a time: a batch beside it (the fair lane) gets new arrays.
+        held = self._buffers_free.acquire(blocking=False)
+        try:
+            self._traced(batch, self.buffers if held else {})
+        finally:
+            if held:
+                self._buffers_free.release()
+
+    def _traced(self, batch: list[Pending], buffers: dict[str, np.ndarray]) -> None:
         tracer = self.tracer
         if tracer is None or all(p.trace is None for p in batch):  # tracing off, or no request sampled
-            return self._run(batch, None)
+            return self._run(batch, None, buffers)
         began = time.monotonic()
         name = self.entry.spec.name
         tracer.queue_waits(((p.trace, p.queued_at) for p in batch), began, {"headserve.backbone": name})
         attributes = {"headserve.backbone": name, "headserve.requests": len(batch),
                       "headserve.inputs": sum(p.rows for p in batch)}
         with tracer.batch([p.trace for p in batch], attributes) as span:
-            return self._run(batch, span)
+            return self._run(batch, span, buffers)
 
-    def _run(self, batch: list[Pending], span) -> None:
+    def _run(self, batch: list[Pending], span, buffers: dict[str, np.ndarray]) -> None:
         """Runs the batch; `span` (service.tracing.Span), when the batch is traced, gets children for the
         trunk pass and each head."""
         works: list[_Work] = [p.payload for p in batch]
@@ -312,7 +323,7 @@ class _Lane:
             with _NO_SPAN if span is None else span.child("trunk pass"):
                 outputs = self.by_length(inputs, list(names))
         else:
-            inputs = self.collate([w.inputs for w in works])
+            inputs = self.collate([w.inputs for w in works], buffers)
             with _NO_SPAN if span is None else span.child("trunk pass"):
                 outputs = self.entry.trunk.outputs(inputs, list(names))
 

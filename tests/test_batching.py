@@ -6,6 +6,7 @@ deterministically, then release it; no test asserts on timing.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import threading
 import time
@@ -13,12 +14,13 @@ import time
 import grpc
 import numpy as np
 import pytest
-from conftest import HELD_OUT, TOPICS, image_examples, text_examples, unique_id
+from conftest import TINY_TEXT, HELD_OUT, TOPICS, Client, image_examples, make_settings, make_tenant, text_examples, unique_id
 
 from adapters.errors import DeadlineExceeded, ResourceExhausted
 from service.batcher import Batcher
 from service.gen import headserve_pb2 as pb
 from service.predictor import _Lane, _Work
+from service.server import build_server
 
 TEXTS = [t for texts in HELD_OUT.values() for t in texts]
 
@@ -264,6 +266,116 @@ def test_a_failing_batch_fails_its_requests_and_the_worker_goes_on():
         with pytest.raises(RuntimeError, match="boom"):
             b.submit("x", 1).future.result(10)
         assert b.submit("y", 1).future.result(10) == "ok"
+
+
+class Gated:
+    """A batch function that holds a batch holding a payload in `held` at its own gate until it is opened,
+    and records each batch's payloads and thread."""
+
+    def __init__(self, *held: str) -> None:
+        self.gates = {name: threading.Event() for name in held}
+        self.entered = {name: threading.Event() for name in held}
+        self.batches: list[tuple[list, threading.Thread]] = []
+
+    def __call__(self, batch) -> None:
+        for p in batch:
+            if p.payload in self.gates:
+                self.entered[p.payload].set()
+                assert self.gates[p.payload].wait(10)
+        self.batches.append(([p.payload for p in batch], threading.current_thread()))
+        for p in batch:
+            p.future.set_result(p.payload)
+
+
+def arrive(b: Batcher, payload: str, group: str):
+    """A request as an RPC thread brings it: prepared, then submitted (and run here, if it may)."""
+    with b.arriving() as arrival:
+        return arrival.submit(payload, 1, group=group)
+
+
+def test_a_group_with_nothing_in_the_running_batch_runs_beside_it_at_once():
+    run = Gated("a0", "b0")
+    with batcher(run, fair_lane=True) as b:
+        flood = b.submit("a0", 2, group="A")
+        assert run.entered["a0"].wait(10)  # A's batch runs (held)
+        more = arrive(b, "a1", "A")  # A is in the running batch: its next request waits for it
+        assert not more.future.done()
+        runner = threading.Thread(target=lambda: arrive(b, "b0", "B"))
+        runner.start()
+        assert run.entered["b0"].wait(10)  # B did not wait for A's batch: it runs beside it (held too)
+        late = arrive(b, "c0", "C")  # one fair-lane batch at a time: C queues
+        assert not late.future.done() and b.stats.fair == 1
+        run.gates["b0"].set()
+        runner.join(10)
+        # B's thread took C's request next, still beside A's batch; A's own requests waited for A's batch.
+        assert late.future.result(10) == "c0" and not more.future.done()
+        assert [batch for batch, _ in run.batches] == [["b0"], ["c0"]]
+        assert {thread for _, thread in run.batches} == {runner} and b.stats.fair == 2
+        run.gates["a0"].set()
+        assert flood.future.result(10) == "a0" and more.future.result(10) == "a1"
+    assert [batch for batch, _ in run.batches][2:] == [["a0"], ["a1"]]
+
+
+def test_without_the_fair_lane_or_between_requests_of_one_group_everything_waits_for_the_running_batch():
+    for fair_lane, groups in ((False, ("A", "B")), (True, ("", ""))):
+        run = Gated("first")
+        with batcher(run, fair_lane=fair_lane) as b:
+            first = b.submit("first", 1, group=groups[0])
+            assert run.entered["first"].wait(10)
+            other = arrive(b, "other", groups[1])
+            time.sleep(0.05)
+            assert not other.future.done() and b.stats.fair == 0
+            run.gates["first"].set()
+            assert first.future.result(10) == "first" and other.future.result(10) == "other"
+        assert [batch for batch, _ in run.batches] == [["first"], ["other"]]
+
+
+def test_a_tenants_predict_is_not_held_behind_another_tenants_running_batch(tmp_path):
+    """Through a server with API keys: while tenant A's batch is held in the trunk, tenant B's Predict is
+    answered, with the scores it gets alone; A's next request waits for A's batch, as before."""
+    running = build_server(make_settings(tmp_path, with_minilm=False, auth="api_key"))
+    tenants = [make_tenant(running) for _ in range(2)]
+    clients = [Client(running.address, t.api_key) for t in tenants]
+    pool = concurrent.futures.ThreadPoolExecutor(4)
+    try:
+        task_id = unique_id("fair")
+        for c in clients:
+            c.stub.CreateTask(pb.CreateTaskRequest(task_id=task_id, backbone=TINY_TEXT, examples=text_examples(),
+                                                   config=pb.TrainingConfig(strategy=pb.LINEAR)))
+            assert c.wait_ready(task_id).state == pb.Job.SUCCEEDED
+        a, b = (c.stub for c in clients)
+        alone = [scores(p) for p in b.Predict(request(task_id, TEXTS[:3])).predictions]
+        lane = running.app.predictor.lane(TINY_TEXT)
+        trunk = lane.entry.trunk
+        gate, entered, calls = threading.Event(), threading.Event(), []
+        original = trunk.outputs
+
+        def outputs(batch, names):  # holds the first trunk pass only
+            calls.append(threading.current_thread().name)
+            if len(calls) == 1:
+                entered.set()
+                assert gate.wait(60)
+            return original(batch, names)
+
+        trunk.outputs = outputs
+        try:
+            held = pool.submit(a.Predict, request(task_id, TEXTS[3:5]), timeout=60)
+            assert entered.wait(30)
+            queued = pool.submit(a.Predict, request(task_id, TEXTS[5:6]), timeout=60)
+            answered = b.Predict(request(task_id, TEXTS[:3]), timeout=30)  # while A's batch is held
+            assert len(answered.predictions) == len(alone)
+            for got, want in zip((scores(p) for p in answered.predictions), alone):
+                assert got == pytest.approx(want, abs=1e-5)
+            assert not held.done() and not queued.done() and lane.batcher.stats.fair >= 1
+        finally:
+            gate.set()
+            del trunk.outputs
+        assert len(held.result(30).predictions) == 2 and len(queued.result(30).predictions) == 1
+    finally:
+        pool.shutdown()
+        for c in clients:
+            c.close()
+        running.stop()
 
 
 # --- routing rows to heads, exactly ----------------------------------------------------------------------
