@@ -33,8 +33,8 @@ cannot turn another group's requests into ResourceExhausted either; the queue th
 
 A fair lane (`fair_lane`): least-recently-served order still leaves another group's request waiting for the
 batch already running, which on a CPU is many times its own time (a batch of 16 rows against one). So when a
-request arrives while a batch runs and its group has nothing in that batch, it does not wait: a second batch
-of such groups' requests runs at once on the caller's thread, beside the first (onnxruntime sessions run
+request is queued while a batch runs and its group has nothing in that batch, it does not wait: a second
+worker thread runs a batch of such groups' requests at once, beside the first (onnxruntime sessions run
 concurrently). At most one fair-lane batch runs at a time, and a group in the running batch never uses it, so
 one tenant alone (or a server without tenants) batches exactly as without it.
 
@@ -205,6 +205,10 @@ class Batcher:
         self.stats = BatchStats()
         self._thread = threading.Thread(target=self._loop, name=f"batch-{name}", daemon=True)
         self._thread.start()
+        self._fair_thread: threading.Thread | None = None
+        if fair_lane:
+            self._fair_thread = threading.Thread(target=self._fair_loop, name=f"fair-{name}", daemon=True)
+            self._fair_thread.start()
 
     # --- the RPC threads' side ----------------------------------------------------------------------
 
@@ -269,35 +273,20 @@ class Batcher:
             self._queued_rows += rows
             self._group_rows[group] = self._group_rows.get(group, 0) + rows
             batch = self._take() if inline and self._may_run_now(pending) else None
-            fair = not batch and inline and self._may_run_beside(group)
-            if fair:
-                batch = self._take(fair=True)
             if batch:
-                if fair:
-                    self.stats.fair += 1
-                else:
-                    self.stats.inline += 1
+                self.stats.inline += 1
             else:
-                self._cond.notify()
-        if batch and not fair:
+                self._wake()
+        if batch:
             self._execute(batch)  # on this thread: the worker was idle and nothing else is coming
-        elif batch:
-            self._fair_lane(batch)
         return pending
 
-    def _may_run_beside(self, group: str) -> bool:
-        """(lock held) Whether the caller may run a fair-lane batch now: a batch runs, this group has nothing
-        in it, and no fair-lane batch runs already."""
-        return self.fair_lane and self._busy and not self._fair_busy and group not in self._running
-
-    def _fair_lane(self, batch: list[Pending]) -> None:
-        """Runs fair-lane batches on this thread while requests of groups outside the running batch wait."""
-        while batch:
-            self._execute(batch, fair=True)
-            with self._cond:
-                batch = self._take(fair=True) if self._busy and not self._fair_busy else []
-                if batch:
-                    self.stats.fair += 1
+    def _wake(self) -> None:
+        """(lock held) Something was queued or a batch started: the worker, and the fair lane's, look again."""
+        if self._fair_thread is None:
+            self._cond.notify()
+        else:
+            self._cond.notify_all()
 
     def _may_run_now(self, pending: Pending) -> bool:
         """(lock held) Whether the caller may run its just-queued request at once, on its own thread:
@@ -315,6 +304,26 @@ class Batcher:
             if batch is None:
                 return
             self._execute(batch)
+
+    def _fair_loop(self) -> None:
+        while True:
+            batch = self._next_fair_batch()
+            if batch is None:
+                return
+            self._execute(batch, fair=True)
+
+    def _next_fair_batch(self) -> list[Pending] | None:
+        """Waits until a batch runs while a group with nothing in it has requests queued; takes those."""
+        with self._cond:
+            while True:
+                if self._closed:
+                    return None  # the worker drains the queue
+                if self._busy and not self._fair_busy and any(g not in self._running for g in self._group_rows):
+                    batch = self._take(fair=True)
+                    if batch:
+                        self.stats.fair += 1
+                        return batch
+                self._cond.wait()
 
     def _execute(self, batch: list[Pending], fair: bool = False) -> None:
         start = time.perf_counter()
@@ -364,6 +373,8 @@ class Batcher:
                     self._wait_for_more()
                 batch = self._take()
                 if batch:
+                    if self._fair_thread is not None:
+                        self._cond.notify_all()  # groups outside this batch may now run beside it
                     return batch
 
     def _wait_for_more(self) -> None:
@@ -486,3 +497,5 @@ class Batcher:
             self._closed = True
             self._cond.notify_all()
         self._thread.join(timeout)
+        if self._fair_thread is not None:
+            self._fair_thread.join(timeout)

@@ -299,18 +299,16 @@ def test_a_group_with_nothing_in_the_running_batch_runs_beside_it_at_once():
         flood = b.submit("a0", 2, group="A")
         assert run.entered["a0"].wait(10)  # A's batch runs (held)
         more = arrive(b, "a1", "A")  # A is in the running batch: its next request waits for it
-        assert not more.future.done()
-        runner = threading.Thread(target=lambda: arrive(b, "b0", "B"))
-        runner.start()
+        lone = arrive(b, "b0", "B")
         assert run.entered["b0"].wait(10)  # B did not wait for A's batch: it runs beside it (held too)
         late = arrive(b, "c0", "C")  # one fair-lane batch at a time: C queues
-        assert not late.future.done() and b.stats.fair == 1
+        time.sleep(0.05)
+        assert not late.future.done() and not more.future.done() and b.stats.fair == 1
         run.gates["b0"].set()
-        runner.join(10)
-        # B's thread took C's request next, still beside A's batch; A's own requests waited for A's batch.
-        assert late.future.result(10) == "c0" and not more.future.done()
-        assert [batch for batch, _ in run.batches] == [["b0"], ["c0"]]
-        assert {thread for _, thread in run.batches} == {runner} and b.stats.fair == 2
+        # C's request runs next, still beside A's batch; A's own requests wait for A's batch.
+        assert lone.future.result(10) == "b0" and late.future.result(10) == "c0" and not more.future.done()
+        assert [batch for batch, _ in run.batches] == [["b0"], ["c0"]] and b.stats.fair == 2
+        assert {thread.name for _, thread in run.batches} == {"fair-test"}  # not the callers' threads
         run.gates["a0"].set()
         assert flood.future.result(10) == "a0" and more.future.result(10) == "a1"
     assert [batch for batch, _ in run.batches][2:] == [["a0"], ["a1"]]
