@@ -53,8 +53,8 @@ def test_training_threads_of_a_server_run_below_its_serving_threads(tmp_path):
         task_id = unique_id("idle")
         create(client, task_id)
         assert client.wait_ready(task_id, timeout=120).state == pb.Job.SUCCEEDED  # training still gets the CPU
-        trainers = [t for t in threading.enumerate() if t.name.startswith("train-")]
-        assert len(trainers) == 2
+        trainers = running.app.runner._threads  # this server's (other tests' servers may be running too)
+        assert len(trainers) == 2 and all(t.is_alive() for t in trainers)
         policies = thread_policies(os.getpid())
         assert {policies[t.native_id] for t in trainers} == {os.SCHED_IDLE}
         # The rest of the server's Python threads (gRPC's, the batchers', the change feed's, the main thread)
