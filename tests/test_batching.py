@@ -376,6 +376,77 @@ def test_a_tenants_predict_is_not_held_behind_another_tenants_running_batch(tmp_
         running.stop()
 
 
+@pytest.mark.parametrize("modality", ["text", "image"])
+def test_tenants_predicting_at_once_each_get_their_own_answers(tmp_path, modality):
+    """Four tenants, each with its own task, call Predict from 16 threads at once with 1-5 inputs, some with
+    deadlines too short to meet and some cancelled: the fair lane runs batches beside the main one, and every
+    answer is the one the same request gets alone (its own task's scores, its inputs' order). Images are
+    collated into reused buffers, text is tokenised per batch: both paths run on two threads at once."""
+    running = build_server(make_settings(tmp_path, with_minilm=False, auth="api_key"))
+    tenants = [make_tenant(running) for _ in range(4)]
+    clients = [Client(running.address, t.api_key) for t in tenants]
+    if modality == "text":
+        backbone = TINY_TEXT
+        texts = [pb.Input(text=t) for ts in HELD_OUT.values() for t in ts]
+        examples = [text_examples(t) for t in (dict(list(TOPICS.items())[:2]), dict(list(TOPICS.items())[1:]),
+                                               TOPICS, {"a": TOPICS["sports"], "b": TOPICS["cooking"]})]
+    else:
+        backbone = "mobilenet_v3_small"
+        pool = image_examples(6)
+        texts = [ex.input for ex in pool[1::2]]
+        examples = [pool[k::2] for k in range(2)] * 2
+        examples[2] = [pb.Example(input=ex.input, label=ex.label + "-x") for ex in pool[::3]]
+    try:
+        task_id = unique_id("crowd")
+        for c, ex in zip(clients, examples):  # one task id, four tenants: different heads
+            c.stub.CreateTask(pb.CreateTaskRequest(task_id=task_id, backbone=backbone, examples=ex,
+                                                   config=pb.TrainingConfig(strategy=pb.LINEAR)))
+            assert c.wait_ready(task_id).state == pb.Job.SUCCEEDED
+        alone = {(i, j): scores(c.stub.Predict(pb.PredictRequest(task_id=task_id, inputs=[x])).predictions[0])
+                 for i, c in enumerate(clients) for j, x in enumerate(texts)}
+        stats = running.app.predictor.lane(backbone).batcher.stats
+        fair_before = stats.fair
+        problems: list = []
+        stop = time.monotonic() + 3.0
+
+        def caller(k: int) -> int:
+            rng = np.random.default_rng(k)
+            i = k % 4
+            stub = clients[i].stub
+            calls = 0
+            while time.monotonic() < stop:
+                picked = [int(j) for j in rng.choice(len(texts), size=int(rng.integers(1, 6)))]
+                call = pb.PredictRequest(task_id=task_id, inputs=[texts[j] for j in picked])
+                kind = rng.random()
+                try:
+                    if kind < 0.1:  # a deadline too short to meet
+                        stub.Predict(call, timeout=0.0005)
+                    elif kind < 0.2:  # abandoned by its caller
+                        stub.Predict.future(call, timeout=30).cancel()
+                    else:
+                        got = stub.Predict(call, timeout=30).predictions
+                        if [scores(p) for p in got] != [pytest.approx(alone[(i, j)], abs=1e-5) for j in picked]:
+                            problems.append((i, picked))
+                except grpc.RpcError as exc:
+                    if exc.code() not in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
+                        problems.append((i, exc.code(), exc.details()))
+                calls += 1
+            return calls
+
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            calls = sum(pool.map(caller, range(16)))
+        assert not problems, problems[:5]
+        assert calls > 50 and stats.fair > fair_before  # the fair lane ran
+        # Still serving, each tenant its own head.
+        for i, c in enumerate(clients):
+            first = c.stub.Predict(pb.PredictRequest(task_id=task_id, inputs=texts[:1])).predictions[0]
+            assert scores(first) == pytest.approx(alone[(i, 0)], abs=1e-5)
+    finally:
+        for c in clients:
+            c.close()
+        running.stop()
+
+
 # --- routing rows to heads, exactly ----------------------------------------------------------------------
 
 
