@@ -195,8 +195,7 @@ class Batcher:
         self._arriving = 0
         self._busy = False  # a batch is running (on the worker or inline on a caller's thread)
         self._running: set[str] = set()  # the groups in that batch
-        self.fair_lane = fair_lane
-        self._fair_busy = False  # a fair-lane batch is running (on a caller's thread)
+        self._fair_busy = False  # a fair-lane batch is running (on the fair lane's thread)
         self._closed = False
         self._last_rows = 0  # rows of the previous batch
         self._free_at = 0.0  # when it finished (time.monotonic())
@@ -282,7 +281,7 @@ class Batcher:
         return pending
 
     def _wake(self) -> None:
-        """(lock held) Something was queued or a batch started: the worker, and the fair lane's, look again."""
+        """(lock held) Something was queued: the worker, and the fair lane's thread, look again."""
         if self._fair_thread is None:
             self._cond.notify()
         else:

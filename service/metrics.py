@@ -136,10 +136,14 @@ class ServerCollector(Collector):
         rejected = CounterMetricFamily("headserve_batch_rejected",
                                        "Predict requests refused because the queue was full", labels=["backbone"])
         failed = CounterMetricFamily("headserve_batch_failures", "Batches whose run failed", labels=["backbone"])
+        fair = CounterMetricFamily("headserve_batch_fair_lane",
+                                   "Batches run beside another tenant's batch (the fair lane)", labels=["backbone"])
         for name, lane in list(self.predictor.lanes.items()):
             depth.add_metric([name], lane.batcher.queued_rows)
             rejected.add_metric([name], lane.batcher.stats.rejected)
             failed.add_metric([name], lane.batcher.stats.failed)
+            fair.add_metric([name], lane.batcher.stats.fair)
         yield depth
         yield rejected
         yield failed
+        yield fair

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import re
 import threading
 import time
+import urllib.request
 
 import grpc
 import numpy as np
@@ -331,7 +333,7 @@ def test_without_the_fair_lane_or_between_requests_of_one_group_everything_waits
 def test_a_tenants_predict_is_not_held_behind_another_tenants_running_batch(tmp_path):
     """Through a server with API keys: while tenant A's batch is held in the trunk, tenant B's Predict is
     answered, with the scores it gets alone; A's next request waits for A's batch, as before."""
-    running = build_server(make_settings(tmp_path, with_minilm=False, auth="api_key"))
+    running = build_server(make_settings(tmp_path, with_minilm=False, auth="api_key", metrics_address="127.0.0.1:0"))
     tenants = [make_tenant(running) for _ in range(2)]
     clients = [Client(running.address, t.api_key) for t in tenants]
     pool = concurrent.futures.ThreadPoolExecutor(4)
@@ -369,6 +371,11 @@ def test_a_tenants_predict_is_not_held_behind_another_tenants_running_batch(tmp_
             gate.set()
             del trunk.outputs
         assert len(held.result(30).predictions) == 2 and len(queued.result(30).predictions) == 1
+        # Operators see it: the fair lane's batches are counted per backbone.
+        with urllib.request.urlopen(f"http://127.0.0.1:{running.metrics_port}/metrics", timeout=10) as answer:
+            text = answer.read().decode()
+        counted = re.search(rf'^headserve_batch_fair_lane_total{{backbone="{TINY_TEXT}"}} (\S+)$', text, re.M)
+        assert counted and float(counted.group(1)) == lane.batcher.stats.fair >= 1
     finally:
         pool.shutdown()
         for c in clients:
