@@ -22,8 +22,9 @@ import re
 import secrets
 import threading
 import time
+from collections.abc import Callable
 
-from adapters.errors import InvalidInput, NotFound, PermissionDenied, ResourceExhausted, Unauthenticated
+from adapters.errors import InvalidInput, NotFound, PermissionDenied, ResourceExhausted, Unauthenticated, Unavailable
 from service.storage import TenantStore
 from service.store import DEFAULT_TENANT, KeyRecord, Quotas, TenantRecord, Usage, now_ms, task_key
 
@@ -107,6 +108,7 @@ class Authenticator:
         self.store = store
         self.cache_seconds = cache_seconds
         self._cache: dict[str, tuple[float, KeyRecord | None, Quotas]] = {}  # key id or 'tenant:ID'
+        self._flights: dict[str, _Flight] = {}  # store reads under way, by cache slot
         self._lock = threading.Lock()
 
     def anonymous(self) -> Caller:
@@ -131,38 +133,62 @@ class Authenticator:
         return Caller(record.tenant_id, key_id, grants(record.scopes), quotas)
 
     def _lookup(self, key_id: str) -> tuple[KeyRecord | None, Quotas]:
-        now = time.monotonic()
-        with self._lock:
-            hit = self._cache.get(key_id)
-        if hit is not None and now - hit[0] < self.cache_seconds:
-            return hit[1], hit[2]
-        record = self.store.get_key(key_id)
-        if record is None:
-            return None, Quotas()
-        try:
-            quotas = self.store.get_tenant(record.tenant_id).quotas
-        except NotFound:
-            return None, Quotas()
-        with self._lock:
-            if len(self._cache) > 100_000:
-                self._cache.clear()
-            self._cache[key_id] = (now, record, quotas)
-        return record, quotas
+        def load() -> tuple[KeyRecord | None, Quotas, bool]:
+            record = self.store.get_key(key_id)
+            if record is None:
+                return None, Quotas(), False  # not cached: a key created elsewhere works at once
+            try:
+                return record, self.store.get_tenant(record.tenant_id).quotas, True
+            except NotFound:
+                return None, Quotas(), False
+
+        return self._cached(key_id, load)
 
     def _tenant_quotas(self, tenant_id: str) -> Quotas:
+        return self._cached(f"tenant:{tenant_id}", lambda: (None, self.store.get_tenant(tenant_id).quotas, True))[1]
+
+    def _cached(self, slot: str, load: Callable[[], tuple[KeyRecord | None, Quotas, bool]]
+                ) -> tuple[KeyRecord | None, Quotas]:
+        """A cache slot's (record, quotas): from the cache while fresh; else read by one caller while the
+        others that want the same slot wait for its answer (single flight: when a popular key's entry
+        expires, concurrent calls make one store read, not one each). `load` returns the answer and whether
+        it may be cached."""
         now = time.monotonic()
-        slot = f"tenant:{tenant_id}"
         with self._lock:
             hit = self._cache.get(slot)
-        if hit is not None and now - hit[0] < self.cache_seconds:
-            return hit[2]
-        quotas = self.store.get_tenant(tenant_id).quotas
+            if hit is not None and now - hit[0] < self.cache_seconds:
+                return hit[1], hit[2]
+            flight = self._flights.get(slot)
+            leader = flight is None
+            if leader:
+                flight = self._flights[slot] = _Flight()
+        if not leader:
+            return flight.wait()
+        try:
+            record, quotas, cacheable = load()
+        except BaseException as exc:
+            with self._lock:
+                self._land(slot, flight)
+            flight.fail(exc)
+            raise
         with self._lock:
-            self._cache[slot] = (now, None, quotas)
-        return quotas
+            self._land(slot, flight)
+            if cacheable and flight.current:
+                if len(self._cache) > 100_000:
+                    self._cache.clear()
+                self._cache[slot] = (now, record, quotas)
+        flight.answer((record, quotas))
+        return record, quotas
+
+    def _land(self, slot: str, flight: _Flight) -> None:
+        """(lock held) The flight has its answer: later callers read the cache, or start their own."""
+        if self._flights.get(slot) is flight:
+            del self._flights[slot]
 
     def forget(self, key_id: str = "", tenant_id: str = "") -> None:
-        """Drops cached knowledge of a key or of a tenant's keys and quotas (after a change made here)."""
+        """Drops cached knowledge of a key or of a tenant's keys and quotas (after a change made here). A
+        read in flight may have started before the change: its answer is not cached, and later callers read
+        again."""
         with self._lock:
             if key_id:
                 self._cache.pop(key_id, None)
@@ -170,6 +196,37 @@ class Authenticator:
                 self._cache.pop(f"tenant:{tenant_id}", None)
                 for kid in [k for k, v in self._cache.items() if v[1] is not None and v[1].tenant_id == tenant_id]:
                     del self._cache[kid]
+            # Which key ids a tenant's flights are for is not known before they answer: a tenant change
+            # makes every flight stale.
+            for slot, flight in list(self._flights.items()):
+                if tenant_id or slot == key_id:
+                    flight.current = False
+                    del self._flights[slot]
+
+
+class _Flight:
+    """One store read of an Authenticator cache slot, which other callers wait for."""
+
+    def __init__(self) -> None:
+        self.current = True  # False once `forget` made its answer stale (it is then not cached)
+        self._done = threading.Event()
+        self._value: tuple | None = None
+        self._error: BaseException | None = None
+
+    def answer(self, value: tuple) -> None:
+        self._value = value
+        self._done.set()
+
+    def fail(self, exc: BaseException) -> None:
+        self._error = exc
+        self._done.set()
+
+    def wait(self, timeout: float = 30.0) -> tuple:
+        if not self._done.wait(timeout):
+            raise Unavailable("the tenant store did not answer in time; retry")
+        if self._error is not None:
+            raise self._error
+        return self._value
 
 
 class _Bucket:

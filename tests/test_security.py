@@ -453,3 +453,88 @@ def test_tenants_and_keys_through_the_cli_locally_and_over_the_api(server, capsy
     assert main(["--address", server.address, "--api-key", second["api_key"], "tenants", "list"]) == 1
     assert main(["tenants", "create", "bad name!", "--data-dir", data_dir]) == 1
     assert "not valid" in capsys.readouterr().err
+
+
+class CountingStore:
+    """A real SQLite store whose key and tenant reads are counted and slowed (so that callers overlap)."""
+
+    def __init__(self, store, delay: float = 0.05) -> None:
+        self._store = store
+        self.delay = delay
+        self.reads = {"get_key": 0, "get_tenant": 0}
+        self._lock = threading.Lock()
+
+    def _read(self, name, *args):
+        with self._lock:
+            self.reads[name] += 1
+        answer = getattr(self._store, name)(*args)
+        time.sleep(self.delay)  # read, then slow to answer: an answer can be older than a change made meanwhile
+        return answer
+
+    def get_key(self, key_id):
+        return self._read("get_key", key_id)
+
+    def get_tenant(self, ref):
+        return self._read("get_tenant", ref)
+
+    def __getattr__(self, name):
+        return getattr(self._store, name)
+
+
+def test_concurrent_calls_whose_cached_key_expired_read_the_store_once_and_a_revocation_is_not_undone(tmp_path):
+    from service.store import Store
+    from service.tenants import Authenticator
+
+    store = Store.open(tmp_path)
+    try:
+        counting = CountingStore(store)
+        auth = Authenticator(counting, cache_seconds=0.5)
+        admin = TenantAdmin(store, auth)
+        tenant, record, key = admin.create_tenant("flights")
+        callers = []
+
+        def burst(n: int = 16) -> list:
+            barrier = threading.Barrier(n)
+
+            def one():
+                barrier.wait()
+                try:
+                    return auth.authenticate(key).tenant_id
+                except Exception as exc:  # noqa: BLE001 (the outcome is what the test compares)
+                    return type(exc).__name__
+
+            threads = [threading.Thread(target=lambda: callers.append(one())) for _ in range(n)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(10)
+            return callers[-n:]
+
+        assert burst() == [tenant.tenant_id] * 16
+        assert counting.reads == {"get_key": 1, "get_tenant": 1}  # 16 callers, one read each
+        time.sleep(0.6)  # the entry expires: the next burst reads once more
+        assert burst() == [tenant.tenant_id] * 16
+        assert counting.reads == {"get_key": 2, "get_tenant": 2}
+        # A revocation made here while a read is in flight: that read's answer is not cached, and the next
+        # caller reads again and is refused.
+        time.sleep(0.6)
+        counting.delay = 0.3
+        early = threading.Thread(target=lambda: callers.append(auth.authenticate(key).tenant_id))
+        early.start()
+        time.sleep(0.1)  # its read has the key before the revocation, and has not answered yet
+        admin.revoke_key(record.key_id)
+        counting.delay = 0.0
+        with pytest.raises(Exception, match="revoked"):
+            auth.authenticate(key)  # does not take the early read's answer
+        early.join(10)
+        assert callers[-1] == tenant.tenant_id  # the early caller, which came before the revocation
+        with pytest.raises(Exception, match="revoked"):
+            auth.authenticate(key)
+        # A failed read fails the callers that waited for it, and the next call reads again.
+        time.sleep(0.6)
+        store.close()
+        with pytest.raises(Exception):  # noqa: B017 (the store's own error, whichever it is)
+            auth.authenticate(key)
+        assert not auth._flights
+    finally:
+        store.close()
