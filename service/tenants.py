@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import hashlib
 import hmac
@@ -108,7 +109,8 @@ class Authenticator:
         self.store = store
         self.cache_seconds = cache_seconds
         self._cache: dict[str, tuple[float, KeyRecord | None, Quotas]] = {}  # key id or 'tenant:ID'
-        self._flights: dict[str, _Flight] = {}  # store reads under way, by cache slot
+        self._flights: dict[str, concurrent.futures.Future] = {}  # store reads under way, by cache slot
+        self._stale: set[concurrent.futures.Future] = set()  # reads a forget() overlapped: not cached
         self._lock = threading.Lock()
 
     def anonymous(self) -> Caller:
@@ -161,29 +163,35 @@ class Authenticator:
             flight = self._flights.get(slot)
             leader = flight is None
             if leader:
-                flight = self._flights[slot] = _Flight()
+                flight = self._flights[slot] = concurrent.futures.Future()
         if not leader:
-            return flight.wait()
+            try:
+                return flight.result(timeout=30)  # the first caller's read (or its error)
+            except concurrent.futures.TimeoutError:
+                raise Unavailable("the tenant store did not answer in time; retry") from None
         try:
             record, quotas, cacheable = load()
         except BaseException as exc:
             with self._lock:
                 self._land(slot, flight)
-            flight.fail(exc)
+            flight.set_exception(exc)
             raise
         with self._lock:
-            self._land(slot, flight)
-            if cacheable and flight.current:
+            if not self._land(slot, flight) and cacheable:
                 if len(self._cache) > 100_000:
                     self._cache.clear()
                 self._cache[slot] = (now, record, quotas)
-        flight.answer((record, quotas))
+        flight.set_result((record, quotas))
         return record, quotas
 
-    def _land(self, slot: str, flight: _Flight) -> None:
-        """(lock held) The flight has its answer: later callers read the cache, or start their own."""
+    def _land(self, slot: str, flight: concurrent.futures.Future) -> bool:
+        """(lock held) The read has its answer: later callers read the cache, or start their own. Whether a
+        forget() overlapped it (its answer is then not cached)."""
         if self._flights.get(slot) is flight:
             del self._flights[slot]
+        stale = flight in self._stale
+        self._stale.discard(flight)
+        return stale
 
     def forget(self, key_id: str = "", tenant_id: str = "") -> None:
         """Drops cached knowledge of a key or of a tenant's keys and quotas (after a change made here). A
@@ -198,35 +206,8 @@ class Authenticator:
                     del self._cache[kid]
             # Which key ids a tenant's flights are for is not known before they answer: a tenant change
             # makes every flight stale.
-            for slot, flight in list(self._flights.items()):
-                if tenant_id or slot == key_id:
-                    flight.current = False
-                    del self._flights[slot]
-
-
-class _Flight:
-    """One store read of an Authenticator cache slot, which other callers wait for."""
-
-    def __init__(self) -> None:
-        self.current = True  # False once `forget` made its answer stale (it is then not cached)
-        self._done = threading.Event()
-        self._value: tuple | None = None
-        self._error: BaseException | None = None
-
-    def answer(self, value: tuple) -> None:
-        self._value = value
-        self._done.set()
-
-    def fail(self, exc: BaseException) -> None:
-        self._error = exc
-        self._done.set()
-
-    def wait(self, timeout: float = 30.0) -> tuple:
-        if not self._done.wait(timeout):
-            raise Unavailable("the tenant store did not answer in time; retry")
-        if self._error is not None:
-            raise self._error
-        return self._value
+            for slot in [slot for slot in self._flights if tenant_id or slot == key_id]:
+                self._stale.add(self._flights.pop(slot))
 
 
 class _Bucket:
