@@ -120,7 +120,8 @@ def providers_for(device: str, tensorrt_cache: pathlib.Path | None = None) -> li
             "trt_timing_cache_enable": True,
             "trt_timing_cache_path": str(tensorrt_cache),
         }))
-    cuda = {"device_id": device_id, "arena_extend_strategy": "kSameAsRequested"}
+    # use_tf32 0: fp32 trunks stay IEEE fp32, as torch's side is (adapters.backbones.ieee_fp32).
+    cuda = {"device_id": device_id, "arena_extend_strategy": "kSameAsRequested", "use_tf32": 0}
     providers.append(("CUDAExecutionProvider", cuda))
     providers.append("CPUExecutionProvider")
     return providers

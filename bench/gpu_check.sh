@@ -117,7 +117,8 @@ graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, [64, 384])])
 model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 model.ir_version = 9
-session = ort.InferenceSession(model.SerializeToString(), providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+session = ort.InferenceSession(model.SerializeToString(),
+                               providers=[("CUDAExecutionProvider", {"use_tf32": 0}), "CPUExecutionProvider"])
 rng = np.random.default_rng(0)
 x, w = rng.standard_normal((64, 384), dtype=np.float32), rng.standard_normal((384, 384), dtype=np.float32) / 20
 got = session.run(None, {"x": x, "w": w})[0]

@@ -42,6 +42,7 @@ def test_trunk_on_the_cuda_provider_matches_torch(tmp_path, kind) -> None:
     backbone = cuda_backbone(kind)
     runtime = TrunkRuntime(backbone, tmp_path / "trunks")
     assert runtime.session.get_providers()[0] == "CUDAExecutionProvider", runtime.session.get_providers()
+    assert runtime.session.get_provider_options()["CUDAExecutionProvider"]["use_tf32"] == "0"  # IEEE fp32
     batch = backbone.preprocess(inputs(kind))
     assert runtime.parity(batch) < 1e-3
     assert runtime.parity(backbone.preprocess(inputs(kind)[:1])) < 1e-3  # batch 1, another shape
