@@ -63,10 +63,10 @@ def pair_loss(pooled: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     z = torch.nn.functional.normalize(pooled, dim=-1)
     sim = z @ z.T
     same = (y[:, None] == y[None, :]).to(sim.dtype)
-    off = 1.0 - torch.eye(len(y), dtype=sim.dtype)
+    off = 1.0 - torch.eye(len(y), dtype=sim.dtype, device=sim.device)
     err = (sim - same) ** 2
     pos, neg = same * off, (1.0 - same)
-    loss = torch.zeros((), dtype=sim.dtype)
+    loss = torch.zeros((), dtype=sim.dtype, device=sim.device)
     if pos.sum() > 0:
         loss = loss + (err * pos).sum() / pos.sum()
     if neg.sum() > 0:
@@ -202,7 +202,8 @@ def fine_tune(
     trunk = trunk or backbone.torch_outputs
     feeds = _maps(backbone, trunk, items, blocks, progress)
     input_names = list(feeds)
-    tensors = {n: torch.from_numpy(v) for n, v in feeds.items()}
+    device = torch.device(backbone.device)  # tuning runs where the trunk runs; the head is returned on the CPU
+    tensors = {n: torch.from_numpy(v).to(device) for n, v in feeds.items()}
     train_idx, val_idx = holdout_split(y, options.validation_fraction or 0.2, options.seed)
     views = options.augment_views or (DEFAULT_VIEWS if backbone.modality == "image" else 0)
     extra, origin = None, np.zeros(0, np.int64)  # augmented views of every example, and whose they are
@@ -210,14 +211,14 @@ def fine_tune(
         progress({"message": f"embedding {views} augmented views per example"})
         batch, origin = backbone.preprocess.augmented(items, views, options.seed)
         maps = _maps(backbone, trunk, [], blocks, progress, batch=batch)
-        extra = {n: torch.from_numpy(v) for n, v in maps.items()}
+        extra = {n: torch.from_numpy(v).to(device) for n, v in maps.items()}
     head_lr = options.learning_rate or DEFAULT_LR
     epochs = options.epochs or DEFAULT_EPOCHS
 
     def logits_of(model: _Head, idx: np.ndarray) -> np.ndarray:
         model.eval()
         with torch.inference_mode():
-            out = [model.logits(*[tensors[n][idx[s : s + 256]] for n in input_names]).numpy()
+            out = [model.logits(*[tensors[n][idx[s : s + 256]] for n in input_names]).cpu().numpy()
                    for s in range(0, len(idx), 256)]
         return np.concatenate(out) if out else np.zeros((0, k), np.float32)
 
@@ -226,7 +227,7 @@ def fine_tune(
         model.eval()
         with torch.inference_mode(), torch_threads(max(1, torch.get_num_threads())):
             pooled = torch.cat([model.top(*[tensors[n][rows[i : i + 256]] for n in input_names])
-                                for i in range(0, len(rows), 256)]).numpy()
+                                for i in range(0, len(rows), 256)]).cpu().numpy()
         probe = train_linear(pooled, y[rows], k, TrainingOptions(strategy="linear"))
         with torch.no_grad():
             model.classifier.weight.copy_(torch.from_numpy(probe.layers[0][0]))
@@ -246,7 +247,7 @@ def fine_tune(
         # seeded here, and restored afterwards, so the job leaves the process's random state as it was.
         rng_state = torch.random.get_rng_state()
         torch.manual_seed(options.seed)
-        model = _Head(backbone.module.top(blocks), backbone.feature_dim, k)
+        model = _Head(backbone.module.top(blocks), backbone.feature_dim, k).to(device)
         # LP-FT: start the classifier from a linear probe on the frozen top's features, so tuning starts
         # from the feature-extraction solution instead of a random classifier that distorts the blocks.
         fit_classifier(model, train)
@@ -260,7 +261,8 @@ def fine_tune(
         if extra is not None:
             x_train = {n: torch.cat([x_train[n], extra[n][rows]]) for n in input_names}
             y_train = torch.cat([y_train, torch.from_numpy(y[origin[rows]])])
-        weights = class_weights(y_train.numpy(), k)
+        weights = class_weights(y_train.numpy(), k).to(device)
+        y_train = y_train.to(device)
         steps = max(1, n_epochs * -(-len(y_train) // batch_size))
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optim, lambda step: 0.5 * (1 + np.cos(np.pi * min(step, steps) / steps)))  # cosine decay to 0
@@ -287,7 +289,7 @@ def fine_tune(
                     idx = torch.from_numpy(order[s : s + batch_size])
                     optim.zero_grad()
                     pooled = model.top(*[x_train[n][idx] for n in input_names])
-                    loss = torch.zeros(())
+                    loss = torch.zeros((), device=device)
                     if ce_weight:
                         loss = loss + ce_weight * torch.nn.functional.cross_entropy(
                             model.classifier(pooled) * model.inv_temperature, y_train[idx], weight=weights,
@@ -363,7 +365,7 @@ def fine_tune(
     train_logits = logits_of(model, trained_on)
     train_report = classification_metrics(y[trained_on], train_logits.argmax(1), names)
     evaluation["train_accuracy"] = train_report["accuracy"]
-    head = FineTunedHead(model, input_names, tuple(feeds[input_names[0]].shape[1:]))
+    head = FineTunedHead(model.cpu(), input_names, tuple(feeds[input_names[0]].shape[1:]))
     evaluation["parameters"] = head.parameter_count()
     evaluation["warnings"] = warnings_for(evaluation, labels, sample_ids)
     evaluation["train_seconds"] = time.perf_counter() - start
