@@ -284,7 +284,7 @@ def service_level(
     spec_file.write_text(json.dumps(spec))
     lane.batcher.reset_stats()
     jiffies0, cpu0, child0, wall0 = busy_jiffies(), own_cpu(), children_cpu(), time.perf_counter()
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     profile = args.results / f"serving-profile-{level.replace(':', '-')}.speedscope.json"
     with profiled(level in args.profile, profile, args.warmup + args.duration):
         proc = subprocess.run(
