@@ -21,7 +21,7 @@
 # accuracy is not measured; runs the suite's `gpu`-marked tests (CUDA provider parity, IO binding, training on
 # the GPU); then bench/serving.py on the GPU: batch-1 p50 through gRPC for minilm-l6 and ResNet-50 (random
 # weights), and with TensorRT when onnxruntime offers it with its libraries. Everything it writes is under $OUT
-# (default bench/results/gpu): log.txt, env.txt, gpu-tests.xml, serving-gpu.{json,md,png}.
+# (default bench/results/gpu): log.txt, env.txt, gpu-tests.xml, serving-gpu.{json,md,png}, profile.txt.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -155,6 +155,10 @@ BENCH=(bench/serving.py --results "$OUT" --scale-tasks 0 --ready-trials 1 --conc
 step "bench/serving.py on the GPU (minilm-l6 shape, ResNet-50 random weights)"
 timeout 180 "$PY" "${BENCH[@]}"
 echo "serving.py exit: $?"
+
+step "where batch-1 time goes (bench/gpu_profile.py: preprocessing, ONNX trunk, torch eager; ResNet-50)"
+timeout 90 "$PY" bench/gpu_profile.py --device "$DEVICE" --rounds 100 2>&1 | grep -v -e "Loading weights" -e "plugin EP" \
+    | tee "$OUT/profile.txt"
 
 # onnxruntime-gpu lists TensorRT whether or not TensorRT's libraries are there: ask for libnvinfer too.
 if [[ "$DEVICE" == cuda ]] && "$PY" -c "import onnxruntime as o, sys; sys.exit('TensorrtExecutionProvider' not in o.get_available_providers())" \
