@@ -58,7 +58,6 @@ if [[ "${1:-}" == "fetch" ]]; then
     rm -rf "$ROOT/.gpu1" && mkdir -p "$ROOT/.gpu1"
     xz -T0 -9 -c "$tmp/cuda.so" > "$ROOT/.gpu1/libonnxruntime_providers_cuda.so.xz" || exit 1
     tar -C "$tmp" -cJf "$WHL/onnxruntime-gpu.tar.xz" onnxruntime onnxruntime_gpu-"$ort".dist-info || exit 1
-    grep -qx '/.gpu1/' "$ROOT/.git/info/exclude" 2>/dev/null || echo '/.gpu1/' >> "$ROOT/.git/info/exclude"
     du -sh "$WHL" "$ROOT/.gpu1"
     echo "now, back to back: device run 'bash bench/gpu_check.sh stash' carry [\".gpu1\"]; then"
     echo "                   device run 'bash bench/gpu_check.sh' carry [\".whl\"], timeout_s 480"
