@@ -1,7 +1,7 @@
 """The request pipeline: one chain of gRPC server interceptors that every call of every service goes
 through (HeadServe, Admin, health, reflection, and whatever is registered later).
 
-    request context -> authentication -> rate limit -> error mapping -> servicer
+    request context -> authentication -> stream slots -> rate limit -> error mapping -> servicer
 
 - **Request context** wraps grpc's context in a `CallContext` that carries what the pipeline learns (request
   id, caller, task) down to the servicer, stamps the request id on the call's trailers and on log records,
@@ -10,6 +10,12 @@ through (HeadServe, Admin, health, reflection, and whatever is registered later)
   checks the scope the method needs, from `METHOD_SCOPES`: deny by default, so a method nobody listed is
   PERMISSION_DENIED for everyone. Health stays open for probes. With auth = "none" every caller is the
   default tenant with every scope.
+- **Stream slots** bound the calls that stream (WatchJob, PredictStream, reflection). This server is
+  synchronous: an open stream holds one of the `grpc_workers` threads, idle or not, and when every thread is
+  held grpc queues every new call behind them, health checks included. Streams get `stream_slots` of the
+  threads, and each tenant `stream_slots_per_tenant` of those; a stream over either is refused at once with
+  RESOURCE_EXHAUSTED. The health service's Watch holds no thread (grpc serves it with callbacks) and is
+  passed through the pipeline unwrapped.
 - **Rate limit** charges Predict requests and inputs to the tenant's token buckets (each message of a
   PredictStream too, as it is read).
 - **Error mapping** turns domain errors into their status code (service/errors.py) and anything else into
@@ -20,8 +26,10 @@ through (HeadServe, Admin, health, reflection, and whatever is registered later)
 
 from __future__ import annotations
 
+import collections
 import logging
 import re
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -29,7 +37,7 @@ from collections.abc import Callable, Iterator
 import grpc
 from google.protobuf.message import DecodeError
 
-from adapters.errors import HeadserveError, InvalidInput, PermissionDenied
+from adapters.errors import HeadserveError, InvalidInput, PermissionDenied, ResourceExhausted
 from service.errors import abort, request_id, status_of
 from service.errors import task as task_var
 from service.errors import tenant as tenant_var
@@ -111,8 +119,8 @@ class Stage(grpc.ServerInterceptor):
 
     def intercept_service(self, continuation, details):
         handler = continuation(details)
-        if handler is None:
-            return None
+        if handler is None or _non_blocking(handler):
+            return handler
         return _rewrap(handler, lambda behavior, streaming: self.wrap(behavior, streaming, details.method),
                        self.deserializer(handler.request_deserializer))
 
@@ -121,6 +129,13 @@ class Stage(grpc.ServerInterceptor):
 
     def deserializer(self, parse):
         return parse
+
+
+def _non_blocking(handler) -> bool:
+    """A streaming behavior that grpc runs with callbacks instead of a thread (grpc_health's Watch, with
+    `experimental_non_blocking`). Wrapping it would turn it back into a generator that holds a worker thread
+    for as long as its watcher stays connected: a dozen unauthenticated watchers then stalled every call."""
+    return bool(getattr(handler.unary_stream, "experimental_non_blocking", False))
 
 
 def _rewrap(handler, wrap, deserializer) -> grpc.RpcMethodHandler:
@@ -239,6 +254,57 @@ class Authentication(Stage):
         return _around(behavior, response_streaming, before)
 
 
+class StreamSlots(Stage):
+    """At most `limit` streams open at once on this server, and `per_tenant` for any one tenant (see the
+    module's docstring). A slot is taken when the stream starts and given back when it ends, however it
+    ends (finished, failed, cancelled by the client)."""
+
+    def __init__(self, limit: int, per_tenant: int) -> None:
+        self.limit = limit
+        self.per_tenant = min(per_tenant, limit)
+        self._lock = threading.Lock()
+        self._open: collections.Counter[str] = collections.Counter()
+
+    def open_streams(self) -> int:
+        with self._lock:
+            return sum(self._open.values())
+
+    def wrap(self, behavior, response_streaming, method):
+        if not response_streaming:
+            return behavior
+        short = method.rsplit("/", 1)[-1]
+
+        def stream(request, call: CallContext):
+            tenant = call.caller.tenant_id if call.caller is not None else "-"
+            try:
+                self._take(tenant, short)
+            except HeadserveError as exc:
+                abort(call, exc)
+            try:
+                yield from behavior(request, call)
+            finally:
+                with self._lock:
+                    self._open[tenant] -= 1
+                    if not self._open[tenant]:
+                        del self._open[tenant]
+
+        return stream
+
+    def _take(self, tenant: str, method: str) -> None:
+        with self._lock:
+            total, mine = sum(self._open.values()), self._open[tenant]
+            if mine >= self.per_tenant:
+                raise ResourceExhausted(
+                    f"{method}: this tenant already has {mine} streams open on this server, its limit "
+                    f"(setting stream_slots_per_tenant); close one (a finished WatchJob, an idle PredictStream) "
+                    "or poll GetTask instead of watching")
+            if total >= self.limit:
+                raise ResourceExhausted(
+                    f"{method}: {total} streams are open on this server, its limit (setting stream_slots); "
+                    "retry with backoff, or poll GetTask instead of watching")
+            self._open[tenant] += 1
+
+
 class RateLimit(Stage):
     def __init__(self, limiter: RateLimiter) -> None:
         self.limiter = limiter
@@ -333,9 +399,9 @@ def _aborted(exc: BaseException) -> bool:
 
 
 def interceptors(
-    authenticator: Authenticator, limiter: RateLimiter, auth_enabled: bool,
+    authenticator: Authenticator, limiter: RateLimiter, auth_enabled: bool, slots: StreamSlots,
     observe: Callable[[str, str, float], None] | None = None,
 ) -> list[Stage]:
     """The pipeline, outermost first."""
-    return [RequestContext(observe), Authentication(authenticator, auth_enabled), RateLimit(limiter),
+    return [RequestContext(observe), Authentication(authenticator, auth_enabled), slots, RateLimit(limiter),
             ErrorMapping()]

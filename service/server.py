@@ -61,6 +61,7 @@ class Running:
     metrics_port: int = 0
     tracer: Any = None  # service.tracing.Tracer when tracing is on
     feed: ChangeFeed | None = None
+    slots: pipeline.StreamSlots | None = None
 
     @property
     def address(self) -> str:
@@ -166,6 +167,15 @@ def _start_tracing(settings: Settings, span_exporter=None):
         raise StartupError(str(exc)) from exc
 
 
+def stream_slots(settings: Settings) -> pipeline.StreamSlots:
+    """The stream limits (pipeline.StreamSlots): half of the worker threads for streams, and a quarter for one
+    tenant's, unless the settings say otherwise; without auth every caller is the one tenant."""
+    limit = settings.stream_slots or max(1, settings.grpc_workers // 2)
+    auth = settings.auth == "api_key"
+    return pipeline.StreamSlots(limit, settings.stream_slots_per_tenant or (max(1, settings.grpc_workers // 4)
+                                                                            if auth else limit))
+
+
 def _build(settings: Settings, credentials, lock: DataDirLock, tracer=None) -> Running:
     if settings.intra_op_threads:
         import torch
@@ -240,12 +250,14 @@ def _assemble(settings: Settings, credentials, lock: DataDirLock, tracer, store:
         # replicas added since they connected). No grace limit: calls in flight, long streams included
         # (WatchJob, PredictStream), run to their end on the old connection.
         limits.append(("grpc.max_connection_age_ms", int(settings.max_connection_age_seconds * 1000)))
+    slots = stream_slots(settings)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=settings.grpc_workers),
         options=limits,
         # With tracing on, OpenTelemetry's interceptor is the outermost: the whole pipeline is in the span.
         interceptors=[*([tracer.server_interceptor()] if tracer is not None else []),
                       *pipeline.interceptors(authenticator, RateLimiter(), settings.auth == "api_key",
+                                             slots,
                                              metrics.rpc if metrics else None)],
     )
     add_to_server(app, admin, server)
@@ -291,7 +303,7 @@ def _assemble(settings: Settings, credentials, lock: DataDirLock, tracer, store:
              settings.address, port, "TLS" if credentials else "plaintext", settings.auth,
              ", ".join(loaded) or "none", registry.device, resumed)
     return Running(server, port, app, health_servicer, admin, credentials is not None, lock, monitor, metrics,
-                   metrics_port, tracer=tracer, feed=feed)
+                   metrics_port, tracer=tracer, feed=feed, slots=slots)
 
 
 def _version() -> str:

@@ -1,0 +1,140 @@
+"""Streams cannot take every worker thread. The server is synchronous: an open stream (WatchJob, PredictStream)
+holds one of `grpc_workers` threads for as long as it is open, idle or not, and grpc queues every new call
+behind them. Streams get `stream_slots` threads and a tenant `stream_slots_per_tenant` of those; the health
+service's Watch holds none. Real servers with few workers, real channels, streams left idle on purpose."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import grpc
+import pytest
+from conftest import Client, make_settings, make_tenant, unique_id
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from service.gen import headserve_pb2 as pb
+from service.server import build_server
+
+
+class IdleStream:
+    """A PredictStream whose client sends nothing until closed: it holds a server thread while open."""
+
+    def __init__(self, stub, first: pb.PredictRequest | None = None) -> None:
+        self.closed = threading.Event()
+        self.call = stub.PredictStream(self._requests(first), timeout=60)
+
+    def _requests(self, first):
+        if first is not None:
+            yield first
+        self.closed.wait(60)
+
+    def outcome(self, timeout: float = 10):
+        """The stream's first answer, or the RpcError that ended it."""
+        result: list = []
+
+        def read():
+            try:
+                result.append(next(self.call))
+            except grpc.RpcError as exc:
+                result.append(exc)
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        reader.join(timeout)
+        return result[0] if result else None
+
+    def close(self) -> None:
+        self.closed.set()
+        self.call.cancel()
+
+
+def unknown_task() -> pb.PredictRequest:
+    return pb.PredictRequest(task_id=unique_id("nobody"), inputs=[pb.Input(text="a sentence")])
+
+
+def held(running, expected: int, timeout: float = 10) -> None:
+    """Waits until the server counts `expected` open streams."""
+    end = time.monotonic() + timeout
+    while running.slots.open_streams() != expected:
+        assert time.monotonic() < end, f"{running.slots.open_streams()} streams open, expected {expected}"
+        time.sleep(0.02)
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """No auth, 4 worker threads: 2 for streams (one tenant: all of them its own)."""
+    running = build_server(make_settings(tmp_path_factory.mktemp("data"), with_minilm=False, grpc_workers=4))
+    yield running
+    running.stop()
+
+
+def test_idle_streams_leave_threads_for_other_calls_and_a_stream_over_the_limit_is_refused(small) -> None:
+    client = Client(small.address)
+    streams = [IdleStream(client.stub) for _ in range(2)]
+    try:
+        held(small, 2)
+        refused = IdleStream(client.stub).outcome()
+        assert isinstance(refused, grpc.RpcError) and refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "stream_slots" in refused.details()
+        # The other half of the threads still answers at once.
+        started = time.monotonic()
+        assert client.stub.ListBackbones(pb.ListBackbonesRequest(), timeout=5).backbones
+        assert time.monotonic() - started < 2
+        assert health_pb2_grpc.HealthStub(client.channel).Check(
+            health_pb2.HealthCheckRequest(), timeout=5).status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        for stream in streams:
+            stream.close()
+    # Slots come back when streams end, however they end: a new stream is served (its task is unknown).
+    held(small, 0)
+    answer = IdleStream(client.stub, unknown_task())
+    try:
+        outcome = answer.outcome()
+        assert isinstance(outcome, grpc.RpcError) and outcome.code() == grpc.StatusCode.NOT_FOUND, outcome
+    finally:
+        answer.close()
+        client.close()
+
+
+def test_health_watchers_hold_no_thread(small) -> None:
+    """A dozen health watchers (no key needed) on a 4-thread server: each gets SERVING, and calls still run."""
+    channels = [grpc.insecure_channel(small.address) for _ in range(12)]
+    watches = [health_pb2_grpc.HealthStub(c).Watch(health_pb2.HealthCheckRequest(), timeout=30) for c in channels]
+    client = Client(small.address)
+    try:
+        for watch in watches:
+            assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        started = time.monotonic()
+        assert client.stub.ListBackbones(pb.ListBackbonesRequest(), timeout=5).backbones
+        assert time.monotonic() - started < 2
+        assert small.slots.open_streams() == 0
+    finally:
+        for watch in watches:
+            watch.cancel()
+        for channel in channels:
+            channel.close()
+        client.close()
+
+
+def test_one_tenant_cannot_take_the_other_tenants_stream_slots(tmp_path) -> None:
+    """API keys, 8 worker threads: 4 for streams, 2 for any one tenant."""
+    running = build_server(make_settings(tmp_path / "data", with_minilm=False, auth="api_key", grpc_workers=8))
+    a, b = make_tenant(running), make_tenant(running)
+    ca, cb = Client(running.address, a.api_key), Client(running.address, b.api_key)
+    streams = [IdleStream(ca.stub) for _ in range(2)]
+    try:
+        held(running, 2)
+        refused = IdleStream(ca.stub).outcome()
+        assert isinstance(refused, grpc.RpcError) and refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "stream_slots_per_tenant" in refused.details()
+        served = IdleStream(cb.stub, unknown_task())
+        outcome = served.outcome()
+        served.close()
+        assert isinstance(outcome, grpc.RpcError) and outcome.code() == grpc.StatusCode.NOT_FOUND, outcome
+    finally:
+        for stream in streams:
+            stream.close()
+        ca.close()
+        cb.close()
+        running.stop()
