@@ -86,7 +86,7 @@ class Settings(BaseSettings):
 
     grpc_workers: int = Field(32, ge=1, description="threads serving RPCs")
     stream_slots: int = Field(
-        0, ge=0, description="streams open at once (WatchJob, PredictStream, reflection), each holding one of "
+        0, ge=0, description="streams open at once (AddExamples, WatchJob, ExportTask, PredictStream, reflection), each holding one of "
         "grpc_workers' threads while open; more are refused with RESOURCE_EXHAUSTED; 0: half of grpc_workers")
     stream_slots_per_tenant: int = Field(
         0, ge=0, description="of those, the most one tenant may hold; 0: a quarter of grpc_workers with "

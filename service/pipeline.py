@@ -10,7 +10,7 @@ through (HeadServe, Admin, health, reflection, and whatever is registered later)
   checks the scope the method needs, from `METHOD_SCOPES`: deny by default, so a method nobody listed is
   PERMISSION_DENIED for everyone. Health stays open for probes. With auth = "none" every caller is the
   default tenant with every scope.
-- **Stream slots** bound the calls that stream (WatchJob, PredictStream, reflection). This server is
+- **Stream slots** bound the calls that stream (AddExamples, WatchJob, ExportTask, PredictStream, reflection). This server is
   synchronous: an open stream holds one of the `grpc_workers` threads, idle or not, and when every thread is
   held grpc queues every new call behind them, health checks included. Streams get `stream_slots` of the
   threads, and each tenant `stream_slots_per_tenant` of those; a stream over either is refused at once with
@@ -255,8 +255,8 @@ class Authentication(Stage):
 
 
 class StreamSlots(Stage):
-    """At most `limit` streams open at once on this server, and `per_tenant` for any one tenant (see the
-    module's docstring). A slot is taken when the stream starts and given back when it ends, however it
+    """At most `limit` streams (calls that stream requests, responses or both) open at once on this server,
+    and `per_tenant` for any one tenant (see the module's docstring). A slot is taken when the stream starts and given back when it ends, however it
     ends (finished, failed, cancelled by the client)."""
 
     def __init__(self, limit: int, per_tenant: int) -> None:
@@ -269,26 +269,45 @@ class StreamSlots(Stage):
         with self._lock:
             return sum(self._open.values())
 
+    def intercept_service(self, continuation, details):
+        handler = continuation(details)
+        if handler is None or not (handler.request_streaming or handler.response_streaming):
+            return handler  # unary calls: grpc's queue is their bound
+        return super().intercept_service(lambda _: handler, details)
+
     def wrap(self, behavior, response_streaming, method):
-        if not response_streaming:
-            return behavior
         short = method.rsplit("/", 1)[-1]
 
-        def stream(request, call: CallContext):
+        def take(call: CallContext) -> str:
             tenant = call.caller.tenant_id if call.caller is not None else "-"
             try:
                 self._take(tenant, short)
             except HeadserveError as exc:
                 abort(call, exc)
-            try:
-                yield from behavior(request, call)
-            finally:
-                with self._lock:
-                    self._open[tenant] -= 1
-                    if not self._open[tenant]:
-                        del self._open[tenant]
+            return tenant
 
-        return stream
+        if response_streaming:  # WatchJob, ExportTask, PredictStream, reflection
+            def stream(request, call: CallContext):
+                tenant = take(call)
+                try:
+                    yield from behavior(request, call)
+                finally:
+                    self._give(tenant)
+            return stream
+
+        def upload(requests, call: CallContext):  # AddExamples: a client stream, one answer
+            tenant = take(call)
+            try:
+                return behavior(requests, call)
+            finally:
+                self._give(tenant)
+        return upload
+
+    def _give(self, tenant: str) -> None:
+        with self._lock:
+            self._open[tenant] -= 1
+            if not self._open[tenant]:
+                del self._open[tenant]
 
     def _take(self, tenant: str, method: str) -> None:
         with self._lock:
