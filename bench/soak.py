@@ -111,8 +111,10 @@ class ServerProcess:
     def __init__(self, data_dir: pathlib.Path, log_path: pathlib.Path, backbone: str) -> None:
         self.data_dir = data_dir
         self.log_path = log_path
+        # One tenant whose 16 clients may all be in a stream at once (PredictStream, ExportTask, WatchJob):
+        # its stream slots are the server's (16 of the 32 threads), not a quarter of the threads.
         env = {**os.environ, "HEADSERVE_AUTH": "api_key", "HEADSERVE_BUILTIN_BACKBONES": json.dumps([backbone]),
-               "PYTHONUNBUFFERED": "1"}
+               "HEADSERVE_STREAM_SLOTS_PER_TENANT": "16", "PYTHONUNBUFFERED": "1"}
         self._log = open(log_path, "w")  # noqa: SIM115 - the server's stdout/stderr for its lifetime
         self.proc = subprocess.Popen(
             [*headserve_command(), "serve", "--address", "127.0.0.1:0", "--data-dir", str(data_dir),
