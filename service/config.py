@@ -71,6 +71,10 @@ class Settings(BaseSettings):
 
     max_message_bytes: int = Field(64 << 20, ge=1 << 16, description="largest gRPC message accepted")
     max_inputs_per_request: int = Field(256, ge=1, description="inputs in one Predict request")
+    max_upload_bytes: int = Field(
+        256 << 20, ge=1 << 16, description="bytes of one AddExamples stream, which is stored all or nothing and "
+        "so held in memory until it ends; larger uploads are split over several streams",
+    )
     max_examples_per_task: int = Field(
         20_000, ge=2, description="examples one task may hold; 20,000 was measured to train (AUTO, minilm-l6) in "
         "about 6 minutes and 1.9 GB on a 2-core CPU (docs/benchmarks.md, Limits); time grows linearly past it",

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 
 import grpc
 
-from adapters.errors import InvalidInput
+from adapters.errors import InvalidInput, ResourceExhausted
 from service import codec
 from service.app import HeadServeApp
 from service.pipeline import CallContext
@@ -37,16 +37,31 @@ class HeadServeServicer(pb_grpc.HeadServeServicer):
         return codec.task_pb(view)
 
     def AddExamples(self, request_iterator, context):
-        task_id, batch = "", []
+        """The stream is stored all or nothing, so it is held in memory until it ends: it is bounded as it is
+        read (its task must exist, at most max_examples_per_task examples and max_upload_bytes bytes), not
+        after a client has sent gigabytes."""
+        task_id, batch, size = "", [], 0
+        settings = self.app.settings
         for request in request_iterator:
             if request.task_id and task_id and request.task_id != task_id:
                 raise InvalidInput(
                     f"one AddExamples stream serves one task; got {request.task_id!r} after {task_id!r}"
                 )
-            task_id = task_id or request.task_id
             if not task_id:
-                raise InvalidInput("the first AddExamples message must name the task_id")
+                task_id = request.task_id
+                if not task_id:
+                    raise InvalidInput("the first AddExamples message must name the task_id")
+                self.app.get_task(context.caller, task_id)  # NOT_FOUND before the rest is read
+            size += request.ByteSize()
+            if size > settings.max_upload_bytes:
+                raise ResourceExhausted(
+                    f"this AddExamples stream is over {settings.max_upload_bytes} bytes (setting max_upload_bytes); "
+                    "nothing of it is stored: send the examples in several streams")
             batch.extend(codec.examples(request.examples))
+            if len(batch) > settings.max_examples_per_task:
+                raise ResourceExhausted(
+                    f"this AddExamples stream carries over {settings.max_examples_per_task} examples, more than a "
+                    "task may hold (setting max_examples_per_task); nothing of it is stored")
         if not task_id:
             raise InvalidInput("the AddExamples stream was empty; name a task_id and send examples")
         # All or nothing: the whole stream is validated and stored in one transaction.

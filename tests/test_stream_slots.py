@@ -1,7 +1,8 @@
-"""Streams cannot take every worker thread. The server is synchronous: an open stream (WatchJob, PredictStream)
-holds one of `grpc_workers` threads for as long as it is open, idle or not, and grpc queues every new call
-behind them. Streams get `stream_slots` threads and a tenant `stream_slots_per_tenant` of those; the health
-service's Watch holds none. Real servers with few workers, real channels, streams left idle on purpose."""
+"""What a stream may hold. Threads: the server is synchronous, an open stream (AddExamples, WatchJob, ExportTask,
+PredictStream) holds one of `grpc_workers` threads for as long as it is open, idle or not, and grpc queues
+every new call behind them; streams get `stream_slots` threads and a tenant `stream_slots_per_tenant` of those,
+and the health service's Watch holds none. Memory: an AddExamples stream is stored all or nothing, so it is
+bounded as it is read. Real servers with few workers or small limits, real channels."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import time
 
 import grpc
 import pytest
-from conftest import Client, make_settings, make_tenant, unique_id
+from conftest import TINY_TEXT, Client, make_settings, make_tenant, text_examples, unique_id
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service.gen import headserve_pb2 as pb
@@ -138,3 +139,68 @@ def test_one_tenant_cannot_take_the_other_tenants_stream_slots(tmp_path) -> None
         ca.close()
         cb.close()
         running.stop()
+
+
+class Upload:
+    """An AddExamples request stream of `messages` messages (`make(i)`: the i-th one's examples) that counts
+    how many of them the server read."""
+
+    def __init__(self, task_id: str, messages: int, make) -> None:
+        self.task_id, self.messages, self.make, self.sent = task_id, messages, make, 0
+
+    def __iter__(self):
+        for i in range(self.messages):
+            self.sent += 1
+            yield pb.AddExamplesRequest(task_id=self.task_id, examples=self.make(i))
+
+
+def upload_error(client: Client, upload: Upload) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as caught:
+        client.stub.AddExamples(iter(upload), timeout=60)
+    return caught.value
+
+
+@pytest.fixture(scope="module")
+def bounded(tmp_path_factory):
+    """A server whose AddExamples streams may carry 1 MiB and a task 40 examples, with one trained task."""
+    running = build_server(make_settings(tmp_path_factory.mktemp("data"), with_minilm=False,
+                                         max_upload_bytes=1 << 20, max_examples_per_task=40))
+    client = Client(running.address)
+    client.stub.CreateTask(pb.CreateTaskRequest(task_id="kept", backbone=TINY_TEXT, examples=text_examples()),
+                           timeout=60)
+    assert client.wait_ready("kept").state == pb.Job.SUCCEEDED
+    yield running, client
+    client.close()
+    running.stop()
+
+
+def stored(client: Client) -> int:
+    return client.stub.GetTask(pb.GetTaskRequest(task_id="kept"), timeout=10).num_examples
+
+
+@pytest.mark.parametrize("case", ["bytes", "examples", "unknown task"])
+def test_an_upload_is_refused_as_soon_as_it_is_over_a_limit_and_nothing_of_it_is_stored(bounded, case) -> None:
+    """The server stops reading at the limit instead of holding all of it: the client's 200 messages are
+    not all read (gRPC's flow control lets a few run ahead), and the task keeps what it had."""
+    running, client = bounded
+    before = stored(client)
+    label = ["sports", "cooking"]
+    if case == "bytes":  # one 100 KB example a message (an image's bytes): 1 MiB after 11
+        upload = Upload("kept", 200, lambda i: [pb.Example(input=pb.Input(image=b"\x89" * 100_000), label="sports")])
+    elif case == "examples":  # 4 a message: over 40 after 11
+        upload = Upload("kept", 200, lambda i: [pb.Example(input=pb.Input(text=f"sentence {i}.{j}"), label=label[j % 2])
+                                                for j in range(4)])
+    else:
+        upload = Upload(unique_id("nobody"), 200, lambda i: [pb.Example(input=pb.Input(text="x" * 10_000), label="a")])
+    error = upload_error(client, upload)
+    expected = {"bytes": (grpc.StatusCode.RESOURCE_EXHAUSTED, "max_upload_bytes"),
+                "examples": (grpc.StatusCode.RESOURCE_EXHAUSTED, "max_examples_per_task"),
+                "unknown task": (grpc.StatusCode.NOT_FOUND, "does not exist")}[case]
+    assert (error.code(), expected[1] in error.details()) == (expected[0], True), (error.code(), error.details())
+    assert upload.sent < 150, upload.sent
+    assert stored(client) == before
+    if case == "examples":  # within the limits, a stream of the same shape is stored
+        small = Upload("kept", 2, lambda i: [pb.Example(input=pb.Input(text=f"kept sentence {i}.{j}"),
+                                                        label=label[j % 2]) for j in range(4)])
+        answer = client.stub.AddExamples(iter(small), timeout=60)
+        assert answer.added == 8 and stored(client) == before + 8
