@@ -115,11 +115,12 @@ class HeadServeServicer(pb_grpc.HeadServeServicer):
         remaining = _time_remaining(context)
         deadline = None if remaining is None else time.monotonic() + remaining
         caller = context.caller
-        started = _read_ahead(request_iterator, lambda r: (r, *self._submit(r, caller, deadline)), STREAM_WINDOW,
-                              cancel=lambda item: item[1].cancel())
-        for request, ticket, multi in started:
+        # A started request keeps what its answer needs, not its message (inputs of up to max_message_bytes).
+        started = _read_ahead(request_iterator, lambda r: (r.top_k, r.request_id, *self._submit(r, caller, deadline)),
+                              STREAM_WINDOW, cancel=lambda item: item[2].cancel())
+        for top_k, request_id, ticket, multi in started:
             timeout = None if deadline is None else max(deadline - time.monotonic(), 0.0)
-            yield codec.predict_pb(ticket.result(timeout), multi, request.top_k, request.request_id)
+            yield codec.predict_pb(ticket.result(timeout), multi, top_k, request_id)
 
     def ExportTask(self, request, context):
         if request.format not in (pb.EXPORT_FORMAT_UNSPECIFIED, pb.HEAD_ONNX, pb.FUSED_ONNX):
