@@ -40,7 +40,8 @@ def main() -> None:
     parser.add_argument("--backbone", default="resnet50")
     parser.add_argument("--rounds", type=int, default=50)
     args = parser.parse_args()
-    backbone = load_backbone(builtin_spec(args.backbone), LoadOptions(device=args.device, random_weights=True))
+    options = LoadOptions(device=args.device, random_weights=True)
+    backbone = load_backbone(builtin_spec(args.backbone), options)
     runtime = TrunkRuntime(backbone, pathlib.Path(tempfile.mkdtemp()) / "trunks")
     rng = np.random.default_rng(0)
     jpegs = []
@@ -57,7 +58,8 @@ def main() -> None:
         (f"ONNX trunk, batch 1 (TrunkRuntime.features, IO binding {runtime.io_binding})",
          median_ms(lambda: runtime.features(one), n)),
         ("ONNX trunk, batch 8 (TrunkRuntime.features)", median_ms(lambda: runtime.features(eight), n)),
-        ("ONNX trunk, batch 1, bare session.run(['features'])", median_ms(lambda: runtime.session.run(["features"], feeds), n)),
+        ("ONNX trunk, batch 1, bare session.run(['features'])",
+         median_ms(lambda: runtime.session.run(["features"], feeds), n)),
         ("torch eager trunk, batch 1 (all trunk outputs, to host)",
          median_ms(lambda: backbone.torch_outputs(one, ("features",)), n)),
     ]

@@ -90,8 +90,9 @@ class Settings(BaseSettings):
 
     grpc_workers: int = Field(32, ge=1, description="threads serving RPCs")
     stream_slots: int = Field(
-        0, ge=0, description="streams open at once (AddExamples, WatchJob, ExportTask, PredictStream, reflection), each holding one of "
-        "grpc_workers' threads while open; more are refused with RESOURCE_EXHAUSTED; 0: half of grpc_workers")
+        0, ge=0, description="streams open at once (AddExamples, WatchJob, ExportTask, PredictStream, "
+        "reflection), each holding one of grpc_workers' threads while open; more are refused with "
+        "RESOURCE_EXHAUSTED; 0: half of grpc_workers")
     stream_slots_per_tenant: int = Field(
         0, ge=0, description="of those, the most one tenant may hold; 0: a quarter of grpc_workers with "
         "auth = api_key, all of stream_slots without auth (one tenant)")

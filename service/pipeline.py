@@ -10,12 +10,12 @@ through (HeadServe, Admin, health, reflection, and whatever is registered later)
   checks the scope the method needs, from `METHOD_SCOPES`: deny by default, so a method nobody listed is
   PERMISSION_DENIED for everyone. Health stays open for probes. With auth = "none" every caller is the
   default tenant with every scope.
-- **Stream slots** bound the calls that stream (AddExamples, WatchJob, ExportTask, PredictStream, reflection). This server is
-  synchronous: an open stream holds one of the `grpc_workers` threads, idle or not, and when every thread is
-  held grpc queues every new call behind them, health checks included. Streams get `stream_slots` of the
-  threads, and each tenant `stream_slots_per_tenant` of those; a stream over either is refused at once with
-  RESOURCE_EXHAUSTED. The health service's Watch holds no thread (grpc serves it with callbacks) and is
-  passed through the pipeline unwrapped.
+- **Stream slots** bound the calls that stream (AddExamples, WatchJob, ExportTask, PredictStream, reflection).
+  This server is synchronous: an open stream holds one of the `grpc_workers` threads, idle or not, and when
+  every thread is held grpc queues every new call behind them, health checks included. Streams get
+  `stream_slots` of the threads, and each tenant `stream_slots_per_tenant` of those; a stream over either is
+  refused at once with RESOURCE_EXHAUSTED. The health service's Watch holds no thread (grpc serves it with
+  callbacks) and is passed through the pipeline unwrapped.
 - **Rate limit** charges Predict requests and inputs to the tenant's token buckets (each message of a
   PredictStream too, as it is read).
 - **Error mapping** turns domain errors into their status code (service/errors.py) and anything else into
@@ -256,8 +256,8 @@ class Authentication(Stage):
 
 class StreamSlots(Stage):
     """At most `limit` streams (calls that stream requests, responses or both) open at once on this server,
-    and `per_tenant` for any one tenant (see the module's docstring). A slot is taken when the stream starts and given back when it ends, however it
-    ends (finished, failed, cancelled by the client)."""
+    and `per_tenant` for any one tenant (see the module's docstring). A slot is taken when the stream starts
+    and given back when it ends, however it ends (finished, failed, cancelled by the client)."""
 
     def __init__(self, limit: int, per_tenant: int) -> None:
         self.limit = limit
@@ -315,8 +315,8 @@ class StreamSlots(Stage):
             if mine >= self.per_tenant:
                 raise ResourceExhausted(
                     f"{method}: this tenant already has {mine} streams open on this server, its limit "
-                    f"(setting stream_slots_per_tenant); close one (a finished WatchJob, an idle PredictStream) "
-                    "or poll GetTask instead of watching")
+                    "(setting stream_slots_per_tenant); close one (a finished WatchJob, an idle "
+                    "PredictStream) or poll GetTask instead of watching")
             if total >= self.limit:
                 raise ResourceExhausted(
                     f"{method}: {total} streams are open on this server, its limit (setting stream_slots); "

@@ -1,8 +1,9 @@
-"""What a stream may hold. Threads: the server is synchronous, an open stream (AddExamples, WatchJob, ExportTask,
-PredictStream) holds one of `grpc_workers` threads for as long as it is open, idle or not, and grpc queues
-every new call behind them; streams get `stream_slots` threads and a tenant `stream_slots_per_tenant` of those,
-and the health service's Watch holds none. Memory: an AddExamples stream is stored all or nothing, so it is
-bounded as it is read. Real servers with few workers or small limits, real channels."""
+"""What a stream may hold. Threads: the server is synchronous, an open stream (AddExamples, WatchJob,
+ExportTask, PredictStream) holds one of `grpc_workers` threads for as long as it is open, idle or not, and
+grpc queues every new call behind them; streams get `stream_slots` threads and a tenant
+`stream_slots_per_tenant` of those, and the health service's Watch holds none. Memory: an AddExamples
+stream is stored all or nothing, so it is bounded as it is read. Real servers with few workers or small
+limits, real channels."""
 
 from __future__ import annotations
 
