@@ -89,8 +89,19 @@ class HeadServeServicer(pb_grpc.HeadServeServicer):
         return codec.task_pb(self.app.get_task(context.caller, request.task_id))
 
     def ListTasks(self, request, context):
+        """A page ends early, with a next_page_token, where one more task would take it past half of
+        max_message_bytes: a task's evaluation grows with its labels squared (the confusion matrix; 1,000
+        labels is about 1 MB), and a page over the message limit would fail as a whole, every time."""
         views, token = self.app.list_tasks(context.caller, request.page_size, request.page_token, request.backbone)
-        return pb.ListTasksResponse(tasks=[codec.task_pb(v) for v in views], next_page_token=token)
+        budget, size, page = self.app.settings.max_message_bytes // 2, 0, []
+        for view in views:
+            task = codec.task_pb(view)
+            size += task.ByteSize() + 8  # the field's tag and length
+            if page and size > budget:
+                token = page[-1].task_id
+                break
+            page.append(task)
+        return pb.ListTasksResponse(tasks=page, next_page_token=token)
 
     def DeleteTask(self, request, context):
         self.app.delete_task(context.caller, request.task_id)

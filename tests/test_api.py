@@ -10,12 +10,13 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from conftest import COLOURS, HELD_OUT, TOPICS, png, text_examples, unique_id
+from conftest import COLOURS, HELD_OUT, TINY_TEXT, TOPICS, Client, make_settings, png, text_examples, unique_id
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from service.client import open_channel
 from service.gen import headserve_pb2 as pb
+from service.server import build_server
 
 
 def predict_texts(stub, task_id, texts, top_k=0):
@@ -129,6 +130,35 @@ def test_list_tasks_paginates_and_filters(client):
     assert seen == sorted(seen) and len(seen) == len(set(seen))
     images = client.stub.ListTasks(pb.ListTasksRequest(backbone="mobilenet_v3_small", page_size=1000))
     assert all(t.backbone == "mobilenet_v3_small" for t in images.tasks)
+
+
+def test_a_page_of_tasks_stops_short_of_the_message_limit_and_the_rest_follows(tmp_path):
+    """Tasks with 40 labels (about 5 KB each, the confusion matrix most of it) on a server whose messages may
+    be 64 KiB: a page of 100 would be over it, so pages end early and together list every task once."""
+    running = build_server(make_settings(tmp_path / "data", with_minilm=False, max_message_bytes=1 << 16))
+    client = Client(running.address)
+    labels = [f"label-{i:03d}" for i in range(40)]
+    examples = [pb.Example(input=pb.Input(text=f"text number {j} about {label}"), label=label)
+                for label in labels for j in range(4)]
+    try:
+        made = [f"big-{i:02d}" for i in range(20)]
+        for task_id in made:
+            client.stub.CreateTask(pb.CreateTaskRequest(task_id=task_id, backbone=TINY_TEXT, examples=examples,
+                                                        config=pb.TrainingConfig(strategy=pb.PROTOTYPE)), timeout=60)
+            assert client.wait_ready(task_id).state == pb.Job.SUCCEEDED
+        seen, pages, token = [], 0, ""
+        while True:
+            page = client.stub.ListTasks(pb.ListTasksRequest(page_size=100, page_token=token), timeout=30)
+            assert page.ByteSize() <= 1 << 16
+            assert all(len(t.evaluation.confusion_matrix) == 40 * 40 for t in page.tasks)
+            seen += [t.task_id for t in page.tasks]
+            pages, token = pages + 1, page.next_page_token
+            if not token:
+                break
+        assert seen == made and pages >= 2
+    finally:
+        client.close()
+        running.stop()
 
 
 def test_delete_task_removes_it_everywhere(client):
