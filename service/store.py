@@ -49,7 +49,8 @@ log = logging.getLogger(__name__)
 
 STORE_FILE = "headserve.sqlite3"  # in the data directory (Store.open)
 
-SCHEMA_VERSION = 3  # meta's schema_version: 1 no tenants; 2 every row belongs to a tenant; 3 replicas (the
+SCHEMA_VERSION = 4  # meta's schema_version: 1 no tenants; 2 every row belongs to a tenant; 3 replicas; 4 jobs
+# claimed fairly between tenants (the
 # revisions themselves are Alembic's: service/migrations, service/migrate.py)
 CHANGES_CHANNEL = "headserve_changes"  # PostgreSQL NOTIFY channel of the changes table
 DEFAULT_TENANT = "default"  # the tenant of every caller when auth = "none", and of tasks made before tenants
@@ -155,7 +156,11 @@ jobs = sa.Table(
     sa.Column("owner", sa.String(128), nullable=False, server_default=""),
     sa.Column("lease_until_ms", sa.BigInteger, nullable=False, server_default="0"),
     sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    # Fair claims: workers take the oldest job of the tenant whose last claim is oldest (Store.claim_job).
+    sa.Column("tenant_id", sa.String(64), nullable=False, server_default=""),
+    sa.Column("claimed_at_ms", sa.BigInteger, nullable=False, server_default="0"),
     sa.Index("ix_jobs_state_created", "state", "created_at_ms"),
+    sa.Index("ix_jobs_tenant_claimed", "tenant_id", "claimed_at_ms"),
 )
 # What changed, for every replica's caches: a task's live version or its deletion ("task", its key), a key
 # revoked ("key", its id), a tenant's quotas or deletion ("tenant", its id). PostgreSQL also NOTIFYs each
@@ -303,6 +308,7 @@ class JobRecord:
     owner: str = ""  # the worker holding the job ('' while queued or once ended)
     lease_until_ms: int = 0
     attempts: int = 0  # times a worker claimed it
+    claimed_at_ms: int = 0  # when a worker last claimed it (tenants take turns: Store.claim_job)
 
     @property
     def finished(self) -> bool:
@@ -359,6 +365,7 @@ def _task(row) -> TaskRecord:
 
 def _job(row) -> JobRecord:
     d = dict(row._mapping)
+    d.pop("tenant_id", None)  # a property of the record (its task key's), a column for fair claims
     d["config"] = json.loads(d["config"])
     d["status"] = json.loads(d["status"])
     return JobRecord(**d)
@@ -858,7 +865,8 @@ class Store:
                     raise AlreadyExists(f"task(s) {', '.join(map(repr, taken[:5]))} already exist (or come twice); "
                                         "nothing of this batch was imported") from None
                 conn.execute(jobs.insert(), [
-                    {"job_id": job_id, "task_key": key, "state": "SUCCEEDED", "config": config_json,
+                    {"job_id": job_id, "task_key": key, "tenant_id": tenant_id, "state": "SUCCEEDED",
+                     "config": config_json,
                      "status": json.dumps({"phase": "done", "progress": 1.0, "message": "imported"}),
                      "error": "", "version": 1, "created_at_ms": ts, "updated_at_ms": ts}
                     for key, job_id, *_ in rows])
@@ -923,7 +931,8 @@ class Store:
 
     def _insert_job(self, conn, job: JobRecord) -> None:
         job.created_at_ms = job.updated_at_ms = now_ms()
-        row = {**dataclasses.asdict(job), "config": json.dumps(job.config), "status": json.dumps(job.status)}
+        row = {**dataclasses.asdict(job), "config": json.dumps(job.config), "status": json.dumps(job.status),
+               "tenant_id": job.tenant_id}
         try:
             with conn.begin_nested():  # (a savepoint: PostgreSQL's transaction survives the failed insert)
                 conn.execute(jobs.insert().values(**row))
@@ -950,8 +959,10 @@ class Store:
     # --- the queue: claims, leases, heartbeats ------------------------------------------------------------
 
     def claim_job(self, owner: str, lease_ms: int, max_attempts: int = 0) -> JobRecord | None:
-        """Claims the oldest job that is queued, or running under a lease that ran out (its worker stopped
-        heartbeating), for `owner` until now + `lease_ms`. None when there is none.
+        """Claims a job that is queued, or running under a lease that ran out (its worker stopped
+        heartbeating), for `owner` until now + `lease_ms`. None when there is none. The job is the oldest of
+        the tenant whose last claim is the oldest (a tenant never served first): tenants take turns, so one
+        that queued hundreds of jobs does not hold another's one behind them all.
 
         On PostgreSQL, FOR UPDATE SKIP LOCKED lets replicas claim at once without waiting on each other;
         on SQLite the write transaction is exclusive. A job claimed `max_attempts` times already (its
@@ -959,10 +970,13 @@ class Store:
         while True:
             with self._tx() as conn:
                 ts = now_ms()
+                served = jobs.alias("served")
+                last_claim = (sa.select(sa.func.coalesce(sa.func.max(served.c.claimed_at_ms), 0))
+                              .where(served.c.tenant_id == jobs.c.tenant_id).scalar_subquery())
                 q = (sa.select(jobs).where(sa.or_(
                         jobs.c.state == "QUEUED",
                         sa.and_(jobs.c.state == "RUNNING", jobs.c.lease_until_ms < ts)))
-                     .order_by(jobs.c.created_at_ms, jobs.c.job_id).limit(1))
+                     .order_by(last_claim, jobs.c.created_at_ms, jobs.c.job_id).limit(1))
                 if self.dialect != "sqlite":
                     q = q.with_for_update(skip_locked=True)
                 row = conn.execute(q).first()
@@ -980,9 +994,10 @@ class Store:
                     log.warning("job %s: the lease of %s ran out %.1fs ago; %s takes the job over",
                                 job.job_id, job.owner or "?", (ts - job.lease_until_ms) / 1000, owner)
                 job.state, job.owner, job.lease_until_ms, job.attempts = "RUNNING", owner, ts + lease_ms, job.attempts + 1
+                job.claimed_at_ms = ts
                 conn.execute(jobs.update().where(jobs.c.job_id == job.job_id).values(
                     state="RUNNING", owner=owner, lease_until_ms=job.lease_until_ms, attempts=job.attempts,
-                    updated_at_ms=ts))
+                    claimed_at_ms=ts, updated_at_ms=ts))
                 return job
 
     def renew_lease(self, job_id: str, owner: str, lease_ms: int) -> bool:

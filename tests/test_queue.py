@@ -12,7 +12,17 @@ import sqlalchemy as sa
 from adapters.errors import FailedPrecondition, NotFound
 from service import migrate
 from service.changes import ChangeFeed
-from service.store import DEFAULT_TENANT, HeadRecord, JobRecord, LeaseLost, Store, TaskRecord, task_key
+from service.store import (
+    DEFAULT_TENANT,
+    HeadRecord,
+    JobRecord,
+    LeaseLost,
+    Quotas,
+    Store,
+    TaskRecord,
+    TenantRecord,
+    task_key,
+)
 
 T = DEFAULT_TENANT
 
@@ -53,6 +63,29 @@ def test_jobs_are_claimed_once_oldest_first(stores):
     assert a.claim_job("w-c", 30_000) is None  # nothing left: every job is held under a live lease
     stored = b.get_job("j1")
     assert (stored.state, stored.owner, stored.attempts) == ("RUNNING", "w-b", 1)
+
+
+def test_tenants_take_turns_however_many_jobs_one_of_them_queued(stores):
+    """Tenant A queues five jobs, then tenant B one: B's is claimed second, not sixth. A tenant that
+    arrives later (C) is next, having never been served; then A's, oldest first. Two replicas claim."""
+    a, b = stores
+    for tenant in ("team-a", "team-b", "team-c"):
+        a.create_tenant(TenantRecord(tenant, tenant, Quotas()))
+
+    def queued(tenant: str, task_id: str) -> None:
+        a.create_task(TaskRecord.new(tenant, task_id, "minilm-l6", ["a", "b"], {}), [])
+        queue(a, task_key(tenant, task_id), f"{tenant}-{task_id}")
+        time.sleep(0.002)
+
+    for i in range(5):
+        queued("team-a", f"t{i}")
+    queued("team-b", "t0")
+    claimed = [a.claim_job("w-a", 30_000).job_id, b.claim_job("w-b", 30_000).job_id]
+    queued("team-c", "t0")
+    while (job := (a if len(claimed) % 2 else b).claim_job("w", 30_000)) is not None:
+        claimed.append(job.job_id)
+    assert claimed == ["team-a-t0", "team-b-t0", "team-c-t0", "team-a-t1", "team-a-t2", "team-a-t3", "team-a-t4"]
+    assert b.get_job("team-b-t0").tenant_id == "team-b" and b.get_job("team-b-t0").claimed_at_ms > 0
 
 
 def test_concurrent_claims_never_hand_out_a_job_twice(stores):
