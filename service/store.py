@@ -49,9 +49,9 @@ log = logging.getLogger(__name__)
 
 STORE_FILE = "headserve.sqlite3"  # in the data directory (Store.open)
 
-SCHEMA_VERSION = 4  # meta's schema_version: 1 no tenants; 2 every row belongs to a tenant; 3 replicas; 4 jobs
-# claimed fairly between tenants (the
-# revisions themselves are Alembic's: service/migrations, service/migrate.py)
+# meta's schema_version: 1 no tenants; 2 every row belongs to a tenant; 3 replicas; 4 jobs claimed fairly
+# between tenants (the revisions themselves are Alembic's: service/migrations, service/migrate.py)
+SCHEMA_VERSION = 4
 CHANGES_CHANNEL = "headserve_changes"  # PostgreSQL NOTIFY channel of the changes table
 DEFAULT_TENANT = "default"  # the tenant of every caller when auth = "none", and of tasks made before tenants
 ACTIVE_JOB_STATES = ("QUEUED", "RUNNING")
@@ -162,6 +162,11 @@ jobs = sa.Table(
     sa.Index("ix_jobs_state_created", "state", "created_at_ms"),
     sa.Index("ix_jobs_tenant_claimed", "tenant_id", "claimed_at_ms"),
 )
+# When a job's tenant was last served: the latest claim of any of its jobs (0: never). Store.claim_job orders by
+# it, so tenants take turns.
+_served = jobs.alias("served")
+_TENANT_LAST_CLAIM = (sa.select(sa.func.coalesce(sa.func.max(_served.c.claimed_at_ms), 0))
+                      .where(_served.c.tenant_id == jobs.c.tenant_id).scalar_subquery())
 # What changed, for every replica's caches: a task's live version or its deletion ("task", its key), a key
 # revoked ("key", its id), a tenant's quotas or deletion ("tenant", its id). PostgreSQL also NOTIFYs each
 # row on CHANGES_CHANNEL when it commits; replicas read the table as the fallback, and it is pruned.
@@ -970,13 +975,10 @@ class Store:
         while True:
             with self._tx() as conn:
                 ts = now_ms()
-                served = jobs.alias("served")
-                last_claim = (sa.select(sa.func.coalesce(sa.func.max(served.c.claimed_at_ms), 0))
-                              .where(served.c.tenant_id == jobs.c.tenant_id).scalar_subquery())
                 q = (sa.select(jobs).where(sa.or_(
                         jobs.c.state == "QUEUED",
                         sa.and_(jobs.c.state == "RUNNING", jobs.c.lease_until_ms < ts)))
-                     .order_by(last_claim, jobs.c.created_at_ms, jobs.c.job_id).limit(1))
+                     .order_by(_TENANT_LAST_CLAIM, jobs.c.created_at_ms, jobs.c.job_id).limit(1))
                 if self.dialect != "sqlite":
                     q = q.with_for_update(skip_locked=True)
                 row = conn.execute(q).first()

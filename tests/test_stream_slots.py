@@ -31,8 +31,8 @@ class IdleStream:
             yield first
         self.closed.wait(60)
 
-    def outcome(self, timeout: float = 10):
-        """The stream's first answer, or the RpcError that ended it."""
+    def error(self, timeout: float = 10) -> grpc.RpcError:
+        """The RpcError that ended the stream (every stream here ends in one: refused, or an unknown task)."""
         result: list = []
 
         def read():
@@ -44,7 +44,8 @@ class IdleStream:
         reader = threading.Thread(target=read, daemon=True)
         reader.start()
         reader.join(timeout)
-        return result[0] if result else None
+        assert result and isinstance(result[0], grpc.RpcError), result
+        return result[0]
 
     def close(self) -> None:
         self.closed.set()
@@ -76,8 +77,8 @@ def test_idle_streams_leave_threads_for_other_calls_and_a_stream_over_the_limit_
     streams = [IdleStream(client.stub) for _ in range(2)]
     try:
         held(small, 2)
-        refused = IdleStream(client.stub).outcome()
-        assert isinstance(refused, grpc.RpcError) and refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        refused = IdleStream(client.stub).error()
+        assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "stream_slots" in refused.details()
         # The other half of the threads still answers at once.
         started = time.monotonic()
@@ -92,8 +93,7 @@ def test_idle_streams_leave_threads_for_other_calls_and_a_stream_over_the_limit_
     held(small, 0)
     answer = IdleStream(client.stub, unknown_task())
     try:
-        outcome = answer.outcome()
-        assert isinstance(outcome, grpc.RpcError) and outcome.code() == grpc.StatusCode.NOT_FOUND, outcome
+        assert answer.error().code() == grpc.StatusCode.NOT_FOUND
     finally:
         answer.close()
         client.close()
@@ -127,13 +127,13 @@ def test_one_tenant_cannot_take_the_other_tenants_stream_slots(tmp_path) -> None
     streams = [IdleStream(ca.stub) for _ in range(2)]
     try:
         held(running, 2)
-        refused = IdleStream(ca.stub).outcome()
-        assert isinstance(refused, grpc.RpcError) and refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        refused = IdleStream(ca.stub).error()
+        assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "stream_slots_per_tenant" in refused.details()
         served = IdleStream(cb.stub, unknown_task())
-        outcome = served.outcome()
+        outcome = served.error()
         served.close()
-        assert isinstance(outcome, grpc.RpcError) and outcome.code() == grpc.StatusCode.NOT_FOUND, outcome
+        assert outcome.code() == grpc.StatusCode.NOT_FOUND, outcome.details()
     finally:
         for stream in streams:
             stream.close()
