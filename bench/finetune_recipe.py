@@ -11,6 +11,14 @@ pair leave-one-dataset-out: for each set, the pair with the best mean over the o
     python bench/finetune_recipe.py lodo --out bench/results/finetune_recipe.json
 
 `run` is resumable (cells already in --out are skipped) and writes after every cell.
+
+`wise` studies weight averaging (WiSE-FT) of the service's recipe: each draw is tuned once as the service
+tunes it, then its blocks are averaged with the pretrained ones at each of --alphas, the classifier refitted
+by logistic regression, and scored; `wise-lodo` chooses alpha leave-one-dataset-out (results in
+`<out stem>_wise.json`):
+
+    python bench/finetune_recipe.py wise --draws 5
+    python bench/finetune_recipe.py wise-lodo --draws 5
 """
 
 from __future__ import annotations
@@ -39,7 +47,7 @@ from bench.fewshot import DEFAULT_SHARED, TEXT_SETS, Reference  # noqa: E402
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("stage", choices=("run", "lodo"))
+    p.add_argument("stage", choices=("run", "lodo", "wise", "wise-lodo"))
     p.add_argument("--shared", type=pathlib.Path, default=DEFAULT_SHARED)
     p.add_argument("--sets", nargs="+", default=list(TEXT_SETS))
     p.add_argument("--shots", type=int, default=8)
@@ -49,6 +57,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=["ce"],
                    help="objectives: cross-entropy on the classifier (ce, the default), SetFit's pair loss with the "
                         "classifier refitted by logistic regression after every epoch (pair), or both (ce+pair)")
+    p.add_argument("--alphas", nargs="+", type=float, default=[0.0, 0.25, 0.5, 0.75, 1.0],
+                   help="wise: weight averaging of the tuned blocks with the pretrained ones (WiSE-FT): the fraction "
+                        "of the tuning's change kept (1: the tuned head as trained, 0: the frozen features)")
     p.add_argument("--test-limit", type=int, default=200)
     p.add_argument("--backbone", default="minilm-l6")
     p.add_argument("--out", type=pathlib.Path, default=ROOT / "bench" / "results" / "finetune_recipe.json")
@@ -140,9 +151,97 @@ def stage_lodo(args: argparse.Namespace) -> None:
     print("median seconds per task: " + ", ".join(f"{c} {secs[c]:.0f}" for c in configs))
 
 
+def stage_wise(args: argparse.Namespace) -> None:
+    """The service's text recipe tuned once per draw; then its blocks averaged with the pretrained ones at
+    each alpha (theta = theta_0 + alpha * (theta_tuned - theta_0)), the classifier refitted by logistic
+    regression on the averaged blocks' features of the training examples, scored on the test sentences."""
+    import torch
+
+    import adapters.finetune as ft
+    from adapters.heads import train_linear
+    from adapters.options import TrainingOptions
+
+    out = args.out.with_name(args.out.stem + "_wise.json")
+    results = json.loads(out.read_text()) if out.exists() else {
+        "config": {k: str(v) for k, v in vars(args).items()},
+        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                 text=True).stdout.strip(), "cells": {}}
+    backbone = Reference(args.backbone, {}).backbone(args.backbone)
+    blocks = ft.DEFAULT_BLOCKS["text"]
+    pretrained = backbone.module.top(blocks).state_dict()
+    for name in args.sets:
+        ds = load_dataset(args.shared / "data" / "text" / name, split_seed=0)
+        ds.limit_test(args.test_limit, seed=0)
+        test_feeds = ft._maps(backbone, backbone.torch_outputs, [ds.payload(x) for x in ds.test_inputs], blocks,
+                              lambda _: None)
+        for d in range(args.draws):
+            cell = f"{name}/{d}"
+            if cell in results["cells"]:
+                continue
+            idx = draw(ds, args.shots, [0, args.shots, d])
+            items = [ds.payload(ds.train_inputs[i]) for i in idx]
+            labels = [ds.train_labels[i] for i in idx]
+            names = sorted(set(labels))
+            y = np.array([names.index(label) for label in labels])
+            y_test = np.array([names.index(label) for label in ds.test_labels])
+            start = time.perf_counter()
+            tuned, _ = ft.fine_tune(backbone, items, labels, TrainingOptions(strategy="fine_tune"),
+                                    trunk=backbone.torch_outputs)
+            seconds = time.perf_counter() - start
+            module = tuned.head.module
+            trained = {k: v.clone() for k, v in module.top.state_dict().items()}
+            train_feeds = ft._maps(backbone, backbone.torch_outputs, items, blocks, lambda _: None)
+            scores, probs = {}, {}
+            for alpha in args.alphas:
+                module.top.load_state_dict({k: (pretrained[k] + alpha * (v - pretrained[k]))
+                                            if v.is_floating_point() else v for k, v in trained.items()})
+                module.eval()
+                with torch.inference_mode():
+                    def pooled(feeds):
+                        n = len(feeds["attention_mask"])
+                        return torch.cat([module.top(*[torch.from_numpy(feeds[k][i : i + 64])
+                                                       for k in tuned.head.input_names])
+                                          for i in range(0, n, 64)]).numpy()
+                    x_train, x_test = pooled(train_feeds), pooled(test_feeds)
+                probe = train_linear(x_train, y, len(names), TrainingOptions(strategy="linear"))
+                p = probe.predict_proba(x_test)
+                probs[alpha] = p
+                scores[f"{alpha:g}"] = float((p.argmax(1) == y_test).mean())
+            if 0.0 in probs and 1.0 in probs:
+                scores["ensemble"] = float((((probs[0.0] + probs[1.0]) / 2).argmax(1) == y_test).mean())
+            results["cells"][cell] = {"test": scores, "seconds": round(seconds, 1),
+                                      "load": round(os.getloadavg()[0], 1)}
+            tmp = out.with_suffix(".tmp")
+            tmp.write_text(json.dumps(results, indent=1))
+            tmp.replace(out)
+            print(f"{cell}: " + ", ".join(f"{k} {100 * v:.1f}" for k, v in scores.items())
+                  + f" (tuned in {seconds:.0f} s, load {os.getloadavg()[0]:.1f})", flush=True)
+
+
+def stage_wise_lodo(args: argparse.Namespace) -> None:
+    out = args.out.with_name(args.out.stem + "_wise.json")
+    cells = json.loads(out.read_text())["cells"]
+    configs = list(next(iter(cells.values()))["test"])
+    mean = {(s, c): 100 * float(np.mean([cells[f"{s}/{d}"]["test"][c] for d in range(args.draws)]))
+            for s in args.sets for c in configs}
+    print("| set | " + " | ".join(f"alpha {c}" if c[0].isdigit() else c for c in configs)
+          + " | LODO choice | LODO score | alpha 1 (now) | LODO − now |")
+    print("|---|" + "---|" * (len(configs) + 4))
+    lodo, now = [], []
+    for name in args.sets:
+        others = [s for s in args.sets if s != name]
+        choice = max(configs, key=lambda c: (np.mean([mean[s, c] for s in others]), c == "1"))
+        lodo.append(mean[name, choice])
+        now.append(mean[name, "1"])
+        print(f"| {name} | " + " | ".join(f"{mean[name, c]:.1f}" for c in configs)
+              + f" | {choice} | {lodo[-1]:.1f} | {now[-1]:.1f} | {lodo[-1] - now[-1]:+.1f} |")
+    print("| **mean** | " + " | ".join(f"{np.mean([mean[s, c] for s in args.sets]):.1f}" for c in configs)
+          + f" | | {np.mean(lodo):.1f} | {np.mean(now):.1f} | {np.mean(lodo) - np.mean(now):+.1f} |")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    {"run": stage_run, "lodo": stage_lodo}[args.stage](args)
+    {"run": stage_run, "lodo": stage_lodo, "wise": stage_wise, "wise-lodo": stage_wise_lodo}[args.stage](args)
     return 0
 
 
