@@ -21,7 +21,7 @@ from service.jobs import JobRunner, new_job
 from service.predictor import Predictor, Ticket
 from service.registry import BackboneRegistry, Entry
 from service.store import ExampleIn, HeadRecord, JobRecord, Store, TaskRecord
-from service.tenants import Caller, quote
+from service.tenants import Caller, page_limit, quote
 from service.usage import UsageRecorder
 
 TASK_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -209,9 +209,7 @@ class HeadServeApp:
     def list_tasks(
         self, caller: Caller, page_size: int, page_token: str, backbone: str = ""
     ) -> tuple[list[TaskView], str]:
-        if page_size < 0 or page_size > 1000:
-            raise InvalidInput("page_size must be between 0 (default 100) and 1000")
-        size = page_size or 100
+        size = page_limit(page_size)
         records = self.store.list_tasks(caller.tenant_id, page_token, size + 1, backbone)
         more = len(records) > size
         records = records[:size]

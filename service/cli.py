@@ -573,6 +573,16 @@ def _delete(args: argparse.Namespace, out: Console, err: Console) -> int:
 # Tenants and keys -------------------------------------------------------------------------------------
 
 
+def _every_page(list_page) -> list:
+    """Every item of a paged listing: `list_page(page_size, page_token)` returns (items, next token)."""
+    items, token = [], ""
+    while True:
+        page, token = list_page(1000, token)
+        items += page
+        if not token:
+            return items
+
+
 class _LocalAdmin:
     """Tenants and keys on the store itself (--data-dir / --config): no server needed. Plain data out."""
 
@@ -584,7 +594,7 @@ class _LocalAdmin:
         return _tenant_dict(self.admin.tenant(tenant.tenant_id)), _key_dict(record), secret
 
     def list_tenants(self) -> list[dict]:
-        return [_tenant_dict(v) for v in self.admin.list_tenants()]
+        return [_tenant_dict(v) for v in _every_page(self.admin.list_tenants)]
 
     def delete_tenant(self, ref: str) -> int:
         return len(self.admin.delete_tenant(ref)[1])
@@ -600,7 +610,7 @@ class _LocalAdmin:
         return _key_dict(record), secret
 
     def list_keys(self, ref: str) -> list[dict]:
-        return [_key_dict(k) for k in self.admin.list_keys(ref)]
+        return [_key_dict(k) for k in _every_page(lambda size, token: self.admin.list_keys(ref, size, token))]
 
     def revoke_key(self, key_id: str) -> dict:
         return _key_dict(self.admin.revoke_key(key_id))

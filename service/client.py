@@ -20,7 +20,7 @@ import hashlib
 import json
 import os
 import pathlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import IO, Any, TypeAlias
 
 import grpc
@@ -308,15 +308,9 @@ class HeadServeClient:
 
     def list_tasks(self, backbone: str = "", *, page_size: int = 0) -> list[pb.Task]:
         """Returns every task (optionally of one backbone), following the pages."""
-        tasks: list[pb.Task] = []
-        token = ""
-        while True:
-            request = pb.ListTasksRequest(page_size=page_size, page_token=token, backbone=backbone)
-            page = self._stub.ListTasks(request, timeout=self.timeout)
-            tasks.extend(page.tasks)
-            token = page.next_page_token
-            if not token:
-                return tasks
+        return _every_page(lambda token: self._stub.ListTasks(
+            pb.ListTasksRequest(page_size=page_size, page_token=token, backbone=backbone), timeout=self.timeout),
+            "tasks")
 
     def delete_task(self, task_id: str) -> None:
         self._stub.DeleteTask(pb.DeleteTaskRequest(task_id=task_id), timeout=self.timeout)
@@ -387,8 +381,10 @@ class HeadServeClient:
         request = pb.CreateTenantRequest(name=name, scopes=list(scopes), expires_at_ms=expires_at_ms)
         return self._admin.CreateTenant(request, timeout=self.timeout)
 
-    def list_tenants(self) -> list[pb.Tenant]:
-        return list(self._admin.ListTenants(pb.ListTenantsRequest(), timeout=self.timeout).tenants)
+    def list_tenants(self, *, page_size: int = 0) -> list[pb.Tenant]:
+        """Returns every tenant, following the pages."""
+        return _every_page(lambda token: self._admin.ListTenants(
+            pb.ListTenantsRequest(page_size=page_size, page_token=token), timeout=self.timeout), "tenants")
 
     def get_tenant(self, tenant: str) -> pb.Tenant:
         return self._admin.GetTenant(pb.GetTenantRequest(tenant=tenant), timeout=self.timeout)
@@ -407,8 +403,10 @@ class HeadServeClient:
                                       expires_at_ms=expires_at_ms)
         return self._admin.CreateKey(request, timeout=self.timeout)
 
-    def list_keys(self, tenant: str = "") -> list[pb.ApiKey]:
-        return list(self._admin.ListKeys(pb.ListKeysRequest(tenant=tenant), timeout=self.timeout).keys)
+    def list_keys(self, tenant: str = "", *, page_size: int = 0) -> list[pb.ApiKey]:
+        """Returns every key (of one tenant, by id or name, when given), following the pages."""
+        return _every_page(lambda token: self._admin.ListKeys(
+            pb.ListKeysRequest(tenant=tenant, page_size=page_size, page_token=token), timeout=self.timeout), "keys")
 
     def get_usage(self, tenant: str) -> pb.UsageReport:
         """Predict traffic of a tenant's tasks (stored every few seconds by each replica)."""
@@ -416,3 +414,15 @@ class HeadServeClient:
 
     def revoke_key(self, key_id: str) -> pb.ApiKey:
         return self._admin.RevokeKey(pb.RevokeKeyRequest(key_id=key_id), timeout=self.timeout)
+
+
+def _every_page(call: Callable[[str], Any], field: str) -> list:
+    """Every item of a List call: `call(page_token)` answers one page; follows next_page_token to the end."""
+    items: list = []
+    token = ""
+    while True:
+        page = call(token)
+        items.extend(getattr(page, field))
+        token = page.next_page_token
+        if not token:
+            return items

@@ -216,7 +216,8 @@ class AdminServicer(pb_grpc.AdminServicer):
                                        key=codec.key_pb(key), api_key=secret)
 
     def ListTenants(self, request, context: CallContext):
-        return pb.ListTenantsResponse(tenants=[codec.tenant_pb(v) for v in self.admin.list_tenants()])
+        views, token = self.admin.list_tenants(request.page_size, request.page_token)
+        return pb.ListTenantsResponse(tenants=[codec.tenant_pb(v) for v in views], next_page_token=token)
 
     def GetTenant(self, request, context: CallContext):
         return codec.tenant_pb(self.admin.tenant(request.tenant))
@@ -235,7 +236,8 @@ class AdminServicer(pb_grpc.AdminServicer):
         return pb.CreateKeyResponse(key=codec.key_pb(key), api_key=secret)
 
     def ListKeys(self, request, context: CallContext):
-        return pb.ListKeysResponse(keys=[codec.key_pb(k) for k in self.admin.list_keys(request.tenant)])
+        keys, token = self.admin.list_keys(request.tenant, request.page_size, request.page_token)
+        return pb.ListKeysResponse(keys=[codec.key_pb(k) for k in keys], next_page_token=token)
 
     def RevokeKey(self, request, context: CallContext):
         return codec.key_pb(self.admin.revoke_key(request.key_id))

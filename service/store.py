@@ -550,9 +550,11 @@ class Store:
             raise NotFound(f"tenant {ref[:64]!r} does not exist")
         return _tenant(row)
 
-    def list_tenants(self) -> list[TenantRecord]:
+    def list_tenants(self, after: str = "", limit: int | None = None) -> list[TenantRecord]:
+        """Tenants in name order, those named after `after`, at most `limit` of them."""
+        q = sa.select(tenants).where(tenants.c.name > after).order_by(tenants.c.name).limit(limit)
         with self.engine.connect() as conn:
-            return [_tenant(r) for r in conn.execute(sa.select(tenants).order_by(tenants.c.name))]
+            return [_tenant(r) for r in conn.execute(q)]
 
     def set_quotas(self, tenant_id: str, quotas: Quotas) -> None:
         with self._tx() as conn:
@@ -675,8 +677,13 @@ class Store:
             row = conn.execute(sa.select(api_keys).where(api_keys.c.key_id == key_id)).first()
         return None if row is None else _key(row)
 
-    def list_keys(self, tenant_id: str = "") -> list[KeyRecord]:
-        q = sa.select(api_keys).order_by(api_keys.c.created_at_ms, api_keys.c.key_id)
+    def list_keys(self, tenant_id: str = "", after: tuple[int, str] = (-1, ""),
+                  limit: int | None = None) -> list[KeyRecord]:
+        """Keys (of `tenant_id`, when given) in the order they were made, (created ms, key id), those after
+        `after`, at most `limit` of them."""
+        created, key_id = api_keys.c.created_at_ms, api_keys.c.key_id
+        q = (sa.select(api_keys).where((created > after[0]) | ((created == after[0]) & (key_id > after[1])))
+             .order_by(created, key_id).limit(limit))
         if tenant_id:
             q = q.where(api_keys.c.tenant_id == tenant_id)
         with self.engine.connect() as conn:

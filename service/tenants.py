@@ -43,6 +43,13 @@ def quote(text: str, limit: int = 40) -> str:
     return repr(text) if len(text) <= limit else repr(text[:limit]) + "..."
 
 
+def page_limit(page_size: int) -> int:
+    """Items on a page of a List call: page_size, 0 for the default (100), at most 1000."""
+    if page_size < 0 or page_size > 1000:
+        raise InvalidInput(f"page_size must be between 0 (default 100) and 1000, not {page_size}")
+    return page_size or 100
+
+
 @dataclasses.dataclass(frozen=True)
 class Caller:
     """Who is calling: their tenant, the key they used ('' without auth) and what it may do."""
@@ -283,8 +290,13 @@ class TenantAdmin:
         tenant = self.store.get_tenant(ref)
         return TenantView(tenant, self.store.usage(tenant.tenant_id))
 
-    def list_tenants(self) -> list[TenantView]:
-        return [TenantView(t, self.store.usage(t.tenant_id)) for t in self.store.list_tenants()]
+    def list_tenants(self, page_size: int = 0, page_token: str = "") -> tuple[list[TenantView], str]:
+        """A page of tenants in name order, with the token of the next page ('' after the last). The token
+        is the page's last name."""
+        size = page_limit(page_size)
+        records = self.store.list_tenants(page_token, size + 1)
+        page = [TenantView(t, self.store.usage(t.tenant_id)) for t in records[:size]]
+        return page, (records[size - 1].name if len(records) > size else "")
 
     def delete_tenant(self, ref: str) -> tuple[TenantRecord, list[str]]:
         """Deletes the tenant and everything it owns; returns it and its task keys."""
@@ -317,9 +329,20 @@ class TenantAdmin:
         self.store.create_key(record)
         return record, key
 
-    def list_keys(self, ref: str = "") -> list[KeyRecord]:
+    def list_keys(self, ref: str = "", page_size: int = 0, page_token: str = "") -> tuple[list[KeyRecord], str]:
+        """A page of keys (of the tenant `ref`, when given) in the order they were made, with the token of
+        the next page ('' after the last): the page's last key, as 'CREATED_MS:KEY_ID'."""
+        size = page_limit(page_size)
+        after = (-1, "")
+        if page_token:
+            created, _, key_id = page_token.partition(":")
+            if not (created.isascii() and created.isdigit() and len(created) <= 19 and key_id):
+                raise InvalidInput(f"page_token {quote(page_token)} is not a next_page_token of ListKeys")
+            after = (int(created), key_id)
         tenant_id = self.store.get_tenant(ref).tenant_id if ref else ""
-        return self.store.list_keys(tenant_id)
+        records = self.store.list_keys(tenant_id, after, size + 1)
+        last = records[size - 1] if len(records) > size else None
+        return records[:size], (f"{last.created_at_ms}:{last.key_id}" if last else "")
 
     def revoke_key(self, key_id: str, ref: str = "") -> KeyRecord:
         tenant_id = self.store.get_tenant(ref).tenant_id if ref else ""

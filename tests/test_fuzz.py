@@ -634,7 +634,7 @@ def world(server, tenant, text_task, image_task):
                        pb.ExportTaskRequest(task_id=ready_image, format=pb.FUSED_ONNX, version=1)],
         "CreateTenant": [pb.CreateTenantRequest(name=unique_id("fz-made"), scopes=["predict"],
                                                 expires_at_ms=later)],
-        "ListTenants": [pb.ListTenantsRequest()],
+        "ListTenants": [pb.ListTenantsRequest(), pb.ListTenantsRequest(page_size=2, page_token=tn[0].name)],
         "GetTenant": [pb.GetTenantRequest(tenant=tn[0].name), pb.GetTenantRequest(tenant=tn[1].tenant_id)],
         "DeleteTenant": [pb.DeleteTenantRequest(tenant=tn[2].tenant_id),
                          pb.DeleteTenantRequest(tenant=tn[3].name)],
@@ -643,7 +643,8 @@ def world(server, tenant, text_task, image_task):
             predict_inputs_per_second=10))],
         "CreateKey": [pb.CreateKeyRequest(tenant=tn[1].name, scopes=["predict", "train"], description="fuzz",
                                           expires_at_ms=later)],
-        "ListKeys": [pb.ListKeysRequest(tenant=tn[0].tenant_id), pb.ListKeysRequest()],
+        "ListKeys": [pb.ListKeysRequest(tenant=tn[0].tenant_id), pb.ListKeysRequest(),
+                     pb.ListKeysRequest(page_size=1, page_token=f"{extra_keys[0].created_at_ms}:{extra_keys[0].key_id}")],
         "RevokeKey": [pb.RevokeKeyRequest(key_id=k.key_id) for k in extra_keys[:2]],
         "GetUsage": [pb.GetUsageRequest(tenant=tn[0].tenant_id), pb.GetUsageRequest(tenant=fuzzer.tenant_id)],
     }
@@ -720,9 +721,10 @@ class Guard:
 
     def __init__(self, world: World, server) -> None:
         self.world = world
-        everything = server.admin.list_tenants()
+        (everything, more), (listed, more_keys) = server.admin.list_tenants(1000), server.admin.list_keys("", 1000)
+        assert not more and not more_keys
         refs = {v.tenant.tenant_id for v in everything} | {v.tenant.name for v in everything}
-        keys = {k.key_id for k in server.admin.list_keys()}
+        keys = {k.key_id for k in listed}
         self.protected = (refs | keys) - world.throwaway_refs
 
     def allows(self, path: str, requests: Sequence[bytes]) -> bool:

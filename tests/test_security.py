@@ -230,6 +230,67 @@ def test_a_key_revoked_through_the_api_stops_at_once(server):
         ops.close()
 
 
+def test_tenants_and_keys_are_listed_a_page_at_a_time_each_once_in_order(server):
+    """ListTenants (name order) and ListKeys (order made) page by keyset: every item once, a page never
+    over page_size, an item made between two pages is not skipped, and bad paging is INVALID_ARGUMENT."""
+    ops = Client(server.address, make_tenant(server, scopes=("admin",)).api_key)
+    owner = make_tenant(server)
+    try:
+        made = [make_tenant(server, unique_id(f"page{i}")) for i in range(5)]
+        every = server.admin.list_tenants(1000)[0]
+        names, token, pages = [], "", 0
+        while True:
+            page = ops.admin.ListTenants(pb.ListTenantsRequest(page_size=2, page_token=token), timeout=10)
+            assert 1 <= len(page.tenants) <= 2
+            names += [t.name for t in page.tenants]
+            token, pages = page.next_page_token, pages + 1
+            if pages == 1:  # sorts after the first page: must come on a later one
+                late = make_tenant(server, "zz-" + unique_id("late"))
+            if not token:
+                break
+        late_name = server.admin.tenant(late.tenant_id).tenant.name
+        assert late_name > names[1]
+        assert names == [v.tenant.name for v in server.admin.list_tenants(1000)[0]]  # the store's order
+        assert len(set(names)) == len(names) == len(every) + 1 and late_name in names
+        assert {server.admin.tenant(m.tenant_id).tenant.name for m in made} <= set(names)
+
+        tenant_id = owner.tenant_id
+        keys = [server.admin.create_key(tenant_id, ["predict"], f"k{i}")[0] for i in range(5)]
+        server.admin.revoke_key(keys[1].key_id)  # revoked keys are listed too
+        ids, token = [], ""
+        while True:
+            page = ops.admin.ListKeys(pb.ListKeysRequest(tenant=tenant_id, page_size=2, page_token=token), timeout=10)
+            assert len(page.keys) <= 2 and all(k.tenant_id == tenant_id for k in page.keys)
+            ids += [k.key_id for k in page.keys]
+            token = page.next_page_token
+            if not token:
+                break
+        records = server.admin.list_keys(tenant_id, 1000)[0]
+        in_order = [k.key_id for k in sorted(records, key=lambda k: (k.created_at_ms, k.key_id))]
+        assert set(in_order) == {owner.api_key.split("_")[1], *[k.key_id for k in keys]}
+        assert ids == in_order
+        assert [k.key_id for k in ops_client_keys(ops, tenant_id)] == in_order
+
+        for request, stub in ((pb.ListTenantsRequest(page_size=-1), ops.admin.ListTenants),
+                              (pb.ListTenantsRequest(page_size=1001), ops.admin.ListTenants),
+                              (pb.ListKeysRequest(page_size=5000), ops.admin.ListKeys),
+                              (pb.ListKeysRequest(page_token="not a token"), ops.admin.ListKeys),
+                              (pb.ListKeysRequest(page_token="12:"), ops.admin.ListKeys)):
+            with pytest.raises(grpc.RpcError) as err:
+                stub(request, timeout=10)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+            assert "page_" in err.value.details()
+    finally:
+        ops.close()
+
+
+def ops_client_keys(ops: Client, tenant_id: str) -> list[pb.ApiKey]:
+    from service.client import HeadServeClient
+
+    with HeadServeClient(ops.address, api_key=None, channel=ops.channel) as client:
+        return client.list_keys(tenant_id, page_size=1)
+
+
 def test_a_key_revoked_elsewhere_stops_within_the_cache_time(server):
     """A revocation made through another replica (or the local CLI) on the same store: this server
     notices within auth_cache_seconds."""
