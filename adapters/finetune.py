@@ -155,6 +155,15 @@ def _maps(backbone: Backbone, trunk: TrunkRun, items: Sequence[str | bytes], blo
     return {name: hidden, "attention_mask": mask}
 
 
+def _trimmed(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A text batch cut to its longest member (positions past it are padding in every row: masked out of
+    attention and pooling, so the result is the same); other batches as they are."""
+    if "attention_mask" not in batch:
+        return batch
+    length = max(1, int(batch["attention_mask"].sum(dim=1).max()))
+    return {n: v[:, :length] for n, v in batch.items()}
+
+
 def holdout_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     train, val = [], []
@@ -215,19 +224,27 @@ def fine_tune(
     head_lr = options.learning_rate or DEFAULT_LR
     epochs = options.epochs or DEFAULT_EPOCHS
 
+    lengths = feeds["attention_mask"].sum(axis=1) if "attention_mask" in feeds else None
+
+    def pooled_of(model: _Head, rows: np.ndarray) -> torch.Tensor:
+        """The top's pooled features of `rows`, in that order. Text runs in chunks of similar length, each cut
+        to its longest member: the block inputs are padded to the longest example of the task."""
+        order = np.arange(len(rows)) if lengths is None else np.argsort(lengths[rows], kind="stable")
+        parts = [model.top(*_trimmed({n: tensors[n][rows[order[i : i + 64]]] for n in input_names}).values())
+                 for i in range(0, len(rows), 64)]
+        pooled = torch.cat(parts) if parts else torch.zeros((0, backbone.feature_dim), device=device)
+        return pooled[torch.from_numpy(np.argsort(order)).to(device)]
+
     def logits_of(model: _Head, idx: np.ndarray) -> np.ndarray:
         model.eval()
         with torch.inference_mode():
-            out = [model.logits(*[tensors[n][idx[s : s + 256]] for n in input_names]).cpu().numpy()
-                   for s in range(0, len(idx), 256)]
-        return np.concatenate(out) if out else np.zeros((0, k), np.float32)
+            return (model.classifier(pooled_of(model, idx)) * model.inv_temperature).cpu().numpy()
 
     def fit_classifier(model: _Head, rows: np.ndarray) -> None:
         """The classifier as a linear probe (logistic regression) on the top's pooled features of `rows`."""
         model.eval()
         with torch.inference_mode(), torch_threads(max(1, torch.get_num_threads())):
-            pooled = torch.cat([model.top(*[tensors[n][rows[i : i + 256]] for n in input_names])
-                                for i in range(0, len(rows), 256)]).cpu().numpy()
+            pooled = pooled_of(model, rows).cpu().numpy()
         probe = train_linear(pooled, y[rows], k, TrainingOptions(strategy="linear"))
         with torch.no_grad():
             model.classifier.weight.copy_(torch.from_numpy(probe.layers[0][0]))
@@ -288,7 +305,7 @@ def fine_tune(
                 for s in range(0, len(order), batch_size):
                     idx = torch.from_numpy(order[s : s + batch_size])
                     optim.zero_grad()
-                    pooled = model.top(*[x_train[n][idx] for n in input_names])
+                    pooled = model.top(*_trimmed({n: x_train[n][idx] for n in input_names}).values())
                     loss = torch.zeros((), device=device)
                     if ce_weight:
                         loss = loss + ce_weight * torch.nn.functional.cross_entropy(

@@ -53,10 +53,11 @@ class Trunk:
 
 @dataclasses.dataclass(frozen=True)
 class Policy:
-    """Service-wide training policy: AUTO also fine-tunes image tasks with at least this many examples
-    per label (0: never)."""
+    """Service-wide training policy: AUTO also fine-tunes text tasks with at least `auto_fine_tune_min_examples`
+    examples per label (0: never) and at most `auto_fine_tune_max_examples` in all (0: any number)."""
 
     auto_fine_tune_min_examples: int = 0
+    auto_fine_tune_max_examples: int = 0
 
 
 @dataclasses.dataclass
@@ -206,7 +207,13 @@ def _fine_tune(ctx: Context):
 def _auto(ctx: Context):
     trained, feeds, extra = _feature_head(ctx)
     counts = list(Counter(ctx.labels).values())
-    if auto_fine_tunes(ctx.trunk.backbone.modality, ctx.options, counts, ctx.policy.auto_fine_tune_min_examples):
+    policy = ctx.policy
+    if auto_fine_tunes(ctx.trunk.backbone.modality, ctx.options, counts, policy.auto_fine_tune_min_examples):
+        if 0 < policy.auto_fine_tune_max_examples < len(ctx.labels):
+            trained.evaluation["fine_tune_skipped"] = (
+                f"{len(ctx.labels)} examples, more than auto_fine_tune_max_examples "
+                f"({policy.auto_fine_tune_max_examples}): AUTO kept to the feature heads; FINE_TUNE tunes on all")
+            return trained, feeds, extra
         if ctx.interim is not None:  # the feature head serves while the trunk's top blocks are tuned
             ctx.interim(trained, feeds, extra)
         ctx.progress({"phase": "features", "message": f"AUTO: fine-tuning too ({min(counts)}+ examples per label)"})

@@ -203,6 +203,12 @@ class Settings(BaseSettings):
         "on a quiet 2-core CPU, seconds on a GPU; a head of about 43 MB for MiniLM; image tasks: not while the "
         "image policy for FINE_TUNE is 'never'); 0: never",
     )
+    auto_fine_tune_max_examples: int = Field(
+        256, ge=0, description="... and at most this many examples in all: tuning time grows with the "
+        "examples (news-length text on a 2-core CPU: 128 examples 3.4 min, a training worker busy all along; "
+        "seconds on a GPU, where a larger limit fits), so a larger task keeps AUTO's feature heads, and its "
+        "evaluation says so (`fine_tune_skipped`); FINE_TUNE tunes on every example; 0: any number",
+    )
     intra_op_threads: int = Field(0, ge=0, description="onnxruntime/torch threads; 0 = all cores")
     metrics_address: str = Field(
         "", description="HOST:PORT for Prometheus metrics at http://HOST:PORT/metrics; empty: off"

@@ -96,7 +96,7 @@ class Worker:
     def __init__(
         self, store: WorkerStore, registry: BackboneRegistry, name: str, *, lease_seconds: float = 30.0,
         max_attempts: int = 3, poll_seconds: float = 0.25, auto_fine_tune_min_examples: int = 0,
-        on_success: Callable[[str, HeadRuntime], None] | None = None, on_finished: Finished | None = None,
+        auto_fine_tune_max_examples: int = 0, on_success: Callable[[str, HeadRuntime], None] | None = None, on_finished: Finished | None = None,
         on_progress: Callable[[], None] | None = None,
     ) -> None:
         self.store = store
@@ -110,7 +110,8 @@ class Worker:
         self.on_progress = on_progress
         from service.training import Trainer  # torch and scikit-learn: loaded where training runs
 
-        self.trainer = Trainer(store, registry, self._publish, auto_fine_tune_min_examples, self._publish_interim)
+        self.trainer = Trainer(store, registry, self._publish, auto_fine_tune_min_examples, self._publish_interim,
+                               auto_fine_tune_max_examples)
         self.current: JobRecord | None = None
         self._persisted = 0.0
         self._lost = threading.Event()
@@ -293,7 +294,7 @@ class JobRunner:
     def __init__(
         self, store: WorkerStore, registry: BackboneRegistry, on_success: Callable[[str, HeadRuntime], None],
         workers: int = 1, auto_fine_tune_min_examples: int = 0, on_finished: Finished | None = None,
-        lease_seconds: float = 30.0, max_attempts: int = 3, processes=None,
+        lease_seconds: float = 30.0, max_attempts: int = 3, processes=None, auto_fine_tune_max_examples: int = 0,
     ) -> None:
         """`processes` (service.worker.WorkerProcesses), when given, trains instead of threads."""
         self.store = store
@@ -303,7 +304,8 @@ class JobRunner:
         self._wake = threading.Event()
         self._workers = [
             Worker(store, registry, worker_name(i), lease_seconds=lease_seconds, max_attempts=max_attempts,
-                   auto_fine_tune_min_examples=auto_fine_tune_min_examples, on_success=on_success,
+                   auto_fine_tune_min_examples=auto_fine_tune_min_examples,
+                   auto_fine_tune_max_examples=auto_fine_tune_max_examples, on_success=on_success,
                    on_finished=on_finished, on_progress=self.notify)
             for i in range(0 if processes is not None else workers)
         ]

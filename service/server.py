@@ -215,7 +215,8 @@ def _assemble(settings: Settings, credentials, lock: DataDirLock, tracer, store:
         processes.on_finished = metrics.job if metrics else None
     runner = JobRunner(store, registry, predictor.install, settings.training_workers,
                        settings.auto_fine_tune_min_examples, metrics.job if metrics else None,
-                       settings.job_lease_seconds, settings.job_max_attempts, processes)
+                       settings.job_lease_seconds, settings.job_max_attempts, processes,
+                       settings.auto_fine_tune_max_examples)
     app = HeadServeApp(settings, store, registry, runner, predictor,
                        UsageRecorder(store, settings.usage_flush_seconds))
     authenticator = Authenticator(store, settings.auth_cache_seconds)

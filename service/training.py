@@ -34,12 +34,13 @@ PHASE_START = {"features": 0.0, "validating": 0.5, "training": 0.5, "exporting":
 
 class Trainer:
     def __init__(self, store: Store, registry: BackboneRegistry, publish: Publish,
-                 auto_fine_tune_min_examples: int = 0, interim: Interim | None = None) -> None:
+                 auto_fine_tune_min_examples: int = 0, interim: Interim | None = None,
+                 auto_fine_tune_max_examples: int = 0) -> None:
         self.store = store
         self.registry = registry
         self._publish = publish
         self._interim = interim
-        self.policy = Policy(auto_fine_tune_min_examples)
+        self.policy = Policy(auto_fine_tune_min_examples, auto_fine_tune_max_examples)
 
     def run(self, job: JobRecord) -> tuple[HeadRecord, str]:
         """Trains the job's task: its new head (version 0 until stored) and the backbone it reads."""

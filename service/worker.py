@@ -80,6 +80,7 @@ def _build_worker(settings: Settings, index: int, on_success=None, on_finished=N
     return Worker(store, registry, worker_name(index), lease_seconds=settings.job_lease_seconds,
                   max_attempts=settings.job_max_attempts,
                   auto_fine_tune_min_examples=settings.auto_fine_tune_min_examples,
+                  auto_fine_tune_max_examples=settings.auto_fine_tune_max_examples,
                   on_success=on_success, on_finished=on_finished, on_progress=on_progress)
 
 

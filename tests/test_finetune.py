@@ -61,6 +61,30 @@ def test_top_block_is_tuned_and_trunk_stays_frozen(minilm):
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
 
 
+def test_text_batches_cut_to_their_longest_member_pool_the_same_features():
+    """Tuning runs each text batch cut to its longest member (`_trimmed`), not padded to the task's longest
+    example: the tuned blocks' pooled features must be those of the padded batch."""
+    from conftest import TINY_TEXT, tiny_text_folder
+
+    from adapters.backbones import custom_spec
+    from adapters.finetune import _maps, _trimmed
+    from adapters.preprocessing import ImageTransform
+
+    backbone = load_backbone(custom_spec(TINY_TEXT, "bert", tiny_text_folder(), ImageTransform()), LoadOptions())
+    texts = ["short", "a somewhat longer sentence than that", " ".join(["many words"] * 40)]
+    feeds = _maps(backbone, backbone.torch_outputs, texts, 6, lambda _: None)
+    top = backbone.module.top(6).eval()
+    hidden, mask = (torch.from_numpy(feeds[n]) for n in ("blocks_6", "attention_mask"))
+    assert mask[:2].sum(dim=1).max() < mask.shape[1]  # the two short ones are padded to the long one
+    with torch.inference_mode():
+        padded = top(hidden[:2], mask[:2])
+        cut = _trimmed({"blocks_6": hidden[:2], "attention_mask": mask[:2]})
+        assert cut["blocks_6"].shape[1] == cut["attention_mask"].shape[1] == int(mask[:2].sum(dim=1).max())
+        torch.testing.assert_close(top(*cut.values()), padded, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(top(*_trimmed({"blocks_6": hidden, "attention_mask": mask}).values()),
+                                   top(hidden, mask))
+
+
 @pytest.fixture(scope="module")
 def small_cnn(tmp_path_factory):
     opts = LoadOptions(torch_home=tmp_path_factory.mktemp("torch"), random_weights=True)

@@ -125,12 +125,15 @@ def test_auto_does_not_fine_tune_image_tasks_while_their_rule_cannot_prefer_the_
 def test_auto_fine_tunes_text_tasks_from_the_default_threshold(tmp_path):
     """With the default settings, a text task with `auto_fine_tune_min_examples` sentences per label is
     also fine-tuned, and the evaluation says which head won the shared holdout and why; one sentence fewer
-    per label and AUTO does not tune at all. (The tiny text backbone: the decision, not the accuracy.)"""
+    per label and AUTO does not tune at all; nor with more examples in all than `auto_fine_tune_max_examples`,
+    and the evaluation says why. (The tiny text backbone: the decision, not the accuracy.)"""
     from conftest import TINY_TEXT
 
     threshold = Settings.model_fields["auto_fine_tune_min_examples"].default
     assert threshold == 8 and all(len(texts) >= threshold for texts in TOPICS.values())
-    running = build_server(make_settings(tmp_path, with_minilm=False, auto_fine_tune_min_examples=threshold))
+    cap = 3 * threshold  # the three topics at the threshold: tuned; one more sentence per topic: not
+    running = build_server(make_settings(tmp_path, with_minilm=False, auto_fine_tune_min_examples=threshold,
+                                         auto_fine_tune_max_examples=cap))
     client = Client(running.address)
     try:
         _, task = train(client, text_examples({k: v[:threshold] for k, v in TOPICS.items()}), backbone=TINY_TEXT,
@@ -148,6 +151,13 @@ def test_auto_fine_tunes_text_tasks_from_the_default_threshold(tmp_path):
                               backbone=TINY_TEXT)
         details = json.loads(task.evaluation.details_json)
         assert not any(n.startswith("fine_tune") for n in details["candidate_scores"])
+        assert "fine_tune_skipped" not in details  # under the threshold: not a candidate at all
+        _, task = train(client, text_examples({k: v[:threshold] + HELD_OUT[k][:1] for k, v in TOPICS.items()}),
+                        backbone=TINY_TEXT)
+        details = json.loads(task.evaluation.details_json)
+        assert task.evaluation.num_examples == cap + 3 and task.evaluation.strategy != "fine_tune"
+        assert not any(n.startswith("fine_tune") for n in details["candidate_scores"])
+        assert details["fine_tune_skipped"].startswith(f"{cap + 3} examples, more than auto_fine_tune_max_examples")
         resp = client.stub.Predict(pb.PredictRequest(task_id=task_id, inputs=[pb.Input(text=HELD_TEXTS[0])]))
         assert resp.predictions[0].label in TOPICS
     finally:
