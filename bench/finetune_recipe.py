@@ -134,18 +134,7 @@ def stage_lodo(args: argparse.Namespace) -> None:
     if "b32e8" not in configs:
         raise SystemExit("the reference cell b32e8 (cross-entropy, the old text default) is missing: "
                          "include --variants ce --batches 32 --epochs 8")
-    print("| set | " + " | ".join(configs) + " | LODO choice | LODO score | old default (b32e8) | LODO − old default |")
-    print("|---|" + "---|" * (len(configs) + 4))
-    lodo, default = [], []
-    for name in args.sets:
-        others = [s for s in args.sets if s != name]
-        choice = max(configs, key=lambda c: (np.mean([mean[s, c] for s in others]), c == "b32e8"))
-        lodo.append(mean[name, choice])
-        default.append(mean[name, "b32e8"])
-        print(f"| {name} | " + " | ".join(f"{mean[name, c]:.1f}" for c in configs)
-              + f" | {choice} | {lodo[-1]:.1f} | {default[-1]:.1f} | {lodo[-1] - default[-1]:+.1f} |")
-    print(f"| **mean** | " + " | ".join(f"{np.mean([mean[s, c] for s in args.sets]):.1f}" for c in configs)
-          + f" | | {np.mean(lodo):.1f} | {np.mean(default):.1f} | {np.mean(lodo) - np.mean(default):+.1f} |")
+    print_lodo(args.sets, configs, configs, mean, "b32e8", "old default")
     secs = {c: np.median([results["cells"][f"{s}/{d}/{c}"]["seconds"] for s in args.sets for d in range(args.draws)])
             for c in configs}
     print("median seconds per task: " + ", ".join(f"{c} {secs[c]:.0f}" for c in configs))
@@ -224,19 +213,26 @@ def stage_wise_lodo(args: argparse.Namespace) -> None:
     configs = list(next(iter(cells.values()))["test"])
     mean = {(s, c): 100 * float(np.mean([cells[f"{s}/{d}"]["test"][c] for d in range(args.draws)]))
             for s in args.sets for c in configs}
-    print("| set | " + " | ".join(f"alpha {c}" if c[0].isdigit() else c for c in configs)
-          + " | LODO choice | LODO score | alpha 1 (now) | LODO − now |")
+    print_lodo(args.sets, configs, [f"alpha {c}" if c[0].isdigit() else c for c in configs], mean, "1", "now")
+
+
+def print_lodo(sets: list[str], configs: list[str], heads: list[str], mean: dict[tuple[str, str], float],
+               reference: str, reference_name: str) -> None:
+    """The leave-one-dataset-out table: each set's mean under every config, the config with the best mean
+    over the other sets (ties to `reference`), its score on the set, and the reference's."""
+    print("| set | " + " | ".join(heads) + f" | LODO choice | LODO score | {reference_name} ({reference}) "
+          f"| LODO − {reference_name} |")
     print("|---|" + "---|" * (len(configs) + 4))
-    lodo, now = [], []
-    for name in args.sets:
-        others = [s for s in args.sets if s != name]
-        choice = max(configs, key=lambda c: (np.mean([mean[s, c] for s in others]), c == "1"))
+    lodo, ref = [], []
+    for name in sets:
+        others = [s for s in sets if s != name]
+        choice = max(configs, key=lambda c: (np.mean([mean[s, c] for s in others]), c == reference))
         lodo.append(mean[name, choice])
-        now.append(mean[name, "1"])
+        ref.append(mean[name, reference])
         print(f"| {name} | " + " | ".join(f"{mean[name, c]:.1f}" for c in configs)
-              + f" | {choice} | {lodo[-1]:.1f} | {now[-1]:.1f} | {lodo[-1] - now[-1]:+.1f} |")
-    print("| **mean** | " + " | ".join(f"{np.mean([mean[s, c] for s in args.sets]):.1f}" for c in configs)
-          + f" | | {np.mean(lodo):.1f} | {np.mean(now):.1f} | {np.mean(lodo) - np.mean(now):+.1f} |")
+              + f" | {choice} | {lodo[-1]:.1f} | {ref[-1]:.1f} | {lodo[-1] - ref[-1]:+.1f} |")
+    print("| **mean** | " + " | ".join(f"{np.mean([mean[s, c] for s in sets]):.1f}" for c in configs)
+          + f" | | {np.mean(lodo):.1f} | {np.mean(ref):.1f} | {np.mean(lodo) - np.mean(ref):+.1f} |")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
