@@ -368,6 +368,9 @@ class ErrorMapping(Stage):
             if isinstance(request, Malformed):
                 raise InvalidInput(f"the request is not a valid {method.rsplit('/', 1)[-1]} message "
                                    f"({type(request.error).__name__}); check the client's protobuf definitions")
+            field = _nul_field(request)
+            if field:
+                raise InvalidInput(f"{field} contains a NUL (0x00) character; only an input's text may")
             return request
 
         def parsed(requests: Iterator) -> Iterator:
@@ -394,6 +397,49 @@ class ErrorMapping(Stage):
                     abort(call, exc)
                 raise
         return unary
+
+
+# Strings that may hold any character: an input's text is content (stored as bytes, read by the tokenizer).
+# Every other string of our messages is an id, a name, a label, a token or a description, and PostgreSQL's
+# text columns refuse NUL (psycopg raises DataError, an INTERNAL error, where SQLite would store it).
+_CONTENT = frozenset({"headserve.v1.Input.text"})
+_CHECKED: dict[str, bool] = {}  # message type -> whether it holds (at any depth) a string that is checked
+
+
+def _checked(descriptor) -> bool:
+    name = descriptor.full_name
+    if name not in _CHECKED:
+        _CHECKED[name] = False  # a recursive type is decided by its other fields
+        _CHECKED[name] = name.startswith("headserve.") and any(
+            (f.type == f.TYPE_STRING and f.full_name not in _CONTENT)
+            or (f.type == f.TYPE_MESSAGE and _checked(f.message_type)) for f in descriptor.fields)
+    return _CHECKED[name]
+
+
+def _nul_field(message, prefix: str = "") -> str:
+    """The path of the first string in `message` (one of ours) that contains NUL, outside _CONTENT; ''
+    when there is none. Message types without such strings are not walked (a Predict's inputs)."""
+    if not hasattr(message, "ListFields") or not _checked(message.DESCRIPTOR):
+        return ""
+    for field, value in message.ListFields():
+        path = prefix + field.name
+        if field.type == field.TYPE_STRING:
+            values = value if field.is_repeated else [value]
+            if field.full_name not in _CONTENT and any("\x00" in v for v in values):
+                return path
+        elif field.type == field.TYPE_MESSAGE and _checked(field.message_type):
+            if field.message_type.GetOptions().map_entry:  # map<string, string | message>
+                items = [(f"{path}[{str(k)[:40]!r}]", k, v) for k, v in value.items()]
+            else:
+                items = [(f"{path}[{i}]" if field.is_repeated else path, None, v)
+                         for i, v in enumerate(value if field.is_repeated else [value])]
+            for where, key, item in items:
+                if "\x00" in str(key or "") or (isinstance(item, str) and "\x00" in item):
+                    return where
+                found = "" if isinstance(item, str) else _nul_field(item, where + ".")
+                if found:
+                    return found
+    return ""
 
 
 def _task_of(request) -> str:

@@ -365,3 +365,68 @@ def test_animation_is_read_from_its_first_frame(fmt, kw):
     assert getattr(Image.open(io.BytesIO(data)), "n_frames", 1) == 2
     out = ImagePreprocessor(SMALL)([data])["pixel_values"][0]
     np.testing.assert_allclose(out[:, 16, 16], normalised(RED), atol=3 / 255 / IMAGENET_STD.min())
+
+
+def test_nul_characters_in_ids_names_and_tokens_are_invalid_argument_on_both_stores(tmp_path, store_url):
+    """PostgreSQL's text columns refuse NUL (psycopg's DataError was an INTERNAL error) where SQLite stores
+    it: every string of a request but an input's text is refused at the edge with INVALID_ARGUMENT, on
+    either store, naming the field; nothing is created, and the server keeps serving. An input's text may
+    hold NUL (it is content)."""
+    from conftest import TINY_TEXT, TOPICS, Client, make_settings, make_tenant, text_examples
+
+    from service.server import build_server
+
+    running = build_server(make_settings(tmp_path, with_minilm=False, auth="api_key", store_url=store_url))
+    who = make_tenant(running)
+    admin = make_tenant(running, scopes=("admin",))
+    client, ops = Client(running.address, who.api_key), Client(running.address, admin.api_key)
+    try:
+        task_id = unique_id("nul")
+        client.stub.CreateTask(pb.CreateTaskRequest(task_id=task_id, backbone=TINY_TEXT, examples=text_examples()))
+        assert client.wait_ready(task_id).state == pb.Job.SUCCEEDED
+        tenant_name = running.admin.tenant(who.tenant_id).tenant.name
+        keys_before = {k.key_id for k in running.admin.list_keys("", 1000)[0]}
+        nul = "a\x00b"
+        bad = [
+            (client.stub.GetTask, pb.GetTaskRequest(task_id=nul), "task_id"),
+            (client.stub.ListTasks, pb.ListTasksRequest(page_token=nul), "page_token"),
+            (client.stub.ListTasks, pb.ListTasksRequest(backbone=nul), "backbone"),
+            (client.stub.TrainTask, pb.TrainTaskRequest(task_id=task_id, config=pb.TrainingConfig(
+                label_descriptions={"sports": nul})), "config.label_descriptions['sports']"),
+            (client.stub.CreateTask, pb.CreateTaskRequest(task_id=unique_id("nul"), backbone=TINY_TEXT,
+                                                          labels=["sports", nul]), "labels"),
+            (client.stub.Predict, pb.PredictRequest(task_id=task_id, request_id=nul,
+                                                    inputs=[pb.Input(text="goal")]), "request_id"),
+            (ops.admin.GetTenant, pb.GetTenantRequest(tenant=nul), "tenant"),
+            (ops.admin.ListTenants, pb.ListTenantsRequest(page_token=nul), "page_token"),
+            (ops.admin.ListKeys, pb.ListKeysRequest(tenant=nul), "tenant"),
+            (ops.admin.CreateKey, pb.CreateKeyRequest(tenant=tenant_name, scopes=["predict"], description=nul),
+             "description"),
+            (ops.admin.RevokeKey, pb.RevokeKeyRequest(key_id=nul), "key_id"),
+        ]
+        for rpc, request, field in bad:
+            with pytest.raises(grpc.RpcError) as err:
+                rpc(request, timeout=10)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (field, err.value.details())
+            assert err.value.details().startswith(f"{field} contains a NUL"), err.value.details()
+        with pytest.raises(grpc.RpcError) as err:
+            client.stub.AddExamples(iter([pb.AddExamplesRequest(task_id=task_id, examples=[
+                pb.Example(label="sports", input=pb.Input(text="one more goal")),
+                pb.Example(label="cook\x00ing", input=pb.Input(text="stir the pot"))])]), timeout=10)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert err.value.details().startswith("examples[1].label contains a NUL")
+
+        task = client.stub.GetTask(pb.GetTaskRequest(task_id=task_id), timeout=10)
+        assert (task.state, task.version, task.num_examples) == (pb.Task.READY, 1, len(text_examples()))
+        assert [t.task_id for t in client.stub.ListTasks(pb.ListTasksRequest(), timeout=10).tasks] == [task_id]
+        assert {k.key_id for k in running.admin.list_keys("", 1000)[0]} == keys_before
+        # Content may hold NUL: an input's text is predicted, and stored as an example.
+        answer = client.stub.Predict(pb.PredictRequest(task_id=task_id, inputs=[pb.Input(text="goal\x00!")]))
+        assert answer.predictions[0].label in TOPICS
+        added = client.stub.AddExamples(iter([pb.AddExamplesRequest(task_id=task_id, examples=[
+            pb.Example(label="sports", input=pb.Input(text="a late\x00 goal"))])]), timeout=10)
+        assert added.added == 1
+    finally:
+        client.close()
+        ops.close()
+        running.stop()
