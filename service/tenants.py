@@ -336,7 +336,7 @@ class TenantAdmin:
         after = (-1, "")
         if page_token:
             created, _, key_id = page_token.partition(":")
-            if not (created.isascii() and created.isdigit() and len(created) <= 19 and key_id):
+            if not (created.isascii() and created.isdigit() and len(created) <= 18 and key_id):
                 raise InvalidInput(f"page_token {quote(page_token)} is not a next_page_token of ListKeys")
             after = (int(created), key_id)
         tenant_id = self.store.get_tenant(ref).tenant_id if ref else ""

@@ -275,11 +275,14 @@ def test_tenants_and_keys_are_listed_a_page_at_a_time_each_once_in_order(server)
                               (pb.ListTenantsRequest(page_size=1001), ops.admin.ListTenants),
                               (pb.ListKeysRequest(page_size=5000), ops.admin.ListKeys),
                               (pb.ListKeysRequest(page_token="not a token"), ops.admin.ListKeys),
-                              (pb.ListKeysRequest(page_token="12:"), ops.admin.ListKeys)):
+                              (pb.ListKeysRequest(page_token="12:"), ops.admin.ListKeys),
+                              (pb.ListKeysRequest(page_token=f"{2 ** 64}:k"), ops.admin.ListKeys)):
             with pytest.raises(grpc.RpcError) as err:
                 stub(request, timeout=10)
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
             assert "page_" in err.value.details()
+        # The largest token it accepts is past every key (not an overflow in the store)
+        assert not ops.admin.ListKeys(pb.ListKeysRequest(page_token="9" * 18 + ":k"), timeout=10).keys
     finally:
         ops.close()
 
