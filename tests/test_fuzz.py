@@ -980,7 +980,9 @@ def test_status_messages_quoting_non_ascii_input_fit_the_clients_metadata_limit(
         assert outcome.code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT), name
     tenant = invoke(world.admin_channel, ADMIN + "GetTenant", pb.GetTenantRequest(tenant=task_id))
     check(tenant, "GetTenant")
-    assert tenant.code == grpc.StatusCode.NOT_FOUND and len(by_id) > 3000
+    # A NUL is refused at the edge wherever it is not an input's text (PostgreSQL's text refuses it)
+    expected = grpc.StatusCode.INVALID_ARGUMENT if char == "\x00" else grpc.StatusCode.NOT_FOUND
+    assert tenant.code == expected and len(by_id) > 3000
 
 
 def test_request_streams_that_never_end_are_released_at_their_deadline(world, server):
