@@ -20,7 +20,8 @@ through (HeadServe, Admin, health, reflection, and whatever is registered later)
   PredictStream too, as it is read).
 - **Error mapping** turns domain errors into their status code (service/errors.py) and anything else into
   INTERNAL with the request id; it also answers a request that does not parse as its protobuf message
-  with INVALID_ARGUMENT (grpc would say INTERNAL), and caps every status message, since a message that
+  with INVALID_ARGUMENT (grpc would say INTERNAL), as it does a request with a NUL character in any string
+  but an input's text (PostgreSQL refuses NUL in text), and caps every status message, since a message that
   quotes a huge input would otherwise exceed the client's metadata limit and hide the real error.
 """
 
