@@ -235,25 +235,24 @@ def stub(client):
     return client.stub
 
 
-@pytest.fixture(scope="session")
-def text_task(client):
-    """A READY 3-topic text task on minilm-l6, shared by read-only tests."""
-    task_id = unique_id("topics")
-    client.stub.CreateTask(pb.CreateTaskRequest(task_id=task_id, backbone="minilm-l6", examples=text_examples()))
+def ready_task(client: Client, prefix: str, backbone: str, examples: list[pb.Example]) -> str:
+    """A new task trained to READY; returns its id."""
+    task_id = unique_id(prefix)
+    client.stub.CreateTask(pb.CreateTaskRequest(task_id=task_id, backbone=backbone, examples=examples))
     job = client.wait_ready(task_id)
     assert job.state == pb.Job.SUCCEEDED, job.error
     return task_id
+
+
+@pytest.fixture(scope="session")
+def text_task(client):
+    """A READY 3-topic text task on minilm-l6, shared by read-only tests."""
+    return ready_task(client, "topics", "minilm-l6", text_examples())
 
 
 @pytest.fixture(scope="session")
 def image_task(client):
-    task_id = unique_id("colours")
-    client.stub.CreateTask(
-        pb.CreateTaskRequest(task_id=task_id, backbone="mobilenet_v3_small", examples=image_examples())
-    )
-    job = client.wait_ready(task_id)
-    assert job.state == pb.Job.SUCCEEDED, job.error
-    return task_id
+    return ready_task(client, "colours", "mobilenet_v3_small", image_examples())
 
 
 @pytest.fixture(autouse=True)
