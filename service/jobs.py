@@ -96,7 +96,8 @@ class Worker:
     def __init__(
         self, store: WorkerStore, registry: BackboneRegistry, name: str, *, lease_seconds: float = 30.0,
         max_attempts: int = 3, poll_seconds: float = 0.25, auto_fine_tune_min_examples: int = 0,
-        auto_fine_tune_max_examples: int = 0, on_success: Callable[[str, HeadRuntime], None] | None = None, on_finished: Finished | None = None,
+        auto_fine_tune_max_examples: int = 0, on_success: Callable[[str, HeadRuntime], None] | None = None,
+        on_finished: Finished | None = None,
         on_progress: Callable[[], None] | None = None,
     ) -> None:
         self.store = store
