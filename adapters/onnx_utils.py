@@ -94,9 +94,12 @@ def onnxruntime_clash() -> str:
 _warned_no_cuda = False
 
 
-def providers_for(device: str, tensorrt_cache: pathlib.Path | None = None) -> list:
+def providers_for(
+    device: str, tensorrt_cache: pathlib.Path | None = None, *, cuda_graph: bool = False
+) -> list:
     """Execution providers, named explicitly: CUDA only when a CUDA device is in use; TensorRT first
-    when asked for (`tensorrt_cache` set) and installed, with its engines cached in that folder."""
+    when asked for (`tensorrt_cache` set) and installed, with its engines cached in that folder;
+    `cuda_graph`: the CUDA provider captures and replays CUDA graphs (see adapters.runtime.CudaGraphs)."""
     global _warned_no_cuda
     available = ort.get_available_providers()
     if not device.startswith("cuda"):
@@ -122,6 +125,8 @@ def providers_for(device: str, tensorrt_cache: pathlib.Path | None = None) -> li
         }))
     # use_tf32 0: fp32 trunks stay IEEE fp32, as torch's side is (adapters.backbones.ieee_fp32).
     cuda = {"device_id": device_id, "arena_extend_strategy": "kSameAsRequested", "use_tf32": 0}
+    if cuda_graph:
+        cuda["enable_cuda_graph"] = 1
     providers.append(("CUDAExecutionProvider", cuda))
     providers.append("CPUExecutionProvider")
     return providers
@@ -135,6 +140,7 @@ def create_session(
     spinning: bool = True,
     memory_arena: bool = True,
     tensorrt_cache: pathlib.Path | None = None,
+    cuda_graph: bool = False,
 ) -> ort.InferenceSession:
     """An onnxruntime session with every graph optimisation on.
 
@@ -154,7 +160,8 @@ def create_session(
     if not spinning:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     source = model if isinstance(model, bytes) else str(model)
-    return ort.InferenceSession(source, sess_options=opts, providers=providers_for(device, tensorrt_cache))
+    providers = providers_for(device, tensorrt_cache, cuda_graph=cuda_graph)
+    return ort.InferenceSession(source, sess_options=opts, providers=providers)
 
 
 def run(session: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> np.ndarray:

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import pathlib
+import threading
 import uuid
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
@@ -150,6 +151,119 @@ class TrunkCacheFile:
                 leftover.unlink(missing_ok=True)
 
 
+# Batch sizes that get a CUDA graph; a batch is padded up to the first that holds it (larger ones run plain).
+GRAPH_BATCHES = (1, 2, 4, 8, 16, 32)
+
+
+class _Graph:
+    """One captured graph: device buffers at fixed addresses for every input and trunk output, bound once."""
+
+    def __init__(self, session: ort.InferenceSession, graph_id: int, inputs: dict[str, np.ndarray],
+                 outputs: dict[str, tuple[tuple[int, ...], np.dtype]], device_id: int) -> None:
+        self.session = session
+        self.rows = 0  # rows of the last batch copied in (padding past them is zero)
+        self.host = {k: np.zeros_like(v) for k, v in inputs.items()}
+        self.device_in = {k: ort.OrtValue.ortvalue_from_numpy(v, "cuda", device_id)
+                          for k, v in self.host.items()}
+        self.device_out = {n: ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, "cuda", device_id)
+                           for n, (shape, dtype) in outputs.items()}
+        self.binding = session.io_binding()
+        for k, v in self.device_in.items():
+            self.binding.bind_ortvalue_input(k, v)
+        for n, v in self.device_out.items():
+            self.binding.bind_ortvalue_output(n, v)
+        self.options = ort.RunOptions()
+        self.options.add_run_config_entry("gpu_graph_id", str(graph_id))
+
+    def run(self, feeds: dict[str, np.ndarray], names: Sequence[str]) -> list[np.ndarray]:
+        rows = len(next(iter(feeds.values())))
+        for k, host in self.host.items():
+            host[:rows] = feeds[k]
+            if self.rows > rows:
+                host[rows:self.rows] = 0
+            self.device_in[k].update_inplace(host)
+        self.rows = rows
+        self.session.run_with_iobinding(self.binding, self.options)
+        return [self.device_out[n].numpy()[:rows] for n in names]
+
+
+class CudaGraphs:
+    """A trunk on onnxruntime's CUDA provider, replayed as CUDA graphs: one per batch size of GRAPH_BATCHES.
+
+    At batch 1 a trunk such as ResNet-50 is bound by launching its kernels one by one from the CPU, not by
+    the GPU's arithmetic (2.7 ms at batch 1 against 4.9 ms at batch 8 on an H200; docs/benchmarks.md, GPU):
+    a captured graph is launched in one call. The provider's graphs need inputs and outputs at fixed device
+    addresses and shapes, so this serves trunks whose inputs have one shape but for the batch (images), and
+    pads a batch with zero rows up to its graph's size (a trunk's rows are independent: batch normalisation
+    runs in eval mode). Every graph is captured when the trunk loads, not on a caller's request, and checked
+    against the plain session on random inputs, twice, so that a replay that ignored new inputs is caught too.
+    At the first size whose capture fails or disagrees, capturing stops with a warning: that size and larger
+    ones run on the plain session. One batch replays at a time: a batch that finds the graphs busy (the fair
+    lane beside the main one) runs on the plain session."""
+
+    def __init__(self, path: pathlib.Path, device: str, plain: ort.InferenceSession,
+                 sample: dict[str, np.ndarray], atol: float, threads: int = 0) -> None:
+        self.session = create_session(path, device, threads, spinning=False, cuda_graph=True)
+        if self.session.get_providers()[0] != "CUDAExecutionProvider":
+            raise RuntimeError(f"the graph session is not on the CUDA provider ({self.session.get_providers()})")
+        self.device_id = int(device.partition(":")[2] or 0)
+        self.plain = plain
+        self.atol = atol
+        self.names = [o.name for o in self.session.get_outputs()]
+        self.sample = {k: np.asarray(v) for k, v in sample.items()}  # a preprocessed batch: shapes, dtypes
+        self._graphs: dict[int, _Graph] = {}
+        self._lock = threading.Lock()
+        for size in GRAPH_BATCHES:
+            graph = self._capture(size)
+            if graph is None:
+                break
+            self._graphs[size] = graph
+        if not self._graphs:
+            raise RuntimeError("no batch size could be captured")
+
+    def run(self, names: Sequence[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray] | None:
+        """The named outputs for `feeds`, from a replayed graph; None when the batch is to run plain (no
+        graph for its size, or another batch is replaying)."""
+        rows = len(next(iter(feeds.values())))
+        graph = self._graphs.get(next((b for b in GRAPH_BATCHES if b >= rows), 0))
+        if graph is None or not self._lock.acquire(blocking=False):
+            return None
+        try:
+            return graph.run(feeds, names)
+        finally:
+            self._lock.release()
+
+    def captured(self) -> list[int]:
+        return sorted(self._graphs)
+
+    def _capture(self, size: int) -> _Graph | None:
+        try:
+            rng = np.random.default_rng(size)
+            trials = [{k: rng.standard_normal((size, *v.shape[1:])).astype(v.dtype)
+                       for k, v in self.sample.items()} for _ in range(2)]
+            expected = [self.plain.run(self.names, feeds) for feeds in trials]
+            outputs = {n: (e.shape, e.dtype) for n, e in zip(self.names, expected[0])}
+            graph = _Graph(self.session, size, trials[0], outputs, self.device_id)
+            for _ in range(3):  # the provider runs a graph's first runs plain, then captures
+                graph.run(trials[0], self.names)
+            diff = 0.0
+            for feeds, want in zip(trials, expected):
+                got = graph.run(feeds, self.names)
+                diff = max(diff, *(float(np.abs(g - w).max() / max(np.abs(w).max(), 1e-30))
+                                   for g, w in zip(got, want)))
+            if not diff <= self.atol:
+                log.warning("CUDA graph for batch %d disagrees with the plain session (relative max |diff| "
+                            "%.1e); batches of %d rows or more run without a graph", size, diff, size)
+                return None
+            log.info("CUDA graph captured for batch %d (relative max |diff| to the plain session %.1e)",
+                     size, diff)
+            return graph
+        except Exception as exc:  # noqa: BLE001 - any capture failure: run that size plain
+            log.warning("CUDA graph for batch %d could not be captured (%s); batches of %d rows or more run "
+                        "without a graph", size, exc, size)
+            return None
+
+
 class TrunkRuntime:
     """A backbone's trunk exported once to ONNX (cached in a folder shared by servers, see
     TrunkCacheFile) and served by onnxruntime, at fp32 or int8."""
@@ -164,11 +278,13 @@ class TrunkRuntime:
         spinning: bool = False,
         tensorrt: bool = False,
         precision: str = "fp32",
+        cuda_graphs: bool = False,
     ) -> None:
         """threads: intra-op threads, 0 = every core; spinning: see create_session (off by default: in a
         server the RPC threads need the cores between operators); tensorrt: TensorRT before CUDA on a
         GPU, engines cached under cache_dir/tensorrt; precision: "fp32", or "int8" (dynamic quantisation,
-        checked against torch with INT8_ATOL)."""
+        checked against torch with INT8_ATOL); cuda_graphs: on the CUDA provider, replay image trunks as
+        CUDA graphs (CudaGraphs; not with TensorRT)."""
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
         self.backbone = backbone
@@ -180,6 +296,7 @@ class TrunkRuntime:
         self.path = self.cache.path
         self.trt_cache = pathlib.Path(cache_dir) / "tensorrt" if tensorrt else None
         self.parity_diff: float | None = None
+        self.graphs: CudaGraphs | None = None  # set once the trunk has passed its parity check
         if self.cache.trusted():
             try:
                 self._open(self.path)
@@ -188,6 +305,12 @@ class TrunkRuntime:
                 log.warning("cached trunk %s failed to load (%s); exporting it again", self.path, exc)
         if self.parity_diff is None:
             self.parity_diff = self.cache.export(self._checked)
+        if cuda_graphs and self.io_binding and not tensorrt and backbone.preprocess.modality == "image":
+            try:
+                self.graphs = CudaGraphs(self.path, str(backbone.device), self.session,
+                                         backbone.sample_batch(), self.atol, threads)
+            except Exception as exc:  # noqa: BLE001 - the trunk still serves, without graphs
+                log.warning("trunk %s: no CUDA graphs (%s)", backbone.name, exc)
         log.info("trunk %s ready (%s, %s, torch/onnx relative max |diff| %.1e)", backbone.name, precision,
                  self.session.get_providers()[0], self.parity_diff)
 
@@ -211,7 +334,10 @@ class TrunkRuntime:
         self.input_names = self.backbone.preprocess.input_names
 
     def features(self, batch: dict[str, np.ndarray]) -> np.ndarray:
-        return self.session.run([FEATURES], {k: batch[k] for k in self.input_names})[0]
+        feeds = {k: batch[k] for k in self.input_names}
+        if self.graphs is not None:
+            return self._run([FEATURES], feeds)[0]
+        return self.session.run([FEATURES], feeds)[0]
 
     def outputs(self, batch: dict[str, np.ndarray], names: Sequence[str]) -> dict[str, np.ndarray]:
         """The named trunk outputs; trunk inputs (e.g. attention_mask) named too are passed through."""
@@ -220,6 +346,10 @@ class TrunkRuntime:
         return {**{n: batch[n] for n in names if n in self.input_names}, **dict(zip(wanted, values))}
 
     def _run(self, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        if self.graphs is not None:
+            replayed = self.graphs.run(names, feeds)
+            if replayed is not None:
+                return replayed
         if not self.io_binding:
             return self.session.run(names, feeds)
         binding = self.session.io_binding()

@@ -21,7 +21,9 @@
 # accuracy is not measured; runs the suite's `gpu`-marked tests (CUDA provider parity, IO binding, training on
 # the GPU); then bench/serving.py on the GPU: batch-1 p50 through gRPC for minilm-l6 and ResNet-50 (random
 # weights), and with TensorRT when onnxruntime offers it with its libraries. Everything it writes is under $OUT
-# (default bench/results/gpu): log.txt, env.txt, gpu-tests.xml, serving-gpu.{json,md,png}, profile.txt.
+# (default bench/results/gpu): log.txt, and results.tgz with env.txt, gpu-tests.xml, serving-gpu.{json,md,png},
+# nograph/serving-gpu.* (the same benchmark with cuda_graphs = false) and profile.txt; unpack it there
+# (`tar -xzf results.tgz`).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -155,6 +157,11 @@ step "bench/serving.py on the GPU (minilm-l6 shape, ResNet-50 random weights)"
 timeout 180 "$PY" "${BENCH[@]}"
 echo "serving.py exit: $?"
 
+step "again without CUDA graphs (the reference for what they change end to end)"
+mkdir -p "$OUT/nograph"
+timeout 150 "$PY" "${BENCH[@]}" --results "$OUT/nograph" --set cuda_graphs=false
+echo "serving.py (no CUDA graphs) exit: $?"
+
 step "where batch-1 time goes (bench/gpu_profile.py: preprocessing, ONNX trunk, torch eager; ResNet-50)"
 timeout 90 "$PY" bench/gpu_profile.py --device "$DEVICE" --rounds 100 2>&1 | grep -v -e "Loading weights" -e "plugin EP" \
     | tee "$OUT/profile.txt"
@@ -171,4 +178,6 @@ else
 fi
 
 step "done"
-ls -la "$OUT"
+# The device tool brings back at most 8 files: everything but this log travels as one archive.
+(cd "$OUT" && tar -czf results.tgz --exclude log.txt --exclude results.tgz . && ls -la && tar -tzf results.tgz)
+find "$OUT" -mindepth 1 -maxdepth 1 ! -name log.txt ! -name results.tgz -exec rm -rf {} +

@@ -1,6 +1,8 @@
 """Where an image's batch-1 time goes on a GPU, part by part, in one process (no service): decoding and
-preprocessing on the CPU, the ONNX trunk on onnxruntime's CUDA provider (through TrunkRuntime, and a bare
-session.run), and torch eager for reference. ResNet-50 on random weights (timing only).
+preprocessing on the CPU, the ONNX trunk on onnxruntime's CUDA provider (through TrunkRuntime, with and
+without CUDA graphs, and a bare session.run), torch eager for reference, and, as a study for later, JPEG
+decoding and preprocessing on the GPU (nvJPEG through torchvision) with its difference from the CPU path.
+ResNet-50 on random weights (timing only).
 
     python bench/gpu_profile.py [--device cuda] [--rounds 50]
 
@@ -42,7 +44,9 @@ def main() -> None:
     args = parser.parse_args()
     options = LoadOptions(device=args.device, random_weights=True)
     backbone = load_backbone(builtin_spec(args.backbone), options)
-    runtime = TrunkRuntime(backbone, pathlib.Path(tempfile.mkdtemp()) / "trunks")
+    cache = pathlib.Path(tempfile.mkdtemp()) / "trunks"
+    runtime = TrunkRuntime(backbone, cache)
+    graphed = TrunkRuntime(backbone, cache, cuda_graphs=True)
     rng = np.random.default_rng(0)
     jpegs = []
     for _ in range(8):
@@ -60,13 +64,53 @@ def main() -> None:
         ("ONNX trunk, batch 8 (TrunkRuntime.features)", median_ms(lambda: runtime.features(eight), n)),
         ("ONNX trunk, batch 1, bare session.run(['features'])",
          median_ms(lambda: runtime.session.run(["features"], feeds), n)),
+        (f"ONNX trunk, batch 1, CUDA graphs (captured: {graphed.graphs is not None})",
+         median_ms(lambda: graphed.features(one), n)),
+        ("ONNX trunk, batch 8, CUDA graphs", median_ms(lambda: graphed.features(eight), n)),
         ("torch eager trunk, batch 1 (all trunk outputs, to host)",
          median_ms(lambda: backbone.torch_outputs(one, ("features",)), n)),
     ]
+    if graphed.graphs is not None:
+        worst = max(float(np.abs(graphed.features(b) - runtime.features(b)).max()) for b in (one, eight))
+        print(f"CUDA graphs captured for batches {graphed.graphs.captured()}; max |diff| to the plain trunk {worst:.1e}")
+    rows += gpu_decode_rows(backbone, jpegs, n) if args.device.startswith("cuda") else []
     print(f"{args.backbone} on {args.device}; providers {runtime.session.get_providers()}")
     print("| part | median ms |\n|---|---:|")
     for name, ms in rows:
         print(f"| {name} | {ms:.2f} |")
+
+
+def gpu_decode_rows(backbone, jpegs: list[bytes], rounds: int) -> list[tuple[str, float]]:
+    """JPEG decoding (nvJPEG) and the evaluation transform on the GPU, timed to a synchronised device
+    tensor; and how far its pixels are from the CPU path's (PIL decode and resize), in grey levels."""
+    try:
+        import torch
+        from torchvision.io import decode_jpeg
+        from torchvision.transforms.v2 import functional as F
+
+        t = backbone.preprocess.transform
+        mean = torch.tensor(t.mean, device="cuda").view(3, 1, 1)
+        std = torch.tensor(t.std, device="cuda").view(3, 1, 1)
+        datas = [torch.frombuffer(bytearray(j), dtype=torch.uint8) for j in jpegs]
+
+        def on_gpu(items):
+            images = decode_jpeg(items, device="cuda")
+            out = torch.stack([F.center_crop(F.resize(x.float(), [t.resize], antialias=True), [t.image_size] * 2)
+                               for x in images])
+            out = (out / 255.0 - mean) / std
+            torch.cuda.synchronize()
+            return out
+
+        cpu = backbone.preprocess(jpegs)["pixel_values"]
+        gpu = on_gpu(datas).cpu().numpy()
+        levels = np.abs(gpu - cpu) * np.asarray(t.std, np.float32).reshape(1, 3, 1, 1) * 255.0
+        print(f"GPU decode + preprocess against the CPU path: max {levels.max():.1f} grey levels, "
+              f"mean {levels.mean():.3f}")
+        return [("decode + preprocess on the GPU (nvJPEG, torch resize), 1 JPEG", median_ms(lambda: on_gpu(datas[:1]), rounds)),
+                ("decode + preprocess on the GPU, 8 JPEGs", median_ms(lambda: on_gpu(datas), rounds))]
+    except Exception as exc:  # noqa: BLE001 - a study: report and go on
+        print(f"GPU decoding not measured: {type(exc).__name__}: {exc}")
+        return []
 
 
 if __name__ == "__main__":

@@ -157,6 +157,11 @@ class Settings(BaseSettings):
         False, description="on a GPU, run trunks with TensorRT before CUDA (engines built on first use and "
         "cached in trunk_cache_dir/tensorrt)",
     )
+    cuda_graphs: bool = Field(
+        True, description="on a GPU, replay image trunks as CUDA graphs, one per batch size up to 32 (a batch "
+        "is padded up to the next power of two), each checked against a plain run when captured; off: every "
+        "batch launches the trunk's kernels one by one",
+    )
     precision: dict[str, Literal["fp32", "int8"]] = Field(
         default_factory=dict, description="trunk precision per backbone, e.g. [precision] minilm-l6 = \"int8\" "
         "(env: HEADSERVE_PRECISION='{\"minilm-l6\": \"int8\"}'); unnamed backbones run fp32. int8 is onnxruntime "

@@ -119,7 +119,8 @@ class BackboneRegistry:
                 entry.backbone = load_backbone(spec, opts, cache)
                 entry.trunk = TrunkRuntime(entry.backbone, cache, settings.intra_op_threads,
                                            spinning=settings.trunk_spinning, tensorrt=settings.tensorrt,
-                                           precision=settings.precision.get(name, "fp32"))
+                                           precision=settings.precision.get(name, "fp32"),
+                                           cuda_graphs=settings.cuda_graphs)
             except BackboneUnavailable as exc:
                 entry.unavailable_reason = exc.message
                 log.warning("backbone %s unavailable: %s", name, exc.message)

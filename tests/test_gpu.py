@@ -1,9 +1,12 @@
 """On a CUDA device (marker `gpu`; skipped where torch sees none, which is every CI run here): the ONNX trunk
-on the CUDA execution provider agrees with torch, its IO binding returns what a plain run returns, and a
-server with device = "cuda" trains (torch on the GPU, fine-tuning included) and serves. bench/gpu_check.sh
+on the CUDA execution provider agrees with torch, its IO binding returns what a plain run returns, its CUDA
+graphs replay what the plain session computes (padded batches, concurrent callers), and a server with
+device = "cuda" trains (torch on the GPU, fine-tuning included) and serves. bench/gpu_check.sh
 runs these on a lent GPU machine."""
 
 from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -87,6 +90,45 @@ def test_a_cuda_server_trains_on_the_gpu_and_serves(tmp_path) -> None:
             task_id="gpu-tuned", inputs=[pb.Input(image=x) for x in inputs("image")]), timeout=60)
         assert [p.label for p in image.predictions] and all(p.label in {"red", "green", "blue"}
                                                               for p in image.predictions)
+        graphs = running.app.registry.get("mobilenet_v3_small").trunk.graphs
+        assert graphs is not None and graphs.captured() == [1, 2, 4, 8, 16, 32]
     finally:
         client.close()
         running.stop()
+
+
+def test_cuda_graphs_replay_what_the_plain_session_computes(tmp_path) -> None:
+    backbone = cuda_backbone("image")
+    runtime = TrunkRuntime(backbone, tmp_path / "trunks", cuda_graphs=True)
+    assert runtime.graphs is not None
+    images = [png((40 * (i % 6), 200 - 30 * (i % 5), 90), size=(96, 80), noise=20, seed=i) for i in range(34)]
+    names = ["features", "blocks_1"]
+    # Sizes in an order that pads (3 -> 4), shrinks after a larger batch (stale rows), and passes the largest
+    # graph (34 rows run plain).
+    for rows in (1, 3, 1, 8, 2, 9, 34, 3):
+        batch = backbone.preprocess(images[:rows])
+        replayed = runtime.outputs(batch, names)
+        plain = runtime.session.run(names, {"pixel_values": batch["pixel_values"]})
+        for name, want in zip(names, plain):
+            assert replayed[name].shape == want.shape
+            np.testing.assert_allclose(replayed[name], want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+    assert runtime.graphs.captured() == [1, 2, 4, 8, 16, 32]  # all captured at load
+
+
+def test_cuda_graphs_serve_concurrent_batches_each_its_own_rows(tmp_path) -> None:
+    backbone = cuda_backbone("image")
+    runtime = TrunkRuntime(backbone, tmp_path / "trunks", cuda_graphs=True)
+    batches = [backbone.preprocess([png((30 * i, 90, 200 - 20 * i), size=(96, 80), noise=20, seed=i)] * (1 + i % 3))
+               for i in range(8)]
+    expected = [runtime.session.run(["features"], {"pixel_values": b["pixel_values"]})[0] for b in batches]
+
+    def work(i: int) -> float:
+        worst = 0.0
+        for _ in range(25):
+            got = runtime.features(batches[i])
+            worst = max(worst, float(np.abs(got - expected[i]).max() / np.abs(expected[i]).max()))
+        return worst
+
+    with ThreadPoolExecutor(4) as pool:
+        assert max(pool.map(work, range(8))) < 1e-4
+    assert runtime.graphs.captured()
