@@ -95,11 +95,12 @@ _warned_no_cuda = False
 
 
 def providers_for(
-    device: str, tensorrt_cache: pathlib.Path | None = None, *, cuda_graph: bool = False
+    device: str, tensorrt_cache: pathlib.Path | None = None, *, cuda_graph: bool = False, tf32: bool = False
 ) -> list:
     """Execution providers, named explicitly: CUDA only when a CUDA device is in use; TensorRT first
     when asked for (`tensorrt_cache` set) and installed, with its engines cached in that folder;
-    `cuda_graph`: the CUDA provider captures and replays CUDA graphs (see adapters.runtime.CudaGraphs)."""
+    `cuda_graph`: the CUDA provider captures and replays CUDA graphs (see adapters.runtime.CudaGraphs);
+    `tf32`: its matrix products round inputs to TF32 (precision "tf32"; otherwise IEEE fp32)."""
     global _warned_no_cuda
     available = ort.get_available_providers()
     if not device.startswith("cuda"):
@@ -124,7 +125,7 @@ def providers_for(
             "trt_timing_cache_path": str(tensorrt_cache),
         }))
     # use_tf32 0: fp32 trunks stay IEEE fp32, as torch's side is (adapters.backbones.ieee_fp32).
-    cuda = {"device_id": device_id, "arena_extend_strategy": "kSameAsRequested", "use_tf32": 0}
+    cuda = {"device_id": device_id, "arena_extend_strategy": "kSameAsRequested", "use_tf32": int(tf32)}
     if cuda_graph:
         cuda["enable_cuda_graph"] = 1
     providers.append(("CUDAExecutionProvider", cuda))
@@ -141,6 +142,7 @@ def create_session(
     memory_arena: bool = True,
     tensorrt_cache: pathlib.Path | None = None,
     cuda_graph: bool = False,
+    tf32: bool = False,
 ) -> ort.InferenceSession:
     """An onnxruntime session with every graph optimisation on.
 
@@ -160,7 +162,7 @@ def create_session(
     if not spinning:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     source = model if isinstance(model, bytes) else str(model)
-    providers = providers_for(device, tensorrt_cache, cuda_graph=cuda_graph)
+    providers = providers_for(device, tensorrt_cache, cuda_graph=cuda_graph, tf32=tf32)
     return ort.InferenceSession(source, sess_options=opts, providers=providers)
 
 

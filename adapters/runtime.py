@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-PRECISIONS = ("fp32", "int8")
+PRECISIONS = ("fp32", "tf32", "int8")
 # What the export code writes: bump when a change to it (or to the quantisation below) changes the file, so
 # caches written by older code are not reused.
 EXPORT_VERSION = 2
@@ -35,6 +35,11 @@ EXPORT_VERSION = 2
 # saturates 16-bit sums (unsigned weights: 0.02 there, 1.2x slower). A broken export is near 1. See
 # docs/design.md, "int8 trunks".
 INT8_ATOL = 0.25
+# A TF32 trunk (CUDA only: the fp32 file, run with the CUDA provider's use_tf32) is checked by direction too:
+# TF32 rounds matrix inputs to 10 mantissa bits, 7e-3 relative max |diff| from IEEE fp32 on MobileNetV2's
+# features, over the 1e-3 that fp32 trunks are held to, at a worst cosine of 0.99997 over 324 photos
+# (bench/gpu_precision.py, H200). 1e-3 is 30 times that and far from a broken trunk.
+TF32_ATOL = 1e-3
 
 
 def default_trunk_cache() -> pathlib.Path:
@@ -202,8 +207,8 @@ class CudaGraphs:
     lane beside the main one) runs on the plain session."""
 
     def __init__(self, path: pathlib.Path, device: str, plain: ort.InferenceSession,
-                 sample: dict[str, np.ndarray], atol: float, threads: int = 0) -> None:
-        self.session = create_session(path, device, threads, spinning=False, cuda_graph=True)
+                 sample: dict[str, np.ndarray], atol: float, threads: int = 0, *, tf32: bool = False) -> None:
+        self.session = create_session(path, device, threads, spinning=False, cuda_graph=True, tf32=tf32)
         if self.session.get_providers()[0] != "CUDAExecutionProvider":
             raise RuntimeError(f"the graph session is not on the CUDA provider ({self.session.get_providers()})")
         self.device_id = int(device.partition(":")[2] or 0)
@@ -291,7 +296,10 @@ class TrunkRuntime:
         self.precision = precision
         self.threads = threads
         self.spinning = spinning
-        self.atol = INT8_ATOL if precision == "int8" else atol
+        if precision == "tf32" and not str(backbone.device).startswith("cuda"):
+            raise ValueError(f"precision tf32 is for CUDA devices (TF32 is a GPU matrix-unit format); "
+                             f"{backbone.name} runs on {backbone.device}: use fp32 or int8")
+        self.atol = {"int8": INT8_ATOL, "tf32": TF32_ATOL}.get(precision, atol)
         self.cache = TrunkCacheFile(backbone, cache_dir, precision)
         self.path = self.cache.path
         self.trt_cache = pathlib.Path(cache_dir) / "tensorrt" if tensorrt else None
@@ -307,8 +315,8 @@ class TrunkRuntime:
             self.parity_diff = self.cache.export(self._checked)
         if cuda_graphs and self.io_binding and not tensorrt and backbone.preprocess.modality == "image":
             try:
-                self.graphs = CudaGraphs(self.path, str(backbone.device), self.session,
-                                         backbone.sample_batch(), self.atol, threads)
+                self.graphs = CudaGraphs(self.path, str(backbone.device), self.session, backbone.sample_batch(),
+                                         self.atol, threads, tf32=precision == "tf32")
             except Exception as exc:  # noqa: BLE001 - the trunk still serves, without graphs
                 log.warning("trunk %s: no CUDA graphs (%s)", backbone.name, exc)
         log.info("trunk %s ready (%s, %s, torch/onnx relative max |diff| %.1e)", backbone.name, precision,
@@ -326,7 +334,8 @@ class TrunkRuntime:
     def _open(self, path: pathlib.Path) -> None:
         device = str(self.backbone.device)
         self.session: ort.InferenceSession = create_session(
-            path, device, self.threads, spinning=self.spinning, tensorrt_cache=self.trt_cache
+            path, device, self.threads, spinning=self.spinning, tensorrt_cache=self.trt_cache,
+            tf32=self.precision == "tf32",
         )
         # On a GPU, outputs are bound straight to host memory (the heads run on the CPU).
         on_gpu = "CUDAExecutionProvider" in self.session.get_providers()
@@ -368,7 +377,7 @@ class TrunkRuntime:
         |value|. int8: the largest 1 - cosine(onnx, torch) over each sample's row of every output."""
         ours = self.outputs(batch, TRUNK_OUTPUTS)
         ref = self.backbone.torch_outputs(batch)
-        if self.precision == "int8":
+        if self.precision in ("int8", "tf32"):
             return max(_cosine_gap(ours[k], ref[k]) for k in TRUNK_OUTPUTS)
         return max(float(np.abs(ours[k] - ref[k]).max() / max(np.abs(ref[k]).max(), 1e-30)) for k in TRUNK_OUTPUTS)
 

@@ -72,6 +72,8 @@ if [[ "${1:-}" == "stash" ]]; then  # call 1 on the device: keep the CUDA provid
     exit
 fi
 
+# `quick`: the CUDA-graph and TF32 tests, serving with ResNet-50 at TF32, and the profile (about 3 minutes).
+MODE=${1:-full}
 OUT=${OUT:-$ROOT/bench/results/gpu}
 mkdir -p "$OUT"
 exec > >(tee "$OUT/log.txt") 2>&1
@@ -145,7 +147,9 @@ print("wrote", root, sorted(p.name for p in root.iterdir()))
 EOF
 
 step "the gpu-marked tests"
-timeout 200 "$PY" -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider -o addopts="-ra" \
+SELECT=()
+[[ "$MODE" == quick ]] && SELECT=(-k "graphs or tf32")
+timeout 200 "$PY" -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider -o addopts="-ra" "${SELECT[@]}" \
     --junitxml "$OUT/gpu-tests.xml"
 echo "pytest exit: $?"
 
@@ -153,21 +157,27 @@ BENCH=(bench/serving.py --results "$OUT" --scale-tasks 0 --ready-trials 1 --conc
        --duration 3 --warmup 1 --raw-seconds 1 --batch-sizes 1 8 32 --inputs 128
        --image-backbone resnet50 --set 'random_weights=["resnet50"]' --set "device=$DEVICE")
 
-step "bench/serving.py on the GPU (minilm-l6 shape, ResNet-50 random weights)"
-timeout 180 "$PY" "${BENCH[@]}"
-echo "serving.py exit: $?"
+if [[ "$MODE" == quick ]]; then
+    step "bench/serving.py on the GPU, ResNet-50 at TF32 (minilm-l6 shape at fp32)"
+    timeout 150 "$PY" "${BENCH[@]}" --set 'precision={"resnet50": "tf32"}'
+    echo "serving.py (TF32) exit: $?"
+else
+    step "bench/serving.py on the GPU (minilm-l6 shape, ResNet-50 random weights)"
+    timeout 180 "$PY" "${BENCH[@]}"
+    echo "serving.py exit: $?"
 
-step "again without CUDA graphs (the reference for what they change end to end)"
-mkdir -p "$OUT/nograph"
-timeout 150 "$PY" "${BENCH[@]}" --results "$OUT/nograph" --set cuda_graphs=false
-echo "serving.py (no CUDA graphs) exit: $?"
+    step "again without CUDA graphs (the reference for what they change end to end)"
+    mkdir -p "$OUT/nograph"
+    timeout 150 "$PY" "${BENCH[@]}" --results "$OUT/nograph" --set cuda_graphs=false
+    echo "serving.py (no CUDA graphs) exit: $?"
+fi
 
 step "where batch-1 time goes (bench/gpu_profile.py: preprocessing, ONNX trunk, torch eager; ResNet-50)"
 timeout 90 "$PY" bench/gpu_profile.py --device "$DEVICE" --rounds 100 2>&1 | grep -v -e "Loading weights" -e "plugin EP" \
     | tee "$OUT/profile.txt"
 
 # onnxruntime-gpu lists TensorRT whether or not TensorRT's libraries are there: ask for libnvinfer too.
-if [[ "$DEVICE" == cuda ]] && "$PY" -c "import onnxruntime as o, sys; sys.exit('TensorrtExecutionProvider' not in o.get_available_providers())" \
+if [[ "$DEVICE" == cuda && "$MODE" != quick ]] && "$PY" -c "import onnxruntime as o, sys; sys.exit('TensorrtExecutionProvider' not in o.get_available_providers())" \
         && { ldconfig -p 2>/dev/null | grep -q libnvinfer || "$PY" -c "import tensorrt" 2>/dev/null; }; then
     step "again with TensorRT"
     mkdir -p "$OUT/trt"

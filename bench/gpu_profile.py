@@ -47,6 +47,8 @@ def main() -> None:
     cache = pathlib.Path(tempfile.mkdtemp()) / "trunks"
     runtime = TrunkRuntime(backbone, cache)
     graphed = TrunkRuntime(backbone, cache, cuda_graphs=True)
+    on_cuda = args.device.startswith("cuda")
+    tf32 = TrunkRuntime(backbone, cache, cuda_graphs=True, precision="tf32") if on_cuda else None
     rng = np.random.default_rng(0)
     jpegs = []
     for _ in range(8):
@@ -67,13 +69,21 @@ def main() -> None:
         (f"ONNX trunk, batch 1, CUDA graphs (captured: {graphed.graphs is not None})",
          median_ms(lambda: graphed.features(one), n)),
         ("ONNX trunk, batch 8, CUDA graphs", median_ms(lambda: graphed.features(eight), n)),
+        *([("ONNX trunk, batch 1, TF32 + CUDA graphs", median_ms(lambda: tf32.features(one), n)),
+           ("ONNX trunk, batch 8, TF32 + CUDA graphs", median_ms(lambda: tf32.features(eight), n))]
+          if tf32 else []),
         ("torch eager trunk, batch 1 (all trunk outputs, to host)",
          median_ms(lambda: backbone.torch_outputs(one, ("features",)), n)),
     ]
     if graphed.graphs is not None:
         worst = max(float(np.abs(graphed.features(b) - runtime.features(b)).max()) for b in (one, eight))
         print(f"CUDA graphs captured for batches {graphed.graphs.captured()}; max |diff| to the plain trunk {worst:.1e}")
-    rows += gpu_decode_rows(backbone, jpegs, n) if args.device.startswith("cuda") else []
+    if tf32 is not None:
+        a, b = runtime.features(eight), tf32.features(eight)
+        cosine = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+        print(f"TF32 trunk: parity with torch (1 - cosine) {tf32.parity_diff:.1e}; worst cosine to the fp32 "
+              f"trunk {cosine.min():.6f}; graphs {tf32.graphs.captured() if tf32.graphs else None}")
+    rows += gpu_decode_rows(backbone, jpegs, n) if on_cuda else []
     print(f"{args.backbone} on {args.device}; providers {runtime.session.get_providers()}")
     print("| part | median ms |\n|---|---:|")
     for name, ms in rows:

@@ -162,11 +162,12 @@ class Settings(BaseSettings):
         "is padded up to the next power of two), each checked against a plain run when captured; off: every "
         "batch launches the trunk's kernels one by one",
     )
-    precision: dict[str, Literal["fp32", "int8"]] = Field(
+    precision: dict[str, Literal["fp32", "tf32", "int8"]] = Field(
         default_factory=dict, description="trunk precision per backbone, e.g. [precision] minilm-l6 = \"int8\" "
         "(env: HEADSERVE_PRECISION='{\"minilm-l6\": \"int8\"}'); unnamed backbones run fp32. int8 is onnxruntime "
-        "dynamic quantisation, for CPUs. A head is served at the precision it was trained at: after a change, "
-        "its Predict is FAILED_PRECONDITION until the task is trained again",
+        "dynamic quantisation, for CPUs; tf32 is the CUDA provider's TF32 matrix products, for GPUs "
+        "(refused on a CPU; features at a cosine of 0.99997 to fp32). A head is served at the precision it "
+        "was trained at: after a change, its Predict is FAILED_PRECONDITION until the task is trained again",
     )
     trunk_cache_dir: pathlib.Path | None = Field(
         None, description="folder of exported trunk ONNX files and backbone facts, shared by every server and data "

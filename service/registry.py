@@ -37,13 +37,16 @@ class Entry:
     def training_trunk(self) -> TrunkRun:
         """What training jobs run the frozen trunk with. On the CPU that is the serving session: the
         features a head is trained on are then exactly those it is served, and onnxruntime runs the
-        trunk several times faster than torch (MobileNetV2, 2 cores: 5x). On a GPU, torch."""
+        trunk several times faster than torch (MobileNetV2, 2 cores: 5x). On a GPU, torch at IEEE fp32,
+        unless the trunk serves at another precision (tf32, int8): then its session, for the same reason."""
         assert self.backbone is not None and self.trunk is not None
-        return self.trunk.outputs if self.backbone.device == "cpu" else self.backbone.torch_outputs
+        if self.backbone.device == "cpu" or self.precision != "fp32":
+            return self.trunk.outputs
+        return self.backbone.torch_outputs
 
     @property
     def precision(self) -> str:
-        """The trunk's precision: "fp32" or "int8" (setting `precision`)."""
+        """The trunk's precision: "fp32", "tf32" or "int8" (setting `precision`)."""
         return self.trunk.precision if self.trunk is not None else "fp32"
 
     def trunk_key(self, tap: str) -> str:

@@ -14,7 +14,7 @@ import torch
 
 from adapters.backbones import LoadOptions, builtin_spec, custom_spec, load_backbone
 from adapters.preprocessing import ImageTransform
-from adapters.runtime import TrunkRuntime
+from adapters.runtime import TF32_ATOL, TrunkRuntime
 from conftest import TINY_TEXT, Client, image_examples, make_settings, png, text_examples, tiny_text_folder
 from service.gen import headserve_pb2 as pb
 from service.server import build_server
@@ -132,3 +132,17 @@ def test_cuda_graphs_serve_concurrent_batches_each_its_own_rows(tmp_path) -> Non
     with ThreadPoolExecutor(4) as pool:
         assert max(pool.map(work, range(8))) < 1e-4
     assert runtime.graphs.captured()
+
+
+def test_a_tf32_trunk_is_checked_by_direction_and_replays_its_graphs(tmp_path) -> None:
+    backbone = cuda_backbone("image")
+    fp32 = TrunkRuntime(backbone, tmp_path / "trunks", cuda_graphs=True)
+    tf32 = TrunkRuntime(backbone, tmp_path / "trunks", precision="tf32", cuda_graphs=True)
+    assert tf32.session.get_provider_options()["CUDAExecutionProvider"]["use_tf32"] == "1"
+    assert tf32.graphs.session.get_provider_options()["CUDAExecutionProvider"]["use_tf32"] == "1"
+    assert tf32.path != fp32.path and tf32.parity_diff <= TF32_ATOL
+    assert tf32.graphs.captured() == [1, 2, 4, 8, 16, 32]
+    batch = backbone.preprocess(inputs("image"))
+    a, b = fp32.features(batch), tf32.features(batch)
+    cosine = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    assert cosine.min() > 1 - TF32_ATOL

@@ -1,4 +1,5 @@
-"""int8 trunks (setting `precision`): parity with fp32, heads served at the precision they were trained at."""
+"""int8 and tf32 trunks (setting `precision`): parity with fp32, heads served at the precision they were
+trained at; tf32 is refused on a CPU (its parity and speed are checked on a GPU, tests/test_gpu.py)."""
 
 from __future__ import annotations
 
@@ -6,9 +7,11 @@ import json
 
 import grpc
 import numpy as np
+import onnxruntime as ort
 import pytest
 from pydantic import ValidationError
 
+from adapters.onnx_utils import providers_for
 from adapters.runtime import INT8_ATOL
 from service.config import Settings
 from service.gen import headserve_pb2 as pb
@@ -37,6 +40,21 @@ def test_precision_from_env_and_toml(tmp_path, monkeypatch):
 def test_precision_of_a_backbone_not_loaded_is_refused(tmp_path):
     with pytest.raises(ValueError, match="precision names backbone 'resnet18'"):
         BackboneRegistry.load(_settings(tmp_path, precision={"resnet18": "int8"}))
+
+
+def test_tf32_is_refused_on_a_cpu_and_asks_the_cuda_provider_for_tf32(tmp_path):
+    with pytest.raises(ValueError, match="precision tf32 is for CUDA devices.*minilm-l6 runs on cpu"):
+        BackboneRegistry.load(_settings(tmp_path, device="cpu", precision={"minilm-l6": "tf32"}))
+    assert Settings.load(precision={"minilm-l6": "tf32"}).precision == {"minilm-l6": "tf32"}
+
+    def cuda_options(**kw) -> dict:
+        return next(p[1] for p in providers_for("cuda", **kw)
+                    if isinstance(p, tuple) and p[0] == "CUDAExecutionProvider")
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():  # onnxruntime-gpu installed (CUDA or not)
+        assert cuda_options()["use_tf32"] == 0 and "enable_cuda_graph" not in cuda_options()
+        assert cuda_options(tf32=True)["use_tf32"] == 1
+        assert cuda_options(cuda_graph=True)["enable_cuda_graph"] == 1
 
 
 @pytest.mark.slow
