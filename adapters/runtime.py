@@ -195,9 +195,9 @@ class _Graph:
 class CudaGraphs:
     """A trunk on onnxruntime's CUDA provider, replayed as CUDA graphs: one per batch size of GRAPH_BATCHES.
 
-    At batch 1 a trunk such as ResNet-50 is bound by launching its kernels one by one from the CPU, not by
-    the GPU's arithmetic (2.7 ms at batch 1 against 4.9 ms at batch 8 on an H200; docs/benchmarks.md, GPU):
-    a captured graph is launched in one call. The provider's graphs need inputs and outputs at fixed device
+    A plain run launches the trunk's kernels one by one from the CPU; a captured graph is launched in one
+    call. Measured on an H200 (docs/benchmarks.md, GPU), ResNet-50 at batch 1: 2.73 -> 2.39-2.48 ms at IEEE
+    fp32, where the arithmetic dominates, and 1.04 ms at tf32 with graphs. The provider's graphs need inputs and outputs at fixed device
     addresses and shapes, so this serves trunks whose inputs have one shape but for the batch (images), and
     pads a batch with zero rows up to its graph's size (a trunk's rows are independent: batch normalisation
     runs in eval mode). Every graph is captured when the trunk loads, not on a caller's request, and checked
@@ -271,7 +271,7 @@ class CudaGraphs:
 
 class TrunkRuntime:
     """A backbone's trunk exported once to ONNX (cached in a folder shared by servers, see
-    TrunkCacheFile) and served by onnxruntime, at fp32 or int8."""
+    TrunkCacheFile) and served by onnxruntime, at fp32, tf32 (CUDA) or int8."""
 
     def __init__(
         self,
@@ -287,7 +287,8 @@ class TrunkRuntime:
     ) -> None:
         """threads: intra-op threads, 0 = every core; spinning: see create_session (off by default: in a
         server the RPC threads need the cores between operators); tensorrt: TensorRT before CUDA on a
-        GPU, engines cached under cache_dir/tensorrt; precision: "fp32", or "int8" (dynamic quantisation,
+        GPU, engines cached under cache_dir/tensorrt; precision: "fp32", "tf32" (the fp32 file with the CUDA
+        provider's TF32 products, CUDA only, checked with TF32_ATOL) or "int8" (dynamic quantisation,
         checked against torch with INT8_ATOL); cuda_graphs: on the CUDA provider, replay image trunks as
         CUDA graphs (CudaGraphs; not with TensorRT)."""
         if precision not in PRECISIONS:
@@ -374,7 +375,7 @@ class TrunkRuntime:
 
     def parity(self, batch: dict[str, np.ndarray]) -> float:
         """fp32: the largest |onnx - torch| over every trunk output, relative to that output's largest
-        |value|. int8: the largest 1 - cosine(onnx, torch) over each sample's row of every output."""
+        |value|. int8 and tf32: the largest 1 - cosine(onnx, torch) over each sample's row of every output."""
         ours = self.outputs(batch, TRUNK_OUTPUTS)
         ref = self.backbone.torch_outputs(batch)
         if self.precision in ("int8", "tf32"):
