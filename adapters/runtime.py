@@ -273,6 +273,8 @@ class TrunkRuntime:
     """A backbone's trunk exported once to ONNX (cached in a folder shared by servers, see
     TrunkCacheFile) and served by onnxruntime, at fp32, tf32 (CUDA) or int8."""
 
+    graphs: CudaGraphs | None = None  # set once the trunk has passed its parity check (image trunks on CUDA)
+
     def __init__(
         self,
         backbone: Backbone,
@@ -305,7 +307,6 @@ class TrunkRuntime:
         self.path = self.cache.path
         self.trt_cache = pathlib.Path(cache_dir) / "tensorrt" if tensorrt else None
         self.parity_diff: float | None = None
-        self.graphs: CudaGraphs | None = None  # set once the trunk has passed its parity check
         if self.cache.trusted():
             try:
                 self._open(self.path)
