@@ -143,17 +143,22 @@ def create_session(
     tensorrt_cache: pathlib.Path | None = None,
     cuda_graph: bool = False,
     tf32: bool = False,
+    optimize: bool = True,
 ) -> ort.InferenceSession:
-    """An onnxruntime session with every graph optimisation on.
+    """An onnxruntime session, with every graph optimisation on unless `optimize` is False.
 
     threads: intra-op threads; 0 = every core this process may use (onnxruntime's own default counts
     physical cores of the machine, which over- or under-counts in containers). 1 runs on the caller's
     thread. spinning: let idle intra-op threads busy-wait between operators (lowest latency when the
     model owns the machine; off, they yield the CPU to the rest of the server). memory_arena: off for
     small models (per-task heads), where the arena's pre-allocation is most of the session's memory.
+    optimize: off for small heads, whose few nodes have nothing to fuse but whose optimised copy of the
+    graph is held for the session's life (see adapters.runtime.HeadRuntime).
     """
     opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
     opts.intra_op_num_threads = threads if threads > 0 else available_cores()
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL

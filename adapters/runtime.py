@@ -390,9 +390,12 @@ class TrunkRuntime:
 
 
 # What a loaded head costs in memory, measured (RSS over 1,000 loaded heads, bench/serving.py): a fixed
-# ~112 KiB per onnxruntime session, plus about twice the model's bytes (the initializers, and the
-# pre-packed copy of the Gemm weights).
-HEAD_SESSION_BYTES = 112 << 10
+# ~50 KiB per onnxruntime session, plus about twice the model's bytes (the initializers, and the pre-packed
+# copy of the Gemm weights). Small heads' sessions skip graph optimisation, which held an optimised copy of
+# the graph: 99.6 -> 59.6 KiB for a linear head of 3 labels (5 KB of ONNX), 113 -> 73 KiB for a prototype
+# head of 10; loading 0.40 -> 0.28 ms; running one row 11-24 us either way (an MLP of 512 hidden units
+# 51 -> 56 us). Measured in-process on 1,000 sessions (300 for the MLP), 2 cores; docs/design.md.
+HEAD_SESSION_BYTES = 52 << 10
 HEAD_BYTES_FACTOR = 2.0
 # Heads up to this size run on the CPU even when the trunk is on a GPU: a dense layer or two over one
 # feature row costs less than a kernel launch, and thousands of small CUDA sessions would each hold
@@ -403,12 +406,14 @@ SMALL_HEAD_BYTES = 1 << 20
 class HeadRuntime:
     """One task's head version: an onnxruntime session from stored ONNX bytes, with its label order.
 
-    The session runs on the caller's thread (one intra-op thread) without a memory arena, so an idle
-    loaded head holds its weights and little else."""
+    The session runs on the caller's thread (one intra-op thread) without a memory arena and, for a small
+    head, without graph optimisation (nothing to fuse in a Gemm or two and a Softmax), so an idle loaded head
+    holds its weights and little else."""
 
     def __init__(self, onnx_bytes: bytes, labels: Sequence[str], version: int, backbone: str, device: str = "cpu") -> None:
-        device = "cpu" if len(onnx_bytes) <= SMALL_HEAD_BYTES else device
-        self.session = create_session(onnx_bytes, device, threads=1, memory_arena=False)
+        small = len(onnx_bytes) <= SMALL_HEAD_BYTES
+        self.session = create_session(onnx_bytes, "cpu" if small else device, threads=1, memory_arena=False,
+                                      optimize=not small)
         self.labels = list(labels)
         self.version = version
         self.backbone = backbone
