@@ -389,13 +389,15 @@ class TrunkRuntime:
         return onnx.load(str(self.path))
 
 
-# What a loaded head costs in memory, measured (RSS over 1,000 loaded heads, bench/serving.py): a fixed
-# ~50 KiB per onnxruntime session, plus about twice the model's bytes (the initializers, and the pre-packed
-# copy of the Gemm weights). Small heads' sessions skip graph optimisation, which held an optimised copy of
+# What a loaded head costs in memory, measured (RSS over 10,000 loaded heads in a server, bench/serving.py
+# scale mode: 68 KiB for a linear head of 3 labels, 5 KB of ONNX): a fixed ~58 KiB per onnxruntime session
+# and its place in the cache, plus about twice the model's bytes (the initializers, and the pre-packed copy
+# of the Gemm weights). Small heads' sessions skip graph optimisation, which held an optimised copy of
 # the graph: 99.6 -> 59.6 KiB for a linear head of 3 labels (5 KB of ONNX), 113 -> 73 KiB for a prototype
-# head of 10; loading 0.40 -> 0.28 ms; running one row 11-24 us either way (an MLP of 512 hidden units
-# 51 -> 56 us). Measured in-process on 1,000 sessions (300 for the MLP), 2 cores; docs/design.md.
-HEAD_SESSION_BYTES = 52 << 10
+# head of 10; loading 0.40 -> 0.28 ms; one row through a linear head 12.3 -> 12.6 us, a prototype head
+# 23.6 -> 13.9 us, an MLP of 512 hidden units 51 -> 56 us. Measured in-process on 1,000 sessions (300 for
+# the MLP), 2 cores; docs/design.md.
+HEAD_SESSION_BYTES = 58 << 10
 HEAD_BYTES_FACTOR = 2.0
 # Heads up to this size run on the CPU even when the trunk is on a GPU: a dense layer or two over one
 # feature row costs less than a kernel launch, and thousands of small CUDA sessions would each hold
