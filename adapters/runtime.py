@@ -164,13 +164,12 @@ class _Graph:
     """One captured graph: device buffers at fixed addresses for every input and trunk output, bound once."""
 
     def __init__(self, session: ort.InferenceSession, graph_id: int, inputs: dict[str, np.ndarray],
-                 outputs: dict[str, tuple[tuple[int, ...], np.dtype]], device_id: int) -> None:
+                 outputs: dict[str, tuple[tuple[int, ...], np.dtype]], device: tuple[str, int]) -> None:
         self.session = session
         self.rows = 0  # rows of the last batch copied in (padding past them is zero)
         self.host = {k: np.zeros_like(v) for k, v in inputs.items()}
-        self.device_in = {k: ort.OrtValue.ortvalue_from_numpy(v, "cuda", device_id)
-                          for k, v in self.host.items()}
-        self.device_out = {n: ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, "cuda", device_id)
+        self.device_in = {k: ort.OrtValue.ortvalue_from_numpy(v, *device) for k, v in self.host.items()}
+        self.device_out = {n: ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, *device)
                            for n, (shape, dtype) in outputs.items()}
         self.binding = session.io_binding()
         for k, v in self.device_in.items():
@@ -204,14 +203,18 @@ class CudaGraphs:
     against the plain session on random inputs, twice, so that a replay that ignored new inputs is caught too.
     At the first size whose capture fails or disagrees, capturing stops with a warning: that size and larger
     ones run on the plain session. One batch replays at a time: a batch that finds the graphs busy (the fair
-    lane beside the main one) runs on the plain session."""
+    lane beside the main one) runs on the plain session.
+
+    With device "cpu" the same buffers, bindings, padding and checks run on the CPU provider, without
+    capture: that is how the suite checks them on machines without a GPU (tests/test_batching.py)."""
 
     def __init__(self, path: pathlib.Path, device: str, plain: ort.InferenceSession,
                  sample: dict[str, np.ndarray], atol: float, threads: int = 0, *, tf32: bool = False) -> None:
-        self.session = create_session(path, device, threads, spinning=False, cuda_graph=True, tf32=tf32)
-        if self.session.get_providers()[0] != "CUDAExecutionProvider":
+        on_cuda = device.startswith("cuda")
+        self.session = create_session(path, device, threads, spinning=False, cuda_graph=on_cuda, tf32=tf32)
+        if on_cuda and self.session.get_providers()[0] != "CUDAExecutionProvider":
             raise RuntimeError(f"the graph session is not on the CUDA provider ({self.session.get_providers()})")
-        self.device_id = int(device.partition(":")[2] or 0)
+        self.device = ("cuda" if on_cuda else "cpu", int(device.partition(":")[2] or 0))
         self.plain = plain
         self.atol = atol
         self.names = [o.name for o in self.session.get_outputs()]
@@ -248,7 +251,7 @@ class CudaGraphs:
                        for k, v in self.sample.items()} for _ in range(2)]
             expected = [self.plain.run(self.names, feeds) for feeds in trials]
             outputs = {n: (e.shape, e.dtype) for n, e in zip(self.names, expected[0])}
-            graph = _Graph(self.session, size, trials[0], outputs, self.device_id)
+            graph = _Graph(self.session, size, trials[0], outputs, self.device)
             for _ in range(3):  # the provider runs a graph's first runs plain, then captures
                 graph.run(trials[0], self.names)
             diff = 0.0

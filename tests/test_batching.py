@@ -811,6 +811,43 @@ def test_io_binding_path_gives_the_outputs_of_run():
     np.testing.assert_array_equal(plain, bound)
 
 
+def test_graph_replay_buffers_pad_and_clear_rows_and_fall_back_when_busy_or_too_large():
+    """CudaGraphs' buffers, bindings, padding and checks, on the CPU provider (no capture there): each batch
+    size runs in the bucket above it, a smaller batch after a larger one sees none of its rows, a batch past
+    the largest bucket or one that finds the graphs busy runs plain (None), and a plain session that
+    disagrees with the graph session stops the capture."""
+    from adapters.heads import DenseHead
+    from adapters.onnx_utils import create_session
+    from adapters.runtime import GRAPH_BATCHES, CudaGraphs
+
+    rng = np.random.default_rng(0)
+
+    def model(seed: int) -> bytes:
+        r = np.random.default_rng(seed)
+        return DenseHead("mlp", [(r.normal(size=(6, 8)).astype(np.float32), np.zeros(6, np.float32)),
+                                 (r.normal(size=(3, 6)).astype(np.float32), np.zeros(3, np.float32))]).to_onnx()
+
+    plain = create_session(model(1), threads=1)
+    sample = {"features": np.zeros((2, 8), np.float32)}
+    graphs = CudaGraphs(model(1), "cpu", plain, sample, atol=1e-5, threads=1)
+    assert graphs.captured() == list(GRAPH_BATCHES)
+    x = rng.normal(size=(40, 8)).astype(np.float32)
+    for rows in (1, 3, 1, 8, 2, 9, 33, 3, 32):
+        got = graphs.run(["probabilities"], {"features": x[:rows]})
+        if rows > GRAPH_BATCHES[-1]:
+            assert got is None
+            continue
+        want = plain.run(["probabilities"], {"features": x[:rows]})[0]
+        assert got[0].shape == want.shape
+        np.testing.assert_allclose(got[0], want, rtol=1e-5, atol=1e-6)
+        bucket = graphs._graphs[next(b for b in GRAPH_BATCHES if b >= rows)]
+        assert not bucket.host["features"][rows:].any()  # padding is zero, whatever ran before
+    with graphs._lock:  # another batch is replaying: this one runs plain
+        assert graphs.run(["probabilities"], {"features": x[:2]}) is None
+    with pytest.raises(RuntimeError, match="no batch size could be captured"):
+        CudaGraphs(model(2), "cpu", plain, sample, atol=1e-5, threads=1)
+
+
 def test_gpu_providers_put_tensorrt_then_cuda_first_and_keep_the_cpu(tmp_path, monkeypatch):
     import onnxruntime as ort
 
