@@ -824,8 +824,9 @@ def test_graph_replay_buffers_pad_and_clear_rows_and_fall_back_when_busy_or_too_
 
     def model(seed: int) -> bytes:
         r = np.random.default_rng(seed)
-        return DenseHead("mlp", [(r.normal(size=(6, 8)).astype(np.float32), np.zeros(6, np.float32)),
-                                 (r.normal(size=(3, 6)).astype(np.float32), np.zeros(3, np.float32))]).to_onnx()
+        layers = [(r.normal(size=(6, 8)).astype(np.float32), np.zeros(6, np.float32)),
+                  (r.normal(size=(3, 6)).astype(np.float32), np.zeros(3, np.float32))]
+        return DenseHead("mlp", layers).to_onnx()
 
     plain = create_session(model(1), threads=1)
     sample = {"features": np.zeros((2, 8), np.float32)}
