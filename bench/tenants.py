@@ -531,6 +531,7 @@ class Frontend:
         from concurrent import futures
 
         from service import pipeline
+        from service.server import stream_slots
         from service.servicer import add_to_server
         from service.tenants import Authenticator, RateLimiter
 
@@ -539,7 +540,7 @@ class Frontend:
                   ("grpc.max_send_message_length", settings.max_message_bytes)]
         authenticator = Authenticator(running.app.store, settings.auth_cache_seconds)
         observe = getattr(getattr(running, "metrics", None), "rpc", None)  # as build_server, when metrics are on
-        chain = pipeline.interceptors(authenticator, RateLimiter(), auth_enabled, *([observe] if observe else []))
+        chain = pipeline.interceptors(authenticator, RateLimiter(), auth_enabled, stream_slots(settings), observe)
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=settings.grpc_workers), options=limits, interceptors=chain)
         add_to_server(running.app, running.admin, self.server)
