@@ -8,11 +8,13 @@ import time
 
 import numpy as np
 import pytest
-from conftest import HELD_OUT, TOPICS, text_examples, unique_id
+from conftest import HELD_OUT, TOPICS, Client, make_settings, text_examples, unique_id
 
 from adapters.errors import NotFound
 from service.gen import headserve_pb2 as pb
 from service.predictor import HeadCache
+from service.server import build_server
+from service.store import DEFAULT_TENANT, task_key
 
 TEXTS = [t for texts in HELD_OUT.values() for t in texts]
 
@@ -164,35 +166,36 @@ def same_scores(a, b, atol=2e-6):
     )
 
 
-def test_eviction_and_reload_keep_serving(server, client, tenant, text_task):
-    stub = client.stub
-    others = [unique_id("evict") for _ in range(2)]
-    for task_id in others:
-        stub.CreateTask(
-            pb.CreateTaskRequest(
-                task_id=task_id,
-                backbone="minilm-l6",
-                examples=text_examples(),
-                config=pb.TrainingConfig(strategy=pb.PROTOTYPE),
-            )
-        )
-    for task_id in others:
-        assert client.wait_ready(task_id).state == pb.Job.SUCCEEDED
-    tasks = [text_task, *others]
-    req = {t: pb.PredictRequest(task_id=t, inputs=[pb.Input(text=x) for x in TEXTS[:4]]) for t in tasks}
-    reference = {t: all_scores(stub.Predict(req[t])) for t in tasks}
-
-    heads = server.app.predictor.heads
-    budget, before = heads.budget_bytes, (heads.stats.loads, heads.stats.evictions)
-    heads.set_budget(1)  # room for one head: every switch of task evicts and reloads
+def test_eviction_and_reload_keep_serving(tmp_path):
+    # A server of its own: on the session's shared server, another test's job finishing in the background
+    # installs its head, which with room for one head evicts the task this test just used.
+    running = build_server(make_settings(tmp_path / "data"))
+    client = Client(running.address)
     try:
-        for _ in range(3):
-            for t in tasks:
-                same_scores(all_scores(stub.Predict(req[t])), reference[t])
-                assert len(heads) == 1 and tenant.key(t) in heads
+        stub = client.stub
+        tasks = [unique_id("evict") for _ in range(3)]
+        for task_id in tasks:
+            stub.CreateTask(pb.CreateTaskRequest(task_id=task_id, backbone="minilm-l6", examples=text_examples(),
+                                                 config=pb.TrainingConfig(strategy=pb.PROTOTYPE)))
+        for task_id in tasks:
+            assert client.wait_ready(task_id).state == pb.Job.SUCCEEDED
+        req = {t: pb.PredictRequest(task_id=t, inputs=[pb.Input(text=x) for x in TEXTS[:4]]) for t in tasks}
+        reference = {t: all_scores(stub.Predict(req[t])) for t in tasks}
+
+        heads = running.app.predictor.heads
+        budget, before = heads.budget_bytes, (heads.stats.loads, heads.stats.evictions)
+        heads.set_budget(1)  # room for one head: every switch of task evicts and reloads
+        try:
+            for _ in range(3):
+                for t in tasks:
+                    same_scores(all_scores(stub.Predict(req[t])), reference[t])
+                    assert len(heads) == 1 and task_key(DEFAULT_TENANT, t) in heads
+        finally:
+            heads.set_budget(budget)
+        assert heads.stats.loads - before[0] >= 8 and heads.stats.evictions - before[1] >= 8
     finally:
-        heads.set_budget(budget)
-    assert heads.stats.loads - before[0] >= 8 and heads.stats.evictions - before[1] >= 8
+        client.close()
+        running.stop()
 
 
 def test_version_swap_under_load_never_mixes_versions_inside_a_response(client, text_task):
