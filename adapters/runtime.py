@@ -348,10 +348,7 @@ class TrunkRuntime:
         self.input_names = self.backbone.preprocess.input_names
 
     def features(self, batch: dict[str, np.ndarray]) -> np.ndarray:
-        feeds = {k: batch[k] for k in self.input_names}
-        if self.graphs is not None:
-            return self._run([FEATURES], feeds)[0]
-        return self.session.run([FEATURES], feeds)[0]
+        return self._run([FEATURES], {k: batch[k] for k in self.input_names})[0]
 
     def outputs(self, batch: dict[str, np.ndarray], names: Sequence[str]) -> dict[str, np.ndarray]:
         """The named trunk outputs; trunk inputs (e.g. attention_mask) named too are passed through."""

@@ -24,6 +24,7 @@ import torchvision
 from safetensors.torch import load_file
 
 from adapters.preprocessing import ImagePreprocessor, ImageTransform
+from gpu_profile import gpu_preprocess  # bench/ is on sys.path: scripts run as bench/NAME.py
 
 MODES = ("fp32", "tf32", "bf16", "fp16")
 
@@ -124,21 +125,9 @@ def main() -> None:
         changed = int((top != ref_top).sum())
         print(f"| {mode} | {float(cos.min()):.5f} | {float(cos.mean()):.5f} | {rel:.1e} | {changed} of {len(top)} |")
 
-    from torchvision.io import ImageReadMode, decode_jpeg
-    from torchvision.transforms.v2 import functional as F
-
     set_mode("fp32")
-    mean = torch.tensor(transform.mean, device="cuda").view(3, 1, 1)
-    std = torch.tensor(transform.std, device="cuda").view(3, 1, 1)
+    on_gpu = gpu_preprocess(transform)
     datas = [torch.frombuffer(bytearray(j), dtype=torch.uint8) for j in jpegs]
-
-    def on_gpu(items):
-        images = decode_jpeg(items, device="cuda", mode=ImageReadMode.RGB)
-        out = torch.stack([F.center_crop(F.resize(i.float(), [transform.resize], antialias=True),
-                                         [transform.image_size] * 2) for i in images])
-        out = (out / 255.0 - mean) / std
-        torch.cuda.synchronize()
-        return out
 
     try:
         gpu = on_gpu(datas).cpu().numpy()

@@ -90,38 +90,47 @@ def main() -> None:
         print(f"| {name} | {ms:.2f} |")
 
 
+def gpu_preprocess(transform):
+    """items (JPEG bytes as uint8 CPU tensors) -> the evaluation transform's NCHW batch on the GPU, decoded by
+    nvJPEG (torchvision) and resized by torch, synchronised: a study of what decoding on the GPU would cost."""
+    import torch
+    from torchvision.io import ImageReadMode, decode_jpeg
+    from torchvision.transforms.v2 import functional as F
+
+    mean = torch.tensor(transform.mean, device="cuda").view(3, 1, 1)
+    std = torch.tensor(transform.std, device="cuda").view(3, 1, 1)
+
+    def on_gpu(items):
+        images = decode_jpeg(items, device="cuda", mode=ImageReadMode.RGB)
+        out = torch.stack([F.center_crop(F.resize(x.float(), [transform.resize], antialias=True),
+                                         [transform.image_size] * 2) for x in images])
+        out = (out / 255.0 - mean) / std
+        torch.cuda.synchronize()
+        return out
+
+    return on_gpu
+
+
 def gpu_decode_rows(backbone, jpegs: list[bytes], rounds: int) -> list[tuple[str, float]]:
     """JPEG decoding (nvJPEG) and the evaluation transform on the GPU, timed to a synchronised device
     tensor; and how far its pixels are from the CPU path's (PIL decode and resize), in grey levels."""
     try:
         import torch
-        from torchvision.io import decode_jpeg
-        from torchvision.transforms.v2 import functional as F
 
         t = backbone.preprocess.transform
-        mean = torch.tensor(t.mean, device="cuda").view(3, 1, 1)
-        std = torch.tensor(t.std, device="cuda").view(3, 1, 1)
+        on_gpu = gpu_preprocess(t)
         datas = [torch.frombuffer(bytearray(j), dtype=torch.uint8) for j in jpegs]
-
-        def on_gpu(items):
-            images = decode_jpeg(items, device="cuda")
-            out = torch.stack([F.center_crop(F.resize(x.float(), [t.resize], antialias=True), [t.image_size] * 2)
-                               for x in images])
-            out = (out / 255.0 - mean) / std
-            torch.cuda.synchronize()
-            return out
-
         cpu = backbone.preprocess(jpegs)["pixel_values"]
         gpu = on_gpu(datas).cpu().numpy()
         levels = np.abs(gpu - cpu) * np.asarray(t.std, np.float32).reshape(1, 3, 1, 1) * 255.0
         print(f"GPU decode + preprocess against the CPU path: max {levels.max():.1f} grey levels, "
               f"mean {levels.mean():.3f}")
-        return [("decode + preprocess on the GPU (nvJPEG, torch resize), 1 JPEG", median_ms(lambda: on_gpu(datas[:1]), rounds)),
+        return [("decode + preprocess on the GPU (nvJPEG, torch resize), 1 JPEG",
+                 median_ms(lambda: on_gpu(datas[:1]), rounds)),
                 ("decode + preprocess on the GPU, 8 JPEGs", median_ms(lambda: on_gpu(datas), rounds))]
     except Exception as exc:  # noqa: BLE001 - a study: report and go on
         print(f"GPU decoding not measured: {type(exc).__name__}: {exc}")
         return []
-
 
 if __name__ == "__main__":
     main()
