@@ -3,12 +3,15 @@
 The pipeline (service/pipeline.py) applies it to every call: domain errors get their status and their
 message (cut to `MAX_MESSAGE` characters and `MAX_MESSAGE_WIRE_BYTES` bytes as sent); anything unexpected
 gets INTERNAL with a generic message and the request id (the traceback goes to the log, never to the caller).
+A store that cannot be reached (PostgreSQL restarting or failing over, a connection dropped, the pool
+exhausted) is UNAVAILABLE, which clients retry, whatever call met it.
 """
 
 from __future__ import annotations
 
 import contextvars
 import logging
+import time
 
 import grpc
 
@@ -25,6 +28,7 @@ from adapters.errors import (
     Unauthenticated,
     Unavailable,
 )
+from service.store import store_outage
 
 log = logging.getLogger("headserve.errors")
 
@@ -60,6 +64,12 @@ class RequestIdFilter(logging.Filter):
         for name, var in LOG_CONTEXT:
             setattr(record, name, var.get())
         return True
+
+
+STORE_UNAVAILABLE = ("the server's store is not answering right now ({kind}); retry with backoff. A write that "
+                     "failed this way may or may not have been applied: read it back (GetTask) before "
+                     "repeating it; request id {request_id}")
+_outage_logged = [0.0]
 
 
 def status_of(exc: HeadserveError) -> grpc.StatusCode:
@@ -99,5 +109,13 @@ def abort(context: grpc.ServicerContext, exc: BaseException) -> None:
         context.abort(grpc.StatusCode.CANCELLED, "the call ended before its request stream did")
     if isinstance(exc, NotImplementedError):  # generated servicer bases raise it for methods nobody wrote
         context.abort(grpc.StatusCode.UNIMPLEMENTED, "this method is not implemented by this server")
+    if store_outage(exc):
+        now = time.monotonic()
+        if now - _outage_logged[0] > 10:  # one line per outage, not one per refused call
+            _outage_logged[0] = now
+            log.warning("the store is not answering (%s); calls that need it fail with UNAVAILABLE",
+                        getattr(exc, "orig", None) or exc)
+        context.abort(grpc.StatusCode.UNAVAILABLE,
+                      STORE_UNAVAILABLE.format(kind=type(exc).__name__, request_id=request_id.get()))
     log.error("unexpected error", exc_info=exc)
     context.abort(grpc.StatusCode.INTERNAL, f"internal error; quote request id {request_id.get()} to the operator")

@@ -31,7 +31,7 @@ from adapters.runtime import HeadRuntime
 from service import errors
 from service.registry import BackboneRegistry
 from service.storage import WorkerStore
-from service.store import HeadRecord, JobRecord, LeaseLost, Quotas, StorageFull, tenant_of
+from service.store import HeadRecord, JobRecord, LeaseLost, Quotas, StorageFull, store_outage, tenant_of
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +117,7 @@ class Worker:
         self._persisted = 0.0
         self._lost = threading.Event()
         self._phases: dict = {}
+        self._progress_unstored = False
         self._started = 0.0
         self.stop = threading.Event()
 
@@ -138,7 +139,11 @@ class Worker:
             if job is None:
                 wait(self.poll_seconds)
                 continue
-            contextvars.copy_context().run(self._run_in_context, job)
+            try:
+                contextvars.copy_context().run(self._run_in_context, job)
+            except Exception:  # never the end of the worker: the job's lease runs out and it is run again
+                log.exception("job %s: its run ended unexpectedly; it is run again once its lease runs out",
+                              job.job_id)
 
     def _run_in_context(self, job: JobRecord) -> None:
         errors.job.set(job.job_id)
@@ -160,7 +165,17 @@ class Worker:
         now = time.monotonic()
         if persist or now - self._persisted >= PERSIST_EVERY:
             self._persisted = now
-            self.store.update_job(job.job_id, job.state, job.status, owner=self.name)
+            try:
+                self.store.update_job(job.job_id, job.state, job.status, owner=self.name)
+            except Exception as exc:
+                if not store_outage(exc):
+                    raise
+                # Progress is for watchers: training goes on, and the result waits for the store.
+                if not self._progress_unstored:
+                    self._progress_unstored = True
+                    log.warning("job %s: progress not stored while the store is not answering (%s); training "
+                                "goes on", job.job_id, type(exc).__name__)
+                return
             if self.on_progress is not None:
                 self.on_progress()
 
@@ -177,7 +192,14 @@ class Worker:
         self._check_held(job)
         runtime = HeadRuntime(head.onnx, head.labels, 0, backbone, str(self.registry.device))
         status = {**job.status, "message": "the feature head is live; fine-tuning"}
-        version = self.store.publish_interim(job.job_id, head, self.name, status)
+        try:
+            version = self.store.publish_interim(job.job_id, head, self.name, status)
+        except Exception as exc:
+            if not store_outage(exc):
+                raise
+            log.warning("job %s: no interim head, the store is not answering (%s); fine-tuning goes on",
+                        job.job_id, type(exc).__name__)
+            return
         job.version = runtime.version = version
         job.status = {**status, "interim_version": version}
         if self.on_success is not None:
@@ -204,6 +226,7 @@ class Worker:
     def run_job(self, job: JobRecord) -> None:
         start = self._started = time.perf_counter()
         self.current, self._lost, self._phases, self._persisted = job, threading.Event(), {}, 0.0
+        self._progress_unstored = False  # warned that progress is not being stored (the store is down)
         done = threading.Event()
         beat = threading.Thread(target=self._heartbeat, args=(job, done), daemon=True, name=f"lease-{job.job_id}")
         beat.start()
@@ -226,7 +249,8 @@ class Worker:
             status = {**job.status, "phase": "done", "progress": 1.0, "message": "ready",
                       "seconds": time.perf_counter() - start, "evaluation": head.evaluation}
             runtime = HeadRuntime(head.onnx, head.labels, 0, backbone, str(self.registry.device))
-            version = self.store.finish_job(job.job_id, status, head=head, owner=self.name)
+            version = self._stored(job, "its head", self.store.finish_job, job.job_id, status, head=head,
+                                   owner=self.name)
             job.state, job.version, job.status = "SUCCEEDED", version, status
             runtime.version = version
             if self.on_success is not None:
@@ -244,6 +268,12 @@ class Worker:
             job.state = "LOST"
             log.info("job %s ended: its task was deleted while it trained", job.job_id)
         except Exception as exc:
+            if store_outage(exc):  # not the job's fault: it runs again (here or elsewhere) once the store is back
+                released = self._quietly(self.store.release_job, job.job_id, self.name)
+                job.state = "QUEUED"
+                log.warning("job %s: the store stopped answering while it trained (%s); %s", job.job_id,
+                            type(exc).__name__, "it is back in the queue" if released else "it is left to its lease")
+                return
             if isinstance(exc, HeadserveError):
                 error = exc.message
             else:
@@ -261,9 +291,27 @@ class Worker:
             log.warning("%s failed: %s", getattr(call, "__name__", "call"), type(exc).__name__)
             return False
 
+    def _stored(self, job: JobRecord, what: str, call, *args, **kwargs):
+        """`call(*args, **kwargs)`, a write of the job's result, tried again while the store does not answer
+        (PostgreSQL restarting, a connection dropped), with backoff up to 10 s. Raises Stopping when the
+        worker stops first (the job then stays RUNNING under a lease nobody renews, and is run again), and
+        LeaseLost once the store is back if another worker took the job meanwhile."""
+        delay = 0.5
+        while True:
+            try:
+                return call(*args, **kwargs)
+            except Exception as exc:
+                if not store_outage(exc):
+                    raise
+                log.warning("job %s: %s cannot be stored yet, the store is not answering (%s); retrying",
+                            job.job_id, what, type(exc).__name__)
+            if self.stop.wait(delay):
+                raise Stopping()
+            delay = min(2 * delay, 10.0)
+
     def _record_failure(self, job: JobRecord, first_delay: float = 0.5, max_delay: float = 10.0) -> None:
-        """Stores the job's failure, retrying while the store is full. If the worker stops first, the job
-        stays RUNNING under a lease nobody renews, and another worker runs it again."""
+        """Stores the job's failure, retrying while the store is full or not answering. If the worker stops
+        first, the job stays RUNNING under a lease nobody renews, and another worker runs it again."""
         delay = first_delay
         while True:
             try:
@@ -273,6 +321,11 @@ class Worker:
                 return  # the task was deleted, or another worker holds the job now
             except StorageFull:
                 log.error("job %s failed (%s); its failure cannot be stored yet, retrying", job.job_id, job.error)
+            except Exception as exc:
+                if not store_outage(exc):
+                    raise
+                log.warning("job %s failed (%s); its failure cannot be stored yet, the store is not answering "
+                            "(%s); retrying", job.job_id, job.error, type(exc).__name__)
             if self.stop.wait(delay):
                 return
             delay = min(2 * delay, max_delay)

@@ -248,7 +248,7 @@ class Authentication(Stage):
                 if method not in METHOD_SCOPES:
                     raise PermissionDenied(f"{short} is not open to API keys")
                 caller.require(scope, short)
-            except HeadserveError as exc:
+            except Exception as exc:  # domain errors, and a store that cannot be read (UNAVAILABLE)
                 abort(call, exc)
             return request, call
 
@@ -340,7 +340,7 @@ class RateLimit(Stage):
         def before(request, call: CallContext):
             try:
                 self.limiter.charge(call.caller, len(getattr(request, "inputs", ())))
-            except HeadserveError as exc:
+            except Exception as exc:
                 abort(call, exc)
             return request, call
 

@@ -344,6 +344,19 @@ class StorageFull(ResourceExhausted):
     """The database could not grow (disk full, or SQLite's max_page_count): the transaction was rolled back."""
 
 
+# Database errors that say the store is not answering now, not that a request is wrong: the driver's
+# OperationalError (connection refused or dropped, the server shutting down or failing over, lock and
+# statement timeouts), InterfaceError (a connection already closed) and the pool's TimeoutError (every
+# connection in use). Callers get UNAVAILABLE (service/errors.py); training waits for the store to be back
+# (service/jobs.py).
+STORE_OUTAGES = (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.TimeoutError)
+
+
+def store_outage(exc: BaseException) -> bool:
+    """Whether `exc` says the store is unreachable or saturated for now (retrying later may succeed)."""
+    return isinstance(exc, STORE_OUTAGES) or (isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated)
+
+
 class CorruptHead(FailedPrecondition):
     """A stored head's bytes no longer match the size and SHA-256 written with them."""
 

@@ -23,7 +23,7 @@ from service.gen import headserve_pb2 as pb
 from service.gen import headserve_pb2_grpc as pb_grpc
 from service.server import build_server
 
-from postgres import pg_url, postgres, store_url  # noqa: F401  (fixtures: a throwaway PostgreSQL cluster)
+from postgres import own_postgres, pg_url, postgres, store_url  # noqa: F401  (fixtures: a throwaway PostgreSQL cluster)
 
 # The suite's text backbone where accuracy does not matter: a 6-layer, 32-wide BERT on seeded random weights
 # with MiniLM's tokenizer, written by this module to a folder and declared like any local text encoder

@@ -65,6 +65,10 @@ class Cluster:
                 os.chown(path, entry.pw_uid, entry.pw_gid)
         self._run("initdb", "-D", str(self.data), "-U", self.superuser, "-A", "trust", "-E", "UTF8",
                   "--no-sync", "--locale=C")
+        self.resume()
+
+    def resume(self) -> None:
+        """Starts the cluster's server again (after `stop()`), on the same socket and data."""
         options = (f"-c listen_addresses='' -k {self.socket_dir} -c fsync=off -c max_connections=200 "
                    "-c shared_buffers=64MB")
         result = self._run("pg_ctl", "-D", str(self.data), "-l", str(self.root / "server.log"), "-o", options,
@@ -113,9 +117,7 @@ def running_cluster():
         shutil.rmtree(root, ignore_errors=True)
 
 
-@pytest.fixture(scope="session")
-def postgres():
-    """The session's PostgreSQL cluster (skipped where PostgreSQL is missing, except with CI=true)."""
+def _cluster_or_skip():
     try:
         with running_cluster() as cluster:
             yield cluster
@@ -123,6 +125,18 @@ def postgres():
         if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
             pytest.fail(f"CI=true and PostgreSQL is missing: {exc}")
         pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """The session's PostgreSQL cluster (skipped where PostgreSQL is missing, except with CI=true)."""
+    yield from _cluster_or_skip()
+
+
+@pytest.fixture(scope="module")
+def own_postgres():
+    """A cluster for one module's tests alone, which may stop and resume it."""
+    yield from _cluster_or_skip()
 
 
 @pytest.fixture

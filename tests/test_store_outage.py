@@ -1,0 +1,136 @@
+"""PostgreSQL stopped and started again under a running server (a restart, a failover): calls that need the
+store fail with UNAVAILABLE, which clients retry, and a clear message; heads already loaded keep answering;
+nothing refused is stored; and once the database is back the server recovers by itself (pooled connections,
+the LISTEN connection of the change feed, the job queue, health), with no restart.
+
+Real PostgreSQL 15 (a cluster of this module's own, since it is stopped), a real server and real channels.
+"""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+import pytest
+import sqlalchemy as sa
+from conftest import TINY_TEXT, TOPICS, Client, make_settings, make_tenant, text_examples
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from service import migrate
+from service.gen import headserve_pb2 as pb
+from service.server import build_server
+
+pytestmark = pytest.mark.slow
+
+SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+@pytest.fixture(scope="module")
+def outage(own_postgres, tmp_path_factory):
+    url = own_postgres.create_database()
+    engine = sa.create_engine(url)
+    migrate.upgrade(engine, quiet=True)
+    engine.dispose()
+    running = build_server(make_settings(tmp_path_factory.mktemp("outage"), builtin_backbones=[], store_url=url,
+                                         auth="api_key", health_interval_seconds=0.2, sync_interval_seconds=0.5,
+                                         job_lease_seconds=3))
+    tenant = make_tenant(running)
+    client = Client(running.address, tenant.api_key)
+    yield own_postgres, running, tenant, client
+    client.close()
+    running.stop()
+
+
+def health(client: Client) -> int:
+    return health_pb2_grpc.HealthStub(client.channel).Check(health_pb2.HealthCheckRequest(), timeout=10).status
+
+
+def eventually(check, timeout: float = 30.0, what: str = ""):
+    end = time.monotonic() + timeout
+    while True:
+        try:
+            result = check()
+            if result:
+                return result
+        except grpc.RpcError:
+            pass
+        assert time.monotonic() < end, f"not within {timeout:.0f} s: {what}"
+        time.sleep(0.1)
+
+
+def predict(client: Client, task_id: str) -> pb.PredictResponse:
+    return client.stub.Predict(pb.PredictRequest(task_id=task_id, inputs=[pb.Input(text="Simmer the soup.")]),
+                               timeout=10)
+
+
+def test_a_database_restart_is_unavailable_while_it_lasts_and_recovered_from_without_a_restart(outage):
+    cluster, running, tenant, client = outage
+    client.stub.CreateTask(pb.CreateTaskRequest(task_id="kept", backbone=TINY_TEXT, examples=text_examples(TOPICS)))
+    assert client.wait_ready("kept").state == pb.Job.SUCCEEDED
+    before = predict(client, "kept").predictions[0]
+    eventually(lambda: running.feed.listening, what="the change feed listening")
+    # A key made now is not in the server's key cache: its first call must read the store.
+    newcomer = Client(running.address, make_tenant(running).api_key)
+
+    cluster.stop()
+    try:
+        refused = {}
+        for name, call in {
+            "GetTask": lambda: client.stub.GetTask(pb.GetTaskRequest(task_id="kept"), timeout=10),
+            "CreateTask": lambda: client.stub.CreateTask(pb.CreateTaskRequest(
+                task_id="during", backbone=TINY_TEXT, examples=text_examples(TOPICS)), timeout=10),
+            "ListTasks (a key not yet cached)": lambda: newcomer.stub.ListTasks(pb.ListTasksRequest(), timeout=10),
+        }.items():
+            with pytest.raises(grpc.RpcError) as failed:
+                call()
+            refused[name] = failed.value
+        for name, error in refused.items():
+            assert error.code() == grpc.StatusCode.UNAVAILABLE, (name, error.code(), error.details())
+            assert "store is not answering" in error.details() and "retry" in error.details(), name
+            assert str(cluster.socket_dir) not in error.details(), name  # no server internals to callers
+        # A loaded head needs no store: predictions go on, the same.
+        assert predict(client, "kept").predictions[0] == before
+        eventually(lambda: health(client) == NOT_SERVING, what="health NOT_SERVING")
+        assert not running.feed.listening
+    finally:
+        cluster.resume()
+
+    eventually(lambda: health(client) == SERVING, what="health SERVING again")
+    eventually(lambda: running.feed.listening, what="the change feed listening again")
+    # What was refused was not stored; the same create now succeeds, and its job runs on the resumed queue.
+    with pytest.raises(grpc.RpcError) as missing:
+        client.stub.GetTask(pb.GetTaskRequest(task_id="during"), timeout=10)
+    assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+    client.stub.CreateTask(pb.CreateTaskRequest(task_id="during", backbone=TINY_TEXT, examples=text_examples(TOPICS)),
+                           timeout=10)
+    assert client.wait_ready("during", timeout=60).state == pb.Job.SUCCEEDED
+    assert predict(client, "during").predictions[0].label in TOPICS
+    assert newcomer.stub.ListTasks(pb.ListTasksRequest(), timeout=10) is not None
+    assert predict(client, "kept").predictions[0] == before
+    newcomer.close()
+
+
+def test_a_job_training_when_the_database_goes_away_finishes_once_it_is_back(outage):
+    """The worker keeps training without the store (progress is not stored meanwhile), waits for it to
+    store the head, and goes on claiming jobs: the worker thread does not die of the outage."""
+    cluster, running, tenant, client = outage
+    client.stub.CreateTask(pb.CreateTaskRequest(
+        task_id="tuned", backbone=TINY_TEXT, examples=text_examples(TOPICS),
+        config=pb.TrainingConfig(strategy=pb.FINE_TUNE, epochs=30)))
+    for job in client.stub.WatchJob(pb.WatchJobRequest(task_id="tuned"), timeout=60):
+        if job.state == pb.Job.RUNNING:
+            break
+    cluster.stop()
+    try:
+        time.sleep(2.0)  # past a progress update and a lease renewal (3 s leases: the default is 30)
+        assert all("training worker" not in p for p in running.monitor.problems)
+    finally:
+        cluster.resume()
+    assert client.wait_ready("tuned", timeout=90).state == pb.Job.SUCCEEDED
+    eventually(lambda: health(client) == SERVING, what="health SERVING again (the training thread alive)")
+    task = client.stub.GetTask(pb.GetTaskRequest(task_id="tuned"), timeout=10)
+    assert task.state == pb.Task.READY and task.version >= 1
+    assert predict(client, "tuned").predictions[0].label in TOPICS
+    # The worker goes on claiming jobs.
+    client.stub.CreateTask(pb.CreateTaskRequest(task_id="after", backbone=TINY_TEXT, examples=text_examples(TOPICS)))
+    assert client.wait_ready("after", timeout=60).state == pb.Job.SUCCEEDED
