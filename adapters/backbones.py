@@ -425,6 +425,13 @@ def _identity(path: pathlib.Path) -> list[int]:
     return [st.st_size, st.st_mtime_ns, st.st_ctime_ns]
 
 
+def _identity_or_none(path: pathlib.Path) -> list[int] | None:
+    try:
+        return _identity(path)
+    except OSError:
+        return None
+
+
 class FactsFile:
     """A backbone's cached facts (and tokenizer): `NAME-facts-KEY.json` in the trunk cache folder, written
     atomically; a file that does not parse or does not hold this key is ignored and written again."""
@@ -473,8 +480,29 @@ class FactsFile:
             os.replace(tmp, self.path)
         except OSError as exc:  # a read-only cache folder: serve anyway, build again next start
             log.warning("cannot cache the facts of backbone %s in %s: %s", self.name, self.path, exc)
+            return
         finally:
             tmp.unlink(missing_ok=True)
+        self._prune()
+
+    def _prune(self) -> None:
+        """Removes this backbone's other facts files that describe weight files no longer there as they were
+        (an install since removed or upgraded: each install's path gives its own key, so without this the
+        folder would gain a file per install for good). Facts of files still there are kept: another
+        install on this machine may be serving from them."""
+        for other in self.path.parent.glob(f"{self.name}-facts-*.json"):
+            if other == self.path:
+                continue
+            try:
+                files = json.loads(other.read_text())["key"]["files"]
+                stale = any(_identity_or_none(pathlib.Path(path)) != list(identity) for path, *identity in files)
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                stale = True  # damaged: it would be ignored and written again under its key anyway
+            if stale:
+                try:
+                    other.unlink(missing_ok=True)
+                except OSError:
+                    pass
 
 
 def _build_trunk(spec: BackboneSpec, opts: LoadOptions):

@@ -120,10 +120,31 @@ def test_changed_weights_are_built_again_under_another_key(tmp_path, monkeypatch
         model.pooler.dense.bias.add_(0.5)
         model.encoder.layer[-1].output.dense.bias.add_(0.5)
     model.save_pretrained(folder, safe_serialization=True)
+    (before,) = cache.glob(f"{TINY_TEXT}-facts-*.json")
     builds = Builds(monkeypatch)
     again = load_backbone(spec, LoadOptions(), cache)
     assert builds.count == 1 and again.digest != first.digest
-    assert len(list(cache.glob(f"{TINY_TEXT}-facts-*.json"))) == 2
+    # The facts of the files as they were are gone with them; only the new ones are left.
+    (after,) = cache.glob(f"{TINY_TEXT}-facts-*.json")
+    assert after != before and json.loads(after.read_text())["digest"] == again.digest
+
+
+def test_facts_of_an_install_that_is_gone_are_pruned_and_those_of_one_still_there_kept(tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    spec_a, folder_a = _tiny_copy(tmp_path / "a")
+    spec_b, _ = _tiny_copy(tmp_path / "b")
+    load_backbone(spec_a, LoadOptions(), cache)
+    (facts_a,) = cache.glob(f"{TINY_TEXT}-facts-*.json")
+    load_backbone(spec_b, LoadOptions(), cache)
+    assert len(list(cache.glob(f"{TINY_TEXT}-facts-*.json"))) == 2  # both installs are there: both kept
+    shutil.rmtree(folder_a)  # install a is removed
+    spec_c, _ = _tiny_copy(tmp_path / "c")
+    load_backbone(spec_c, LoadOptions(), cache)
+    left = set(cache.glob(f"{TINY_TEXT}-facts-*.json"))
+    assert len(left) == 2 and facts_a not in left
+    builds = Builds(monkeypatch)
+    load_backbone(spec_b, LoadOptions(), cache)
+    assert builds.count == 0  # b is still served from its facts
 
 
 @pytest.mark.parametrize("damage", ["not-json", "fields", "other-key", "tokenizer", "no-padding"])
