@@ -352,6 +352,15 @@ class StorageFull(ResourceExhausted):
 STORE_OUTAGES = (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.TimeoutError)
 
 
+# libpq waits for ever by default: a replica whose PostgreSQL host stops answering (a failover to a new
+# address, a network partition, a frozen host) would hang every call that needs the store, and with them
+# the server's threads. These bound the wait: 5 s to connect, a dead peer noticed by TCP keepalives after
+# about 25 s idle, and unacknowledged data given up after 15 s (both ignored on a Unix socket). The store
+# URL's own query parameters (e.g. `?connect_timeout=10`) win over them.
+PG_CONNECTION_DEFAULTS = {"connect_timeout": 5, "keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5,
+                          "keepalives_count": 3, "tcp_user_timeout": 15000}
+
+
 def store_outage(exc: BaseException) -> bool:
     """Whether `exc` says the store is unreachable or saturated for now (retrying later may succeed)."""
     return isinstance(exc, STORE_OUTAGES) or (isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated)
@@ -425,7 +434,8 @@ class Store:
             event.listen(self.engine, "begin", _sqlite_begin)
         elif self.dialect == "postgresql":
             self.engine = sa.create_engine(url, pool_size=pool_size, max_overflow=2 * pool_size,
-                                           pool_pre_ping=True, pool_recycle=1800)
+                                           pool_pre_ping=True, pool_recycle=1800,
+                                           connect_args=self._connection_defaults())
         else:
             raise ValueError(f"store_url {str(self.url)[:80]!r}: headserve stores in SQLite (sqlite:///PATH) or "
                              "PostgreSQL (postgresql+psycopg://USER:PASSWORD@HOST/DB)")
@@ -516,11 +526,17 @@ class Store:
         else:
             conn.execute(changes.insert().values(kind=kind, ref=ref, at_ms=at))
 
+    def _connection_defaults(self) -> dict[str, int]:
+        """PG_CONNECTION_DEFAULTS less those the store URL sets itself."""
+        return {k: v for k, v in PG_CONNECTION_DEFAULTS.items() if k not in self.url.query}
+
     def notification_dsn(self) -> str | None:
         """The libpq connection string a LISTEN connection uses (PostgreSQL); None where there is none."""
         if self.dialect != "postgresql":
             return None
-        return self.url.set(drivername="postgresql").render_as_string(hide_password=False)
+        url = self.url.set(drivername="postgresql").update_query_dict(
+            {k: str(v) for k, v in self._connection_defaults().items()})
+        return url.render_as_string(hide_password=False)
 
     def changes_since(self, since_ms: int) -> list[tuple[int, str, str, int]]:
         """(seq, kind, ref, at_ms) of the changes recorded at or after `since_ms`, oldest first."""

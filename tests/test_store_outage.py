@@ -1,13 +1,15 @@
 """PostgreSQL stopped and started again under a running server (a restart, a failover): calls that need the
 store fail with UNAVAILABLE, which clients retry, and a clear message; heads already loaded keep answering;
 nothing refused is stored; and once the database is back the server recovers by itself (pooled connections,
-the LISTEN connection of the change feed, the job queue, health), with no restart.
+the LISTEN connection of the change feed, the job queue, health), with no restart. A host that takes
+connections and never answers is given up after a timeout, not waited on for ever.
 
 Real PostgreSQL 15 (a cluster of this module's own, since it is stopped), a real server and real channels.
 """
 
 from __future__ import annotations
 
+import socket
 import time
 
 import grpc
@@ -15,10 +17,12 @@ import pytest
 import sqlalchemy as sa
 from conftest import TINY_TEXT, TOPICS, Client, make_settings, make_tenant, text_examples
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from psycopg.conninfo import conninfo_to_dict
 
 from service import migrate
 from service.gen import headserve_pb2 as pb
 from service.server import build_server
+from service.store import PG_CONNECTION_DEFAULTS, Store, store_outage
 
 pytestmark = pytest.mark.slow
 
@@ -134,3 +138,34 @@ def test_a_job_training_when_the_database_goes_away_finishes_once_it_is_back(out
     # The worker goes on claiming jobs.
     client.stub.CreateTask(pb.CreateTaskRequest(task_id="after", backbone=TINY_TEXT, examples=text_examples(TOPICS)))
     assert client.wait_ready("after", timeout=60).state == pb.Job.SUCCEEDED
+
+
+def test_a_postgresql_host_that_accepts_but_never_answers_is_given_up_after_the_connect_timeout():
+    """libpq alone would wait for ever on a host that takes the TCP connection and never answers (a frozen
+    host, a proxy to a dead one): every call needing the store would hang, and the server's threads with it."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)  # the kernel completes the handshakes; nothing ever answers
+    url = f"postgresql+psycopg://headserve@127.0.0.1:{listener.getsockname()[1]}/headserve"
+    try:
+        store = Store(url, check_schema=False)
+        began = time.monotonic()
+        with pytest.raises(sa.exc.OperationalError) as failed:
+            store.get_task("t")
+        waited = time.monotonic() - began
+        assert store_outage(failed.value)
+        assert PG_CONNECTION_DEFAULTS["connect_timeout"] - 1 < waited < 4 * PG_CONNECTION_DEFAULTS["connect_timeout"]
+        # The LISTEN connection is bounded the same way.
+        listen = conninfo_to_dict(store.notification_dsn())
+        assert {k: int(listen[k]) for k in PG_CONNECTION_DEFAULTS} == PG_CONNECTION_DEFAULTS
+        store.close()
+        # The URL's own parameters win.
+        store = Store(url + "?connect_timeout=1", check_schema=False)
+        began = time.monotonic()
+        with pytest.raises(sa.exc.OperationalError):
+            store.get_task("t")
+        assert time.monotonic() - began < PG_CONNECTION_DEFAULTS["connect_timeout"] - 1
+        assert conninfo_to_dict(store.notification_dsn())["connect_timeout"] == "1"
+        store.close()
+    finally:
+        listener.close()
