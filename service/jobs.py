@@ -291,15 +291,20 @@ class Worker:
             log.warning("%s failed: %s", getattr(call, "__name__", "call"), type(exc).__name__)
             return False
 
-    def _stored(self, job: JobRecord, what: str, call, *args, **kwargs):
+    def _stored(self, job: JobRecord, what: str, call, *args, while_full: bool = False, **kwargs):
         """`call(*args, **kwargs)`, a write of the job's result, tried again while the store does not answer
-        (PostgreSQL restarting, a connection dropped), with backoff up to 10 s. Raises Stopping when the
-        worker stops first (the job then stays RUNNING under a lease nobody renews, and is run again), and
-        LeaseLost once the store is back if another worker took the job meanwhile."""
+        (PostgreSQL restarting, a connection dropped), and with `while_full` while it is full, with backoff
+        up to 10 s. Raises Stopping when the worker stops first (the job then stays RUNNING under a lease
+        nobody renews, and is run again), and LeaseLost once the store is back if another worker took the
+        job meanwhile."""
         delay = 0.5
         while True:
             try:
                 return call(*args, **kwargs)
+            except StorageFull:
+                if not while_full:
+                    raise
+                log.error("job %s: %s cannot be stored yet, the store is full; retrying", job.job_id, what)
             except Exception as exc:
                 if not store_outage(exc):
                     raise
@@ -309,26 +314,14 @@ class Worker:
                 raise Stopping()
             delay = min(2 * delay, 10.0)
 
-    def _record_failure(self, job: JobRecord, first_delay: float = 0.5, max_delay: float = 10.0) -> None:
+    def _record_failure(self, job: JobRecord) -> None:
         """Stores the job's failure, retrying while the store is full or not answering. If the worker stops
         first, the job stays RUNNING under a lease nobody renews, and another worker runs it again."""
-        delay = first_delay
-        while True:
-            try:
-                self.store.finish_job(job.job_id, job.status, error=job.error, owner=self.name)
-                return
-            except (NotFound, LeaseLost):
-                return  # the task was deleted, or another worker holds the job now
-            except StorageFull:
-                log.error("job %s failed (%s); its failure cannot be stored yet, retrying", job.job_id, job.error)
-            except Exception as exc:
-                if not store_outage(exc):
-                    raise
-                log.warning("job %s failed (%s); its failure cannot be stored yet, the store is not answering "
-                            "(%s); retrying", job.job_id, job.error, type(exc).__name__)
-            if self.stop.wait(delay):
-                return
-            delay = min(2 * delay, max_delay)
+        try:
+            self._stored(job, f"its failure ({job.error})", self.store.finish_job, job.job_id, job.status,
+                         error=job.error, owner=self.name, while_full=True)
+        except (NotFound, LeaseLost, Stopping):
+            return  # the task was deleted, another worker holds the job now, or this worker is stopping
 
     def _enter_phase(self, phase: str) -> None:
         """Books the time since the last phase change to that phase ('' ends the last one)."""
