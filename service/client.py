@@ -160,6 +160,21 @@ class _Metadata(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientIntercep
         return continuation(self._details(details), requests)
 
 
+# UNAVAILABLE is what a server answers while its store is briefly unreachable, and what a channel gets while
+# a replica restarts: calls that change nothing are tried again by grpc itself, up to five attempts with
+# jittered backoff (about 4 s in all at most), within the call's own deadline. Writes are not: a refused write
+# may or may not have been applied, and the caller decides (service/errors.py, STORE_UNAVAILABLE).
+RETRIED = {
+    "headserve.v1.HeadServe": ("ListBackbones", "GetTask", "ListTasks", "WatchJob", "Predict", "ExportTask"),
+    "headserve.v1.Admin": ("ListTenants", "GetTenant", "ListKeys", "GetUsage"),
+}
+SERVICE_CONFIG = json.dumps({"methodConfig": [{
+    "name": [{"service": service, "method": method} for service, methods in RETRIED.items() for method in methods],
+    "retryPolicy": {"maxAttempts": 5, "initialBackoff": "0.25s", "maxBackoff": "2s", "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"]},
+}]})
+
+
 def open_channel(
     address: str,
     *,
@@ -170,8 +185,11 @@ def open_channel(
     options: Sequence[tuple[str, Any]] = (),
 ) -> grpc.Channel:
     """A channel to `address`: TLS when `tls_ca` is set (a PEM file, or True for the system's roots) or a
-    client certificate is given; the API key, when given, on every call."""
-    options = [("grpc.max_receive_message_length", MAX_RECEIVE_BYTES), *options]
+    client certificate is given; the API key, when given, on every call; calls that change nothing retried
+    on UNAVAILABLE (RETRIED; `options` may set another "grpc.service_config")."""
+    ours = [("grpc.max_receive_message_length", MAX_RECEIVE_BYTES), ("grpc.service_config", SERVICE_CONFIG)]
+    given = {name for name, _ in options}
+    options = [*(o for o in ours if o[0] not in given), *options]
     if tls_ca or tls_cert or tls_key:
         from service.tls import channel_credentials
 

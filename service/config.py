@@ -109,6 +109,12 @@ class Settings(BaseSettings):
         2.0, ge=0, le=10, description="how long a verified key is trusted before the store is asked again "
         "(revocation on this server is immediate; on other replicas, within this time)",
     )
+    auth_stale_seconds: float = Field(
+        300.0, ge=0, le=86_400, description="while the store does not answer (a database restart), a key "
+        "verified within this many seconds keeps being accepted, with its tenant's quotas as last read, so "
+        "that loaded heads keep serving; 0: every call whose key is past auth_cache_seconds is UNAVAILABLE "
+        "until the store answers",
+    )
     tls_cert_file: pathlib.Path | None = Field(None, description="PEM certificate chain; with tls_key_file: TLS on")
     tls_key_file: pathlib.Path | None = Field(None, description="PEM private key of tls_cert_file")
     tls_client_ca_file: pathlib.Path | None = Field(

@@ -219,7 +219,7 @@ def _assemble(settings: Settings, credentials, lock: DataDirLock, tracer, store:
                        settings.auto_fine_tune_max_examples)
     app = HeadServeApp(settings, store, registry, runner, predictor,
                        UsageRecorder(store, settings.usage_flush_seconds))
-    authenticator = Authenticator(store, settings.auth_cache_seconds)
+    authenticator = Authenticator(store, settings.auth_cache_seconds, settings.auth_stale_seconds)
     admin = TenantAdmin(store, authenticator)
 
     def tenant_changed(tenant_id: str) -> None:  # new quotas, or deleted

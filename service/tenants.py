@@ -6,7 +6,9 @@
 - `Authenticator` turns the `authorization: Bearer <key>` metadata into a `Caller`. A verified key is
   trusted for `auth_cache_seconds` (2 s by default) before the store is asked again, so a revocation made
   through another server replica or the local CLI takes effect within that time; one made through this
-  server takes effect at once.
+  server takes effect at once. While the store does not answer (a database restart), a key verified within
+  `auth_stale_seconds` (5 minutes) keeps being accepted, with its tenant's quotas as last read, so that
+  loaded heads keep serving; a key not verified in that time is UNAVAILABLE until the store is back.
 - Scopes: `predict`, `train` (which includes predict) and `admin` (tenants and keys of every tenant).
 - `RateLimiter`: token buckets per tenant for Predict requests and inputs per second, per replica.
 - `TenantAdmin`: the admin use cases, shared by the Admin RPCs and the local `headserve tenants|keys`
@@ -27,7 +29,7 @@ from collections.abc import Callable
 
 from adapters.errors import InvalidInput, NotFound, PermissionDenied, ResourceExhausted, Unauthenticated, Unavailable
 from service.storage import TenantStore
-from service.store import DEFAULT_TENANT, KeyRecord, Quotas, TenantRecord, Usage, now_ms, task_key
+from service.store import DEFAULT_TENANT, KeyRecord, Quotas, TenantRecord, Usage, now_ms, store_outage, task_key
 
 PREDICT, TRAIN, ADMIN = "predict", "train", "admin"
 SCOPES = (PREDICT, TRAIN, ADMIN)
@@ -112,10 +114,13 @@ def bearer(metadata) -> str | None:
 class Authenticator:
     """API key -> Caller, with a short cache of verified keys (see the module docstring)."""
 
-    def __init__(self, store: TenantStore, cache_seconds: float = 2.0) -> None:
+    def __init__(self, store: TenantStore, cache_seconds: float = 2.0, stale_seconds: float = 300.0) -> None:
         self.store = store
         self.cache_seconds = cache_seconds
-        self._cache: dict[str, tuple[float, KeyRecord | None, Quotas]] = {}  # key id or 'tenant:ID'
+        self.stale_seconds = stale_seconds
+        # key id or 'tenant:ID' -> (trusted since, record, quotas, read from the store at)
+        self._cache: dict[str, tuple[float, KeyRecord | None, Quotas, float]] = {}
+        self._outage = False  # the last store read failed for want of a store: stale entries serve
         self._flights: dict[str, concurrent.futures.Future] = {}  # store reads under way, by cache slot
         self._stale: set[concurrent.futures.Future] = set()  # reads a forget() overlapped: not cached
         self._lock = threading.Lock()
@@ -167,10 +172,13 @@ class Authenticator:
             hit = self._cache.get(slot)
             if hit is not None and now - hit[0] < self.cache_seconds:
                 return hit[1], hit[2]
+            stale = hit is not None and now - hit[3] < self.stale_seconds
             flight = self._flights.get(slot)
             leader = flight is None
             if leader:
                 flight = self._flights[slot] = concurrent.futures.Future()
+            elif stale and self._outage:  # the store is down and being asked again: no need to wait for it
+                return hit[1], hit[2]
         if not leader:
             try:
                 return flight.result(timeout=30)  # the first caller's read (or its error)
@@ -180,14 +188,21 @@ class Authenticator:
             record, quotas, cacheable = load()
         except BaseException as exc:
             with self._lock:
-                self._land(slot, flight)
+                forgotten = self._land(slot, flight)
+                if stale and not forgotten and store_outage(exc):
+                    # Serve what was verified last, and ask the store again after cache_seconds.
+                    self._outage = True
+                    self._cache[slot] = (now, hit[1], hit[2], hit[3])
+                    flight.set_result((hit[1], hit[2]))
+                    return hit[1], hit[2]
             flight.set_exception(exc)
             raise
         with self._lock:
+            self._outage = False
             if not self._land(slot, flight) and cacheable:
                 if len(self._cache) > 100_000:
                     self._cache.clear()
-                self._cache[slot] = (now, record, quotas)
+                self._cache[slot] = (now, record, quotas, now)
         flight.set_result((record, quotas))
         return record, quotas
 

@@ -602,3 +602,69 @@ def test_concurrent_calls_whose_cached_key_expired_read_the_store_once_and_a_rev
         assert not auth._flights
     finally:
         store.close()
+
+
+class FlakyStore:
+    """A store whose key and tenant reads fail as a database that stopped answering does, while `down`."""
+
+    def __init__(self, store) -> None:
+        self._store = store
+        self.down = False
+        self.reads = 0
+
+    def _read(self, name, *args):
+        self.reads += 1
+        if self.down:
+            import sqlalchemy as sa
+
+            raise sa.exc.OperationalError("SELECT ...", {}, ConnectionRefusedError("connection refused"))
+        return getattr(self._store, name)(*args)
+
+    def get_key(self, key_id):
+        return self._read("get_key", key_id)
+
+    def get_tenant(self, ref):
+        return self._read("get_tenant", ref)
+
+    def __getattr__(self, name):
+        return getattr(self._store, name)
+
+
+def test_keys_verified_recently_are_accepted_while_the_store_does_not_answer_and_others_are_unavailable(tmp_path):
+    import sqlalchemy as sa
+
+    from service.store import Store
+    from service.tenants import Authenticator
+
+    store = Store.open(tmp_path)
+    try:
+        flaky = FlakyStore(store)
+        auth = Authenticator(flaky, cache_seconds=0.2, stale_seconds=1.5)
+        admin = TenantAdmin(store, auth)
+        tenant, _, known = admin.create_tenant("outage")
+        _, stranger = admin.create_key(tenant.tenant_id, ["predict"])
+        assert auth.authenticate(known).tenant_id == tenant.tenant_id
+        flaky.down = True
+        time.sleep(0.3)  # past the cache: the store is asked, does not answer, and the key is accepted
+        reads = flaky.reads
+        assert auth.authenticate(known).tenant_id == tenant.tenant_id
+        assert flaky.reads == reads + 1
+        assert auth.authenticate(known).tenant_id == tenant.tenant_id  # and not asked again at once
+        assert flaky.reads == reads + 1
+        with pytest.raises(sa.exc.OperationalError):  # never verified: UNAVAILABLE at the edge
+            auth.authenticate(stranger)
+        time.sleep(1.6)  # past auth_stale_seconds since the key was last verified
+        with pytest.raises(sa.exc.OperationalError):
+            auth.authenticate(known)
+        flaky.down = False
+        assert auth.authenticate(known).tenant_id == tenant.tenant_id
+        assert auth.authenticate(stranger).tenant_id == tenant.tenant_id
+        # With auth_stale_seconds = 0, an expired entry is not served through an outage.
+        strict = Authenticator(flaky, cache_seconds=0.2, stale_seconds=0)
+        assert strict.authenticate(known).tenant_id == tenant.tenant_id
+        flaky.down = True
+        time.sleep(0.3)
+        with pytest.raises(sa.exc.OperationalError):
+            strict.authenticate(known)
+    finally:
+        store.close()

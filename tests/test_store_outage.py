@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import socket
 import time
+import urllib.request
 
 import grpc
 import pytest
 import sqlalchemy as sa
 from conftest import TINY_TEXT, TOPICS, Client, make_settings, make_tenant, text_examples
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 from psycopg.conninfo import conninfo_to_dict
 
 from service import migrate
@@ -37,7 +39,7 @@ def outage(own_postgres, tmp_path_factory):
     engine.dispose()
     running = build_server(make_settings(tmp_path_factory.mktemp("outage"), builtin_backbones=[], store_url=url,
                                          auth="api_key", health_interval_seconds=0.2, sync_interval_seconds=0.5,
-                                         job_lease_seconds=3))
+                                         job_lease_seconds=3, metrics_address="127.0.0.1:0"))
     tenant = make_tenant(running)
     client = Client(running.address, tenant.api_key)
     yield own_postgres, running, tenant, client
@@ -60,6 +62,14 @@ def eventually(check, timeout: float = 30.0, what: str = ""):
             pass
         assert time.monotonic() < end, f"not within {timeout:.0f} s: {what}"
         time.sleep(0.1)
+
+
+def answered(running, method: str, code: str) -> float:
+    """How many `method` calls the server answered with `code` (its Prometheus counter)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{running.metrics_port}/metrics", timeout=10) as page:
+        text = page.read().decode()
+    return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
+               if sample.name == "headserve_rpcs_total" and sample.labels == {"method": method, "code": code})
 
 
 def predict(client: Client, task_id: str) -> pb.PredictResponse:
@@ -92,6 +102,9 @@ def test_a_database_restart_is_unavailable_while_it_lasts_and_recovered_from_wit
             assert error.code() == grpc.StatusCode.UNAVAILABLE, (name, error.code(), error.details())
             assert "store is not answering" in error.details() and "retry" in error.details(), name
             assert str(cluster.socket_dir) not in error.details(), name  # no server internals to callers
+        # The project's channel tried the reads again by itself (five attempts), never the write.
+        assert answered(running, "GetTask", "UNAVAILABLE") == 5
+        assert answered(running, "CreateTask", "UNAVAILABLE") == 1
         # A loaded head needs no store: predictions go on, the same.
         assert predict(client, "kept").predictions[0] == before
         eventually(lambda: health(client) == NOT_SERVING, what="health NOT_SERVING")
