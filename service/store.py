@@ -366,6 +366,16 @@ def store_outage(exc: BaseException) -> bool:
     return isinstance(exc, STORE_OUTAGES) or (isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated)
 
 
+def _standby_is_a_disconnect(context) -> None:
+    """A write refused as read-only (SQLSTATE 25006, read_only_sql_transaction) says the connection reaches a
+    standby: after a failover, the old primary. Taken as a disconnect, SQLAlchemy drops the pool's
+    connections and the next checkout connects anew, where the URL now leads (the new primary); the call
+    is UNAVAILABLE (store_outage: the connection was invalidated). Without it, pooled connections to the
+    standby would pass the pre-ping (a SELECT) and refuse every write for up to pool_recycle (30 min)."""
+    if getattr(context.original_exception, "sqlstate", None) == "25006":
+        context.is_disconnect = True
+
+
 class CorruptHead(FailedPrecondition):
     """A stored head's bytes no longer match the size and SHA-256 written with them."""
 
@@ -436,6 +446,7 @@ class Store:
             self.engine = sa.create_engine(url, pool_size=pool_size, max_overflow=2 * pool_size,
                                            pool_pre_ping=True, pool_recycle=1800,
                                            connect_args=self._connection_defaults())
+            event.listen(self.engine, "handle_error", _standby_is_a_disconnect)
         else:
             raise ValueError(f"store_url {str(self.url)[:80]!r}: headserve stores in SQLite (sqlite:///PATH) or "
                              "PostgreSQL (postgresql+psycopg://USER:PASSWORD@HOST/DB)")

@@ -9,6 +9,7 @@ Real PostgreSQL 15 (a cluster of this module's own, since it is stopped), a real
 
 from __future__ import annotations
 
+import concurrent.futures
 import socket
 import time
 import urllib.request
@@ -182,3 +183,38 @@ def test_a_postgresql_host_that_accepts_but_never_answers_is_given_up_after_the_
         store.close()
     finally:
         listener.close()
+
+
+def test_a_failover_that_leaves_pooled_connections_on_a_read_only_server_is_unavailable_once(outage):
+    """After a failover, connections opened before it may reach the old primary, now a standby: reads pass,
+    writes are refused as read-only. The first refused write is UNAVAILABLE and drops the pool; the next
+    one connects anew (here: to a database writable for new sessions) and succeeds."""
+    cluster, running, tenant, client = outage
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:  # a few pooled connections, open at once
+        list(pool.map(lambda _: client.stub.ListTasks(pb.ListTasksRequest(), timeout=10), range(8)))
+    superuser = sa.create_engine(cluster.url(), isolation_level="AUTOCOMMIT")
+    database = running.app.store.url.database
+    try:
+        with superuser.connect() as conn:
+            # Sessions open now become read-only (the reload reaches them); new ones in this database do not.
+            conn.exec_driver_sql("ALTER SYSTEM SET default_transaction_read_only = on")
+            conn.exec_driver_sql(f'ALTER DATABASE "{database}" SET default_transaction_read_only = off')
+            conn.exec_driver_sql("SELECT pg_reload_conf()")
+        time.sleep(0.5)
+        # The first write on a stale connection (this one, or the job queue's claim) is refused and drops the
+        # pool; a write after it reaches a writable session. A write is never INTERNAL, and never refused twice.
+        for attempt in range(2):
+            try:
+                client.stub.CreateTask(pb.CreateTaskRequest(task_id="on-standby", backbone=TINY_TEXT,
+                                                            examples=text_examples(TOPICS)), timeout=10)
+                break
+            except grpc.RpcError as refused:
+                assert attempt == 0 and refused.code() == grpc.StatusCode.UNAVAILABLE, refused.details()
+        assert client.wait_ready("on-standby", timeout=60).state == pb.Job.SUCCEEDED
+    finally:
+        with superuser.connect() as conn:
+            conn.exec_driver_sql("SET default_transaction_read_only = off")
+            conn.exec_driver_sql("ALTER SYSTEM RESET default_transaction_read_only")
+            conn.exec_driver_sql(f'ALTER DATABASE "{database}" RESET default_transaction_read_only')
+            conn.exec_driver_sql("SELECT pg_reload_conf()")
+        superuser.dispose()
