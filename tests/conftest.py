@@ -192,9 +192,9 @@ def make_tenant(running, name: str | None = None, scopes=("predict", "train")) -
 class Client:
     """A real channel and stub to a running server, calling with `api_key` when given."""
 
-    def __init__(self, address: str, api_key: str | None = None) -> None:
+    def __init__(self, address: str, api_key: str | None = None, options=()) -> None:
         self.address = address
-        self.channel = open_channel(address, api_key=api_key)
+        self.channel = open_channel(address, api_key=api_key, options=options)
         self.stub = pb_grpc.HeadServeStub(self.channel)
         self.admin = pb_grpc.AdminStub(self.channel)
 
