@@ -376,6 +376,9 @@ def _standby_is_a_disconnect(context) -> None:
         context.is_disconnect = True
 
 
+_DATABASE_NOW_MS = sa.text("SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint")
+
+
 class CorruptHead(FailedPrecondition):
     """A stored head's bytes no longer match the size and SHA-256 written with them."""
 
@@ -1010,6 +1013,14 @@ class Store:
 
     # --- the queue: claims, leases, heartbeats ------------------------------------------------------------
 
+    def _lease_clock(self, conn) -> int:
+        """Now in ms, for leases: the database's clock on PostgreSQL, where replicas' clocks may disagree (one
+        running ahead would take over live leases, one behind would grant leases already run out); this
+        machine's on SQLite, which one machine serves."""
+        if self.dialect == "postgresql":
+            return int(conn.execute(_DATABASE_NOW_MS).scalar_one())
+        return now_ms()
+
     def claim_job(self, owner: str, lease_ms: int, max_attempts: int = 0) -> JobRecord | None:
         """Claims a job that is queued, or running under a lease that ran out (its worker stopped
         heartbeating), for `owner` until now + `lease_ms`. None when there is none. The job is the oldest of
@@ -1021,7 +1032,7 @@ class Store:
         workers keep dying on it) ends FAILED instead of being claimed again."""
         while True:
             with self._tx() as conn:
-                ts = now_ms()
+                ts = self._lease_clock(conn)
                 q = (sa.select(jobs).where(sa.or_(
                         jobs.c.state == "QUEUED",
                         sa.and_(jobs.c.state == "RUNNING", jobs.c.lease_until_ms < ts)))
@@ -1052,7 +1063,7 @@ class Store:
     def renew_lease(self, job_id: str, owner: str, lease_ms: int) -> bool:
         """Extends `owner`'s lease on the job; false when it no longer holds it (LeaseLost for the worker)."""
         with self._tx() as conn:
-            ts = now_ms()
+            ts = self._lease_clock(conn)
             return conn.execute(jobs.update().where(
                 jobs.c.job_id == job_id, jobs.c.owner == owner, jobs.c.state == "RUNNING").values(
                 lease_until_ms=ts + lease_ms)).rowcount == 1

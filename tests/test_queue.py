@@ -253,3 +253,36 @@ def test_postgresql_notifies_listeners_at_commit(pg_url):
         feed.close()
         a.close()
         b.close()
+
+
+@pytest.mark.parametrize("skew_s", [120, -120])
+def test_leases_keep_the_databases_time_whatever_a_replicas_clock_says(pg_url, monkeypatch, skew_s):
+    """Replica b's clock runs two minutes ahead (it would see a's live lease as run out and take the job) or
+    behind (renewing, it would grant a lease already run out): leases are reckoned on PostgreSQL's clock."""
+    import service.store as store_module
+
+    engine = sa.create_engine(pg_url)
+    migrate.upgrade(engine)
+    engine.dispose()
+    a, b = Store(pg_url), Store(pg_url)
+    try:
+        queue(a, make_task(a), "j1")
+        real = store_module.now_ms
+
+        def on_bs_clock(call, *args):
+            monkeypatch.setattr(store_module, "now_ms", lambda: real() + skew_s * 1000)
+            try:
+                return call(*args)
+            finally:
+                monkeypatch.setattr(store_module, "now_ms", real)
+
+        if skew_s > 0:
+            assert a.claim_job("w1", 30_000).job_id == "j1"
+            assert on_bs_clock(b.claim_job, "w2", 30_000) is None  # ahead: a's lease has 30 s to run, not -90
+        else:
+            assert on_bs_clock(b.claim_job, "w2", 30_000).job_id == "j1"
+            assert on_bs_clock(b.renew_lease, "j1", "w2", 30_000)
+            assert a.claim_job("w1", 30_000) is None  # behind: b's lease holds 30 s, not -90
+    finally:
+        a.close()
+        b.close()
