@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 
 from service.storage import ChangeLog
-from service.store import CHANGES_CHANNEL, now_ms
+from service.store import CHANGES_CHANNEL
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ class ChangeFeed:
         self.interval = interval
         self.applied = 0  # changes applied so far (tests and metrics)
         self.listening = False  # whether a PostgreSQL LISTEN connection is up
-        self._since = now_ms()
+        self._since = store.clock_ms()  # the times in the feed are the store's (the database's clock)
         self._seen: dict[int, int] = {}  # seq -> at_ms of the changes applied from the poll
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -96,7 +96,7 @@ class ChangeFeed:
                 self.poll()
                 if time.monotonic() - pruned > PRUNE_EVERY:
                     pruned = time.monotonic()
-                    self.store.prune_changes(now_ms() - KEEP_MS)
+                    self.store.prune_changes(self.store.clock_ms() - KEEP_MS)
             except Exception as exc:  # the store is down: the health check says so; keep trying
                 log.debug("reading the change feed failed: %s", exc)
 

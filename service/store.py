@@ -533,7 +533,7 @@ class Store:
     def _changed(self, conn, kind: str, ref: str) -> None:
         """(in the writing transaction) Records a change every replica must see; on PostgreSQL, also
         notifies the listening replicas when the transaction commits."""
-        at = now_ms()
+        at = self._clock(conn)
         if self.dialect == "postgresql":  # the notification carries the row's sequence number and time
             seq = conn.execute(changes.insert().values(kind=kind, ref=ref, at_ms=at).returning(changes.c.seq)).scalar()
             conn.execute(sa.select(sa.func.pg_notify(CHANGES_CHANNEL, f"{seq}:{at}:{kind}:{ref}")))
@@ -1013,13 +1013,21 @@ class Store:
 
     # --- the queue: claims, leases, heartbeats ------------------------------------------------------------
 
-    def _lease_clock(self, conn) -> int:
-        """Now in ms, for leases: the database's clock on PostgreSQL, where replicas' clocks may disagree (one
-        running ahead would take over live leases, one behind would grant leases already run out); this
-        machine's on SQLite, which one machine serves."""
+    def _clock(self, conn) -> int:
+        """Now in ms for what replicas compare (leases, the change feed's times): the database's clock on
+        PostgreSQL, where replicas' clocks may disagree (one running ahead would take over live leases, one
+        behind would grant leases already run out, and either would move the feed's times out of the poll's
+        window); this machine's on SQLite, which one machine serves."""
         if self.dialect == "postgresql":
             return int(conn.execute(_DATABASE_NOW_MS).scalar_one())
         return now_ms()
+
+    def clock_ms(self) -> int:
+        """Now in ms on the store's clock (see _clock)."""
+        if self.dialect != "postgresql":
+            return now_ms()
+        with self.engine.connect() as conn:
+            return self._clock(conn)
 
     def claim_job(self, owner: str, lease_ms: int, max_attempts: int = 0) -> JobRecord | None:
         """Claims a job that is queued, or running under a lease that ran out (its worker stopped
@@ -1032,7 +1040,7 @@ class Store:
         workers keep dying on it) ends FAILED instead of being claimed again."""
         while True:
             with self._tx() as conn:
-                ts = self._lease_clock(conn)
+                ts = self._clock(conn)
                 q = (sa.select(jobs).where(sa.or_(
                         jobs.c.state == "QUEUED",
                         sa.and_(jobs.c.state == "RUNNING", jobs.c.lease_until_ms < ts)))
@@ -1063,7 +1071,7 @@ class Store:
     def renew_lease(self, job_id: str, owner: str, lease_ms: int) -> bool:
         """Extends `owner`'s lease on the job; false when it no longer holds it (LeaseLost for the worker)."""
         with self._tx() as conn:
-            ts = self._lease_clock(conn)
+            ts = self._clock(conn)
             return conn.execute(jobs.update().where(
                 jobs.c.job_id == job_id, jobs.c.owner == owner, jobs.c.state == "RUNNING").values(
                 lease_until_ms=ts + lease_ms)).rowcount == 1

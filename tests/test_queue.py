@@ -286,3 +286,29 @@ def test_leases_keep_the_databases_time_whatever_a_replicas_clock_says(pg_url, m
     finally:
         a.close()
         b.close()
+
+
+def test_the_change_feed_keeps_the_databases_time_whatever_a_writers_clock_says(pg_url, monkeypatch):
+    """A replica whose clock runs two minutes ahead records a change: the poll of another replica must
+    still see the changes recorded after it by replicas whose clocks are right."""
+    import service.store as store_module
+
+    engine = sa.create_engine(pg_url)
+    migrate.upgrade(engine)
+    engine.dispose()
+    a, b = Store(pg_url), Store(pg_url)
+    seen: list[str] = []
+    feed = ChangeFeed(b, {"task": seen.append}, interval=60)  # polled by hand below
+    try:
+        ahead, right = make_task(a, "ahead"), make_task(a, "right")
+        real = store_module.now_ms
+        monkeypatch.setattr(store_module, "now_ms", lambda: real() + 120_000)
+        a.delete_task(ahead)  # a change recorded by the replica whose clock is ahead
+        monkeypatch.setattr(store_module, "now_ms", real)
+        feed.poll()
+        a.delete_task(right)  # then one by a replica whose clock is right
+        feed.poll()
+        assert seen == [ahead, right]
+    finally:
+        a.close()
+        b.close()
