@@ -140,7 +140,7 @@ class Authenticator:
         if record is None or not hmac.compare_digest(record.secret_sha256, secret_hash(secret)):
             raise Unauthenticated(f"API key {key_id} is not valid")
         now = now_ms()
-        if record.revoked_at_ms and record.revoked_at_ms <= now:
+        if record.revoked_at_ms:  # revocation is at once: the time is the revoker's clock, not this one's
             raise Unauthenticated(f"API key {key_id} was revoked")
         if record.expires_at_ms and record.expires_at_ms <= now:
             raise Unauthenticated(f"API key {key_id} expired; ask an admin for a new one")

@@ -648,3 +648,22 @@ def test_keys_verified_recently_are_accepted_while_the_store_does_not_answer_and
             strict.authenticate(known)
     finally:
         store.close()
+
+
+def test_a_key_revoked_by_a_replica_whose_clock_runs_ahead_is_refused_everywhere_at_once(tmp_path, monkeypatch):
+    import service.store as store_module
+    from adapters.errors import Unauthenticated
+    from service.store import Store
+    from service.tenants import Authenticator
+
+    store = Store.open(tmp_path)
+    try:
+        _, record, key = TenantAdmin(store, Authenticator(store)).create_tenant("skewed")
+        real = store_module.now_ms
+        monkeypatch.setattr(store_module, "now_ms", lambda: real() + 120_000)  # the revoking replica's clock
+        store.revoke_key(record.key_id)
+        monkeypatch.setattr(store_module, "now_ms", real)
+        with pytest.raises(Unauthenticated, match="revoked"):
+            Authenticator(store).authenticate(key)  # another replica, its clock right
+    finally:
+        store.close()
