@@ -7,8 +7,11 @@ A monitor thread checks, every `health_interval_seconds`:
 
 Any problem turns the overall status ("") and every served service NOT_SERVING, with the problems logged
 once per change; all clear turns them back to SERVING. Kubernetes' readiness probe then takes the pod out
-of the Service while the problem lasts, and its liveness probe restarts a pod that stays broken (see
-deploy/). A server that is still loading does not listen yet, so probes fail until the trunks are warm.
+of the Service while the problem lasts. The service name `liveness` (LIVENESS) leaves the store out: it is
+NOT_SERVING only for what a restart of this process can mend (a failing trunk, training workers that
+stopped), so that the liveness probe does not restart every replica while their shared database restarts
+or fails over (they recover by themselves once it is back). A server that is still loading does not
+listen yet, so probes fail until the trunks are warm.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from service.store import Store
 
 log = logging.getLogger(__name__)
 
+LIVENESS = "liveness"
+STORE_PROBLEM = "store: "  # how a problem of the store starts (check())
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -69,7 +74,7 @@ class HealthMonitor:
         try:
             self.store.ping()
         except Exception as exc:  # whatever the engine raises: the store cannot serve
-            problems.append(f"store: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
+            problems.append(f"{STORE_PROBLEM}{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
         for name, failures in self.predictor.batch_failures().items():
             if failures > self._failures_seen.get(name, 0) or name in self._broken:
                 self._failures_seen[name] = failures
@@ -107,3 +112,5 @@ class HealthMonitor:
         status = NOT_SERVING if problems else SERVING
         for name in self.services:
             self.servicer.set(name, status)
+        own = [p for p in problems if not p.startswith(STORE_PROBLEM)]
+        self.servicer.set(LIVENESS, NOT_SERVING if own else SERVING)

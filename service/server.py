@@ -15,12 +15,12 @@ from concurrent import futures
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from service.app import HeadServeApp
 from service.datadir import DataDirInUse, DataDirLock
-from service.health import HealthMonitor
+from service.health import LIVENESS, HealthMonitor
 from service.metrics import Metrics, ServerCollector
 from service.usage import UsageRecorder
 from service.config import Settings
@@ -263,6 +263,7 @@ def _assemble(settings: Settings, credentials, lock: DataDirLock, tracer, store:
     )
     add_to_server(app, admin, server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    health_servicer.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)  # as "" is, until the monitor starts
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, ADMIN_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
                                         server)

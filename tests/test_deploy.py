@@ -53,6 +53,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from service import tls
 from service.cli import build_parser
 from service.config import DEFAULT_BACKBONES, Settings
+from service.health import LIVENESS
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
@@ -66,7 +67,7 @@ DEPLOY = ROOT / "deploy"
 
 PORT = 50051
 METRICS_PORT = 9090  # Prometheus /metrics, plain HTTP
-SERVICE_NAME = "headserve.v1.HeadServe"  # readiness; liveness is "" (the server overall)
+SERVICE_NAME = "headserve.v1.HeadServe"  # readiness; liveness is service.health.LIVENESS (the store left out)
 DATA_DIR = "/data"
 
 
@@ -621,7 +622,7 @@ def test_k8s_probes_run_the_mounted_check_on_the_port(overlay: str) -> None:
         services[name] = args.service
     # Ready (in the Services, the headless one's DNS answer included) only while the HeadServe service is
     # SERVING: trunks warm, schema current, store reachable.
-    assert services == {"startupProbe": "", "readinessProbe": SERVICE_NAME, "livenessProbe": ""}
+    assert services == {"startupProbe": "", "readinessProbe": SERVICE_NAME, "livenessProbe": LIVENESS}
     startup = c["startupProbe"]
     # Backbones load and trunks export at start: at least 10 minutes before liveness takes over.
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 600
@@ -1740,6 +1741,7 @@ def ca() -> Authority:
 def _health_server(settings: Settings | None):
     server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=2))
     servicer = health.HealthServicer()
+    servicer.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)  # as the server does
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
     credentials = tls.server_credentials(settings) if settings is not None else None
     if credentials is None:

@@ -14,6 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service.cli import main
 from service.gen import headserve_pb2 as pb
+from service.health import LIVENESS
 from service.server import StartupError, build_server
 
 SERVICES = ("", "headserve.v1.HeadServe", "headserve.v1.Admin")
@@ -39,6 +40,12 @@ def statuses(client: Client) -> set[int]:
     return {stub.Check(health_pb2.HealthCheckRequest(service=s), timeout=10).status for s in SERVICES}
 
 
+def liveness(client: Client) -> int:
+    """The status the liveness probe reads (service.health.LIVENESS)."""
+    return health_pb2_grpc.HealthStub(client.channel).Check(health_pb2.HealthCheckRequest(service=LIVENESS),
+                                                            timeout=10).status
+
+
 def wait_status(client: Client, status: int, timeout: float = 15.0) -> None:
     end = time.monotonic() + timeout
     while statuses(client) != {status}:
@@ -62,6 +69,7 @@ def test_health_turns_not_serving_while_the_store_is_gone_and_comes_back(watched
     try:
         wait_status(client, NOT_SERVING)
         assert any(p.startswith("store:") for p in running.monitor.problems)
+        assert liveness(client) == SERVING  # not ready, but no restart: the store is not this process's to mend
     finally:
         store.engine.dispose()
         for suffix in ("", "-wal", "-shm"):
@@ -91,6 +99,7 @@ def test_health_turns_not_serving_while_a_trunk_fails_and_comes_back(watched):
         assert err.value.code() == grpc.StatusCode.INTERNAL
         wait_status(client, NOT_SERVING)
         assert running.monitor.problems == [f"backbone {TINY_TEXT}: its trunk fails"]
+        assert liveness(client) == NOT_SERVING  # a restart may mend it (a lost device): liveness fails too
     finally:
         del trunk.outputs, trunk.features
     wait_status(client, SERVING)

@@ -24,6 +24,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 from service import migrate
 from service.gen import headserve_pb2 as pb
+from service.health import LIVENESS
 from service.server import build_server
 from service.store import PG_CONNECTION_DEFAULTS, Store, store_outage
 
@@ -48,8 +49,9 @@ def outage(own_postgres, tmp_path_factory):
     running.stop()
 
 
-def health(client: Client) -> int:
-    return health_pb2_grpc.HealthStub(client.channel).Check(health_pb2.HealthCheckRequest(), timeout=10).status
+def health(client: Client, service: str = "") -> int:
+    return health_pb2_grpc.HealthStub(client.channel).Check(health_pb2.HealthCheckRequest(service=service),
+                                                            timeout=10).status
 
 
 def eventually(check, timeout: float = 30.0, what: str = ""):
@@ -110,6 +112,7 @@ def test_a_database_restart_is_unavailable_while_it_lasts_and_recovered_from_wit
         # A loaded head needs no store: predictions go on, the same.
         assert predict(client, "kept").predictions[0] == before
         eventually(lambda: health(client) == NOT_SERVING, what="health NOT_SERVING")
+        assert health(client, LIVENESS) == SERVING  # out of the Service, but not restarted
         assert not running.feed.listening
     finally:
         cluster.resume()
