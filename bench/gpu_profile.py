@@ -132,5 +132,6 @@ def gpu_decode_rows(backbone, jpegs: list[bytes], rounds: int) -> list[tuple[str
         print(f"GPU decoding not measured: {type(exc).__name__}: {exc}")
         return []
 
+
 if __name__ == "__main__":
     main()

@@ -352,6 +352,11 @@ class StorageFull(ResourceExhausted):
 STORE_OUTAGES = (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.TimeoutError)
 
 
+def store_outage(exc: BaseException) -> bool:
+    """Whether `exc` says the store is unreachable or saturated for now (retrying later may succeed)."""
+    return isinstance(exc, STORE_OUTAGES) or (isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated)
+
+
 # libpq waits for ever by default: a replica whose PostgreSQL host stops answering (a failover to a new
 # address, a network partition, a frozen host) would hang every call that needs the store, and with them
 # the server's threads. These bound the wait: 5 s to connect, a dead peer noticed by TCP keepalives after
@@ -359,11 +364,6 @@ STORE_OUTAGES = (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.TimeoutE
 # URL's own query parameters (e.g. `?connect_timeout=10`) win over them.
 PG_CONNECTION_DEFAULTS = {"connect_timeout": 5, "keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5,
                           "keepalives_count": 3, "tcp_user_timeout": 15000}
-
-
-def store_outage(exc: BaseException) -> bool:
-    """Whether `exc` says the store is unreachable or saturated for now (retrying later may succeed)."""
-    return isinstance(exc, STORE_OUTAGES) or (isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated)
 
 
 def _standby_is_a_disconnect(context) -> None:
@@ -376,7 +376,8 @@ def _standby_is_a_disconnect(context) -> None:
         context.is_disconnect = True
 
 
-_DATABASE_NOW_MS = sa.text("SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint")
+_DATABASE_NOW_MS_SQL = "(extract(epoch FROM clock_timestamp()) * 1000)::bigint"
+_DATABASE_NOW_MS = sa.text(f"SELECT {_DATABASE_NOW_MS_SQL}")
 
 
 class CorruptHead(FailedPrecondition):
@@ -533,12 +534,13 @@ class Store:
     def _changed(self, conn, kind: str, ref: str) -> None:
         """(in the writing transaction) Records a change every replica must see; on PostgreSQL, also
         notifies the listening replicas when the transaction commits."""
-        at = self._clock(conn)
         if self.dialect == "postgresql":  # the notification carries the row's sequence number and time
-            seq = conn.execute(changes.insert().values(kind=kind, ref=ref, at_ms=at).returning(changes.c.seq)).scalar()
+            seq, at = conn.execute(changes.insert().values(
+                kind=kind, ref=ref, at_ms=sa.literal_column(_DATABASE_NOW_MS_SQL)).returning(
+                changes.c.seq, changes.c.at_ms)).one()
             conn.execute(sa.select(sa.func.pg_notify(CHANGES_CHANNEL, f"{seq}:{at}:{kind}:{ref}")))
         else:
-            conn.execute(changes.insert().values(kind=kind, ref=ref, at_ms=at))
+            conn.execute(changes.insert().values(kind=kind, ref=ref, at_ms=self._clock(conn)))
 
     def _connection_defaults(self) -> dict[str, int]:
         """PG_CONNECTION_DEFAULTS less those the store URL sets itself."""
