@@ -22,7 +22,8 @@
 # the GPU); then bench/serving.py on the GPU: batch-1 p50 through gRPC for minilm-l6 and ResNet-50 (random
 # weights), and with TensorRT when onnxruntime offers it with its libraries. Everything it writes is under $OUT
 # (default bench/results/gpu): log.txt, and results.tgz with env.txt, gpu-tests.xml, serving-gpu.{json,md,png},
-# nograph/serving-gpu.* (the same benchmark with cuda_graphs = false) and profile.txt; unpack it there
+# nograph/serving-gpu.* (the same benchmark with cuda_graphs = false; `quick`: switch/serving-gpu.*, c=16 with a
+# 0.5 ms switch interval), gil_convoy.json and profile.txt; unpack it there
 # (`tar -xzf results.tgz`).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -72,7 +73,8 @@ if [[ "${1:-}" == "stash" ]]; then  # call 1 on the device: keep the CUDA provid
     exit
 fi
 
-# `quick`: the CUDA-graph and TF32 tests, serving with ResNet-50 at TF32, and the profile (about 3 minutes).
+# `quick`: the CUDA-graph and TF32 tests, serving with ResNet-50 at TF32 (and at c=16 again with a 0.5 ms switch
+# interval), the GIL study and the profile (about 5 minutes).
 MODE=${1:-full}
 OUT=${OUT:-$ROOT/bench/results/gpu}
 mkdir -p "$OUT"
@@ -161,6 +163,15 @@ if [[ "$MODE" == quick ]]; then
     step "bench/serving.py on the GPU, ResNet-50 at TF32 (minilm-l6 shape at fp32)"
     timeout 150 "$PY" "${BENCH[@]}" --set 'precision={"resnet50": "tf32"}'
     echo "serving.py (TF32) exit: $?"
+
+    # Image requests at c=16 ran one at a time here (mean batch 1.0, 2.3 of 16 cores busy). If RPC threads
+    # back from Pillow or onnxruntime wait for the GIL (bench/gil_convoy.py), a shorter switch interval
+    # shows it: more requests per second and a mean batch above 1 at c=16.
+    step "again at c=16 with a 0.5 ms switch interval (Python's default: 5 ms)"
+    mkdir -p "$OUT/switch"
+    timeout 120 "$PY" "${BENCH[@]}" --set 'precision={"resnet50": "tf32"}' --results "$OUT/switch" \
+        --concurrency 16 --switch-interval 0.5
+    echo "serving.py (switch interval 0.5 ms) exit: $?"
 else
     step "bench/serving.py on the GPU (minilm-l6 shape, ResNet-50 random weights)"
     timeout 180 "$PY" "${BENCH[@]}"
@@ -171,6 +182,10 @@ else
     timeout 150 "$PY" "${BENCH[@]}" --results "$OUT/nograph" --set cuda_graphs=false
     echo "serving.py (no CUDA graphs) exit: $?"
 fi
+
+step "image preprocessing on RPC-like threads against the GIL (bench/gil_convoy.py)"
+timeout 60 "$PY" bench/gil_convoy.py --results "$OUT" --threads 1 2 4 8 16 --intervals 5 0.5
+echo "gil_convoy.py exit: $?"
 
 step "where batch-1 time goes (bench/gpu_profile.py: preprocessing, ONNX trunk, torch eager; ResNet-50)"
 timeout 90 "$PY" bench/gpu_profile.py --device "$DEVICE" --rounds 100 2>&1 | grep -v -e "Loading weights" -e "plugin EP" \
