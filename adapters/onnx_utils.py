@@ -149,9 +149,11 @@ def create_session(
 
     threads: intra-op threads; 0 = every core this process may use (onnxruntime's own default counts
     physical cores of the machine, which over- or under-counts in containers). 1 runs on the caller's
-    thread. spinning: let idle intra-op threads busy-wait between operators (lowest latency when the
-    model owns the machine; off, they yield the CPU to the rest of the server). memory_arena: off for
-    small models (per-task heads), where the arena's pre-allocation is most of the session's memory.
+    thread. spinning: let idle intra-op threads busy-wait between operators while a run is in progress, and
+    stop when it ends (`session.force_spinning_stop`: onnxruntime's own default keeps them spinning after a
+    run too, taking the cores from the rest of the process); off, they sleep between operators and each
+    parallel section wakes them (docs/design.md, "Spinning during a pass, not after it"). memory_arena: off
+    for small models (per-task heads), where the arena's pre-allocation is most of the session's memory.
     optimize: off for small heads, whose few nodes have nothing to fuse but whose optimised copy of the
     graph is held for the session's life (see adapters.runtime.HeadRuntime).
     """
@@ -164,7 +166,9 @@ def create_session(
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.enable_cpu_mem_arena = memory_arena
     opts.log_severity_level = 3
-    if not spinning:
+    if spinning:
+        opts.add_session_config_entry("session.force_spinning_stop", "1")
+    else:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     source = model if isinstance(model, bytes) else str(model)
     providers = providers_for(device, tensorrt_cache, cuda_graph=cuda_graph, tf32=tf32)

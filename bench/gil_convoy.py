@@ -35,7 +35,7 @@ HERE = pathlib.Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if pathlib.Path(p or ".").resolve() != HERE]
 sys.path.insert(0, str(HERE.parent))
 
-from adapters.preprocessing import ImagePreprocessor, ImageTransform  # noqa: E402
+from adapters.preprocessing import ImagePreprocessor, ImageTransform
 
 
 def jpegs(n: int = 32) -> list[bytes]:

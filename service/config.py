@@ -156,8 +156,10 @@ class Settings(BaseSettings):
     )
     max_tasks_per_request: int = Field(64, ge=1, le=4096, description="tasks in one multi-task Predict")
     trunk_spinning: bool = Field(
-        False, description="let the trunk's onnxruntime threads busy-wait between operators; faster when the "
-        "trunk owns the machine, slower when RPC threads need the cores",
+        False, description="let the trunk's onnxruntime threads busy-wait between operators while a trunk pass "
+        "runs (they stop when it ends): faster lone requests, but under load they hold the cores that this "
+        "replica's training worker and other processes on the machine would use; for replicas that only "
+        "serve (training_workers = 0)",
     )
     tensorrt: bool = Field(
         False, description="on a GPU, run trunks with TensorRT before CUDA (engines built on first use and "

@@ -188,3 +188,27 @@ def test_corrupt_cached_trunk_is_exported_again_at_start(tmp_path, caplog):
     assert "does not match its checksum" in caplog.text and "exporting trunk minilm-l6" in caplog.text
     np.testing.assert_allclose(again.embed(["a sentence to compare"]), expected, atol=1e-5)
     assert TrunkCacheFile(again.backbone, cache, "fp32").trusted()
+
+
+@pytest.mark.parametrize("spinning", [True, False])
+def test_trunk_threads_busy_wait_only_while_a_pass_runs(tmp_path, spinning):
+    """`trunk_spinning = true`: the trunk's intra-op threads busy-wait between operators during a pass and stop
+    when it ends (onnxruntime's default keeps them spinning after it, taking the cores the RPC threads
+    need); off (the default), they never busy-wait."""
+    from conftest import TINY_TEXT, make_settings
+
+    settings = make_settings(tmp_path, builtin_backbones=[], **({"trunk_spinning": True} if spinning else {}))
+    assert settings.trunk_spinning is spinning
+    options = BackboneRegistry.load(settings).get(TINY_TEXT).trunk.session.get_session_options()
+
+    def entry(key: str) -> str | None:
+        try:
+            return options.get_session_config_entry(key)
+        except RuntimeError:  # not set: onnxruntime's default
+            return None
+
+    if spinning:
+        assert entry("session.intra_op.allow_spinning") in (None, "1")
+        assert entry("session.force_spinning_stop") == "1"
+    else:
+        assert entry("session.intra_op.allow_spinning") == "0"
