@@ -518,12 +518,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--results", type=pathlib.Path, default=HERE / "results")
     p.add_argument("--docs", action="store_true", help="update docs/benchmarks.md and copy the plot to docs/")
     p.add_argument(
-        "--switch-interval", type=float, metavar="MS",
-        help="the interpreter's thread switch interval for this process, server included (sys.setswitchinterval; "
-        "Python's default is 5 ms): how long a thread back from C code (a decoder, onnxruntime) may wait for "
-        "the GIL while another runs Python (bench/gil_convoy.py)",
-    )
-    p.add_argument(
         "--profile",
         metavar="LEVEL",
         action="append",
@@ -616,7 +610,7 @@ def environment(args, settings, registry) -> dict:
         "grpcio": grpc.__version__,
         "cpu": cpu,
         "cores": len(os.sched_getaffinity(0)),
-        "switch_interval_ms": sys.getswitchinterval() * 1e3,
+        "switch_interval_ms": sys.getswitchinterval() * 1e3,  # the server's (setting switch_interval_ms)
         "device": registry.device,
         "rounds": args.rounds,
         "settings": {
@@ -723,8 +717,6 @@ def profile_summary(path: pathlib.Path, top: int = 12) -> dict:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.switch_interval:
-        sys.setswitchinterval(args.switch_interval / 1e3)
     # The server logs at WARNING, as configured below (no access line per RPC); only the bench talks.
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", stream=sys.stderr)
     log.setLevel(logging.INFO)

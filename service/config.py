@@ -89,6 +89,12 @@ class Settings(BaseSettings):
     )
 
     grpc_workers: int = Field(32, ge=1, description="threads serving RPCs")
+    switch_interval_ms: float = Field(
+        0.5, gt=0, le=100, description="the interpreter's thread switch interval in the server's process "
+        "(sys.setswitchinterval; Python's default is 5): how long a thread back from C code (onnxruntime, the "
+        "tokenizer, an image decoder) may wait for the GIL while another thread runs Python. Lower keeps "
+        "Predict's tail short beside calls that run much Python (a page of 500 tasks)",
+    )
     stream_slots: int = Field(
         0, ge=0, description="streams open at once (AddExamples, WatchJob, ExportTask, PredictStream, "
         "reflection), each holding one of grpc_workers' threads while open; more are refused with "

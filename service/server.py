@@ -9,6 +9,7 @@ import logging
 import os
 import pathlib
 import signal
+import sys
 import threading
 import time
 from concurrent import futures
@@ -177,6 +178,9 @@ def stream_slots(settings: Settings) -> pipeline.StreamSlots:
 
 
 def _build(settings: Settings, credentials, lock: DataDirLock, tracer=None) -> Running:
+    # Process-wide, like torch's thread count below: a thread that comes back from onnxruntime or a decoder
+    # waits at most this long for the GIL (docs/design.md, "Threads back from C code wait for the GIL").
+    sys.setswitchinterval(settings.switch_interval_ms / 1e3)
     if settings.intra_op_threads:
         import torch
 

@@ -288,3 +288,29 @@ def test_jobs_train_on_the_features_the_trunk_session_serves(server, tenant, ima
     for tap, name in (("last", "features"), ("last-1", "features_last_1")):
         # Bit for bit: torch's features differ from the session's in the last digits.
         np.testing.assert_array_equal(np.stack([trained[tap][sha] for sha in shas]), served[name])
+
+
+def test_a_server_sets_the_interpreters_switch_interval(tmp_path):
+    """`switch_interval_ms` (0.5 by default; Python's own is 5) becomes the process's GIL switch interval when
+    a server is built: how long a thread back from onnxruntime or a decoder may wait for the GIL while another
+    runs Python. Values out of range are refused."""
+    import sys
+
+    from pydantic import ValidationError
+
+    from service.config import Settings
+
+    before = sys.getswitchinterval()
+    try:
+        sys.setswitchinterval(0.005)
+        running = build_server(make_settings(tmp_path, builtin_backbones=[], switch_interval_ms=2))
+        try:
+            assert sys.getswitchinterval() == pytest.approx(0.002)
+        finally:
+            running.stop()
+        assert Settings.load().switch_interval_ms == 0.5
+    finally:
+        sys.setswitchinterval(before)
+    for bad in (0, -1, 1000):
+        with pytest.raises(ValidationError, match="switch_interval_ms"):
+            Settings.load(switch_interval_ms=bad)
