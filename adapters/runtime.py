@@ -291,9 +291,9 @@ class TrunkRuntime:
         cuda_graphs: bool = False,
     ) -> None:
         """threads: intra-op threads, 0 = every core; spinning: see create_session (off by default: under
-        load, busy-waiting holds the cores other work on the machine needs); tensorrt: TensorRT before CUDA on a
-        GPU, engines cached under cache_dir/tensorrt; precision: "fp32", "tf32" (the fp32 file with the CUDA
-        provider's TF32 products, CUDA only, checked with TF32_ATOL) or "int8" (dynamic quantisation,
+        load, busy-waiting holds the cores other work on the machine needs); tensorrt: TensorRT before CUDA
+        on a GPU, engines cached under cache_dir/tensorrt; precision: "fp32", "tf32" (the fp32 file with the
+        CUDA provider's TF32 products, CUDA only, checked with TF32_ATOL) or "int8" (dynamic quantisation,
         checked against torch with INT8_ATOL); cuda_graphs: on the CUDA provider, replay image trunks as
         CUDA graphs (CudaGraphs; not with TensorRT)."""
         if precision not in PRECISIONS:

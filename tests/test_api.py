@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 
 import grpc
 import numpy as np
@@ -13,8 +14,10 @@ import pytest
 from conftest import COLOURS, HELD_OUT, TINY_TEXT, TOPICS, Client, make_settings, png, text_examples, unique_id
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from pydantic import ValidationError
 
 from service.client import open_channel
+from service.config import Settings
 from service.gen import headserve_pb2 as pb
 from service.server import build_server
 
@@ -294,12 +297,6 @@ def test_a_server_sets_the_interpreters_switch_interval(tmp_path):
     """`switch_interval_ms` (0.5 by default; Python's own is 5) becomes the process's GIL switch interval when
     a server is built: how long a thread back from onnxruntime or a decoder may wait for the GIL while another
     runs Python. Values out of range are refused."""
-    import sys
-
-    from pydantic import ValidationError
-
-    from service.config import Settings
-
     before = sys.getswitchinterval()
     try:
         sys.setswitchinterval(0.005)
