@@ -68,6 +68,46 @@ def check_model_bytes(data: bytes) -> onnx.ModelProto:
     return model
 
 
+def cut_model(model: onnx.ModelProto, outputs: list[str]) -> tuple[onnx.ModelProto, float] | None:
+    """The part of `model` that computes `outputs`: the nodes they depend on, with only the graph inputs
+    and initializers those nodes read, and the fraction of the model's nodes kept. None when the graph has
+    control flow (a subgraph may read any tensor of the outer graph) or an output is not the model's.
+
+    `onnx.utils.Extractor` does the same after inferring every shape, which costs 1.3 s on minilm-l6's trunk
+    against 0.2 s here, and its result is the same graph (shapes are not needed to cut one)."""
+    import onnx
+
+    graph = model.graph
+    declared = {o.name: o for o in graph.output}
+    if any(name not in declared for name in outputs):
+        return None
+    producer = {}
+    for node in graph.node:
+        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
+            return None
+        for name in node.output:
+            producer[name] = node
+    kept: set[int] = set()
+    stack = list(outputs)
+    while stack:
+        node = producer.get(stack.pop())
+        if node is not None and id(node) not in kept:
+            kept.add(id(node))
+            stack.extend(name for name in node.input if name)
+    nodes = [n for n in graph.node if id(n) in kept]
+    read = {name for n in nodes for name in n.input} | set(outputs)
+    cut = onnx.helper.make_graph(
+        nodes, graph.name,
+        [i for i in graph.input if i.name in read],
+        [declared[name] for name in outputs],
+        [t for t in graph.initializer if t.name in read],
+        value_info=[v for v in graph.value_info if v.name in read],
+    )
+    out = onnx.helper.make_model(cut, opset_imports=model.opset_import, ir_version=model.ir_version,
+                                 functions=model.functions)
+    return out, len(nodes) / max(len(graph.node), 1)
+
+
 def available_cores() -> int:
     """CPU cores this process may run on (its affinity mask, not the machine's count)."""
     try:

@@ -167,6 +167,11 @@ class Settings(BaseSettings):
         "replica's training worker and other processes on the machine would use; for replicas that only "
         "serve (training_workers = 0)",
     )
+    trunk_cuts: bool = Field(
+        True, description="run a batch whose heads read only early trunk outputs (tuned heads read the "
+        "embedding output) through a session of the trunk cut after them, made at the first such batch; each "
+        "holds its own copy of the weights it reads (48 MB for minilm-l6's embeddings)",
+    )
     tensorrt: bool = Field(
         False, description="on a GPU, run trunks with TensorRT before CUDA (engines built on first use and "
         "cached in trunk_cache_dir/tensorrt)",

@@ -121,7 +121,8 @@ class BackboneRegistry:
             try:
                 entry.backbone = load_backbone(spec, opts, cache)
                 entry.trunk = TrunkRuntime(entry.backbone, cache, settings.intra_op_threads,
-                                           spinning=settings.trunk_spinning, tensorrt=settings.tensorrt,
+                                           spinning=settings.trunk_spinning, cuts=settings.trunk_cuts,
+                                           tensorrt=settings.tensorrt,
                                            precision=settings.precision.get(name, "fp32"),
                                            cuda_graphs=settings.cuda_graphs)
             except BackboneUnavailable as exc:

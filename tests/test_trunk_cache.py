@@ -212,3 +212,66 @@ def test_trunk_threads_busy_wait_only_while_a_pass_runs(tmp_path, spinning):
         assert entry("session.force_spinning_stop") == "1"
     else:
         assert entry("session.intra_op.allow_spinning") == "0"
+
+
+class _CountingSession:
+    """The trunk's whole session, counting the passes asked of it."""
+
+    def __init__(self, session) -> None:
+        self.session = session
+        self.runs = 0
+
+    def run(self, names, feeds):
+        self.runs += 1
+        return self.session.run(names, feeds)
+
+
+def test_a_batch_that_reads_early_outputs_only_runs_the_trunk_cut_after_them(tmp_path):
+    """A tuned text head reads the embedding output (blocks_6) alone: once the cut trunk is made (on a
+    thread of its own, at the first such batch), those batches run the embeddings only, with the same values
+    as the whole trunk; batches that need the features still run the whole trunk; a cut that would keep
+    most of the trunk is not made."""
+    import time
+
+    from conftest import TINY_TEXT, make_settings
+
+    from adapters.backbones import MAX_UNFREEZE
+
+    trunk = BackboneRegistry.load(make_settings(tmp_path, builtin_backbones=[])).get(TINY_TEXT).trunk
+    batch = trunk.backbone.preprocess(["a few words", "and a longer sentence than the one before it"])
+    embeddings = f"blocks_{MAX_UNFREEZE}"
+    whole = trunk.session.run([embeddings, "blocks_1"], {k: batch[k] for k in trunk.input_names})
+
+    first = trunk.outputs(batch, [embeddings, "attention_mask"])  # served by the whole trunk; starts the cut
+    deadline = time.monotonic() + 60
+    while trunk._cuts.get(frozenset([embeddings])) is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    cut, inputs = trunk._cuts[frozenset([embeddings])]
+    assert inputs == ["input_ids"]  # the embeddings do not read the mask
+    assert len(cut.get_inputs()) == 1
+
+    trunk.session = counting = _CountingSession(trunk.session)
+    second = trunk.outputs(batch, [embeddings, "attention_mask"])
+    assert counting.runs == 0
+    for got in (first, second):
+        np.testing.assert_array_equal(got[embeddings], whole[0])
+        np.testing.assert_array_equal(got["attention_mask"], batch["attention_mask"])
+    trunk.outputs(batch, ["features", embeddings])
+    assert counting.runs == 1
+
+    assert not trunk.cut(["blocks_1"])  # it would keep five of six blocks
+    np.testing.assert_array_equal(trunk.outputs(batch, ["blocks_1"])["blocks_1"], whole[1])
+
+
+def test_trunk_cuts_off_runs_the_whole_trunk_for_every_batch(tmp_path):
+    from conftest import TINY_TEXT, make_settings
+
+    from adapters.backbones import MAX_UNFREEZE
+
+    settings = make_settings(tmp_path, builtin_backbones=[], trunk_cuts=False)
+    trunk = BackboneRegistry.load(settings).get(TINY_TEXT).trunk
+    trunk.session = counting = _CountingSession(trunk.session)
+    batch = trunk.backbone.preprocess(["a few words"])
+    for _ in range(2):
+        trunk.outputs(batch, [f"blocks_{MAX_UNFREEZE}"])
+    assert counting.runs == 2 and not trunk._cuts
