@@ -805,9 +805,9 @@ def test_io_binding_path_gives_the_outputs_of_run():
     trunk.session = create_session(model, threads=1)
     x = rng.normal(size=(5, 8)).astype(np.float32)
     trunk.io_binding = False
-    plain = trunk._run(["probabilities"], {"features": x})[0]
+    plain = trunk._run_on(trunk.session, ["probabilities"], {"features": x})[0]
     trunk.io_binding = True
-    bound = trunk._run(["probabilities"], {"features": x})[0]
+    bound = trunk._run_on(trunk.session, ["probabilities"], {"features": x})[0]
     np.testing.assert_array_equal(plain, bound)
 
 
