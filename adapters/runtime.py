@@ -16,7 +16,7 @@ import numpy as np
 import onnxruntime as ort
 
 from adapters.backbones import FEATURES, TRUNK_OUTPUTS, Backbone, library_version
-from adapters.onnx_utils import HEAD_OUTPUT, create_session, cut_model
+from adapters.onnx_utils import HEAD_OUTPUT, available_cores, create_session, cut_model
 
 if TYPE_CHECKING:
     import onnx
@@ -471,19 +471,30 @@ HEAD_BYTES_FACTOR = 2.0
 # feature row costs less than a kernel launch, and thousands of small CUDA sessions would each hold
 # device memory. Larger heads (tuned trunk blocks) run on the trunk's device.
 SMALL_HEAD_BYTES = 1 << 20
+# Heads of this size or more (tuned trunk blocks: 43 MB for minilm-l6's six) run on up to HEAVY_HEAD_THREADS
+# intra-op threads, not one: a tuned minilm-l6 head on 2 cores, in-process, 8 sentences 51 -> 38 ms, 32
+# sentences 306 -> 167 ms (docs/design.md, "Cut trunks"). Each such session keeps its own pool of
+# threads - 1 sleeping threads (no spinning), and head_cache_mb bounds how many are loaded.
+HEAVY_HEAD_BYTES = 4 << 20
+HEAVY_HEAD_THREADS = 4
 
 
 class HeadRuntime:
     """One task's head version: an onnxruntime session from stored ONNX bytes, with its label order.
 
-    The session runs on the caller's thread (one intra-op thread) without a memory arena and, for a small
-    head, without graph optimisation (nothing to fuse in a Gemm or two and a Softmax), so an idle loaded head
-    holds its weights and little else."""
+    The session runs on the caller's thread (one intra-op thread; a heavy head, up to `threads`) without a
+    memory arena and, for a small head, without graph optimisation (nothing to fuse in a Gemm or two and a
+    Softmax), so an idle loaded head holds its weights and little else."""
 
-    def __init__(self, onnx_bytes: bytes, labels: Sequence[str], version: int, backbone: str, device: str = "cpu") -> None:
+    def __init__(self, onnx_bytes: bytes, labels: Sequence[str], version: int, backbone: str, device: str = "cpu",
+                 threads: int = 1) -> None:
+        """threads: intra-op threads for a heavy head (HEAVY_HEAD_BYTES), at most HEAVY_HEAD_THREADS; 0 = every
+        core this process may use, as for the trunk."""
         small = len(onnx_bytes) <= SMALL_HEAD_BYTES
-        self.session = create_session(onnx_bytes, "cpu" if small else device, threads=1, memory_arena=False,
-                                      optimize=not small)
+        heavy = len(onnx_bytes) >= HEAVY_HEAD_BYTES
+        pool = min(threads if threads > 0 else available_cores(), HEAVY_HEAD_THREADS) if heavy else 1
+        self.session = create_session(onnx_bytes, "cpu" if small else device, threads=pool, spinning=False,
+                                      memory_arena=False, optimize=not small)
         self.labels = list(labels)
         self.version = version
         self.backbone = backbone

@@ -98,7 +98,8 @@ def main(argv=None) -> int:
                 raise RuntimeError(f"task {name} did not train: {job}")
             key = task_key(DEFAULT_TENANT, name)
             record = store.get_head(key, store.get_task(key).live_version)
-            heads[name] = HeadRuntime(record.onnx, record.labels, record.version, "minilm-l6", registry.device)
+            heads[name] = HeadRuntime(record.onnx, record.labels, record.version, "minilm-l6", registry.device,
+                                      registry.head_threads)
             log.info("%s task READY in %.1f s; its head reads %s", name, time.perf_counter() - t,
                      ", ".join(heads[name].inputs))
         tuned = heads["tuned"]

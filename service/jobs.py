@@ -190,7 +190,8 @@ class Worker:
         """Makes a head the task's live version while the job goes on (service/training.py, `interim`):
         stored under this worker's lease, then installed like a finished job's head."""
         self._check_held(job)
-        runtime = HeadRuntime(head.onnx, head.labels, 0, backbone, str(self.registry.device))
+        runtime = HeadRuntime(head.onnx, head.labels, 0, backbone, str(self.registry.device),
+                              self.registry.head_threads)
         status = {**job.status, "message": "the feature head is live; fine-tuning"}
         try:
             version = self.store.publish_interim(job.job_id, head, self.name, status)
@@ -248,7 +249,8 @@ class Worker:
             head, backbone = self.trainer.run(job)
             status = {**job.status, "phase": "done", "progress": 1.0, "message": "ready",
                       "seconds": time.perf_counter() - start, "evaluation": head.evaluation}
-            runtime = HeadRuntime(head.onnx, head.labels, 0, backbone, str(self.registry.device))
+            runtime = HeadRuntime(head.onnx, head.labels, 0, backbone, str(self.registry.device),
+                                  self.registry.head_threads)
             version = self._stored(job, "its head", self.store.finish_job, job.job_id, status, head=head,
                                    owner=self.name)
             job.state, job.version, job.status = "SUCCEEDED", version, status

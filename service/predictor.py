@@ -437,7 +437,8 @@ class Predictor:
             )
         record = self.store.get_head(key, task.live_version)
         return HeadRuntime(
-            record.onnx, record.labels, record.version, task.backbone, str(self.registry.device)
+            record.onnx, record.labels, record.version, task.backbone, str(self.registry.device),
+            self.registry.head_threads,
         )
 
     def _task_exists(self, task_id: str) -> bool:

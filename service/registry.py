@@ -85,9 +85,10 @@ def _cuda_driver() -> bool:
 
 
 class BackboneRegistry:
-    def __init__(self, entries: dict[str, Entry], device: str) -> None:
+    def __init__(self, entries: dict[str, Entry], device: str, head_threads: int = 1) -> None:
         self.entries = entries
         self.device = device
+        self.head_threads = head_threads  # HeadRuntime's threads for heavy heads (the trunk's setting)
 
     @classmethod
     def load(cls, settings: Settings) -> BackboneRegistry:
@@ -129,7 +130,7 @@ class BackboneRegistry:
                 entry.unavailable_reason = exc.message
                 log.warning("backbone %s unavailable: %s", name, exc.message)
             entries[name] = entry
-        return cls(entries, device)
+        return cls(entries, device, settings.intra_op_threads)
 
     def get(self, name: str) -> Entry:
         entry = self.entries.get(name)

@@ -584,6 +584,25 @@ def test_onnx_export_matches_dense_head(strategy):
     np.testing.assert_allclose(runtime.run({HEAD_INPUT: fresh}), trained.head.predict_proba(fresh), atol=1e-5)
 
 
+@pytest.mark.parametrize("hidden, threads, expected", [
+    (8, 2, 1),  # a small head: one thread whatever the trunk has
+    (1100, 2, 2),  # a heavy head (4.4 MB): the trunk's threads ...
+    (1100, 16, 4),  # ... at most HEAVY_HEAD_THREADS
+])
+def test_heavy_heads_run_on_more_than_one_thread(hidden, threads, expected):
+    from adapters.runtime import HEAVY_HEAD_BYTES, HEAVY_HEAD_THREADS
+
+    rng = np.random.default_rng(0)
+    head = DenseHead("mlp", [(rng.normal(size=(hidden, 1000)).astype(np.float32), np.zeros(hidden, np.float32)),
+                             (rng.normal(size=(3, hidden)).astype(np.float32), np.zeros(3, np.float32))])
+    data = head.to_onnx()
+    assert (len(data) >= HEAVY_HEAD_BYTES) == (hidden > 8) and expected <= HEAVY_HEAD_THREADS
+    runtime = HeadRuntime(data, ["a", "b", "c"], version=1, backbone="fake", threads=threads)
+    assert runtime.session.get_session_options().intra_op_num_threads == expected
+    x = rng.normal(size=(5, 1000)).astype(np.float32)
+    np.testing.assert_allclose(runtime.run({HEAD_INPUT: x}), head.predict_proba(x), atol=1e-5)
+
+
 def test_export_checked_refuses_a_head_that_disagrees_with_its_onnx():
     class Skewed(DenseHead):
         def logits(self, x):
