@@ -29,6 +29,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from adapters.onnx_utils import HEAD_OUTPUT, OPSET, check_model_bytes, create_session
 from adapters.options import Progress, TrainingOptions, no_progress
+from adapters.runtime import dense_logits, softmax
 
 HEAD_INPUT = "features"
 
@@ -67,14 +68,7 @@ class DenseHead:
         return int(self.layers[-1][0].shape[0])
 
     def logits(self, x: np.ndarray) -> np.ndarray:
-        x = np.asarray(x, dtype=np.float32)
-        if self.normalize:
-            x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-        for i, (w, b) in enumerate(self.layers):
-            if i:
-                x = np.maximum(x, 0.0)
-            x = x @ w.T + b
-        return x
+        return dense_logits(x, self.layers, self.normalize)  # what serving runs (adapters.runtime.DenseArrays)
 
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
         return softmax(self.logits(x))
@@ -127,12 +121,6 @@ class DenseHead:
         data = model.SerializeToString()
         check_model_bytes(data)
         return data
-
-
-def softmax(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
 

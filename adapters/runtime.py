@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 import os
 import pathlib
+import sys
 import threading
 import uuid
 from collections.abc import Callable, Sequence
@@ -479,35 +481,206 @@ HEAVY_HEAD_BYTES = 4 << 20
 HEAVY_HEAD_THREADS = 4
 
 
+def dense_logits(x: np.ndarray, layers: Sequence[tuple[np.ndarray, np.ndarray]], normalize: bool,
+                 eps: float = 1e-12) -> np.ndarray:
+    """[L2-normalise] -> Dense (-> ReLU -> Dense)*, float32, W as [out, in]: a dense head's logits (the
+    numpy reference of adapters.heads.DenseHead, and how small heads are served: DenseArrays)."""
+    x = np.asarray(x, dtype=np.float32)
+    if normalize:
+        x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), np.float32(eps))
+    for i, (w, b) in enumerate(layers):
+        if i:
+            x = np.maximum(x, 0.0)
+        x = x @ w.T + b
+    return x
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+@dataclasses.dataclass
+class DenseArrays:
+    """A dense head's ONNX graph read back as its arrays (`read`), run with numpy: a loaded linear head of 3
+    labels then holds its 4.6 KB of weights, not an onnxruntime session of about 68 KiB."""
+
+    inputs: list[str]  # graph inputs, concatenated in this order
+    layers: list[tuple[np.ndarray, np.ndarray]]
+    normalize: bool
+    eps: float
+    metadata: dict[str, str]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        parts = [np.asarray(feeds[n], np.float32) for n in self.inputs]
+        x = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
+        if x.ndim != 2 or x.shape[1] != self.layers[0][0].shape[1]:
+            raise ValueError(f"head input of shape {x.shape}; the head takes [batch, {self.layers[0][0].shape[1]}]")
+        return softmax(dense_logits(x, self.layers, self.normalize, self.eps))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(w.nbytes + b.nbytes for w, b in self.layers)
+
+    @classmethod
+    def read(cls, data: bytes) -> DenseArrays | None:
+        """The arrays of a graph exactly as adapters.heads.DenseHead.to_onnx writes it, checked node by node
+        (ops, inputs, attributes, shapes); None for any other graph (an imported head, say), which then runs
+        on onnxruntime."""
+        import onnx
+        from onnx import helper, numpy_helper
+
+        try:
+            model = onnx.load_model_from_string(data)
+        except Exception:  # noqa: BLE001 - onnxruntime reports what is wrong with it
+            return None
+        graph = model.graph
+        inits = {t.name: t for t in graph.initializer}
+        if (model.functions or [o.name for o in graph.output] != [HEAD_OUTPUT]
+                or any(i.name in inits for i in graph.input) or not graph.input):
+            return None
+        widths = []
+        for i in graph.input:
+            t = i.type.tensor_type
+            dims = [d.dim_value if d.HasField("dim_value") else 0 for d in t.shape.dim]
+            if t.elem_type != onnx.TensorProto.FLOAT or len(dims) != 2 or dims[1] <= 0:
+                return None
+            widths.append(dims[1])
+
+        def array(name: str, ndim: int) -> np.ndarray | None:
+            if name not in inits or inits[name].data_type != onnx.TensorProto.FLOAT:
+                return None
+            value = numpy_helper.to_array(inits[name])
+            return value if value.ndim == ndim else None
+
+        nodes = list(graph.node)
+        pos = 0
+
+        def take(op: str, n_inputs: int, **attributes) -> onnx.NodeProto | None:
+            nonlocal pos
+            if pos >= len(nodes):
+                return None
+            node = nodes[pos]
+            found = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            if (node.op_type != op or node.domain not in ("", "ai.onnx") or len(node.input) != n_inputs
+                    or len(node.output) != 1 or found != attributes):
+                return None
+            pos += 1
+            return node
+
+        names = [i.name for i in graph.input]
+        x = names[0]
+        if len(names) > 1:
+            node = take("Concat", len(names), axis=1)
+            if node is None or list(node.input) != names:
+                return None
+            x = node.output[0]
+        normalize, eps = False, 1e-12
+        if pos < len(nodes) and nodes[pos].op_type == "ReduceL2":
+            norm = take("ReduceL2", 1, axes=[1], keepdims=1)
+            clamp = take("Max", 2)
+            div = take("Div", 2)
+            if None in (norm, clamp, div) or norm.input[0] != x or clamp.input[0] != norm.output[0]:
+                return None
+            value = array(clamp.input[1], 1)
+            if value is None or value.shape != (1,) or list(div.input) != [x, clamp.output[0]]:
+                return None
+            normalize, eps, x = True, float(value[0]), div.output[0]
+        layers: list[tuple[np.ndarray, np.ndarray]] = []
+        while True:
+            if layers:
+                relu = take("Relu", 1)
+                if relu is None:
+                    break
+                if relu.input[0] != x:
+                    return None
+                x = relu.output[0]
+            gemm = take("Gemm", 3, transB=1)
+            if gemm is None or gemm.input[0] != x:
+                return None
+            w, b = array(gemm.input[1], 2), array(gemm.input[2], 1)
+            fan_in = sum(widths) if not layers else layers[-1][0].shape[0]
+            if w is None or b is None or w.shape[1] != fan_in or b.shape != (w.shape[0],):
+                return None
+            layers.append((w, b))
+            x = gemm.output[0]
+        out = take("Softmax", 1, axis=1)
+        if out is None or out.input[0] != x or out.output[0] != HEAD_OUTPUT or pos != len(nodes):
+            return None
+        metadata = {p.key: p.value for p in model.metadata_props}
+        return cls(names, layers, normalize, eps, metadata)
+
+
+# Memory of a loaded head served with numpy (DenseArrays): its arrays plus this, for the Python objects
+# around them and the head's place in the cache. Measured: see DENSE_HEAD_BYTES' note in docs/design.md.
+DENSE_HEAD_BYTES = 4 << 10
+
+
 class HeadRuntime:
     """One task's head version: an onnxruntime session from stored ONNX bytes, with its label order.
 
-    The session runs on the caller's thread (one intra-op thread; a heavy head, up to `threads`) without a
+    A small head that is a dense head's graph (DenseArrays.read) runs with numpy from its arrays. Otherwise
+    the session runs on the caller's thread (one intra-op thread; a heavy head, up to `threads`) without a
     memory arena and, for a small head, without graph optimisation (nothing to fuse in a Gemm or two and a
-    Softmax), so an idle loaded head holds its weights and little else."""
+    Softmax), so an idle loaded head holds its weights and little else.
+
+    Reading the graph needs the onnx package, whose import costs a serving process 0.8 s (ml_dtypes):
+    until a thread has imported it, small heads load as sessions (the first such load starts the import)."""
 
     def __init__(self, onnx_bytes: bytes, labels: Sequence[str], version: int, backbone: str, device: str = "cpu",
                  threads: int = 1) -> None:
         """threads: intra-op threads for a heavy head (HEAVY_HEAD_BYTES), at most HEAVY_HEAD_THREADS; 0 = every
         core this process may use, as for the trunk."""
         small = len(onnx_bytes) <= SMALL_HEAD_BYTES
-        heavy = len(onnx_bytes) >= HEAVY_HEAD_BYTES
-        pool = min(threads if threads > 0 else available_cores(), HEAVY_HEAD_THREADS) if heavy else 1
-        self.session = create_session(onnx_bytes, "cpu" if small else device, threads=pool, spinning=False,
-                                      memory_arena=False, optimize=not small)
+        self.dense: DenseArrays | None = None
+        if small and _onnx_imported():
+            self.dense = DenseArrays.read(onnx_bytes)
         self.labels = list(labels)
         self.version = version
         self.backbone = backbone
         self.nbytes = len(onnx_bytes)
-        self.memory_bytes = int(HEAD_SESSION_BYTES + HEAD_BYTES_FACTOR * self.nbytes)  # estimate, for the LRU
-        self.inputs = [i.name for i in self.session.get_inputs()]  # trunk outputs (and inputs) it reads
-        meta = self.session.get_modelmeta().custom_metadata_map
+        if self.dense is not None:
+            self.session = None
+            self.memory_bytes = DENSE_HEAD_BYTES + self.dense.nbytes  # estimate, for the LRU
+            self.inputs = list(self.dense.inputs)
+            meta = self.dense.metadata
+        else:
+            heavy = len(onnx_bytes) >= HEAVY_HEAD_BYTES
+            pool = min(threads if threads > 0 else available_cores(), HEAVY_HEAD_THREADS) if heavy else 1
+            self.session = create_session(onnx_bytes, "cpu" if small else device, threads=pool, spinning=False,
+                                          memory_arena=False, optimize=not small)
+            self.memory_bytes = int(HEAD_SESSION_BYTES + HEAD_BYTES_FACTOR * self.nbytes)
+            self.inputs = [i.name for i in self.session.get_inputs()]  # trunk outputs (and inputs) it reads
+            meta = self.session.get_modelmeta().custom_metadata_map
         self.reject_threshold = float(meta.get("reject_threshold", 0.0))
         # The trunk precision whose features the head was trained on (heads from before int8: fp32).
         self.precision = meta.get("precision", "fp32")
 
     def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        if self.dense is not None:
+            return self.dense.run(feeds)
         return self.session.run([HEAD_OUTPUT], {k: feeds[k] for k in self.inputs})[0]
+
+
+_onnx_import = threading.Lock()
+_onnx_importing = False
+
+
+def _onnx_imported() -> bool:
+    """Whether the onnx package is imported; if not, imports it on a thread of its own (once)."""
+    global _onnx_importing
+    if "onnx.numpy_helper" in sys.modules:
+        return True
+    with _onnx_import:
+        if not _onnx_importing:
+            _onnx_importing = True
+            threading.Thread(target=_import_onnx, name="import-onnx", daemon=True).start()
+    return False
+
+
+def _import_onnx() -> None:
+    import onnx.numpy_helper  # noqa: F401
 
 
 def fuse(trunk: onnx.ModelProto, head_bytes: bytes, metadata: dict[str, str]) -> bytes:

@@ -584,8 +584,67 @@ def test_onnx_export_matches_dense_head(strategy):
     np.testing.assert_allclose(runtime.run({HEAD_INPUT: fresh}), trained.head.predict_proba(fresh), atol=1e-5)
 
 
+def _dense_graph(normalize: bool = True, hidden: int = 0, inputs=((HEAD_INPUT, 0),)) -> tuple[DenseHead, bytes]:
+    rng = np.random.default_rng(1)
+    width = 12 * len(inputs)
+    sizes = [width, hidden, 3] if hidden else [width, 3]
+    layers = [(rng.normal(size=(o, i)).astype(np.float32), rng.normal(size=o).astype(np.float32))
+              for i, o in zip(sizes, sizes[1:])]
+    taps = tuple((name, 12) for name, _ in inputs) if len(inputs) > 1 else inputs
+    head = DenseHead("linear", layers, normalize=normalize, inputs=taps)
+    return head, head.to_onnx({"reject_threshold": "0.25"})
+
+
+@pytest.mark.parametrize("normalize, hidden, inputs", [
+    (False, 0, ((HEAD_INPUT, 0),)),
+    (True, 0, ((HEAD_INPUT, 0),)),  # a prototype head
+    (False, 16, ((HEAD_INPUT, 0),)),  # an MLP
+    (True, 16, (("features_last_1", 0), ("features", 0))),  # taps, concatenated
+])
+def test_small_dense_heads_are_served_from_their_arrays_as_their_onnx_runs(normalize, hidden, inputs):
+    """A dense head's graph is read back as its arrays and run with numpy (a loaded head then holds a few KB,
+    not an onnxruntime session): the same probabilities as onnxruntime on its ONNX, the same inputs and
+    metadata, and a memory estimate of its arrays."""
+    head, data = _dense_graph(normalize, hidden, inputs)
+    runtime = HeadRuntime(data, ["a", "b", "c"], version=1, backbone="fake")
+    assert runtime.dense is not None and runtime.session is None
+    assert runtime.inputs == head.input_names and runtime.reject_threshold == 0.25
+    assert runtime.memory_bytes < 8 << 10
+    rng = np.random.default_rng(2)
+    feeds = {name: rng.normal(size=(7, 12)).astype(np.float32) for name in head.input_names}
+    feeds[head.input_names[0]][0] = 0.0  # a zero row (the normalisation's clamp)
+    expected = ort_session(data).run(None, feeds)[0]
+    np.testing.assert_allclose(runtime.run(feeds), expected, rtol=1e-5, atol=1e-6)
+
+
+def _mutated(data: bytes, change) -> bytes:
+    model = onnx.load_model_from_string(data)
+    change(model.graph)
+    return model.SerializeToString()
+
+
+def _set_attribute(node, name, value):
+    del node.attribute[:]
+    node.attribute.append(onnx.helper.make_attribute(name, value))
+
+
+@pytest.mark.parametrize("change", [
+    lambda g: _set_attribute(g.node[-1], "axis", 0),  # softmax over the batch
+    lambda g: _set_attribute(g.node[0], "transA", 1),  # Gemm other than x @ W.T + b
+    lambda g: g.node.insert(1, onnx.helper.make_node("Neg", [g.node[0].output[0]], ["n"])),
+    lambda g: g.node.append(onnx.helper.make_node("Identity", [HEAD_OUTPUT], ["copy"])),
+    lambda g: g.initializer[1].CopyFrom(onnx.numpy_helper.from_array(np.zeros(4, np.float32), "b0")),  # b: 4 for 3
+    lambda g: g.input[0].type.tensor_type.shape.dim[1].Clear(),  # width unknown
+], ids=["softmax-axis", "gemm-transA", "extra-node", "node-after-softmax", "bias-shape", "width"])
+def test_a_graph_that_is_not_exactly_a_dense_head_runs_on_onnxruntime(change):
+    _, data = _dense_graph(normalize=False)
+    changed = _mutated(data, change)
+    runtime = HeadRuntime(changed, ["a", "b", "c"], version=1, backbone="fake")
+    assert runtime.dense is None and runtime.session is not None
+
+
 @pytest.mark.parametrize("hidden, threads, expected", [
-    (8, 2, 1),  # a small head: one thread whatever the trunk has
+    (8, 2, None),  # a small head: numpy on the caller's thread
     (1100, 2, 2),  # a heavy head (4.4 MB): the trunk's threads ...
     (1100, 16, 4),  # ... at most HEAVY_HEAD_THREADS
 ])
@@ -596,9 +655,12 @@ def test_heavy_heads_run_on_more_than_one_thread(hidden, threads, expected):
     head = DenseHead("mlp", [(rng.normal(size=(hidden, 1000)).astype(np.float32), np.zeros(hidden, np.float32)),
                              (rng.normal(size=(3, hidden)).astype(np.float32), np.zeros(3, np.float32))])
     data = head.to_onnx()
-    assert (len(data) >= HEAVY_HEAD_BYTES) == (hidden > 8) and expected <= HEAVY_HEAD_THREADS
+    assert (len(data) >= HEAVY_HEAD_BYTES) == (hidden > 8) and (expected or 0) <= HEAVY_HEAD_THREADS
     runtime = HeadRuntime(data, ["a", "b", "c"], version=1, backbone="fake", threads=threads)
-    assert runtime.session.get_session_options().intra_op_num_threads == expected
+    if expected is None:
+        assert runtime.session is None and runtime.dense is not None
+    else:
+        assert runtime.session.get_session_options().intra_op_num_threads == expected
     x = rng.normal(size=(5, 1000)).astype(np.float32)
     np.testing.assert_allclose(runtime.run({HEAD_INPUT: x}), head.predict_proba(x), atol=1e-5)
 
