@@ -225,7 +225,8 @@ SERVE = textwrap.dedent("""
                 assert time.monotonic() < deadline
                 time.sleep(0.1)
             reply = stub.Predict(pb.PredictRequest(task_id="t", inputs=[pb.Input(text="soup")]), timeout=30)
-            heavy_after = sorted(m for m in ("torch", "transformers", "sklearn", "onnx") if m in sys.modules)
+            # (onnx may be imported by now, on a thread of its own: small heads are read back from their graphs)
+            heavy_after = sorted(m for m in ("torch", "transformers", "sklearn", "torchvision") if m in sys.modules)
     finally:
         running.stop()
     print(json.dumps({"heavy": heavy, "heavy_after": heavy_after, "label": reply.predictions[0].label,
@@ -249,7 +250,8 @@ def test_a_warm_serving_process_imports_no_torch(tmp_path):
                          text=True, timeout=300, cwd=os.path.dirname(os.path.dirname(__file__)))
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    # Trained by the worker process, served by this one: neither torch nor transformers is loaded here.
+    # Trained by the worker process, served by this one: neither torch nor transformers is loaded here, and
+    # onnx is not imported on the way to SERVING.
     assert result["heavy"] == [] and result["heavy_after"] == [], result
     assert result["label"] in ("sport", "food")
 
