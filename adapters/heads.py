@@ -29,7 +29,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from adapters.onnx_utils import HEAD_OUTPUT, OPSET, check_model_bytes, create_session
 from adapters.options import Progress, TrainingOptions, no_progress
-from adapters.runtime import dense_logits, softmax
+from adapters.runtime import DENSE_IR_VERSION, dense_logits, softmax
 
 HEAD_INPUT = "features"
 
@@ -116,7 +116,7 @@ class DenseHead:
         model = helper.make_model(
             graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="headserve"
         )
-        model.ir_version = 8  # readable by onnxruntime >= 1.14
+        model.ir_version = DENSE_IR_VERSION  # readable by onnxruntime >= 1.14
         onnx.helper.set_model_props(model, metadata or {})
         data = model.SerializeToString()
         check_model_bytes(data)

@@ -17,6 +17,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 import torch
 from PIL import Image
 
@@ -34,7 +36,7 @@ from adapters.label_words import LABEL_TEXT_MAX_WEIGHT, LabelText, label_text_qu
 from adapters.options import TAP_OUTPUTS, TrainingOptions
 from adapters.selection import train_head
 from adapters.preprocessing import ImagePreprocessor, ImageTransform, InputLimits, TextPreprocessor
-from adapters.runtime import HeadRuntime, TrunkRuntime, fuse, labels_of
+from adapters.runtime import DenseArrays, HeadRuntime, TrunkRuntime, fuse, labels_of
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
@@ -641,6 +643,34 @@ def test_a_graph_that_is_not_exactly_a_dense_head_runs_on_onnxruntime(change):
     changed = _mutated(data, change)
     runtime = HeadRuntime(changed, ["a", "b", "c"], version=1, backbone="fake")
     assert runtime.dense is None and runtime.session is not None
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_reading_a_damaged_or_altered_head_never_raises_and_serves_what_onnxruntime_would(data):
+    """Heads come from clients too (ImportTask): a dense head's bytes, flipped and cut anywhere, read back as
+    None (onnxruntime then decides) or as arrays that give what onnxruntime gives on the same bytes."""
+    normalize = data.draw(st.booleans())
+    _, good = _dense_graph(normalize, hidden=data.draw(st.sampled_from([0, 4])))
+    raw = bytearray(good)
+    for _ in range(data.draw(st.integers(1, 4))):
+        at = data.draw(st.integers(0, len(raw) - 1))
+        raw[at] = data.draw(st.integers(0, 255))
+    if data.draw(st.booleans()):
+        raw = raw[: data.draw(st.integers(0, len(raw)))]
+    read = DenseArrays.read(bytes(raw))
+    if read is None:
+        return
+    try:
+        session = ort_session(bytes(raw))
+    except Exception:  # noqa: BLE001 - onnxruntime refuses it; reading it must not have made it servable
+        pytest.fail("read back a head that onnxruntime refuses")
+    assert len(read.inputs) == 1
+    feeds = {read.inputs[0]: np.random.default_rng(3).normal(size=(4, read.layers[0][0].shape[1])).astype(np.float32)}
+    ours, theirs = read.run(feeds), session.run(None, feeds)[0]
+    assert ours.shape == theirs.shape == (4, read.layers[-1][0].shape[0])
+    if all(np.abs(a).max() < 1e4 for layer in read.layers for a in layer) and 0 < read.eps < 1:
+        np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("hidden, threads, expected", [
