@@ -23,7 +23,7 @@
 # weights), and with TensorRT when onnxruntime offers it with its libraries. Everything it writes is under $OUT
 # (default bench/results/gpu): log.txt, and results.tgz with env.txt, gpu-tests.xml, serving-gpu.{json,md,png},
 # nograph/serving-gpu.* (the same benchmark with cuda_graphs = false; `quick`: switch/serving-gpu.*, c=16 at
-# Python's 5 ms switch interval), gil_convoy.json and profile.txt; unpack it there
+# Python's 5 ms switch interval), trunk_cuts.json (not in `quick`), gil_convoy.json and profile.txt; unpack it there
 # (`tar -xzf results.tgz`).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -181,6 +181,14 @@ else
     mkdir -p "$OUT/nograph"
     timeout 150 "$PY" "${BENCH[@]}" --results "$OUT/nograph" --set cuda_graphs=false
     echo "serving.py (no CUDA graphs) exit: $?"
+fi
+
+if [[ "$MODE" != quick ]]; then
+    # A tuned text head reads the embedding output only; the trunk cut after it (trunk_cuts) on CUDA.
+    step "a tuned minilm-l6 task with the whole trunk and the cut one (bench/trunk_cuts.py)"
+    timeout 90 "$PY" bench/trunk_cuts.py --results "$OUT" --concurrency 1 16 --rounds 1 --duration 2 \
+        --raw-seconds 1 --batch-sizes 1 8 --inputs 128 --set "device=$DEVICE"
+    echo "trunk_cuts.py exit: $?"
 fi
 
 step "image preprocessing on RPC-like threads against the GIL (bench/gil_convoy.py)"
