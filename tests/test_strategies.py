@@ -72,6 +72,9 @@ def test_fine_tune_holds_the_tuned_blocks_and_serves_through_the_same_path(serve
     assert ev.strategy == "fine_tune" and details["unfreeze_blocks"] == 6 and ev.tap == "blocks_6"
     # The head carries six transformer layers: far bigger than a linear head, reported per task.
     assert ev.head_bytes > 6_000_000 and details["parameters"] > 6_000_000
+    # Served through the trunk cut after the embeddings (trunk_cuts): the same as the exported model, which
+    # runs the whole trunk.
+    assert server.app.registry.get("minilm-l6").trunk.cut(["blocks_6"])
     predicted = export_parity(server, client.stub, task_id, HELD_TEXTS)
     assert np.mean([p == t for p, t in zip(predicted, HELD_TRUTH)]) >= 0.8
 
