@@ -69,8 +69,9 @@ def check_model_bytes(data: bytes) -> onnx.ModelProto:
 
 
 def cut_model(model: onnx.ModelProto, outputs: list[str]) -> tuple[onnx.ModelProto, float] | None:
-    """The part of `model` that computes `outputs`: the nodes they depend on, with only the graph inputs
-    and initializers those nodes read, and the fraction of the model's nodes kept. None when the graph has
+    """The part of `model` that computes `outputs`: the nodes they depend on, with only the graph inputs,
+    initializers and recorded shapes (value_info; without them onnxruntime may fuse an int8 graph otherwise)
+    those nodes read, and the fraction of the model's nodes kept. None when the graph has
     control flow (a subgraph may read any tensor of the outer graph) or an output is not the model's.
 
     `onnx.utils.Extractor` does the same after inferring every shape, which costs 1.3 s on minilm-l6's trunk
