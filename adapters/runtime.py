@@ -388,7 +388,8 @@ class TrunkRuntime:
             session, inputs = self._cuts.get(key) or (session, inputs)
         return self._run_on(session, names, {k: feeds[k] for k in inputs})
 
-    def _run_on(self, session: ort.InferenceSession, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    def _run_on(self, session: ort.InferenceSession, names: list[str],
+                feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         if not self.io_binding:
             return session.run(names, feeds)
         binding = session.io_binding()
@@ -405,7 +406,8 @@ class TrunkRuntime:
             if key in self._cuts or len(self._cuts) >= CUT_SESSIONS:
                 return
             self._cuts[key] = None
-        threading.Thread(target=self.cut, args=(key,), name=f"trunk-cut-{self.backbone.name}", daemon=True).start()
+        threading.Thread(target=self.cut, args=(key,), name=f"trunk-cut-{self.backbone.name}",
+                         daemon=True).start()
 
     def cut(self, names: frozenset[str] | Sequence[str]) -> bool:
         """Makes and checks the session of the trunk cut after `names` (CUT_MAX_KEPT, CUT_RTOL); from then on
@@ -510,6 +512,7 @@ class DenseArrays:
     labels then holds its 4.6 KB of weights, not an onnxruntime session of about 68 KiB."""
 
     inputs: list[str]  # graph inputs, concatenated in this order
+    widths: list[int]  # their declared widths
     layers: list[tuple[np.ndarray, np.ndarray]]
     normalize: bool
     eps: float
@@ -517,9 +520,10 @@ class DenseArrays:
 
     def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         parts = [np.asarray(feeds[n], np.float32) for n in self.inputs]
+        for name, part, width in zip(self.inputs, parts, self.widths):
+            if part.ndim != 2 or part.shape[1] != width:
+                raise ValueError(f"head input {name!r} of shape {part.shape}; the head takes [batch, {width}]")
         x = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
-        if x.ndim != 2 or x.shape[1] != self.layers[0][0].shape[1]:
-            raise ValueError(f"head input of shape {x.shape}; the head takes [batch, {self.layers[0][0].shape[1]}]")
         with np.errstate(all="ignore"):  # as onnxruntime: non-finite weights give non-finite outputs, silently
             return softmax(dense_logits(x, self.layers, self.normalize, self.eps))
 
@@ -622,7 +626,7 @@ class DenseArrays:
         if out is None or out.input[0] != x or out.output[0] != HEAD_OUTPUT or pos != len(nodes):
             return None
         metadata = {p.key: p.value for p in model.metadata_props}
-        return cls(names, layers, normalize, eps, metadata)
+        return cls(names, widths, layers, normalize, eps, metadata)
 
 
 # Memory of a loaded head served with numpy (DenseArrays): its arrays plus this, for the Python objects

@@ -617,6 +617,12 @@ def test_small_dense_heads_are_served_from_their_arrays_as_their_onnx_runs(norma
     feeds[head.input_names[0]][0] = 0.0  # a zero row (the normalisation's clamp)
     expected = ort_session(data).run(None, feeds)[0]
     np.testing.assert_allclose(runtime.run(feeds), expected, rtol=1e-5, atol=1e-6)
+    # An input of another width is refused, as onnxruntime refuses it (even when the widths add up).
+    wrong = {**feeds, head.input_names[0]: feeds[head.input_names[0]][:, :11]}
+    if len(head.input_names) > 1:
+        wrong[head.input_names[1]] = np.hstack([feeds[head.input_names[1]], feeds[head.input_names[1]][:, :1]])
+    with pytest.raises(ValueError, match="the head takes"):
+        runtime.run(wrong)
 
 
 def _mutated(data: bytes, change) -> bytes:
