@@ -471,6 +471,11 @@ class TrunkRuntime:
 # the MLP), 2 cores; docs/design.md.
 HEAD_SESSION_BYTES = 58 << 10
 HEAD_BYTES_FACTOR = 2.0
+# Heads over SMALL_HEAD_BYTES keep every graph optimisation and hold about their model's bytes, measured after
+# a run (2 cores, 6-10 sessions each, malloc_trim'd): a tuned minilm-l6 head 42.7 MiB of RSS for 40.7 MiB of
+# ONNX (1.05x), MLPs of 2.5 and 8.0 MiB 1.04x and 0.67x. At the small heads' 2x the default cache held about
+# six tuned heads where eleven fit.
+LARGE_HEAD_BYTES_FACTOR = 1.1
 # Heads up to this size run on the CPU even when the trunk is on a GPU: a dense layer or two over one
 # feature row costs less than a kernel launch, and thousands of small CUDA sessions would each hold
 # device memory. Larger heads (tuned trunk blocks) run on the trunk's device.
@@ -669,7 +674,8 @@ class HeadRuntime:
             pool = min(threads if threads > 0 else available_cores(), HEAVY_HEAD_THREADS) if heavy else 1
             self.session = create_session(onnx_bytes, "cpu" if small else device, threads=pool, spinning=False,
                                           memory_arena=False, optimize=not small)
-            self.memory_bytes = int(HEAD_SESSION_BYTES + HEAD_BYTES_FACTOR * self.nbytes)
+            factor = HEAD_BYTES_FACTOR if small else LARGE_HEAD_BYTES_FACTOR
+            self.memory_bytes = int(HEAD_SESSION_BYTES + factor * self.nbytes)
             self.inputs = [i.name for i in self.session.get_inputs()]  # trunk outputs (and inputs) it reads
             meta = self.session.get_modelmeta().custom_metadata_map
         self.reject_threshold = float(meta.get("reject_threshold", 0.0))
