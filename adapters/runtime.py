@@ -409,6 +409,10 @@ class TrunkRuntime:
         threading.Thread(target=self.cut, args=(key,), name=f"trunk-cut-{self.backbone.name}",
                          daemon=True).start()
 
+    def cuts_in_use(self) -> list[frozenset[str]]:
+        """The sets of outputs that run on a cut session."""
+        return [key for key, made in list(self._cuts.items()) if made is not None]
+
     def cut(self, names: frozenset[str] | Sequence[str]) -> bool:
         """Makes and checks the session of the trunk cut after `names` (CUT_MAX_KEPT, CUT_RTOL); from then on
         a batch asking for exactly those outputs runs it. Whether one is in use."""

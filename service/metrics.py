@@ -147,3 +147,10 @@ class ServerCollector(Collector):
         yield rejected
         yield failed
         yield fair
+        cuts = GaugeMetricFamily("headserve_trunk_cuts",
+                                 "Sets of early trunk outputs served by a cut trunk session (trunk_cuts; each holds "
+                                 "its own copy of the weights it reads)", labels=["backbone"])
+        for name, entry in list(self.predictor.registry.entries.items()):
+            if entry.trunk is not None:
+                cuts.add_metric([name], len(entry.trunk.cuts_in_use()))
+        yield cuts

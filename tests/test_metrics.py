@@ -111,3 +111,12 @@ def test_series_do_not_grow_with_tasks_or_tenants(metered):
         cb.close()
     text = urllib.request.urlopen(f"http://127.0.0.1:{metered.metrics_port}/metrics", timeout=10).read().decode()
     assert a.tenant_id not in text and "a-99" not in text and unique_id() not in text
+
+
+def test_trunk_cuts_in_use_are_a_gauge_per_backbone(metered):
+    trunk = metered.app.registry.get(TINY_TEXT).trunk
+    before = value(scrape(metered), "headserve_trunk_cuts", backbone=TINY_TEXT)
+    assert before == len(trunk.cuts_in_use())
+    new = frozenset(["blocks_5"]) not in trunk.cuts_in_use()
+    assert trunk.cut(["blocks_5"])  # one embedding pass and one block of six
+    assert value(scrape(metered), "headserve_trunk_cuts", backbone=TINY_TEXT) == before + new
