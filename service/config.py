@@ -234,7 +234,9 @@ class Settings(BaseSettings):
         "seconds on a GPU, where a larger limit fits), so a larger task keeps AUTO's feature heads, and its "
         "evaluation says so (`fine_tune_skipped`); FINE_TUNE tunes on every example; 0: any number",
     )
-    intra_op_threads: int = Field(0, ge=0, description="onnxruntime/torch threads (a trunk pass; a heavy head, at most 4); 0 = all cores")
+    intra_op_threads: int = Field(
+        0, ge=0, description="onnxruntime/torch threads (a trunk pass; a heavy head, at most 4); 0 = all cores",
+    )
     metrics_address: str = Field(
         "", description="HOST:PORT for Prometheus metrics at http://HOST:PORT/metrics; empty: off"
     )

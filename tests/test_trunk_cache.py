@@ -244,7 +244,7 @@ def test_a_batch_that_reads_early_outputs_only_runs_the_trunk_cut_after_them(tmp
 
     first = trunk.outputs(batch, [embeddings, "attention_mask"])  # served by the whole trunk; starts the cut
     deadline = time.monotonic() + 60
-    while trunk._cuts.get(frozenset([embeddings])) is None and time.monotonic() < deadline:
+    while frozenset([embeddings]) not in trunk.cuts_in_use() and time.monotonic() < deadline:
         time.sleep(0.05)
     cut, inputs = trunk._cuts[frozenset([embeddings])]
     assert inputs == ["input_ids"]  # the embeddings do not read the mask
