@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -193,7 +194,11 @@ sa.Index("uq_jobs_one_active", jobs.c.task_key, unique=True,
 
 # The reads of every GetTask, built once: SQLAlchemy then only looks up their compiled form (building a select
 # per call was 60% of task_view's time on SQLite; docs/design.md, "Serving: the fixed cost per request").
+# The task's row comes with its live head's evaluation (a scalar subquery): two statements, not three.
 _TASK = sa.select(tasks).where(tasks.c.key == sa.bindparam("key"))
+_TASK_AND_EVALUATION = sa.select(tasks, sa.select(heads.c.evaluation).where(
+    heads.c.task_key == tasks.c.key, heads.c.version == tasks.c.live_version).scalar_subquery().label(
+    "live_evaluation")).where(tasks.c.key == sa.bindparam("key"))
 _LABEL_COUNTS = (sa.select(examples.c.label, sa.func.count()).where(examples.c.task_key == sa.bindparam("key"))
                  .group_by(examples.c.label))
 _EVALUATION = sa.select(heads.c.evaluation).where(heads.c.task_key == sa.bindparam("key"),
@@ -397,8 +402,15 @@ def _disk_full(exc: BaseException) -> bool:
     return getattr(orig, "sqlstate", None) == "53100" or getattr(orig, "pgcode", None) == "53100"  # disk_full
 
 
+@functools.lru_cache(maxsize=512)
+def _evaluation(text: str) -> dict:
+    """A head's evaluation from its JSON (a head version's evaluation never changes: GetTask reads the same
+    text again and again). Callers get a shallow copy; the values inside are shared and read-only."""
+    return json.loads(text)
+
+
 def _task(row) -> TaskRecord:
-    d = dict(row._mapping)
+    d = dict(row if isinstance(row, dict) else row._mapping)
     d["declared_labels"] = json.loads(d["declared_labels"])
     d["config"] = json.loads(d["config"])
     return TaskRecord(**d)
@@ -825,16 +837,13 @@ class Store:
     def task_view(self, key: str) -> tuple[TaskRecord, dict[str, int], dict]:
         """A task, its examples per label and its live head's evaluation, in one read transaction."""
         with self.engine.connect() as conn:
-            row = conn.execute(_TASK, {"key": key}).first()
+            row = conn.execute(_TASK_AND_EVALUATION, {"key": key}).first()
             if row is None:
                 raise NotFound(f"task {task_of(key)!r} does not exist")
-            task = _task(row)
             counts = dict(conn.execute(_LABEL_COUNTS, {"key": key}).all())
-            evaluation = {}
-            if task.live_version:
-                value = conn.execute(_EVALUATION, {"key": key, "version": task.live_version}).scalar()
-                evaluation = json.loads(value) if value else {}
-        return task, counts, evaluation
+        d = row._asdict()
+        value = d.pop("live_evaluation")
+        return _task(d), counts, dict(_evaluation(value)) if value else {}
 
     def list_tasks(self, tenant_id: str, after: str, limit: int, backbone: str = "") -> list[TaskRecord]:
         """The tenant's tasks in task id order, after the task id `after`."""
@@ -1217,7 +1226,7 @@ class Store:
     def head_evaluation(self, key: str, version: int) -> dict:
         with self.engine.connect() as conn:
             value = conn.execute(_EVALUATION, {"key": key, "version": version}).scalar()
-        return json.loads(value) if value else {}
+        return dict(_evaluation(value)) if value else {}
 
     # --- backup ---------------------------------------------------------------------------------------
 
