@@ -31,6 +31,7 @@ from adapters.backbones import (
     load_backbone,
 )
 from adapters.errors import InvalidInput
+from adapters.evaluation import warnings_for
 from adapters.heads import HEAD_INPUT, HEAD_OUTPUT, DenseHead, TrainedHead, export_checked
 from adapters.label_words import LABEL_TEXT_MAX_WEIGHT, LabelText, label_text_quality, label_text_weight
 from adapters.options import TAP_OUTPUTS, TrainingOptions
@@ -951,6 +952,22 @@ def test_warnings_for_few_examples_and_imbalance():
     assert not any("overfitting" in w for w in found), found
     x, labels, _ = clusters([10, 10])
     assert train_head(x, labels, TrainingOptions(strategy="linear")).evaluation["warnings"] == []
+
+
+def test_labels_spelled_two_ways_are_named_and_distinct_labels_are_not():
+    x, labels, _ = clusters([6, 6, 6, 6], names=["Sports", "sports ", "ｃｏｏｋｉｎｇ", "cooking"])
+    found = [w for w in train_head(x, labels, TrainingOptions(strategy="linear")).evaluation["warnings"]
+             if w.startswith("look-alike labels")]
+    assert len(found) == 1, found
+    assert "'Sports' and 'sports '" in found[0] and "'cooking' and 'ｃｏｏｋｉｎｇ'" in found[0], found
+    x, labels, _ = clusters([6, 6, 6], names=["sport", "sports", "spor ts"])
+    assert not any(w.startswith("look-alike") for w in
+                   train_head(x, labels, TrainingOptions(strategy="linear")).evaluation["warnings"])
+    long = "x" * 300
+    assert warnings_for({"train_accuracy": 1.0, "validation_accuracy": 1.0, "per_label": [], "strategy": "linear"},
+                        [long, long.upper()] * 3, None) == [
+        f"look-alike labels: {'X' * 40 + '...'!r} and {'x' * 40 + '...'!r} differ only in case, spacing or "
+        "Unicode form, and are separate labels; use one spelling if they mean the same"]
 
 
 def test_warning_for_overfitting_random_labels():
