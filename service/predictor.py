@@ -65,15 +65,26 @@ class HeadCache:
 
     A head's size is `HeadRuntime.memory_bytes` (an estimate from measurements). The most recently
     used head always stays, even if it alone is over the budget.
+
+    Tenants share the budget: a head goes out of the group (tenant, `group_of` its task id) holding the
+    most bytes, that group's least recently used first. With one tenant that is plain LRU. With several,
+    one tenant cycling through more heads than fit (tuned heads are 40 MB or more) evicts its own heads
+    before anyone else's, and can push another tenant's heads out only while that tenant holds more than
+    it does: each keeps at least an equal share of the budget, or what it uses if less.
     """
 
     def __init__(
-        self, load: Callable[[str], HeadRuntime], budget_bytes: int, exists: Callable[[str], bool]
+        self, load: Callable[[str], HeadRuntime], budget_bytes: int, exists: Callable[[str], bool],
+        group_of: Callable[[str], str] = lambda task_id: "",
     ) -> None:
         self._load = load
         self._exists = exists
+        self._group_of = group_of
         self.budget_bytes = budget_bytes
         self._heads: OrderedDict[str, HeadRuntime] = OrderedDict()
+        # group -> its task ids, least recently used first, and the bytes its heads hold
+        self._groups: dict[str, OrderedDict[str, None]] = {}
+        self._group_bytes: dict[str, int] = {}
         self._loading: dict[str, concurrent.futures.Future] = {}
         self._stale: set[concurrent.futures.Future] = set()  # loads a forget() overlapped: not cached
         self._lock = threading.Lock()
@@ -84,6 +95,7 @@ class HeadCache:
             head = self._heads.get(task_id)
             if head is not None:
                 self._heads.move_to_end(task_id)
+                self._groups[self._group_of(task_id)].move_to_end(task_id)
                 self.stats.hits += 1
                 return head
             loading = self._loading.get(task_id)
@@ -123,13 +135,28 @@ class HeadCache:
         current = self._heads.get(task_id)
         if current is not None and current.version > head.version:
             self._heads.move_to_end(task_id)
+            self._groups[self._group_of(task_id)].move_to_end(task_id)
             return current
         if current is not None:
-            self.stats.bytes -= current.memory_bytes
+            self._drop(task_id)
         self._heads[task_id] = head
-        self._heads.move_to_end(task_id)
+        group = self._group_of(task_id)
+        self._groups.setdefault(group, OrderedDict())[task_id] = None
+        self._group_bytes[group] = self._group_bytes.get(group, 0) + head.memory_bytes
         self.stats.bytes += head.memory_bytes
         self._trim()
+        return head
+
+    def _drop(self, task_id: str) -> HeadRuntime | None:
+        head = self._heads.pop(task_id, None)
+        if head is not None:
+            group = self._group_of(task_id)
+            members = self._groups[group]
+            del members[task_id]
+            self._group_bytes[group] -= head.memory_bytes
+            if not members:
+                del self._groups[group], self._group_bytes[group]
+            self.stats.bytes -= head.memory_bytes
         return head
 
     def set_budget(self, budget_bytes: int) -> None:
@@ -140,8 +167,11 @@ class HeadCache:
 
     def _trim(self) -> None:
         while self.stats.bytes > self.budget_bytes and len(self._heads) > 1:
-            _, evicted = self._heads.popitem(last=False)
-            self.stats.bytes -= evicted.memory_bytes
+            latest = next(reversed(self._heads))
+            # The largest holder's least recently used head; never the latest (it may be that group's only one).
+            victim = next(task_id for group in sorted(self._groups, key=self._group_bytes.__getitem__, reverse=True)
+                          for task_id in self._groups[group] if task_id != latest)
+            self._drop(victim)
             self.stats.evictions += 1
         self.stats.heads = len(self._heads)
 
@@ -151,9 +181,7 @@ class HeadCache:
             loading = self._loading.pop(task_id, None)
             if loading is not None:
                 self._stale.add(loading)
-            head = self._heads.pop(task_id, None)
-            if head is not None:
-                self.stats.bytes -= head.memory_bytes
+            self._drop(task_id)
             self.stats.heads = len(self._heads)
 
     def __contains__(self, task_id: str) -> bool:
@@ -415,7 +443,7 @@ class Predictor:
         self.settings = settings or Settings()
         self.metrics = metrics
         self.tracer = tracer
-        self.heads = HeadCache(self._load, self.settings.head_cache_mb << 20, self._task_exists)
+        self.heads = HeadCache(self._load, self.settings.head_cache_mb << 20, self._task_exists, tenant_of)
         self._lanes: dict[str, _Lane] = {}
         self._lanes_lock = threading.Lock()
 

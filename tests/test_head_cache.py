@@ -68,6 +68,37 @@ def test_least_recently_used_heads_go_first_and_hot_heads_stay():
     assert [t for t in "abcd" if t in c] == ["a", "b", "d"] and loader.calls[-1] == "b"
 
 
+def test_a_tenant_cycling_through_more_heads_than_fit_evicts_its_own_first():
+    sizes = {"b/1": 10, "b/2": 10, "b/3": 10}  # tenant b: small heads; tenant a: heads of 100
+    loaded: list[str] = []
+
+    def load(task_id: str) -> FakeHead:
+        loaded.append(task_id)
+        return FakeHead(task_id, size=sizes.get(task_id, 100))
+
+    c = HeadCache(load, 330, lambda t: True, lambda t: t.partition("/")[0])
+    for t in ("b/1", "b/2", "b/3", "a/1", "a/2", "a/3"):
+        c.get(t)
+    for cycle in range(3):  # a uses five heads in turn: two more than fit beside b's
+        for i in range(1, 6):
+            c.get(f"a/{i}")
+    assert all(t in c for t in ("b/1", "b/2", "b/3")), c.keys()  # plain LRU would have evicted all three
+    assert loaded.count("b/1") == 1
+    assert sum(t.startswith("a/") for t in c.keys()) == 3 and c.stats.bytes == 330
+    # b grows past a: now b's least recently used heads go first, a keeps what it holds
+    sizes.update({f"b/{i}": 60 for i in range(4, 9)})
+    for i in range(4, 9):
+        c.get(f"b/{i}")
+    held = {g: sum(sizes.get(t, 100) for t in c.keys() if t.startswith(g)) for g in ("a/", "b/")}
+    assert held["a/"] >= 100 and held["a/"] + held["b/"] <= 330, (held, c.keys())
+    assert "b/1" not in c and "b/8" in c
+    # one tenant alone: least recently used first, as before
+    solo = HeadCache(lambda t: FakeHead(t), 300, lambda t: True, lambda t: t.partition("/")[0])
+    for t in ("x/a", "x/b", "x/c", "x/a", "x/d"):
+        solo.get(t)
+    assert solo.keys() == ["x/c", "x/a", "x/d"]
+
+
 def test_the_latest_head_stays_even_when_it_alone_is_over_budget():
     c, _ = cache(budget=50)
     c.get("a")
