@@ -167,7 +167,7 @@ def run_zero_shot(args) -> int:
     results["environment"] = environment()
     results["descriptions"] = ZERO_SHOT_DESCRIPTIONS
     datasets = [load(p, args.test_limit, args.split_seed) for p in args.datasets]
-    server_args = argparse.Namespace(address=None, data_dir=None, verbose=False)
+    server_args = argparse.Namespace(address=None, data_dir=None, verbose=False, set=[])
     with server(server_args, args.backbone, {}) as srv:
         channel, stub = connect(srv["address"])
         with channel:
