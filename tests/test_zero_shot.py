@@ -10,7 +10,8 @@ import numpy as np
 import onnx
 import pytest
 
-from adapters.zeroshot import STRATEGY, TEMPERATURE, VALIDATION, can_zero_shot, label_texts, zero_shot_head
+from adapters.zeroshot import (STRATEGY, TEMPERATURE, TEMPLATES, VALIDATION, can_zero_shot, label_embeddings,
+                               label_texts, zero_shot_head)
 from conftest import HELD_OUT, TOPICS, text_examples, unique_id
 from service.gen import headserve_pb2 as pb
 
@@ -52,6 +53,24 @@ def test_head_is_cosine_similarity_over_temperature() -> None:
     assert head.strategy == STRATEGY and head.num_classes == 3
 
 
+def test_a_label_is_the_mean_of_its_words_in_every_template() -> None:
+    asked: list[str] = []
+    rng = np.random.default_rng(1)
+    table: dict[str, np.ndarray] = {}
+
+    def embed(sentences: list[str]) -> np.ndarray:  # any fixed vector per sentence, of any length
+        asked.extend(sentences)
+        return np.stack([table.setdefault(t, rng.normal(size=6) * rng.uniform(0.5, 3)) for t in sentences])
+
+    got = label_embeddings(embed, ["sports", "a question about a person"])
+    assert asked == [t.format(w) for w in ["sports", "a question about a person"] for t in TEMPLATES]
+    assert len(TEMPLATES) >= 3 and all(t.count("{}") == 1 for t in TEMPLATES)
+    unit = lambda a: a / np.linalg.norm(a, axis=-1, keepdims=True)  # noqa: E731
+    for i, words in enumerate(["sports", "a question about a person"]):
+        want = unit(np.mean([unit(table[t.format(words)]) for t in TEMPLATES], axis=0))
+        np.testing.assert_allclose(got[i], want, rtol=1e-5, atol=1e-6)
+
+
 def test_created_with_descriptions_only_is_ready_and_sensible(client) -> None:
     stub = client.stub
     task_id = unique_id("zs")
@@ -65,6 +84,7 @@ def test_created_with_descriptions_only_is_ready_and_sensible(client) -> None:
     assert any(VALIDATION in w for w in ev.warnings)
     details = json.loads(ev.details_json)
     assert details["label_text"]["texts"] == DESCRIPTIONS and details["label_text"]["described"] == 3
+    assert details["label_text"]["templates"] == list(TEMPLATES)
     # Its job is a finished one, like every version's.
     job = client.wait_ready(task_id, timeout=30)
     assert job.state == pb.Job.SUCCEEDED and job.version == 1
