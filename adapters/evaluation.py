@@ -5,7 +5,6 @@ warnings a task's evaluation carries."""
 from __future__ import annotations
 
 import math
-import unicodedata
 from collections import Counter
 from collections.abc import Sequence
 
@@ -14,6 +13,7 @@ from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 from sklearn.model_selection import RepeatedStratifiedKFold
 
 from adapters.heads import nll, softmax
+from adapters.label_words import look_alike_warnings
 from adapters.options import TrainingOptions
 
 Folds = list[tuple[np.ndarray, np.ndarray]]
@@ -154,11 +154,7 @@ def warnings_for(ev: dict, labels: Sequence[str], sample_ids: Sequence[str] | No
             f"imbalanced labels: {max(counts.values())} vs {min(counts.values())} examples; "
             "class weights compensate, but add examples to the small labels"
         )
-    alike = _alike_labels(counts)
-    if alike:
-        shown = "; ".join(" and ".join(repr(_cut(label)) for label in group) for group in alike[:3])
-        out.append(f"look-alike labels: {shown} differ only in case, spacing or Unicode form, and are separate "
-                   "labels; use one spelling if they mean the same")
+    out += look_alike_warnings(counts)
     if sample_ids is not None:
         seen: dict[str, set[str]] = {}
         for sid, label in zip(sample_ids, labels):
@@ -168,17 +164,3 @@ def warnings_for(ev: dict, labels: Sequence[str], sample_ids: Sequence[str] | No
             shown = "; ".join(" vs ".join(map(repr, ls)) for ls in conflicts[:3])
             out.append(f"conflicting labels: {len(conflicts)} input(s) were given with two or more labels ({shown})")
     return out
-
-
-def _alike_labels(labels) -> list[list[str]]:
-    """Groups of labels that are one label to a reader ('Sports', 'sports ', 'ｓｐｏｒｔｓ'): equal after NFKC,
-    case folding and collapsing whitespace. A client that spells a label two ways splits its examples
-    between two labels that compete for the same inputs."""
-    groups: dict[str, list[str]] = {}
-    for label in sorted(labels):
-        groups.setdefault(" ".join(unicodedata.normalize("NFKC", label).casefold().split()), []).append(label)
-    return [g for g in groups.values() if len(g) > 1]
-
-
-def _cut(text: str, limit: int = 40) -> str:
-    return text if len(text) <= limit else text[:limit] + "..."

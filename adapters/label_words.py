@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Mapping, Sequence
+import unicodedata
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -58,3 +59,27 @@ def embed_label_words(backbone: Backbone, trunk: TrunkRun, names: Sequence[str],
         return None
     texts = [options.label_descriptions.get(name, name) for name in names]
     return LabelText(pooled_taps(trunk, backbone.preprocess(texts), 32), texts)
+
+
+def look_alike_warnings(labels: Iterable[str]) -> list[str]:
+    """A warning naming labels spelled two ways, if any (at most three groups shown)."""
+    alike = _alike_labels(labels)
+    if not alike:
+        return []
+    shown = "; ".join(" and ".join(repr(_cut(label)) for label in group) for group in alike[:3])
+    return [f"look-alike labels: {shown} differ only in case, spacing or Unicode form, and are separate labels; "
+            "use one spelling if they mean the same"]
+
+
+def _alike_labels(labels) -> list[list[str]]:
+    """Groups of labels that are one label to a reader ('Sports', 'sports ', 'ｓｐｏｒｔｓ'): equal after NFKC,
+    case folding and collapsing whitespace. A client that spells a label two ways splits its examples
+    between two labels that compete for the same inputs."""
+    groups: dict[str, list[str]] = {}
+    for label in sorted(labels):
+        groups.setdefault(" ".join(unicodedata.normalize("NFKC", label).casefold().split()), []).append(label)
+    return [g for g in groups.values() if len(g) > 1]
+
+
+def _cut(text: str, limit: int = 40) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."

@@ -30,6 +30,7 @@ import numpy as np
 
 from adapters.backbones import Backbone, TrunkRun, pooled_taps
 from adapters.heads import HEAD_INPUT, DenseHead, TrainedHead, export_checked
+from adapters.label_words import look_alike_warnings
 
 STRATEGY = "zero_shot"
 TEMPERATURE = 0.05
@@ -106,7 +107,7 @@ def build(backbone: Backbone, trunk: TrunkRun, labels: Sequence[str], descriptio
         "baseline_accuracy": 1.0 / k,
         "train_accuracy": 0.0,
         "warnings": [f"{VALIDATION}: the head compares inputs with the labels' words only; add examples and "
-                     "train to get a validated head"],
+                     "train to get a validated head", *look_alike_warnings(names)],
     }
     trained = TrainedHead(head, names, evaluation)
     data = export_checked(trained, {HEAD_INPUT: features}, {**(metadata or {}), "tap": "last"})

@@ -102,6 +102,15 @@ def test_created_with_descriptions_only_is_ready_and_sensible(client) -> None:
     assert {p.key: p.value for p in model.metadata_props}["strategy"] == STRATEGY
 
 
+def test_labels_spelled_two_ways_are_named_in_the_warnings(client) -> None:
+    task = client.stub.CreateTask(pb.CreateTaskRequest(task_id=unique_id("zs-alike"), backbone="minilm-l6",
+                                                       labels=["Sports", "sports ", "cooking"]), timeout=60)
+    assert task.state == pb.Task.READY
+    assert [w for w in task.evaluation.warnings if w.startswith("look-alike")] == [
+        "look-alike labels: 'Sports' and 'sports ' differ only in case, spacing or Unicode form, and are separate "
+        "labels; use one spelling if they mean the same"]
+
+
 def test_plain_label_names_are_enough(client) -> None:
     task_id = unique_id("zs-names")
     task = client.stub.CreateTask(pb.CreateTaskRequest(task_id=task_id, backbone="minilm-l6",
