@@ -16,6 +16,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import dataclasses
+import heapq
 import logging
 import threading
 import time
@@ -168,8 +169,9 @@ class HeadCache:
     def _trim(self) -> None:
         while self.stats.bytes > self.budget_bytes and len(self._heads) > 1:
             latest = next(reversed(self._heads))
-            # The largest holder's least recently used head; never the latest (it may be that group's only one).
-            victim = next(task_id for group in sorted(self._groups, key=self._group_bytes.__getitem__, reverse=True)
+            # The largest holder's least recently used head; never the latest, which may be its group's only
+            # head (then the next largest holder's).
+            victim = next(task_id for group in heapq.nlargest(2, self._groups, key=self._group_bytes.__getitem__)
                           for task_id in self._groups[group] if task_id != latest)
             self._drop(victim)
             self.stats.evictions += 1

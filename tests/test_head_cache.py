@@ -92,6 +92,10 @@ def test_a_tenant_cycling_through_more_heads_than_fit_evicts_its_own_first():
     held = {g: sum(sizes.get(t, 100) for t in c.keys() if t.startswith(g)) for g in ("a/", "b/")}
     assert held["a/"] >= 100 and held["a/"] + held["b/"] <= 330, (held, c.keys())
     assert "b/1" not in c and "b/8" in c
+    # a head over the whole budget stays alone, though its tenant is the largest holder
+    sizes["c/1"] = 500
+    c.get("c/1")
+    assert c.keys() == ["c/1"] and c.stats.bytes == 500
     # one tenant alone: least recently used first, as before
     solo = HeadCache(lambda t: FakeHead(t), 300, lambda t: True, lambda t: t.partition("/")[0])
     for t in ("x/a", "x/b", "x/c", "x/a", "x/d"):
