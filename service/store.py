@@ -402,10 +402,15 @@ def _disk_full(exc: BaseException) -> bool:
     return getattr(orig, "sqlstate", None) == "53100" or getattr(orig, "pgcode", None) == "53100"  # disk_full
 
 
-@functools.lru_cache(maxsize=512)
 def _evaluation(text: str) -> dict:
-    """A head's evaluation from its JSON (a head version's evaluation never changes: GetTask reads the same
-    text again and again). Callers get a shallow copy; the values inside are shared and read-only."""
+    """A head's evaluation from its JSON. A version's evaluation never changes and GetTask reads the same text
+    again and again, so small ones (a few dozen labels: the confusion matrix grows with their square) are
+    decoded once and kept; callers get a shallow copy, the values inside are shared and read-only."""
+    return _small_evaluation(text) if len(text) <= 16384 else json.loads(text)
+
+
+@functools.lru_cache(maxsize=256)  # at most about 256 x 16 KB of JSON, decoded
+def _small_evaluation(text: str) -> dict:
     return json.loads(text)
 
 
