@@ -1,13 +1,20 @@
 """Label words: a text task's labels are evidence too. Each label's text (its name, or the description the
 client gives), embedded by the trunk, joins training as `weight` copies of an example of that label; the
-weight is how well those words alone sort the task's own examples (`label_text_quality`)."""
+weight is how well those words alone sort the task's own examples (`label_text_quality`). A zero-shot
+task (adapters/zeroshot.py) is served from the same embeddings alone.
+
+A label's words are not a sentence, and a sentence-transformer was trained on sentences: a label's
+embedding is the mean of the trunk's features of its words written into each of a few sentence templates
+(`TEMPLATES`), as CLIP's zero-shot classifiers average over prompts. The templates were written once, before
+any was scored; docs/design.md, "Label words in sentence templates", has the leave-one-dataset-out evidence
+for zero-shot heads and for trained ones."""
 
 from __future__ import annotations
 
 import dataclasses
 import re
 import unicodedata
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -31,6 +38,28 @@ class LabelText:
 # label_text_quality kept the gains and the losses within 0.5 points (docs/design.md, "Training").
 LABEL_TEXT_MAX_WEIGHT = 16
 WORD = re.compile(r"[^\W\d_]{2}")  # two letters in a row
+
+
+TEMPLATES = ("{}.", "This is {}.", "This text is about {}.", "A sentence about {}.", "It is {}.")
+SENTENCE_TAP = "last"  # the sentence embedding (normalised by the model): its features are compared by cosine
+
+
+def label_embeddings(embed: Callable[[list[str]], Mapping[str, np.ndarray]],
+                     texts: Sequence[str]) -> dict[str, np.ndarray]:
+    """Per tap, one row per text: the mean of the features of the text written into every template (`embed`
+    maps sentences to {tap: [n, d]}). The sentence tap's rows are normalised before and after the mean."""
+    out = {}
+    for tap, rows in embed([t.format(text) for text in texts for t in TEMPLATES]).items():
+        rows = np.asarray(rows, dtype=np.float32)
+        if tap == SENTENCE_TAP:
+            rows = _unit(rows)
+        mean = rows.reshape(len(texts), len(TEMPLATES), -1).mean(axis=1)
+        out[tap] = _unit(mean) if tap == SENTENCE_TAP else mean
+    return out
+
+
+def _unit(a: np.ndarray) -> np.ndarray:
+    return a / np.maximum(np.linalg.norm(a, axis=-1, keepdims=True), 1e-12)
 
 
 def label_text_quality(last: np.ndarray, y: np.ndarray, label_last: np.ndarray) -> float:
@@ -58,7 +87,8 @@ def embed_label_words(backbone: Backbone, trunk: TrunkRun, names: Sequence[str],
     if backbone.modality != "text" or options.label_text == "off":
         return None
     texts = [options.label_descriptions.get(name, name) for name in names]
-    return LabelText(pooled_taps(trunk, backbone.preprocess(texts), 32), texts)
+    return LabelText(label_embeddings(lambda sentences: pooled_taps(trunk, backbone.preprocess(sentences), 32), texts),
+                     texts)
 
 
 def look_alike_warnings(labels: Iterable[str]) -> list[str]:

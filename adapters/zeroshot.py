@@ -1,10 +1,8 @@
 """Zero-shot heads: a text task with labels and no examples, served from its labels' own words.
 
-Each label's text (its description, else its name) is written into each of a few sentence templates
-("This is {}.", "A sentence about {}.", ...); the label's embedding is the mean of the trunk's normalised
-embeddings of those sentences (prompt ensembling, as CLIP's zero-shot classifiers do). The head scores an
-input by the cosine similarity of its sentence embedding to each label's embedding, divided by a
-temperature:
+Each label's text (its description, else its name) is embedded as label words are for trained heads
+(adapters/label_words.py: the mean over a few sentence templates); the head scores an input by the cosine
+similarity of its sentence embedding to each label's embedding, divided by a temperature:
 
     L2-normalise(features) -> Dense(W = label embeddings / T, b = 0) -> Softmax
 
@@ -13,32 +11,24 @@ reference like the trained ones, served by the same runtime, replaced by the nex
 
 T = 0.05 is the temperature the sentence-transformers models were trained with (their in-batch ranking
 loss multiplies cosine similarities by 20); it is not fitted on any benchmark set.
-
-The templates were written once, before any was scored. Against the bare words, their mean embedding gained
-on each of the six text sets with minilm-l6 (+1.0 to +5.6 points, mean +3.2) and was kept by the choice
-between the two made leave-one-dataset-out on every fold; picking one template by its mean over the other
-sets was worse (+2.1, and −4.4 on TREC). docs/design.md, "Zero-shot label templates".
 """
 
 from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
 from adapters.backbones import Backbone, TrunkRun, pooled_taps
 from adapters.heads import HEAD_INPUT, DenseHead, TrainedHead, export_checked
-from adapters.label_words import look_alike_warnings
+from adapters.label_words import TEMPLATES, label_embeddings, look_alike_warnings
 
 STRATEGY = "zero_shot"
 TEMPERATURE = 0.05
 VALIDATION = "zero-shot: no validation"
 WORD = re.compile(r"[^\W\d_]{2}")  # two letters in a row: what a label's text needs to be read as words
-
-
-TEMPLATES = ("{}.", "This is {}.", "This text is about {}.", "A sentence about {}.", "It is {}.")
 
 
 def label_texts(labels: Sequence[str], descriptions: Mapping[str, str]) -> list[str]:
@@ -51,17 +41,6 @@ def can_zero_shot(labels: Sequence[str], descriptions: Mapping[str, str], label_
     ("sports", "a question about a person"; not "0", "A" or "L7"), and label_text not OFF."""
     texts = label_texts(labels, descriptions)
     return label_text != "off" and len(texts) >= 2 and all(WORD.search(t) for t in texts)
-
-
-def label_embeddings(embed: Callable[[list[str]], np.ndarray], texts: Sequence[str]) -> np.ndarray:
-    """Each text's embedding [k, d]: the normalised mean of the normalised embeddings of the text written into
-    every template (`embed` maps sentences to trunk features, one row each)."""
-    rows = _unit(np.asarray(embed([t.format(text) for text in texts for t in TEMPLATES]), dtype=np.float32))
-    return _unit(rows.reshape(len(texts), len(TEMPLATES), -1).mean(axis=1))
-
-
-def _unit(a: np.ndarray) -> np.ndarray:
-    return a / np.maximum(np.linalg.norm(a, axis=-1, keepdims=True), 1e-12)
 
 
 def zero_shot_head(label_features: np.ndarray, temperature: float = TEMPERATURE) -> DenseHead:
@@ -79,7 +58,7 @@ def build(backbone: Backbone, trunk: TrunkRun, labels: Sequence[str], descriptio
     start = time.perf_counter()
     names = sorted(labels)
     texts = label_texts(names, descriptions)
-    features = label_embeddings(lambda sentences: pooled_taps(trunk, backbone.preprocess(sentences))["last"], texts)
+    features = label_embeddings(lambda sentences: pooled_taps(trunk, backbone.preprocess(sentences)), texts)["last"]
     head = zero_shot_head(features)
     k = len(names)
     evaluation = {

@@ -10,8 +10,8 @@ import numpy as np
 import onnx
 import pytest
 
-from adapters.zeroshot import (STRATEGY, TEMPERATURE, TEMPLATES, VALIDATION, can_zero_shot, label_embeddings,
-                               label_texts, zero_shot_head)
+from adapters.label_words import TEMPLATES, label_embeddings
+from adapters.zeroshot import STRATEGY, TEMPERATURE, VALIDATION, can_zero_shot, label_texts, zero_shot_head
 from conftest import HELD_OUT, TOPICS, text_examples, unique_id
 from service.gen import headserve_pb2 as pb
 
@@ -58,17 +58,22 @@ def test_a_label_is_the_mean_of_its_words_in_every_template() -> None:
     rng = np.random.default_rng(1)
     table: dict[str, np.ndarray] = {}
 
-    def embed(sentences: list[str]) -> np.ndarray:  # any fixed vector per sentence, of any length
+    def embed(sentences: list[str]) -> dict[str, np.ndarray]:  # a fixed vector per sentence, any length
         asked.extend(sentences)
-        return np.stack([table.setdefault(t, rng.normal(size=6) * rng.uniform(0.5, 3)) for t in sentences])
+        rows = np.stack([table.setdefault(t, rng.normal(size=6) * rng.uniform(0.5, 3)) for t in sentences])
+        return {"last": rows, "last-1": 2 * rows}
 
-    got = label_embeddings(embed, ["sports", "a question about a person"])
-    assert asked == [t.format(w) for w in ["sports", "a question about a person"] for t in TEMPLATES]
+    words = ["sports", "a question about a person"]
+    got = label_embeddings(embed, words)
+    assert asked == [t.format(w) for w in words for t in TEMPLATES]
     assert len(TEMPLATES) >= 3 and all(t.count("{}") == 1 for t in TEMPLATES)
     unit = lambda a: a / np.linalg.norm(a, axis=-1, keepdims=True)  # noqa: E731
-    for i, words in enumerate(["sports", "a question about a person"]):
-        want = unit(np.mean([unit(table[t.format(words)]) for t in TEMPLATES], axis=0))
-        np.testing.assert_allclose(got[i], want, rtol=1e-5, atol=1e-6)
+    for i, w in enumerate(words):
+        # the sentence embedding: cosine space, normalised before and after; other taps: the plain mean
+        want = unit(np.mean([unit(table[t.format(w)]) for t in TEMPLATES], axis=0))
+        np.testing.assert_allclose(got["last"][i], want, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(got["last-1"][i], np.mean([2 * table[t.format(w)] for t in TEMPLATES], axis=0),
+                                   rtol=1e-5, atol=1e-5)
 
 
 def test_created_with_descriptions_only_is_ready_and_sensible(client) -> None:
