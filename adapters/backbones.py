@@ -54,14 +54,44 @@ TrunkRun = Callable[[Batch, Sequence[str]], dict[str, np.ndarray]]
 
 
 def pooled_taps(run: TrunkRun, batch: Batch, batch_size: int = 64) -> dict[str, np.ndarray]:
-    """Features of every pooled tap (POOLED_TAPS) of a preprocessed batch, in chunks of `batch_size`."""
+    """Features of every pooled tap (POOLED_TAPS) of a preprocessed batch, in chunks of `batch_size`.
+
+    Text runs shortest first, each chunk cut to its own longest row: the tokenizer pads the whole batch to
+    its longest text, and one long example would otherwise make every chunk that long. Padding is masked
+    out of attention and pooling, so a row's features do not depend on it (to float rounding)."""
     n = len(next(iter(batch.values())))
+    order = _by_length(batch)
     parts: dict[str, list[np.ndarray]] = {tap: [] for tap in POOLED_TAPS}
     for start in range(0, n, batch_size):
-        out = run({k: v[start : start + batch_size] for k, v in batch.items()}, tuple(POOLED_TAPS.values()))
+        rows = slice(start, start + batch_size) if order is None else order[start : start + batch_size]
+        chunk = {k: v[rows] for k, v in batch.items()}
+        out = run(chunk if order is None else _cut_padding(chunk), tuple(POOLED_TAPS.values()))
         for tap, name in POOLED_TAPS.items():
             parts[tap].append(out[name])
-    return {tap: np.concatenate(p) for tap, p in parts.items()}
+    features = {tap: np.concatenate(p) for tap, p in parts.items()}
+    if order is not None:
+        back = np.empty_like(order)
+        back[order] = np.arange(n)
+        features = {tap: f[back] for tap, f in features.items()}
+    return features
+
+
+def _by_length(batch: Batch) -> np.ndarray | None:
+    """The rows shortest first, for a right-padded text batch (an attention mask whose ones lead); None
+    otherwise (images, or a tokenizer that pads on the left)."""
+    mask = batch.get("attention_mask")
+    if mask is None or mask.ndim != 2:
+        return None
+    lengths = mask.sum(axis=1)
+    if mask[np.arange(mask.shape[1]) >= lengths[:, None]].any():  # a one after the first zero: not right-padded
+        return None
+    return np.argsort(lengths, kind="stable")
+
+
+def _cut_padding(chunk: Batch) -> Batch:
+    width = chunk["attention_mask"].shape[1]
+    longest = max(int(chunk["attention_mask"].sum(axis=1).max()), 1)
+    return {k: v[:, :longest] if v.ndim == 2 and v.shape[1] == width else v for k, v in chunk.items()}
 
 
 class BackboneUnavailable(FailedPrecondition):

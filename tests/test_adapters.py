@@ -28,7 +28,9 @@ from adapters.backbones import (
     LoadOptions,
     builtin_spec,
     custom_spec,
+    POOLED_TAPS,
     load_backbone,
+    pooled_taps,
 )
 from adapters.errors import InvalidInput
 from adapters.evaluation import warnings_for
@@ -942,6 +944,39 @@ def test_fewer_than_two_labels_is_invalid(labels):
     with pytest.raises(InvalidInput) as err:
         train_head(x, labels)
     assert "2 labels" in err.value.message
+
+
+def _masked_run(widths: list[int]):
+    """A trunk stand-in: each tap is a masked mean of the ids (padding must not count), and the widths
+    it was given are recorded."""
+    def run(batch, names):
+        widths.append(batch["input_ids"].shape[1])
+        mask = batch["attention_mask"]
+        mean = (batch["input_ids"] * mask).sum(1) / mask.sum(1)
+        return {name: np.stack([mean, mask.sum(1)], axis=1) * (i + 1) for i, name in enumerate(names)}
+    return run
+
+
+def test_pooled_taps_runs_text_shortest_first_without_the_batchs_padding():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 40, size=70)
+    lengths[5] = 120  # one long text pads the whole batch
+    ids = np.zeros((70, 120), np.int64)
+    mask = np.zeros((70, 120), np.int64)
+    for i, n in enumerate(lengths):
+        ids[i, :n], mask[i, :n] = rng.integers(1, 1000, size=n), 1
+    widths: list[int] = []
+    got = pooled_taps(_masked_run(widths), {"input_ids": ids, "attention_mask": mask}, batch_size=32)
+    want = _masked_run([])({"input_ids": ids, "attention_mask": mask}, tuple(POOLED_TAPS.values()))
+    for tap, name in POOLED_TAPS.items():
+        np.testing.assert_allclose(got[tap], want[name])  # in the caller's row order
+    assert widths == sorted(widths) and widths[-1] == 120 and widths[0] < 40, widths
+    # A left-padded batch (ones after zeros) is run as given: cutting its columns would cut its text.
+    widths.clear()
+    flipped = {"input_ids": ids[:, ::-1].copy(), "attention_mask": mask[:, ::-1].copy()}
+    got = pooled_taps(_masked_run(widths), flipped, batch_size=32)
+    assert widths == [120, 120, 120]
+    np.testing.assert_allclose(got["last"], want[POOLED_TAPS["last"]])
 
 
 def test_warnings_for_few_examples_and_imbalance():
