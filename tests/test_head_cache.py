@@ -8,7 +8,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import HELD_OUT, TOPICS, Client, make_settings, text_examples, unique_id
+from conftest import HELD_OUT, TOPICS, Client, make_settings, make_tenant, text_examples, unique_id
 
 from adapters.errors import NotFound
 from service.gen import headserve_pb2 as pb
@@ -233,6 +233,43 @@ def test_eviction_and_reload_keep_serving(tmp_path):
         assert heads.stats.loads - before[0] >= 8 and heads.stats.evictions - before[1] >= 8
     finally:
         client.close()
+        running.stop()
+
+
+def test_one_tenants_heads_cannot_push_another_tenants_out(tmp_path):
+    # A server of its own (as above: no change-feed reads during the check), with API keys.
+    running = build_server(make_settings(tmp_path / "data", auth="api_key", sync_interval_seconds=60,
+                                         usage_flush_seconds=3600))
+    a, b = make_tenant(running), make_tenant(running)
+    clients = {a: Client(running.address, a.api_key), b: Client(running.address, b.api_key)}
+    try:
+        def use(tenant, task_id: str) -> None:  # a zero-shot task: READY at once, its head loaded by a Predict
+            stub = clients[tenant].stub
+            if task_id not in created:
+                created.add(task_id)
+                assert stub.CreateTask(pb.CreateTaskRequest(task_id=task_id, backbone="minilm-l6",
+                                                            labels=["sports", "cooking"])).state == pb.Task.READY
+            assert stub.Predict(pb.PredictRequest(task_id=task_id, inputs=[pb.Input(text="goal")])).predictions
+
+        created: set[str] = set()
+        b_tasks, a_tasks = [unique_id("b") for _ in range(2)], [unique_id("a") for _ in range(6)]
+        for task_id in b_tasks:
+            use(b, task_id)
+        heads = running.app.predictor.heads
+        budget = heads.budget_bytes
+        heads.set_budget(5 * heads.peek(b.key(b_tasks[0])).memory_bytes)  # B's two heads and three more
+        try:
+            for _ in range(2):  # A cycles through twice as many heads as fit beside B's
+                for task_id in a_tasks:
+                    use(a, task_id)
+            held = heads.keys()
+            assert all(b.key(t) in held for t in b_tasks), held  # plain LRU had evicted both
+            assert sum(k.startswith(f"{a.tenant_id}/") for k in held) == 3, held
+        finally:
+            heads.set_budget(budget)
+    finally:
+        for c in clients.values():
+            c.close()
         running.stop()
 
 
