@@ -1,8 +1,9 @@
 """Zero-shot heads: a text task with labels and no examples, served from its labels' own words.
 
-Each label's text (its description, else its name) is embedded as label words are for trained heads
-(adapters/label_words.py: the mean over a few sentence templates); the head scores an input by the cosine
-similarity of its sentence embedding to each label's embedding, divided by a temperature:
+Each label's text (its description, else its name) is written into a few sentence templates and the
+label's embedding is the mean of theirs (adapters/label_words.py, `label_embeddings`); the head scores an
+input by the cosine similarity of its sentence embedding to each label's embedding, divided by a
+temperature:
 
     L2-normalise(features) -> Dense(W = label embeddings / T, b = 0) -> Softmax
 
