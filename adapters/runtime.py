@@ -566,6 +566,12 @@ class DenseArrays:
         if (model.functions or [o.name for o in graph.output] != [HEAD_OUTPUT]
                 or any(i.name in inits for i in graph.input) or not graph.input):
             return None
+        # Every tensor onnxruntime would load or type-check is float32, as the writer makes it: the checker
+        # lets an UNDEFINED (0) element type through, and onnxruntime then refuses the whole model.
+        if (any(t.data_type != onnx.TensorProto.FLOAT for t in graph.initializer)
+                or any(v.type.tensor_type.elem_type != onnx.TensorProto.FLOAT
+                       for v in [*graph.output, *graph.value_info])):
+            return None
         widths = []
         for i in graph.input:
             t = i.type.tensor_type

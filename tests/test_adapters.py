@@ -654,6 +654,19 @@ def test_a_graph_that_is_not_exactly_a_dense_head_runs_on_onnxruntime(change):
     assert runtime.dense is None and runtime.session is not None
 
 
+@pytest.mark.parametrize("change", [
+    lambda g: g.output[0].type.tensor_type.__setattr__("elem_type", 0),  # found by the fuzz test below
+    lambda g: g.value_info.append(onnx.helper.make_tensor_value_info(g.node[0].output[0], 0, ["n", 3])),
+], ids=["output-type-undefined", "value-info-type-undefined"])
+def test_a_head_onnxruntime_refuses_is_not_read_as_arrays(change):
+    _, data = _dense_graph(normalize=False)
+    changed = _mutated(data, change)
+    onnx.checker.check_model(onnx.load_model_from_string(changed))  # the checker lets it through
+    with pytest.raises(Exception, match="data type|type"):
+        ort_session(changed)
+    assert DenseArrays.read(changed) is None
+
+
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_reading_a_damaged_or_altered_head_never_raises_and_serves_what_onnxruntime_would(data):
