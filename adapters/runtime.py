@@ -570,13 +570,15 @@ class DenseArrays:
         # lets an UNDEFINED (0) element type through, and onnxruntime then refuses the whole model.
         if (any(t.data_type != onnx.TensorProto.FLOAT for t in graph.initializer)
                 or any(v.type.tensor_type.elem_type != onnx.TensorProto.FLOAT
-                       for v in [*graph.output, *graph.value_info])):
+                       for v in [*graph.output, *graph.value_info])
+                or graph.sparse_initializer or model.training_info):
             return None
         widths = []
         for i in graph.input:
             t = i.type.tensor_type
             dims = [d.dim_value if d.HasField("dim_value") else 0 for d in t.shape.dim]
-            if t.elem_type != onnx.TensorProto.FLOAT or len(dims) != 2 or dims[1] <= 0:
+            # [batch, width]: any number of rows (a fixed one is a graph onnxruntime would hold callers to)
+            if t.elem_type != onnx.TensorProto.FLOAT or len(dims) != 2 or dims[0] != 0 or dims[1] <= 0:
                 return None
             widths.append(dims[1])
 

@@ -646,7 +646,8 @@ def _set_attribute(node, name, value):
     lambda g: g.node.append(onnx.helper.make_node("Identity", [HEAD_OUTPUT], ["copy"])),
     lambda g: g.initializer[1].CopyFrom(onnx.numpy_helper.from_array(np.zeros(4, np.float32), "b0")),  # b: 4 for 3
     lambda g: g.input[0].type.tensor_type.shape.dim[1].Clear(),  # width unknown
-], ids=["softmax-axis", "gemm-transA", "extra-node", "node-after-softmax", "bias-shape", "width"])
+    lambda g: g.input[0].type.tensor_type.shape.dim[0].__setattr__("dim_value", 4),  # a fixed batch of 4
+], ids=["softmax-axis", "gemm-transA", "extra-node", "node-after-softmax", "bias-shape", "width", "fixed-batch"])
 def test_a_graph_that_is_not_exactly_a_dense_head_runs_on_onnxruntime(change):
     _, data = _dense_graph(normalize=False)
     changed = _mutated(data, change)
